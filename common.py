@@ -1,0 +1,156 @@
+"""common.py -- the little that several chapters share, and no concept of its own.
+
+* `load("04_stochastic_sampler")` imports a numbered script as a module, so a later
+  chapter can reuse an earlier one (file names that start with a digit cannot be
+  imported with a plain `import` statement).
+* Seeding, and `StackedRandomGenerator`: one torch.Generator per seed, so that the
+  latents and noise of each sample depend only on its own seed and never on which
+  other seeds share its batch (the behaviour of the official generate.py).
+* Image output exactly as the official code writes PNGs: x in [-1, 1] becomes
+  (x * 127.5 + 128) clipped to [0, 255] and truncated to uint8.
+* Device / precision selection, a shared argparse base, and the output directory
+  `out/<script name>/`.
+"""
+
+import argparse
+import importlib.util
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------
+# Loading earlier chapters.
+
+def load(name):
+    """Import `<ROOT>/<name>.py` (e.g. "04_stochastic_sampler") once and return the module.
+
+    Modules are cached in sys.modules under their file name, so every chapter that
+    loads "05_preconditioning" gets the same module object (and the same classes).
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(ROOT, name + ".py")
+    if not os.path.isfile(path):
+        raise ImportError(f"no chapter named {name!r} at {path}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+# ----------------------------------------------------------------------------
+# Randomness.
+
+def seed_all(seed):
+    """Seed Python, NumPy and torch (CPU and every GPU) for a reproducible demo."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+class StackedRandomGenerator:
+    """A batch of independent generators, one per seed.
+
+    `randn([B, ...])` draws row i from generator i only, so sample i is the same
+    whether it is generated alone, in a batch of 8, or on another GPU. Pass
+    `rnd.randn_like` to a sampler as its `randn_like`.
+    """
+
+    def __init__(self, device, seeds):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+    def _check(self, size):
+        if size[0] != len(self.generators):
+            raise ValueError(f"batch size {size[0]} does not match the {len(self.generators)} seeds")
+
+    def randn(self, size, **kwargs):
+        self._check(size)
+        return torch.stack([torch.randn(size[1:], generator=g, **kwargs) for g in self.generators])
+
+    def randn_like(self, input):
+        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+
+    def randint(self, *args, size, **kwargs):
+        self._check(size)
+        return torch.stack([torch.randint(*args, size=size[1:], generator=g, **kwargs) for g in self.generators])
+
+
+# ----------------------------------------------------------------------------
+# Images.
+
+def to_uint8(x):
+    """[N, C, H, W] float in [-1, 1] -> [N, H, W, C] uint8, as the official generate.py quantizes."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_png(image, path):
+    """Save one [H, W, C] uint8 image (C = 1 or 3) as PNG."""
+    import PIL.Image
+    array = image.numpy() if torch.is_tensor(image) else np.asarray(image)
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    PIL.Image.fromarray(array).save(path)
+
+
+def save_grid(x, path, nrow=None):
+    """Save a batch [N, C, H, W] in [-1, 1] as one PNG grid with `nrow` images per row."""
+    images = to_uint8(x)
+    n, h, w, c = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    grid = torch.zeros(ncol * h, nrow * w, c, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+    save_png(grid, path)
+
+
+# ----------------------------------------------------------------------------
+# Devices, precision, command lines, output folders.
+
+def get_device(name="auto"):
+    """'auto' picks CUDA when present, else CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} requested but CUDA is not available")
+    return device
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def get_dtype(precision):
+    """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
+    if precision not in PRECISIONS:
+        raise SystemExit(f"error: unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def base_parser(doc, seed=0):
+    """An ArgumentParser with the options every chapter's demo shares."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument("--outdir", default=None, help="where figures go (default: out/<script name>/)")
+    parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
+    return parser
+
+
+def out_dir(script_file, outdir=None):
+    """Create and return the output folder: `outdir`, or out/<script name>/ under the working directory."""
+    path = outdir or os.path.join("out", os.path.splitext(os.path.basename(script_file))[0])
+    os.makedirs(path, exist_ok=True)
+    return path
