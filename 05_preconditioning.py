@@ -1,0 +1,338 @@
+"""05 -- Preconditioning and training: the network and training rows of Table 1.
+
+Sec. 5 of the paper (Eq. 7-8, Table 1, Appendix B.6). Chapters 01-04 assumed an
+ideal denoiser D(x; sigma). In practice D is a neural network, and how the raw
+network F_theta is wrapped and trained matters as much as the sampler. EDM writes
+every method in one form (Eq. 7):
+
+    D(x; sigma) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x; c_noise(sigma))
+
+and trains it with the lambda-weighted denoising loss of Sec. 5,
+
+    E_{sigma ~ p_train, y ~ p_data, n ~ N(0, sigma^2 I)} [ lambda(sigma) * |D(y + n; sigma) - y|^2 ],
+
+which, substituting Eq. 7, is a plain regression of F onto an *effective target* (Eq. 8):
+
+    lambda(sigma) c_out(sigma)^2 * | F(c_in (y + n); c_noise) - (y - c_skip (y + n)) / c_out |^2 .
+
+Table 1 lists the four choices this file implements:
+
+              c_skip              c_out                    c_in                  c_noise
+    VP        1                   -sigma                   1/sqrt(sigma^2+1)     (M-1) sigma^-1(sigma)
+    VE        1                   sigma                    1                     ln(sigma/2)
+    iDDPM     1                   -sigma                   1/sqrt(sigma^2+1)     M-1-argmin_j |u_j - sigma|
+    EDM       sd^2/(sigma^2+sd^2)  sigma sd/sqrt(sigma^2+sd^2)  1/sqrt(sigma^2+sd^2)  ln(sigma)/4      (sd = sigma_data)
+
+              p_train(sigma)                          lambda(sigma)
+    VP        sigma = sigma(t), t ~ U(eps_t, 1)       1/sigma^2
+    VE        ln sigma ~ U(ln sigma_min, ln sigma_max) 1/sigma^2
+    iDDPM     sigma = u_j, j ~ U{0, ..., M-1}        1/sigma^2   (iDDPM adds an L_vlb term, not used here)
+    EDM       ln sigma ~ N(P_mean, P_std^2)          (sigma^2 + sd^2) / (sigma sd)^2
+
+Why EDM's column (Appendix B.6): for data of standard deviation sigma_data,
+  * c_in makes the network input c_in (y + n) unit variance at every sigma;
+  * c_out makes the effective target unit variance, and c_skip is the choice that
+    minimizes c_out, so the network's errors are amplified as little as possible;
+  * lambda = 1/c_out^2 makes the effective weight lambda c_out^2 = 1 at every sigma.
+VP, VE and iDDPM predict the noise n/sigma (c_skip = 1, c_out = +-sigma): at large
+sigma the output must cancel almost all of x and any error in F is multiplied by sigma.
+
+The preconditioners wrap any raw network `model(x_in, noise_labels, class_labels=None,
+**kwargs)` (chapter 06 supplies the U-Nets) and store it as `self.model`, so their
+state-dict keys are `model.*` (and `u` for iDDPM) exactly as in the official
+checkpoints; their float32/float64 handling follows the official implementation,
+so a checkpoint gives the same outputs to float32 rounding.
+
+Run `python 05_preconditioning.py` (about 1-2 minutes on CPU): it prints the
+unit-variance property numerically, plots c_skip/c_out/c_in/c_noise against sigma,
+trains one small MLP on chapter 01's 1-D toy under each preconditioning and loss with
+the same budget, and compares loss per noise level and sample quality (W1, with
+chapter 04's sampler).
+"""
+
+import time
+
+import numpy as np
+import torch
+
+import common
+
+# ----------------------------------------------------------------------------
+# Shared pieces of Table 1.
+
+def vp_sigma(t, beta_d, beta_min):
+    """VP noise level at time t: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (Table 1)."""
+    t = torch.as_tensor(t)
+    return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
+
+
+def vp_sigma_inv(sigma, beta_d, beta_min):
+    """The inverse t(sigma) of vp_sigma: solves the quadratic beta_d t^2 / 2 + beta_min t = ln(1 + sigma^2)."""
+    sigma = torch.as_tensor(sigma)
+    return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
+
+
+def iddpm_alpha_bar(j, M, C_2):
+    """iDDPM's cosine schedule alpha_bar_j = sin^2(pi/2 * j / (M (C_2 + 1))) (Table 1)."""
+    j = torch.as_tensor(j)
+    return (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
+
+
+def iddpm_u_table(M, C_1, C_2):
+    """The M+1 discrete noise levels u_0 > u_1 > ... > u_M = 0 of iDDPM (Table 1).
+
+    Going backwards from u_M = 0: u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar_{j-1} / alpha_bar_j, C_1) - 1).
+    Computed in float32, step by step, as the official code does (the checkpoints'
+    noise labels are indices into exactly this table).
+    """
+    u = torch.zeros(M + 1)
+    for j in range(M, 0, -1):
+        ratio = iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2)
+        u[j - 1] = ((u[j] ** 2 + 1) / ratio.clip(min=C_1) - 1).sqrt()
+    return u
+
+
+def per_sample(sigma, x):
+    """sigma (python number, 0-d, [N] or [N, 1, ...]) as a float32 column [N, 1, ..., 1] matching x."""
+    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32)
+    ones = [1] * (x.ndim - 1)
+    return sigma.reshape(-1, *ones).expand(x.shape[0], *ones)
+
+
+# ----------------------------------------------------------------------------
+# Preconditioners: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Eq. 7).
+
+class Precond(torch.nn.Module):
+    """What the four preconditioners share; each subclass supplies its column of Table 1 (`scalings`)."""
+
+    def __init__(self, model, img_resolution, img_channels, label_dim=0, use_fp16=False):
+        super().__init__()
+        self.model = model                    # the raw network F (state-dict keys "model.*")
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim            # 0 = unconditional
+        self.use_fp16 = use_fp16              # run F in float16 (on CUDA only)
+
+    def scalings(self, sigma):
+        """c_skip, c_out, c_in, c_noise for a float32 sigma; the rows of Table 1."""
+        raise NotImplementedError
+
+    def round_sigma(self, sigma):
+        """The noise level the network actually supports closest to sigma (identity unless discrete)."""
+        return torch.as_tensor(sigma)
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        x = x.to(torch.float32)
+        sigma = per_sample(sigma, x)
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
+        dtype = torch.float16 if fp16 else torch.float32
+
+        c_skip, c_out, c_in, c_noise = self.scalings(sigma)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        # iDDPM's network also predicts variances in a second half of channels; D uses the first half.
+        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)  # Eq. 7
+
+
+class VPPrecond(Precond):
+    """Variance preserving (Song et al. 2021, DDPM++): predicts the noise n/sigma; c_noise is the DDPM timestep."""
+
+    def __init__(self, model, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5):
+        super().__init__(model, img_resolution, img_channels, label_dim, use_fp16)
+        self.beta_d = beta_d          # extent of the noise schedule
+        self.beta_min = beta_min      # initial slope of the noise schedule
+        self.M = M                    # number of DDPM timesteps the labels are scaled to
+        self.epsilon_t = epsilon_t    # smallest t used in training
+        self.sigma_min = float(self.sigma(epsilon_t))
+        self.sigma_max = float(self.sigma(1))
+
+    def sigma(self, t):
+        return vp_sigma(t, self.beta_d, self.beta_min)
+
+    def sigma_inv(self, sigma):
+        return vp_sigma_inv(sigma, self.beta_d, self.beta_min)
+
+    def scalings(self, sigma):
+        c_skip = torch.ones_like(sigma)
+        c_out = -sigma
+        c_in = 1 / (sigma ** 2 + 1).sqrt()
+        c_noise = (self.M - 1) * self.sigma_inv(sigma)
+        return c_skip, c_out, c_in, c_noise
+
+
+class VEPrecond(Precond):
+    """Variance exploding (Song et al. 2021, NCSN++): the input is not scaled at all; c_noise = ln(sigma/2)."""
+
+    def __init__(self, model, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 sigma_min=0.02, sigma_max=100):
+        super().__init__(model, img_resolution, img_channels, label_dim, use_fp16)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def scalings(self, sigma):
+        c_skip = torch.ones_like(sigma)
+        c_out = sigma
+        c_in = torch.ones_like(sigma)
+        c_noise = (0.5 * sigma).log()
+        return c_skip, c_out, c_in, c_noise
+
+
+class iDDPMPrecond(Precond):
+    """Improved DDPM (Nichol & Dhariwal 2021, ADM): a discrete table of M noise levels u_j; c_noise = M-1-j."""
+
+    def __init__(self, model, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 C_1=0.001, C_2=0.008, M=1000):
+        super().__init__(model, img_resolution, img_channels, label_dim, use_fp16)
+        self.C_1 = C_1    # clamp on alpha_bar ratios (keeps the largest u_j finite)
+        self.C_2 = C_2    # offset of the cosine schedule at high noise
+        self.M = M        # number of timesteps
+        self.register_buffer("u", iddpm_u_table(M, C_1, C_2))
+        self.sigma_min = float(self.u[M - 1])
+        self.sigma_max = float(self.u[0])
+
+    def round_sigma(self, sigma, return_index=False):
+        """Snap sigma to the nearest u_j (or return j). Uses torch.cdist as the official code does,
+        so ties between two table entries resolve identically."""
+        sigma = torch.as_tensor(sigma)
+        distance = torch.cdist(sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1), self.u.reshape(1, -1, 1))
+        index = distance.argmin(2)
+        result = index if return_index else self.u[index.flatten()].to(sigma.dtype)
+        return result.reshape(sigma.shape).to(sigma.device)
+
+    def scalings(self, sigma):
+        c_skip = torch.ones_like(sigma)
+        c_out = -sigma
+        c_in = 1 / (sigma ** 2 + 1).sqrt()
+        c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
+        return c_skip, c_out, c_in, c_noise
+
+
+class EDMPrecond(Precond):
+    """EDM (Sec. 5, Appendix B.6): unit-variance input and effective target, c_skip minimizing c_out."""
+
+    def __init__(self, model, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 sigma_min=0, sigma_max=float("inf"), sigma_data=0.5):
+        super().__init__(model, img_resolution, img_channels, label_dim, use_fp16)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data  # standard deviation of the training data
+
+    def scalings(self, sigma):
+        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+
+# ----------------------------------------------------------------------------
+# Training losses: lambda(sigma) |D(y + n; sigma) - y|^2 with sigma ~ p_train (Table 1).
+# Each returns the per-element loss; the training loop sums or averages it.
+
+def column(values, images):
+    """Shape [N] -> [N, 1, ..., 1] to broadcast against a batch of images."""
+    return values.reshape(-1, *[1] * (images.ndim - 1))
+
+
+def denoising_loss(net, images, labels, augment_pipe, sigma, weight):
+    """lambda(sigma) |D(y + n; sigma) - y|^2 for a drawn sigma (Eq. 2 weighted as in Sec. 5).
+
+    With an augment_pipe the clean images are augmented first; the pipe's labels tell
+    the network which augmentation it sees (Appendix C.4), and D must undo only the noise.
+    """
+    y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+    n = torch.randn_like(y) * sigma
+    D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
+    return weight * ((D_yn - y) ** 2)
+
+
+class VPLoss:
+    """sigma = sigma(t), t ~ U(epsilon_t, 1); lambda = 1/sigma^2."""
+
+    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
+        self.beta_d = beta_d
+        self.beta_min = beta_min
+        self.epsilon_t = epsilon_t
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        rnd_uniform = column(torch.rand([images.shape[0]], device=images.device), images)
+        sigma = vp_sigma(1 + rnd_uniform * (self.epsilon_t - 1), self.beta_d, self.beta_min)
+        weight = 1 / sigma ** 2
+        return denoising_loss(net, images, labels, augment_pipe, sigma, weight)
+
+
+class VELoss:
+    """ln sigma ~ U(ln sigma_min, ln sigma_max); lambda = 1/sigma^2."""
+
+    def __init__(self, sigma_min=0.02, sigma_max=100):
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        rnd_uniform = column(torch.rand([images.shape[0]], device=images.device), images)
+        sigma = self.sigma_min * ((self.sigma_max / self.sigma_min) ** rnd_uniform)
+        weight = 1 / sigma ** 2
+        return denoising_loss(net, images, labels, augment_pipe, sigma, weight)
+
+
+class iDDPMLoss:
+    """sigma = u_j, j ~ U{0, ..., M-1}; lambda = 1/sigma^2 (iDDPM's extra L_vlb term is left out, as in Table 1)."""
+
+    def __init__(self, C_1=0.001, C_2=0.008, M=1000):
+        self.u = iddpm_u_table(M, C_1, C_2)
+        self.M = M
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        j = torch.randint(self.M, [images.shape[0]], device=images.device)
+        sigma = column(self.u.to(images.device)[j], images)
+        weight = 1 / sigma ** 2
+        return denoising_loss(net, images, labels, augment_pipe, sigma, weight)
+
+
+class EDMLoss:
+    """ln sigma ~ N(P_mean, P_std^2); lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2."""
+
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        rnd_normal = column(torch.randn([images.shape[0]], device=images.device), images)
+        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        return denoising_loss(net, images, labels, augment_pipe, sigma, weight)
+
+
+# ----------------------------------------------------------------------------
+# The demo's raw network: a small MLP with the official call convention.
+
+class ToyMLP(torch.nn.Module):
+    """F(x_in, noise_labels): a small MLP for points of shape [N, C], called like the U-Nets of chapter 06.
+
+    The noise label enters through the same sinusoidal embedding (frequencies 1 ... 1/10000)
+    that DDPM++ and ADM use, so the one network serves all four c_noise conventions,
+    from ln(sigma)/4 in [-1.6, 1.1] to a DDPM timestep in [0, 999].
+    """
+
+    def __init__(self, in_channels=1, out_channels=1, width=128, depth=3, noise_channels=32, max_positions=10000):
+        super().__init__()
+        half = noise_channels // 2
+        self.register_buffer("freqs", (1 / max_positions) ** (torch.arange(half) / half), persistent=False)
+        layers, fan_in = [], in_channels + noise_channels
+        for _ in range(depth):
+            layers += [torch.nn.Linear(fan_in, width), torch.nn.SiLU()]
+            fan_in = width
+        layers.append(torch.nn.Linear(fan_in, out_channels))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        angles = noise_labels.to(torch.float32)[:, None] * self.freqs[None, :]
+        emb = torch.cat([angles.cos(), angles.sin()], dim=1).expand(x.shape[0], -1)
+        return self.net(torch.cat([x.to(torch.float32), emb], dim=1)).to(x.dtype)
