@@ -1,0 +1,869 @@
+"""06 -- The networks: DDPM++, NCSN++ and ADM U-Nets, and loading the official checkpoints.
+
+Chapter 05 wrapped a raw network F in the preconditioning of Eq. 7. This chapter is F
+itself: the three U-Nets the paper trains (Appendix F.4; hyperparameters in Table 7),
+written so that their state dicts are key-for-key and shape-for-shape those of the
+official NVlabs/edm checkpoints, and so that the same weights give the same numbers.
+
+The resolution ladder
+---------------------
+A U-Net processes the image at a ladder of resolutions, e.g. 32 -> 16 -> 8 for CIFAR-10
+(`channel_mult=[2, 2, 2]`, one rung per entry) or 64 -> 32 -> 16 -> 8 for ImageNet-64
+(`[1, 2, 3, 4]`). Rung `level` works at `img_resolution >> level` pixels with
+`model_channels * channel_mult[level]` channels. Every rung has `num_blocks` residual
+blocks (UNetBlock); a block with `down=True` / `up=True` moves between rungs by filtering
+with a small separable `resample_filter` and striding (a blur-pool, not a strided conv,
+so the downsampled signal is not aliased). Self-attention is added at the resolutions in
+`attn_resolutions` (16 for the CIFAR nets, 32/16/8 for ADM).
+
+The skip stack
+--------------
+The encoder pushes the output of every layer onto a stack; the decoder walks the
+ladder back up, and each of its `num_blocks + 1` blocks per rung pops one entry and
+concatenates it to its input along channels. The stack is why the decoder blocks have
+more input than output channels, and why fine detail survives the trip through 8x8.
+Key names spell the ladder out: `enc.16x16_block1`, `dec.8x8_in0`, `dec.32x32_up`, ...
+
+The embedding path: noise level, class, augmentation
+----------------------------------------------------
+The noise label c_noise(sigma) (chapter 05, Table 1) is turned into a vector of sines
+and cosines -- `PositionalEmbedding` (Transformer-style frequencies; DDPM++, ADM) or
+`FourierEmbedding` (random frequencies, scale 16; NCSN++) -- then a two-layer MLP
+(`map_layer0`, `map_layer1`) makes the embedding `emb`. Class labels (one-hot) and the
+augmentation labels of the non-leaking augmentation pipeline (Appendix F.2: 9 numbers
+saying which flip/rotation/scale/colour change was applied, so that the network can be
+told "no augmentation" at sampling time) are mapped by linear layers and added to it.
+`label_dropout` zeroes the class at random during training (classifier-free guidance).
+Every UNetBlock receives `emb` and injects it between its two 3x3 convolutions.
+
+What the three architectures change
+-----------------------------------
+* DDPM++ (Song et al. 2021's VP network; `SongUNet` with `embedding_type='positional'`,
+  `encoder_type='standard'`, `resample_filter=[1, 1]`): the embedding is *added* to the
+  features before the second GroupNorm; residual sums are scaled by sqrt(1/2); one
+  attention head; Xavier-uniform init with the last layer of each block near zero (1e-5).
+* NCSN++ (Song et al.'s VE network; `SongUNet` with `embedding_type='fourier'`,
+  `channel_mult_noise=2`, `encoder_type='residual'`, `resample_filter=[1, 3, 3, 1]`): the
+  same blocks plus a second encoder path that downsamples the input image directly
+  (fused conv + [1,3,3,1] blur) and is averaged into each new rung.
+* ADM (Dhariwal & Nichol 2021; `DhariwalUNet`): the embedding *modulates* the normalized
+  features, x * (1 + scale) + shift ("adaptive group norm"); 64 channels per attention
+  head, attention at 32, 16 and 8; PyTorch-default-like init and exactly-zero last layers;
+  the class embedding is added after the MLP.
+For CIFAR-10 the paper uses 128 base channels with multipliers [2, 2, 2] and 4 blocks
+per rung (56M parameters); for ImageNet-64, ADM with 192 channels and [1, 2, 3, 4]
+(296M parameters). `PAPER_CONFIGS` below holds these, as the official train.py builds them.
+
+Checkpoints
+-----------
+`from_official_config(class_name, kwargs)` builds a chapter-05 preconditioner around one
+of these networks from the very dictionary the official code stores. `load_network`
+opens official `edm-*.pkl` / `network-snapshot-*.pkl` files *safely*: those pickles
+contain Python source code that the official loader executes; here a restricted
+unpickler admits only tensors and plain containers, reads the network's class name,
+constructor arguments and weights out of the pickled records as data, and refuses
+anything else. `save_network` writes this project's own snapshot (loadable with
+`torch.load(weights_only=True)`).
+
+Run `python 06_unet.py` (about 1-2 minutes on CPU): it prints, for each paper
+configuration, the parameter count, the GFLOPs of one forward pass per image, and the
+forward / forward+backward throughput on the chosen device, and plots where the FLOPs
+go along the ladder. Options: --batch, --iters, --precision (autocast), --compile,
+--channels-last, --configs, and --load PATH to inspect a checkpoint.
+"""
+
+import collections
+import copy
+import inspect
+import io
+import math
+import os
+import pickle
+import time
+import urllib.request
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+# ----------------------------------------------------------------------------
+# Initialization. All layers draw their weights through one function, in the same
+# order as the official code, so that a seed gives the same initial network.
+
+def weight_init(shape, mode, fan_in, fan_out):
+    """Uniform or normal init with Xavier (fan_in + fan_out) or Kaiming (fan_in) scaling, unit gain."""
+    if mode == "xavier_uniform":
+        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == "xavier_normal":
+        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+    if mode == "kaiming_uniform":
+        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == "kaiming_normal":
+        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+    raise ValueError(f"unknown init mode {mode!r}")
+
+
+# ----------------------------------------------------------------------------
+# Layers. Weights are stored in float32 and cast to the input's dtype, so the same
+# module runs in float32, in float16 (the official use_fp16) or under torch.autocast.
+
+class Linear(torch.nn.Module):
+    def __init__(self, in_features, out_features, bias=True, init_mode="kaiming_normal", init_weight=1, init_bias=0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
+        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+
+
+class Conv2d(torch.nn.Module):
+    """kernel x kernel convolution, optionally preceded by 2x up- or downsampling.
+
+    Resampling convolves each channel with the normalized outer product of `resample_filter`
+    ([1, 1]: box filter = average pooling / nearest upsampling; [1, 3, 3, 1]: a smoother
+    binomial blur) at stride 2. `kernel=0` gives a pure resampler with no weights.
+    `fused_resample` (downsampling only; NCSN++'s residual encoder path) convolves first
+    and blurs-and-strides afterwards, with all the padding applied up front.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
+                 resample_filter=(1, 1), fused_resample=False, init_mode="kaiming_normal", init_weight=1, init_bias=0):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
+        self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f = f.outer(f)[None, None] / f.sum().square()  # [1, 1, k, k], sums to 1
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x):
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        if self.fused_resample:
+            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+        else:
+            if self.up:  # transposed depthwise conv at stride 2; x4 keeps the mean (4x more pixels)
+                x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+            if self.down:  # depthwise blur at stride 2
+                x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        return x
+
+
+class GroupNorm(torch.nn.Module):
+    """GroupNorm with 32 groups, but at least 4 channels per group (narrow layers get fewer groups).
+    Under autocast, F.group_norm runs in float32 (PyTorch's autocast policy)."""
+
+    def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(num_channels))
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class UNetBlock(torch.nn.Module):
+    """The residual block all three architectures share, optionally resampling and with self-attention.
+
+        h = conv0(silu(norm0(x)))                       (with up/downsampling if requested)
+        h = silu(norm1(h + affine(emb)))                 DDPM++ / NCSN++ (adaptive_scale=False)
+        h = silu(norm1(h) * (1 + scale) + shift)         ADM: (scale, shift) = affine(emb)
+        x = (conv1(dropout(h)) + skip(x)) * skip_scale
+        x = (proj(attention(norm2(x))) + x) * skip_scale  (if attention)
+    """
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
+                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5,
+                 resample_filter=(1, 1), resample_proj=False, adaptive_scale=True,
+                 init=None, init_zero=None, init_attn=None):
+        super().__init__()
+        init = init or {}
+        init_zero = init_zero or dict(init_weight=0)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_heads = (num_heads or out_channels // channels_per_head) if attention else 0
+        self.dropout = dropout
+        self.skip_scale = float(skip_scale)
+        self.adaptive_scale = adaptive_scale
+
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)  # ~0 at init: block starts as identity
+
+        # The shortcut needs a layer when channels or resolution change: a 1x1 conv, or (ADM, same
+        # channels) just the resampling filter.
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
+
+        if self.num_heads:
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
+        if self.num_heads:
+            x = (self.proj(self.attention(self.norm2(x))) + x) * self.skip_scale
+        return x
+
+    def attention(self, x):
+        """Multi-head self-attention over the H*W positions.
+
+        The official layout interleaves q, k, v *inside* each head: the 3C output channels of the
+        qkv conv are [head][channel within head][q|k|v]. Reading them in that order keeps
+        checkpoints interchangeable; the softmax(q.k / sqrt(d)) v itself goes through PyTorch's
+        fused scaled_dot_product_attention (flash / memory-efficient kernels on GPU)."""
+        n, c, height, width = x.shape
+        qkv = self.qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, height * width)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2).unbind(0)  # each [n, heads, positions, channels per head]
+        a = F.scaled_dot_product_attention(q, k, v)
+        return a.transpose(2, 3).reshape(n, c, height, width)
+
+
+class PositionalEmbedding(torch.nn.Module):
+    """[cos(x w_i), sin(x w_i)] with w_i = (1/max_positions)^(i/(C/2 - endpoint)), i = 0 .. C/2-1 (Transformer-style)."""
+
+    def __init__(self, num_channels, max_positions=10000, endpoint=False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x):
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
+        freqs = (1 / self.max_positions) ** freqs
+        x = x.outer(freqs.to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class FourierEmbedding(torch.nn.Module):
+    """[cos(2 pi x w_i), sin(2 pi x w_i)] with fixed random w_i ~ N(0, scale^2) (random Fourier features)."""
+
+    def __init__(self, num_channels, scale=16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x):
+        x = x.outer((2 * np.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+# ----------------------------------------------------------------------------
+# DDPM++ and NCSN++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs").
+
+def role(name):
+    """'16x16_block1' -> 'block1', '32x32_aux_down' -> 'aux_down': what a ladder entry does."""
+    return name.split("_", 1)[1]
+
+
+class SongUNet(torch.nn.Module):
+    def __init__(self,
+                 img_resolution,                  # image resolution at input and output
+                 in_channels,                     # colour channels at input
+                 out_channels,                    # colour channels at output
+                 label_dim=0,                     # number of classes, 0 = unconditional
+                 augment_dim=0,                   # augmentation label size, 0 = no augmentation conditioning
+                 model_channels=128,              # base channel count
+                 channel_mult=(1, 2, 2, 2),       # channels per rung of the ladder, in units of model_channels
+                 channel_mult_emb=4,              # embedding size, in units of model_channels
+                 num_blocks=4,                    # residual blocks per rung
+                 attn_resolutions=(16,),          # resolutions with self-attention
+                 dropout=0.10,                    # dropout inside the blocks
+                 label_dropout=0,                 # probability of dropping the class (classifier-free guidance)
+                 embedding_type="positional",     # noise embedding: 'positional' (DDPM++) or 'fourier' (NCSN++)
+                 channel_mult_noise=1,            # noise embedding size in units of model_channels: 1 DDPM++, 2 NCSN++
+                 encoder_type="standard",         # 'standard' (DDPM++), 'residual' (NCSN++) or 'skip'
+                 decoder_type="standard",         # 'standard' (both) or 'skip'
+                 resample_filter=(1, 1),          # [1,1] (DDPM++) or [1,3,3,1] (NCSN++)
+                 ):
+        if embedding_type not in ("positional", "fourier"):
+            raise ValueError(f"embedding_type must be 'positional' or 'fourier', not {embedding_type!r}")
+        if encoder_type not in ("standard", "skip", "residual"):
+            raise ValueError(f"encoder_type must be 'standard', 'skip' or 'residual', not {encoder_type!r}")
+        if decoder_type not in ("standard", "skip"):
+            raise ValueError(f"decoder_type must be 'standard' or 'skip', not {decoder_type!r}")
+        super().__init__()
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        init = dict(init_mode="xavier_uniform")
+        init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
+        init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
+        block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
+                     resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+                     init=init, init_zero=init_zero, init_attn=init_attn)
+
+        # Embedding of noise level, class and augmentation.
+        if embedding_type == "positional":
+            self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
+        else:
+            self.map_noise = FourierEmbedding(noise_channels)
+        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
+        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+
+        # Encoder: down the ladder. `caux` = channels of the extra image path (skip / residual encoders).
+        self.enc = torch.nn.ModuleDict()
+        cout = caux = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cout = model_channels
+                self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels, cout, kernel=3, **init)
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+                if encoder_type == "skip":  # downsampled input image, projected and added
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
+                if encoder_type == "residual":  # a strided conv path from the previous rung, averaged in
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, kernel=3, down=True, resample_filter=resample_filter,
+                                                                   fused_resample=True, **init)
+                    caux = cout
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block)
+        skips = [layer.out_channels for name, layer in self.enc.items() if not role(name).startswith("aux")]
+
+        # Decoder: up the ladder, each block consuming one skip. Attention only in a rung's last block.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attention = idx == num_blocks and res in attn_resolutions
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attention, **block)
+            # Output head: at full resolution only ('standard'), or at every rung, upsampled and summed ('skip').
+            if decoder_type == "skip" or level == 0:
+                if decoder_type == "skip" and level < len(channel_mult) - 1:
+                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter)
+                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
+                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        # Embedding. Song et al. order the features [sin, cos]; the embedding layers give [cos, sin].
+        emb = self.map_noise(noise_labels)
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
+        if self.map_label is not None:
+            labels = drop_labels(class_labels, self.label_dropout, self.training)
+            emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+
+        # Encoder.
+        skips = []
+        aux = x
+        for name, layer in self.enc.items():
+            kind = role(name)
+            if kind == "aux_down":
+                aux = layer(aux)
+            elif kind == "aux_skip":
+                x = skips[-1] = x + layer(aux)
+            elif kind == "aux_residual":
+                x = skips[-1] = aux = (x + layer(aux)) / math.sqrt(2)
+            else:
+                x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+                skips.append(x)
+
+        # Decoder. `out` accumulates the output head(s); `h` is the normalized input of the next head conv.
+        out = h = None
+        for name, layer in self.dec.items():
+            kind = role(name)
+            if kind == "aux_up":
+                out = layer(out)
+            elif kind == "aux_norm":
+                h = layer(x)
+            elif kind == "aux_conv":
+                h = layer(F.silu(h))
+                out = h if out is None else h + out
+            else:
+                if kind.startswith("block"):
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = layer(x, emb)
+        return out
+
+
+def drop_labels(class_labels, p, training):
+    """Classifier-free guidance training: zero each sample's class vector with probability p."""
+    if not (training and p):
+        return class_labels
+    keep = torch.rand([class_labels.shape[0], 1], device=class_labels.device) >= p
+    return class_labels * keep.to(class_labels.dtype)
+
+
+# ----------------------------------------------------------------------------
+# ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis").
+
+class DhariwalUNet(torch.nn.Module):
+    def __init__(self,
+                 img_resolution,                  # image resolution at input and output
+                 in_channels,                     # colour channels at input
+                 out_channels,                    # colour channels at output
+                 label_dim=0,                     # number of classes, 0 = unconditional
+                 augment_dim=0,                   # augmentation label size, 0 = no augmentation conditioning
+                 model_channels=192,              # base channel count
+                 channel_mult=(1, 2, 3, 4),       # channels per rung of the ladder, in units of model_channels
+                 channel_mult_emb=4,              # embedding size, in units of model_channels
+                 num_blocks=3,                    # residual blocks per rung
+                 attn_resolutions=(32, 16, 8),    # resolutions with self-attention
+                 dropout=0.10,                    # dropout inside the blocks
+                 label_dropout=0,                 # probability of dropping the class (classifier-free guidance)
+                 ):
+        super().__init__()
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        # kaiming_uniform * sqrt(1/3) = U(+-1/sqrt(fan_in)): PyTorch's default Conv2d/Linear init.
+        init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
+        block = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+
+        # Embedding. The class embedding has N(0, 1) weights, like an nn.Embedding table.
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_layer0 = Linear(model_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
+                                init_weight=math.sqrt(label_dim)) if label_dim else None
+
+        # Encoder.
+        self.enc = torch.nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cout = model_channels * mult
+                self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels, cout, kernel=3, **init)
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block)
+        skips = [layer.out_channels for layer in self.enc.values()]
+
+        # Decoder.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block)
+        self.out_norm = GroupNorm(cout)
+        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            emb = emb + self.map_label(drop_labels(class_labels, self.label_dropout, self.training))
+        emb = F.silu(emb)
+
+        skips = []
+        for layer in self.enc.values():
+            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            skips.append(x)
+        for name, layer in self.dec.items():
+            if role(name).startswith("block"):
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = layer(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+# ----------------------------------------------------------------------------
+# Building a preconditioned network from an official configuration.
+
+NETWORKS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+DEFAULT_MODEL_TYPE = {"VPPrecond": "SongUNet", "VEPrecond": "SongUNet", "iDDPMPrecond": "DhariwalUNet", "EDMPrecond": "DhariwalUNet"}
+
+# The paper's networks (Table 7), as the official train.py configures them for EDM training.
+PAPER_CONFIGS = {
+    "cifar10_ddpmpp_cond": ("EDMPrecond", dict(
+        img_resolution=32, img_channels=3, label_dim=10, augment_dim=9, dropout=0.13, model_channels=128,
+        channel_mult=[2, 2, 2], model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+        decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1])),
+    "cifar10_ncsnpp_uncond": ("EDMPrecond", dict(
+        img_resolution=32, img_channels=3, label_dim=0, augment_dim=9, dropout=0.13, model_channels=128,
+        channel_mult=[2, 2, 2], model_type="SongUNet", embedding_type="fourier", encoder_type="residual",
+        decoder_type="standard", channel_mult_noise=2, resample_filter=[1, 3, 3, 1])),
+    "imagenet64_adm_cond": ("EDMPrecond", dict(
+        img_resolution=64, img_channels=3, label_dim=1000, dropout=0.1, model_channels=192,
+        channel_mult=[1, 2, 3, 4], model_type="DhariwalUNet")),
+}
+
+
+def from_official_config(class_name, kwargs):
+    """Chapter 05's `class_name` preconditioner around a SongUNet / DhariwalUNet, from the keyword
+    arguments the official EDMPrecond/VPPrecond/... constructor takes (as stored in its checkpoints).
+
+    The returned module remembers its configuration as `net.init_config` (used by save_network)."""
+    if class_name not in DEFAULT_MODEL_TYPE:
+        raise ValueError(f"unknown preconditioner {class_name!r}; expected one of {', '.join(DEFAULT_MODEL_TYPE)}")
+    precond = getattr(common.load("05_preconditioning"), class_name)
+    network_kwargs = dict(kwargs)
+    model_type = network_kwargs.pop("model_type", DEFAULT_MODEL_TYPE[class_name])
+    if model_type not in NETWORKS:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {', '.join(NETWORKS)}")
+    precond_names = set(inspect.signature(precond).parameters) - {"model"}
+    precond_kwargs = {name: network_kwargs.pop(name) for name in list(network_kwargs) if name in precond_names}
+    img_channels = precond_kwargs["img_channels"]
+    model = NETWORKS[model_type](
+        img_resolution=precond_kwargs["img_resolution"], in_channels=img_channels,
+        out_channels=img_channels * (2 if class_name == "iDDPMPrecond" else 1),  # iDDPM also predicts variances
+        label_dim=precond_kwargs.get("label_dim", 0), **network_kwargs)
+    net = precond(model, **precond_kwargs)
+    net.init_config = {"class_name": class_name, "kwargs": copy.deepcopy({**kwargs, "model_type": model_type})}
+    return net
+
+
+# ----------------------------------------------------------------------------
+# This project's snapshots: a plain dictionary of config + tensors.
+
+SNAPSHOT_FORMAT = "edm-tutorial-network-v1"
+
+
+def save_network(net, path):
+    """Write `net` (built by from_official_config; unwrap DDP / torch.compile first) to `path` atomically.
+
+    The file is {"format", "class_name", "kwargs", "state_dict"}, readable with
+    torch.load(weights_only=True); an interrupted save never leaves a half-written `path`."""
+    config = getattr(net, "init_config", None)
+    if config is None:
+        raise ValueError("save_network needs a network built by from_official_config (it has no init_config)")
+    data = {"format": SNAPSHOT_FORMAT, "class_name": config["class_name"], "kwargs": config["kwargs"],
+            "state_dict": {name: t.detach().cpu() for name, t in net.state_dict().items()}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# Official pickles, read as data.
+#
+# The official code pickles each network as "persistent class" records: the call
+# `torch_utils.persistence._reconstruct_persistent_obj(meta)` with meta = {type, version,
+# module_src (the full source file of the class), class_name, state (the module's
+# __dict__: _init_kwargs, _parameters, _buffers, _modules, ...)}. Unpickling it the
+# ordinary way executes module_src. Here the unpickler maps that one global to a
+# function that just keeps `meta` as a `Record`, admits the few globals needed to
+# rebuild tensors and containers, and refuses every other global before it is looked up.
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle references a global that a network checkpoint has no business using."""
+
+
+class Record:
+    """A pickled object kept as data: its class name and its state dict, never instantiated."""
+    class_name = None
+    state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class ModuleDictRecord(Record):
+    """torch.nn.ModuleDict (enc / dec), pickled as a plain object, not as a persistent record."""
+    class_name = "ModuleDict"
+
+
+def persistent_record(meta):
+    if meta.get("type") != "class":
+        raise UnsafePickleError(f"unsupported persistent object type {meta.get('type')!r}")
+    record = Record()
+    record.class_name, record.state = meta["class_name"], meta["state"]
+    return record
+
+
+def storage_from_bytes(data):
+    """A tensor storage serialized by torch.save inside the pickle; read back with the weights-only loader."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage deprecation notice
+        return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def numpy_scalar(dtype, data):
+    """np.float64 and friends (e.g. skip_scale = np.sqrt(0.5) in the records), numeric types only."""
+    if dtype.kind not in "biuf":
+        raise UnsafePickleError(f"refusing numpy scalar of dtype {dtype}")
+    return np.frombuffer(data, dtype)[0]
+
+
+SAFE_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): persistent_record,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): storage_from_bytes,
+    ("torch.nn.modules.container", "ModuleDict"): ModuleDictRecord,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): numpy_scalar,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in SAFE_GLOBALS:
+            raise UnsafePickleError(f"refusing to load: the pickle references the global '{module}.{name}', "
+                                    "which is not part of an EDM network checkpoint")
+        return SAFE_GLOBALS[(module, name)]
+
+
+def record_state_dict(record, prefix=""):
+    """The state dict a Record tree would have as a module: parameters, persistent buffers, submodules."""
+    state = record.state
+    result = {}
+    for name, tensor in state["_parameters"].items():
+        if tensor is not None:
+            result[prefix + name] = tensor
+    non_persistent = state.get("_non_persistent_buffers_set", set())
+    for name, tensor in state["_buffers"].items():
+        if tensor is not None and name not in non_persistent:
+            result[prefix + name] = tensor
+    for name, child in state["_modules"].items():
+        if child is not None:
+            result.update(record_state_dict(child, prefix + name + "."))
+    return result
+
+
+def network_from_record(record):
+    """Rebuild an official preconditioned network (e.g. the 'ema' entry) from its record."""
+    if not isinstance(record, Record) or record.class_name not in DEFAULT_MODEL_TYPE:
+        found = record.class_name if isinstance(record, Record) else type(record).__name__
+        raise ValueError(f"expected an EDMPrecond/VPPrecond/VEPrecond/iDDPMPrecond record, found {found}")
+    if record.state.get("_init_args"):
+        raise ValueError("the network was constructed with positional arguments; expected keyword arguments only")
+    net = from_official_config(record.class_name, dict(record.state["_init_kwargs"]))
+    net.load_state_dict(record_state_dict(record), strict=True)
+    return net
+
+
+def open_checkpoint(path):
+    """A local file, or an http(s) URL downloaded once into ~/.cache/edm_tutorial/."""
+    if not path.startswith(("http://", "https://")):
+        return open(path, "rb")
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "edm_tutorial", os.path.basename(path))
+    if not os.path.isfile(cache):
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        try:
+            with urllib.request.urlopen(path, timeout=60) as response, open(cache + ".part", "wb") as f:
+                f.write(response.read())
+        except OSError as e:
+            raise OSError(f"could not download {path} ({e}); without network access, download it "
+                          "elsewhere and pass the local file instead") from e
+        os.replace(cache + ".part", cache)
+    return open(cache, "rb")
+
+
+def load_network(path):
+    """Load an official EDM pickle (edm-*.pkl, network-snapshot-*.pkl) or a save_network snapshot.
+
+    Returns the preconditioned network on the CPU in eval mode. Nothing in the file is executed:
+    official pickles go through RestrictedUnpickler, snapshots through torch.load(weights_only=True)."""
+    with open_checkpoint(path) as f:
+        data = f.read()
+    try:
+        if data[:2] == b"PK":  # a zip archive: torch.save, i.e. our own snapshot
+            snapshot = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if not isinstance(snapshot, dict) or snapshot.get("format") != SNAPSHOT_FORMAT:
+                raise ValueError(f"not a {SNAPSHOT_FORMAT} snapshot")
+            net = from_official_config(snapshot["class_name"], snapshot["kwargs"])
+            net.load_state_dict(snapshot["state_dict"], strict=True)
+            return net.eval()
+        checkpoint = RestrictedUnpickler(io.BytesIO(data)).load()
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f"{path}: {e}") from None
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(checkpoint, dict) or "ema" not in checkpoint:
+        raise ValueError(f"{path}: not an EDM network pickle (expected a dict with an 'ema' entry)")
+    return network_from_record(checkpoint["ema"]).eval()
+
+
+# ----------------------------------------------------------------------------
+# Demo: parameters, FLOPs and throughput of the paper's networks.
+
+def count_parameters(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def example_inputs(net, batch, device):
+    """Random images, noise levels, one-hot labels and (if used) augmentation labels for `net`."""
+    c, r = net.img_channels, net.img_resolution
+    x = torch.randn(batch, c, r, r, device=device)
+    sigma = torch.exp(torch.randn(batch, device=device) * 1.2 - 1.2)  # EDM's p_train (Table 1)
+    labels = None
+    if net.label_dim:
+        labels = F.one_hot(torch.randint(net.label_dim, (batch,), device=device), net.label_dim).to(torch.float32)
+    extra = {}
+    if getattr(net.model, "map_augment", None) is not None:
+        extra["augment_labels"] = torch.zeros(batch, net.model.map_augment.in_features, device=device)
+    return x, sigma, labels, extra
+
+
+def flops_per_block(class_name, kwargs):
+    """Forward FLOPs of one image (on the meta device: nothing is computed) in total and per ladder entry."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        net = from_official_config(class_name, kwargs).eval()
+        x, sigma, labels, extra = example_inputs(net, 1, "meta")
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            net(x, sigma, labels, **extra)
+    per_module = counter.get_flop_counts()
+    blocks = {}
+    for part in ("enc", "dec"):
+        for name in getattr(net.model, part):
+            key = next((k for k in per_module if k.endswith(f"model.{part}.{name}")), None)
+            blocks[f"{part}.{name}"] = sum(per_module[key].values()) if key else 0
+    return counter.get_total_flops(), blocks
+
+
+def throughput(net, batch, iters, device, precision, channels_last, backward):
+    """Images per second of forward passes (eval, no grad) or forward+backward passes (train mode)."""
+    x, sigma, labels, extra = example_inputs(net, batch, device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = common.get_dtype(precision)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if backward:
+                net(x, sigma, labels, **extra).square().mean().backward()
+            else:
+                with torch.no_grad():
+                    net(x, sigma, labels, **extra)
+
+    net.train(backward)
+    step()  # warm-up (and compilation)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    synchronize(device)
+    return batch * iters / (time.perf_counter() - start)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plot_flops(results, file):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(results), 1, figsize=(13, 3.2 * len(results)), squeeze=False)
+    for ax, (name, r) in zip(axes[:, 0], results.items()):
+        labels = list(r["blocks"])
+        values = [r["blocks"][k] / 1e9 for k in labels]
+        colors = ["tab:blue" if k.startswith("enc") else "tab:orange" for k in labels]
+        ax.bar(range(len(labels)), values, color=colors)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels([k.split(".", 1)[1] for k in labels], rotation=90, fontsize=6)
+        ax.set_ylabel("GFLOPs / image")
+        ax.set_title(f"{name}: {r['params'] / 1e6:.2f}M parameters, {r['gflops']:.1f} GFLOPs per forward image "
+                     "(blue: encoder, orange: decoder)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def inspect_checkpoint(path):
+    try:
+        net = load_network(path)
+    except (OSError, ValueError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"{path}: {net.init_config['class_name']} with {count_parameters(net):,} parameters")
+    for key, value in net.init_config["kwargs"].items():
+        print(f"  {key} = {value!r}")
+
+
+def main():
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--configs", nargs="+", choices=list(PAPER_CONFIGS), default=list(PAPER_CONFIGS),
+                        help="which paper networks to measure (default: all three)")
+    parser.add_argument("--batch", type=int, default=None, help="images per timed step (default: 2 on CPU, 64 on GPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps after one warm-up (default: 1 on CPU, 20 on GPU)")
+    parser.add_argument("--precision", default="fp32", choices=list(common.PRECISIONS), help="autocast precision (default: fp32)")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile(net)")
+    parser.add_argument("--channels-last", action="store_true", help="use the channels_last memory format")
+    parser.add_argument("--load", metavar="PATH|URL", help="instead of the benchmark: load a checkpoint and print its configuration")
+    args = parser.parse_args()
+    if args.load:
+        return inspect_checkpoint(args.load)
+    device = common.get_device(args.device)
+    batch = args.batch or (2 if device.type == "cpu" else 64)
+    iters = args.iters or (1 if device.type == "cpu" else 20)
+    if batch < 1 or iters < 1:
+        raise SystemExit("error: --batch and --iters must be positive")
+    outdir = common.out_dir(__file__, args.outdir)
+    common.seed_all(args.seed)
+
+    print(f"device {device}, batch {batch}, {iters} timed step(s), precision {args.precision}"
+          f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}")
+    print(f"{'config':<24}{'parameters':>14}{'GFLOPs/img':>12}{'fwd img/s':>12}{'fwd+bwd img/s':>15}")
+    results = {}
+    for name in args.configs:
+        class_name, kwargs = PAPER_CONFIGS[name]
+        total, blocks = flops_per_block(class_name, kwargs)
+        net = from_official_config(class_name, kwargs).to(device)
+        params = count_parameters(net)
+        if args.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        timed = torch.compile(net) if args.compile else net
+        fwd = throughput(timed, batch, iters, device, args.precision, args.channels_last, backward=False)
+        bwd = throughput(timed, batch, iters, device, args.precision, args.channels_last, backward=True)
+        results[name] = dict(params=params, gflops=total / 1e9, blocks=blocks)
+        print(f"{name:<24}{params:>14,}{total / 1e9:>12.2f}{fwd:>12.2f}{bwd:>15.2f}", flush=True)
+        del net, timed
+    plot_flops(results, os.path.join(outdir, "flops_per_block.png"))
+    print(f"wrote {os.path.join(outdir, 'flops_per_block.png')}")
+
+
+if __name__ == "__main__":
+    main()
