@@ -1,0 +1,102 @@
+"""02: Table 1 formulations, the general ODE (Eq. 4 with D), Euler; checked against closed forms."""
+import math
+
+import pytest
+import torch
+
+MU, S_DATA = 0.3, 0.5   # a single Gaussian N(MU, S_DATA^2): its ODE has a closed-form solution
+
+
+def gaussian_denoiser(x, sigma, class_labels=None):
+    """Exact D(x; sigma) for N(MU, S_DATA^2) data: the Wiener filter."""
+    return MU + S_DATA ** 2 / (S_DATA ** 2 + sigma ** 2) * (x - MU)
+
+
+def exact_unscaled(x0, sigma0, sigma):
+    """x~(sigma) on the ODE trajectory through x~(sigma0) = x0: the deviation from MU scales with the marginal std."""
+    return MU + (x0 - MU) * ((sigma ** 2 + S_DATA ** 2) / (sigma0 ** 2 + S_DATA ** 2)).sqrt()
+
+
+@pytest.fixture(scope="module")
+def ode(load):
+    return load("02_ode_sampler")
+
+
+def formulations(ode):
+    return [ode.VP(), ode.VE(), ode.EDM()]
+
+
+def test_table1_closed_forms(ode):
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    vp, ve, edm = formulations(ode)
+    expected_vp = [math.sqrt(math.exp(0.5 * 19.9 * v ** 2 + 0.1 * v) - 1) for v in t.tolist()]
+    assert torch.allclose(vp.sigma(t), torch.tensor(expected_vp, dtype=torch.float64), rtol=1e-12)
+    assert torch.allclose(vp.s(t), 1 / (1 + vp.sigma(t) ** 2).sqrt(), rtol=1e-12)
+    assert torch.allclose(ve.sigma(t), t.sqrt()) and torch.all(ve.s(t) == 1)
+    assert torch.all(edm.sigma(t) == t) and torch.all(edm.s(t) == 1)
+    for f in formulations(ode):
+        assert torch.allclose(f.sigma_inv(f.sigma(t)), t, rtol=1e-10)
+
+
+@pytest.mark.parametrize("schedule,scaling", [("vp", "vp"), ("ve", "none"), ("linear", "none"), ("linear", "vp"),
+                                              ("ve", "vp"), ("vp", "none")])
+def test_derivatives_match_autograd(ode, schedule, scaling):
+    f = ode.formulation(schedule, scaling)
+    t = torch.tensor([0.05, 0.3, 0.9], dtype=torch.float64, requires_grad=True)
+    d_sigma, = torch.autograd.grad(f.sigma(t).sum(), t)
+    d_s, = torch.autograd.grad((f.s(t) + 0 * t).sum(), t)   # + 0 t: s = 1 has no graph of its own
+    t = t.detach()
+    assert torch.allclose(f.sigma_deriv(t), d_sigma, rtol=1e-10)
+    assert torch.allclose(f.s_deriv(t) * torch.ones_like(t), d_s, rtol=1e-10, atol=1e-14)
+
+
+def test_ode_derivative_is_the_exact_trajectory_slope(ode):
+    """Eq. 4 with D in place of the score: dx/dt at x = s x~ must be the slope of s(t) x~(sigma(t))."""
+    x0, sigma0 = torch.tensor([-1.7, 0.2, 2.5], dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)
+    for f in formulations(ode):
+        t = f.sigma_inv(torch.tensor([0.1, 1.0, 2.0], dtype=torch.float64)).requires_grad_(True)
+        for k in range(3):
+            x_t = f.s(t[k]) * exact_unscaled(x0[k], sigma0, f.sigma(t[k]))
+            slope, = torch.autograd.grad(x_t, t)
+            with torch.no_grad():
+                d = ode.ode_derivative(gaussian_denoiser, x_t.detach(), t[k].detach(), f)
+            assert torch.allclose(d, slope[k], rtol=1e-9), f.name
+
+
+def test_euler_is_first_order(ode):
+    """Halving the step roughly halves Euler's global error, for every formulation."""
+    x0 = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    sigma0, sigma1 = 10.0, 0.1
+    for f in formulations(ode):
+        errors = []
+        for n in (64, 128, 256):
+            sigmas = torch.logspace(math.log10(sigma0), math.log10(sigma1), n + 1, dtype=torch.float64)
+            t = f.sigma_inv(sigmas)
+            x = ode.euler(gaussian_denoiser, f.s(t[0]) * x0, t, f) / f.s(t[-1])
+            errors.append(float((x - exact_unscaled(x0, sigmas[0], sigmas[-1])).abs().max()))
+        ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+        assert all(1.8 < r < 2.2 for r in ratios), (f.name, errors)
+
+
+def test_edm_tangent_points_at_the_denoiser(ode):
+    """With sigma(t) = t, s = 1 one Euler step to t = 0 lands exactly on D(x; t); with VE only half way."""
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    sigma = torch.tensor(1.5, dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    edm, ve = ode.EDM(), ode.VE()
+    D = gaussian_denoiser(x, sigma)
+    assert torch.allclose(ode.euler(gaussian_denoiser, x, torch.cat([sigma[None], zero]), edm), D, rtol=1e-12)
+    x_ve = ode.euler(gaussian_denoiser, x, torch.cat([ve.sigma_inv(sigma)[None], zero]), ve)
+    assert torch.allclose(x_ve, (x + D) / 2, rtol=1e-12)
+
+
+def test_exact_denoiser_sampling_recovers_the_mixture(ode, load):
+    toy = load("01_toy_1d")
+    mix = toy.default_mixture()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2000, 1, generator=g, dtype=torch.float64)
+    truth = mix.sample(20000, g)
+    for f in (ode.VP(), ode.EDM()):
+        x = ode.sample(mix, latents, toy.noise_levels(128), f)
+        assert toy.wasserstein1(x, truth) < 0.04, f.name
+        assert abs(float((x > 0).double().mean()) - 0.7) < 0.03, f.name
