@@ -1,0 +1,314 @@
+"""Tests for 06_unet.py: official reference outputs, state-dict layout, attention layout,
+initialization, and safe checkpoint loading/saving.
+
+tests/data/*.npz and full_configs.json were produced by the official NVlabs/edm code
+(see tests/data/README.md); nothing here is computed by the code under test.
+"""
+import io
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCES = ["ddpmpp_edm_cond_aug", "ncsnpp_ve_uncond_aug", "ddpmpp_vp_uncond", "ddpmpp_iddpm_cond_aug", "adm_edm_cond"]
+
+
+@pytest.fixture(scope="module")
+def unet(load):
+    return load("06_unet")
+
+
+def read_reference(name):
+    d = np.load(os.path.join(DATA, name + ".npz"))
+    config = json.loads(str(d["config_json"]))
+    class_name = config.pop("precond")
+    state = {k[len("state/"):]: torch.from_numpy(d[k]) for k in d.files if k.startswith("state/")}
+    inputs = dict(x=torch.from_numpy(d["x"]), sigma=torch.from_numpy(d["sigma"]),
+                  class_labels=torch.from_numpy(d["class_labels"]) if "class_labels" in d.files else None)
+    if "augment_labels" in d.files:
+        inputs["augment_labels"] = torch.from_numpy(d["augment_labels"])
+    return class_name, config, state, inputs, torch.from_numpy(d["denoised"])
+
+
+def assert_matches_reference(out, ref, rtol=1e-5):
+    """Every sample's output within rtol of its reference, relative to the reference's largest entry."""
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    err = (out - ref).abs().flatten(1).amax(1)
+    scale = ref.abs().flatten(1).amax(1)
+    assert torch.all(err <= rtol * scale), f"relative errors {(err / scale).tolist()}"
+
+
+def denoise(net, inputs):
+    with torch.no_grad():
+        return net(**inputs)
+
+
+# ----------------------------------------------------------------------------
+# Official outputs and layout.
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_reproduces_official_outputs(unet, name):
+    class_name, config, state, inputs, ref = read_reference(name)
+    net = unet.from_official_config(class_name, config).eval()
+    assert type(net).__name__ == class_name
+    assert type(net.model).__name__ == config["model_type"]
+    mine = net.state_dict()
+    assert list(mine) == list(state)  # same keys, same order
+    assert all(mine[k].shape == state[k].shape for k in state)
+    net.load_state_dict(state, strict=True)
+    assert_matches_reference(denoise(net, inputs), ref)
+
+
+def test_paper_configs_match_official_layout(unet):
+    """The three paper networks: same constructor arguments, parameter count, keys and shapes."""
+    with open(os.path.join(DATA, "full_configs.json")) as f:
+        official = json.load(f)
+    assert set(unet.PAPER_CONFIGS) == set(official)
+    for name, entry in official.items():
+        class_name, kwargs = unet.PAPER_CONFIGS[name]
+        assert (class_name, kwargs) == (entry["precond"], entry["config"])
+        with torch.device("meta"):  # shapes only: no memory, no time
+            net = unet.from_official_config(class_name, kwargs)
+        assert sum(p.numel() for p in net.parameters()) == entry["num_parameters"]
+        assert [(k, list(v.shape)) for k, v in net.state_dict().items()] == [(k, v) for k, v in entry["state_dict"].items()]
+
+
+def test_multi_head_attention_uses_the_interleaved_qkv_layout(unet):
+    """The qkv conv's 3C channels are [head][channel][q|k|v]; attention is softmax(q.k/sqrt(d)) v per head.
+    (The reference networks have one head per block, so this checks the multi-head case by hand.)"""
+    torch.manual_seed(0)
+    heads, d, hw = 3, 64, 5 * 4
+    block = unet.UNetBlock(heads * d, heads * d, emb_channels=8, attention=True, channels_per_head=d)
+    assert block.num_heads == heads
+    with torch.no_grad():
+        block.qkv.weight.normal_(std=(heads * d) ** -0.5)  # q, k, v entries ~ N(0, 1): logits of order 1
+        block.qkv.bias.normal_()
+        x = torch.randn(2, heads * d, 5, 4)
+        got = block.attention(x)
+        qkv = block.qkv(x).reshape(2, heads * d * 3, hw)
+        expected = torch.empty(2, heads * d, hw)
+        for h in range(heads):
+            channels = torch.arange(d) * 3 + h * 3 * d
+            q, k, v = (qkv[:, channels + j].double() for j in range(3))   # [2, d, hw]
+            w = torch.softmax(torch.einsum("ncq,nck->nqk", q, k) / math.sqrt(d), dim=2)
+            expected[:, h * d:(h + 1) * d] = torch.einsum("nqk,nck->ncq", w, v).float()
+    torch.testing.assert_close(got.reshape(2, heads * d, hw), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Initialization and conditioning.
+
+def test_adm_starts_as_the_skip_connection(unet):
+    """ADM's output conv is initialized to exactly zero, so a fresh EDMPrecond returns c_skip * x."""
+    torch.manual_seed(0)
+    net = unet.from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3, model_channels=64,
+                                                        channel_mult=[1], num_blocks=1, attn_resolutions=[8],
+                                                        model_type="DhariwalUNet")).eval()
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 4.0])
+    c_skip = 0.25 / (sigma ** 2 + 0.25)
+    torch.testing.assert_close(denoise(net, dict(x=x, sigma=sigma)), c_skip[:, None, None, None] * x, rtol=1e-6, atol=0)
+
+
+def test_weight_init_distributions(unet):
+    """Xavier/Kaiming uniform bounds and normal standard deviations (fan_in = 400, fan_out = 600)."""
+    torch.manual_seed(0)
+    shape, fan_in, fan_out = [600, 400], 400, 600
+    bounds = {"xavier_uniform": math.sqrt(6 / (fan_in + fan_out)), "kaiming_uniform": math.sqrt(3 / fan_in)}
+    for mode, bound in bounds.items():
+        w = unet.weight_init(shape, mode, fan_in, fan_out)
+        assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+        assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.01
+    stds = {"xavier_normal": math.sqrt(2 / (fan_in + fan_out)), "kaiming_normal": math.sqrt(1 / fan_in)}
+    for mode, std in stds.items():
+        assert abs(unet.weight_init(shape, mode, fan_in, fan_out).std().item() / std - 1) < 0.01
+
+
+@pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
+def test_label_dropout_one_equals_no_class(unet, model_type):
+    """label_dropout=1 in training mode drops every class vector: same as passing all-zero labels."""
+    torch.manual_seed(0)
+    net = unet.from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=64,
+                                                        channel_mult=[1], num_blocks=1, attn_resolutions=[],
+                                                        dropout=0, label_dropout=1, model_type=model_type))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 2.0])
+    labels = torch.eye(4)[:2]
+    with torch.no_grad():
+        dropped = net.train()(x, sigma, labels)
+        unlabelled = net.eval()(x, sigma, torch.zeros(2, 4))
+        labelled = net.eval()(x, sigma, labels)
+    torch.testing.assert_close(dropped, unlabelled, rtol=1e-6, atol=1e-6)
+    assert (labelled - unlabelled).abs().max() > 1e-3  # the class does matter when not dropped
+
+
+# ----------------------------------------------------------------------------
+# Speed paths give the same numbers.
+
+def test_channels_last_and_autocast(unet):
+    class_name, config, state, inputs, ref = read_reference("ddpmpp_vp_uncond")
+    net = unet.from_official_config(class_name, config).eval()
+    net.load_state_dict(state)
+    net = net.to(memory_format=torch.channels_last)
+    last = dict(inputs, x=inputs["x"].contiguous(memory_format=torch.channels_last))
+    assert_matches_reference(denoise(net, last), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = denoise(net, inputs)
+    assert low.dtype == torch.float32
+    assert_matches_reference(low, ref, rtol=0.05)  # bf16 has an 8-bit mantissa
+
+
+@pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
+def test_traces_into_one_graph(unet, model_type):
+    """torch.compile can capture the whole network (no graph breaks); the eager backend keeps this fast."""
+    torch.manual_seed(0)
+    song = dict(embedding_type="fourier", encoder_type="residual", decoder_type="skip", resample_filter=[1, 3, 3, 1])
+    model = unet.NETWORKS[model_type](img_resolution=8, in_channels=3, out_channels=3, label_dim=2, augment_dim=9,
+                                      model_channels=64, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[4],
+                                      **(song if model_type == "SongUNet" else {})).eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    args = (torch.randn(2, 3, 8, 8), torch.randn(2), torch.eye(2), torch.randn(2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), model(*args))
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: official pickles (safely) and our own snapshots.
+
+def official_style_pickle(net, class_name, kwargs, module_src="# (module source)"):
+    """Pickle `net` the way the official training loop does: {'ema': ..., 'loss_fn': ..., ...} where every
+    network class is a torch_utils.persistence record (meta with module_src, class_name, state incl.
+    _init_kwargs), ModuleDicts pickled as plain objects, tensors by ordinary pickling."""
+    calls = []
+
+    def _reconstruct_persistent_obj(meta):  # stands in for the official function while pickling only
+        calls.append(meta)
+        raise AssertionError("the loader must never call the official reconstruction function")
+
+    persistence = types.ModuleType("torch_utils.persistence")
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    package = types.ModuleType("torch_utils")
+    package.persistence = persistence
+
+    class EDMLoss:  # the official loss record's state
+        def __init__(self):
+            self.P_mean, self.P_std, self.sigma_data = -1.2, 1.2, 0.5
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, torch.nn.ModuleDict) or not isinstance(obj, (torch.nn.Module, EDMLoss)):
+                return NotImplemented
+            state = dict(obj.__dict__)
+            state.pop("init_config", None)
+            state["_init_args"] = ()
+            state["_init_kwargs"] = dict(kwargs) if obj is net else {}
+            if "skip_scale" in state:
+                state["skip_scale"] = np.float64(state["skip_scale"])  # official records hold numpy scalars
+            meta = dict(type="class", version=6, module_src=module_src, class_name=type(obj).__name__, state=state)
+            return _reconstruct_persistent_obj, (meta,)
+
+    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
+    sys.modules.update({"torch_utils": package, "torch_utils.persistence": persistence})
+    try:
+        data = dict(ema=net, loss_fn=EDMLoss(), augment_pipe=None, dataset_kwargs=dict(path="cifar10.zip", xflip=False))
+        buffer = io.BytesIO()
+        Pickler(buffer).dump(data)
+    finally:
+        for k, v in saved.items():
+            sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
+    assert not calls
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["ncsnpp_ve_uncond_aug", "ddpmpp_iddpm_cond_aug"])
+def test_loads_official_pickle_format(unet, name, tmp_path):
+    class_name, config, state, inputs, ref = read_reference(name)
+    net = unet.from_official_config(class_name, config)
+    net.load_state_dict(state)
+    marker = tmp_path / "executed"
+    evil_src = f"open({str(marker)!r}, 'w').write('module_src was executed')"
+    path = tmp_path / "network-snapshot-000000.pkl"
+    path.write_bytes(official_style_pickle(net, class_name, config, module_src=evil_src))
+    assert "torch_utils" not in sys.modules  # no official code needed to load
+
+    loaded = unet.load_network(str(path))
+    assert not marker.exists()  # the source code carried in the records is data, never run
+    assert not loaded.training
+    assert loaded.init_config == {"class_name": class_name, "kwargs": config}
+    assert_matches_reference(denoise(loaded, inputs), ref)
+
+
+def test_refuses_code_execution(unet, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "edm-evil.pkl"
+    path.write_bytes(pickle.dumps({"ema": Payload()}))
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing.*system"):
+        unet.load_network(str(path))
+    assert not marker.exists()
+
+
+def test_corrupt_files_give_clear_errors(unet, tmp_path):
+    class_name, config, state, _, _ = read_reference("ddpmpp_vp_uncond")
+    net = unet.from_official_config(class_name, config)
+    official = official_style_pickle(net, class_name, config)
+    unet.save_network(net, str(tmp_path / "ours.pt"))
+    ours = (tmp_path / "ours.pt").read_bytes()
+    cases = {"official.pkl": official[: len(official) // 2], "ours.pt": ours[: len(ours) // 2], "noise.pkl": os.urandom(1000)}
+    for file, data in cases.items():
+        (tmp_path / file).write_bytes(data)
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            unet.load_network(str(tmp_path / file))
+
+
+def test_save_network_roundtrip_and_atomicity(unet, tmp_path, monkeypatch):
+    class_name, config, state, inputs, ref = read_reference("ddpmpp_vp_uncond")
+    net = unet.from_official_config(class_name, config)
+    net.load_state_dict(state)
+    path = tmp_path / "network-snapshot.pt"
+    unet.save_network(net, str(path))
+    assert os.listdir(tmp_path) == ["network-snapshot.pt"]
+
+    raw = torch.load(path, weights_only=True)
+    assert (raw["class_name"], raw["kwargs"]) == (class_name, {**config})
+    loaded = unet.load_network(str(path))
+    assert_matches_reference(denoise(loaded, inputs), ref)
+
+    # A save that dies midway leaves the previous snapshot intact.
+    def crash(obj, f):
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        unet.save_network(net, str(path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["network-snapshot.pt"]
+    assert_matches_reference(denoise(unet.load_network(str(path)), inputs), ref)
+
+
+def test_command_line_errors(unet, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"\x80\x04not a pickle")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "06_unet.py"), "--load", str(bad)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot read")
+    monkeypatch.setattr(sys, "argv", ["06_unet.py", "--batch", "0", "--outdir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="error: --batch"):
+        unet.main()
