@@ -69,13 +69,20 @@ import common
 #   with G = F1^T F2, so the eigenvalues of (S1 S2)^(1/2) are the singular values
 #   of G and tr((S1 S2)^(1/2)) = sum of singular values of G (its nuclear norm).
 #
-# Singular values are computed to an absolute accuracy of ~eps * |G|, with no
-# square root of a tiny, noisy eigenvalue anywhere in the sum; everything is real.
+# Singular values are computed to an absolute accuracy of ~eps * |G| and everything
+# stays real. The one place where round-off could be amplified is the square root of
+# the eigenvalues of S1 and S2 (sqrt(1e-15) = 3e-8), handled in psd_factor.
 
 def psd_factor(sigma):
-    """F with F F^T = sigma for a symmetric positive semi-definite matrix (eigen-decomposition)."""
+    """F with F F^T = sigma for a symmetric positive semi-definite matrix (eigen-decomposition).
+
+    Eigenvalues below d * eps * lambda_max are round-off (a zero eigenvalue comes out as
+    +-1e-15 or so); they are set to 0, as numpy's matrix_rank does, because their square
+    roots (~3e-8 each) would otherwise add up over hundreds of null directions.
+    """
     w, v = torch.linalg.eigh(sigma)
-    return v * w.clamp(min=0).sqrt()
+    tol = w.max().clamp(min=0) * len(w) * torch.finfo(w.dtype).eps
+    return v * torch.where(w > tol, w, 0).sqrt()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -290,7 +297,9 @@ def open_detector_file(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: detector file not found: {path}")
     try:
-        if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # TorchScript archives and new-style torch.save files are zips
+        if is_zip and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
             return NvidiaDetector(torch.jit.load(path, map_location="cpu"))
         if path.endswith(".pkl"):
             return NvidiaDetector(_torchscript_in_pickle(path))
