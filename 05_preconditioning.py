@@ -263,8 +263,10 @@ class VPLoss:
     def __call__(self, net, images, labels=None, augment_pipe=None):
         rnd_uniform = column(torch.rand([images.shape[0]], device=images.device), images)
         sigma = vp_sigma(1 + rnd_uniform * (self.epsilon_t - 1), self.beta_d, self.beta_min)
-        weight = 1 / sigma ** 2
-        return denoising_loss(net, images, labels, augment_pipe, sigma, weight)
+        return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
+
+    def weight(self, sigma):
+        return 1 / sigma ** 2
 
 
 class VELoss:
@@ -277,8 +279,10 @@ class VELoss:
     def __call__(self, net, images, labels=None, augment_pipe=None):
         rnd_uniform = column(torch.rand([images.shape[0]], device=images.device), images)
         sigma = self.sigma_min * ((self.sigma_max / self.sigma_min) ** rnd_uniform)
-        weight = 1 / sigma ** 2
-        return denoising_loss(net, images, labels, augment_pipe, sigma, weight)
+        return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
+
+    def weight(self, sigma):
+        return 1 / sigma ** 2
 
 
 class iDDPMLoss:
@@ -291,8 +295,10 @@ class iDDPMLoss:
     def __call__(self, net, images, labels=None, augment_pipe=None):
         j = torch.randint(self.M, [images.shape[0]], device=images.device)
         sigma = column(self.u.to(images.device)[j], images)
-        weight = 1 / sigma ** 2
-        return denoising_loss(net, images, labels, augment_pipe, sigma, weight)
+        return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
+
+    def weight(self, sigma):
+        return 1 / sigma ** 2
 
 
 class EDMLoss:
@@ -306,8 +312,10 @@ class EDMLoss:
     def __call__(self, net, images, labels=None, augment_pipe=None):
         rnd_normal = column(torch.randn([images.shape[0]], device=images.device), images)
         sigma = (rnd_normal * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        return denoising_loss(net, images, labels, augment_pipe, sigma, weight)
+        return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
+
+    def weight(self, sigma):
+        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
 
 # ----------------------------------------------------------------------------
@@ -336,3 +344,219 @@ class ToyMLP(torch.nn.Module):
         angles = noise_labels.to(torch.float32)[:, None] * self.freqs[None, :]
         emb = torch.cat([angles.cos(), angles.sin()], dim=1).expand(x.shape[0], -1)
         return self.net(torch.cat([x.to(torch.float32), emb], dim=1)).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Demo: the same MLP, the same data, the same budget -- four preconditionings.
+
+NAMES = ["VP", "VE", "iDDPM", "EDM"]
+COLORS = {"VP": "tab:blue", "VE": "tab:orange", "iDDPM": "tab:green", "EDM": "tab:red"}
+
+
+def make_setups(sigma_data, seed):
+    """{name: (preconditioned net, loss)} for the four columns of Table 1, nets starting from the same weights."""
+    def mlp(out_channels=1):
+        torch.manual_seed(seed)
+        return ToyMLP(out_channels=out_channels)
+    return {
+        "VP": (VPPrecond(mlp(), 1, 1), VPLoss()),
+        "VE": (VEPrecond(mlp(), 1, 1), VELoss()),
+        "iDDPM": (iDDPMPrecond(mlp(2), 1, 1), iDDPMLoss()),
+        "EDM": (EDMPrecond(mlp(), 1, 1, sigma_data=sigma_data), EDMLoss(sigma_data=sigma_data)),
+    }
+
+
+def variance_table(setups, y, sigmas, generator):
+    """Var of the network input c_in (y + n), of the effective target (y - c_skip (y + n)) / c_out (Eq. 8),
+    and the effective weight lambda c_out^2, at each sigma."""
+    rows = []
+    for name, (net, loss_fn) in setups.items():
+        for sigma in sigmas:
+            x = y + sigma * torch.randn(y.shape, generator=generator, dtype=y.dtype)
+            c_skip, c_out, c_in, _ = net.scalings(per_sample(sigma, y).to(y.dtype))
+            target = (y - c_skip * x) / c_out
+            effective_weight = loss_fn.weight(torch.tensor(sigma, dtype=torch.float64)) * c_out[0, 0] ** 2
+            rows.append((name, sigma, float((c_in * x).var()), float(target.var()), float(effective_weight)))
+    return rows
+
+
+def train(net, loss_fn, mix, steps, batch, lr, seed, device):
+    """Adam on fresh toy samples each step; returns the training loss per step."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net.train().to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    history = []
+    for _ in range(steps):
+        y = mix.sample(batch, g).to(device, torch.float32)
+        loss = loss_fn(net, y).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+    return net.eval(), history
+
+
+@torch.no_grad()
+def loss_per_sigma(D, mix, sigmas, n, sigma_data, generator, device):
+    """EDM-weighted loss lambda_EDM(sigma) E (D(y + n; sigma) - y)^2 at each sigma (the paper's Fig. 5a, in spirit)."""
+    losses = []
+    for sigma in sigmas:
+        y = mix.sample(n, generator)
+        x = y + sigma * torch.randn(y.shape, generator=generator, dtype=y.dtype)
+        D_x = D(x.to(device), torch.tensor(sigma, device=device)).cpu().to(torch.float64).reshape(y.shape)
+        weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+        losses.append(weight * float(((D_x - y) ** 2).mean()))
+    return np.array(losses)
+
+
+def plot_scalings(setups, file):
+    import matplotlib.pyplot as plt
+    sigma = torch.logspace(-3, np.log10(80), 400)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    titles = ["c_skip(sigma)", "|c_out(sigma)|", "c_in(sigma)", "c_noise(sigma)"]
+    for name, (net, _) in setups.items():
+        values = net.scalings(sigma[:, None])
+        for ax, v in zip(axes, values):
+            v = v.flatten().abs() if ax is axes[1] else v.flatten()
+            ax.plot(sigma, v, color=COLORS[name], lw=1.8, label=name)
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log")
+        ax.set_xlabel("sigma")
+        ax.set_title(title)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[3].set_yscale("symlog", linthresh=1)
+    axes[0].legend()
+    fig.suptitle("Table 1: how each preconditioning wraps the raw network F (sigma_data = "
+                 f"{setups['EDM'][0].sigma_data:.2f})")
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def plot_loss_per_sigma(sigmas, curves, floor, sigma_draws, file):
+    import matplotlib.pyplot as plt
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw=dict(height_ratios=[2, 1]))
+    for name, c in curves.items():
+        ax.plot(sigmas, c, "o-", ms=3, color=COLORS[name], label=f"{name} (trained)")
+    ax.plot(sigmas, floor, "k--", lw=1.5, label="exact denoiser (irreducible)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylabel("lambda_EDM(sigma) E |D - y|^2")
+    ax.set_title("Loss per noise level after training, all measured with EDM's weighting")
+    ax.legend(fontsize=8)
+    bins = np.logspace(-3, np.log10(200), 60)
+    for name, s in sigma_draws.items():
+        ax2.hist(s, bins=bins, density=True, histtype="step", color=COLORS[name], lw=1.5, label=name)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("sigma")
+    ax2.set_ylabel("p_train(sigma)")
+    ax2.set_title("Where each loss spends its training samples (Table 1)")
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def plot_samples(mix, truth, samples, w1, file):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(samples) + 1, figsize=(4 * len(samples) + 4, 3.5))
+    bins = np.linspace(-2.5, 2.5, 101)
+    grid = torch.linspace(-2.5, 2.5, 400, dtype=torch.float64)
+    for ax, (name, s) in zip(axes, samples.items()):
+        ax.plot(grid, mix.density(grid, 0.0), color="k", lw=1, label="p_data")
+        ax.hist(s.flatten().numpy(), bins=bins, density=True, histtype="step", color=COLORS.get(name, "0.3"),
+                lw=1.5, label="generated")
+        ax.set_title(f"{name}: W1 = {w1[name]:.4f}")
+    axes[0].legend(fontsize=8)
+    names = list(w1)
+    axes[-1].bar(names, [w1[n] for n in names], color=[COLORS.get(n, "0.5") for n in names])
+    axes[-1].set_yscale("log")
+    axes[-1].set_title("W1 to the data (lower is better)")
+    axes[-1].tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--train-steps", type=int, default=2000, help="Adam steps per preconditioning (default: 2000)")
+    parser.add_argument("--batch", type=int, default=512, help="training batch size (default: 512)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, cosine-decayed (default: 2e-3)")
+    parser.add_argument("--samples", type=int, default=20000, help="generated samples per model (default: 20000)")
+    parser.add_argument("--num-steps", type=int, default=18, help="EDM sampler steps (default: 18)")
+    args = parser.parse_args()
+    if args.train_steps < 1 or args.batch < 2 or args.samples < 2 or args.num_steps < 2 or not args.lr > 0:
+        raise SystemExit("error: need --train-steps >= 1, --batch >= 2, --samples >= 2, --num-steps >= 2, --lr > 0")
+    device = common.get_device(args.device)
+    outdir = common.out_dir(__file__, args.outdir)
+    common.seed_all(args.seed)
+    toy = common.load("01_toy_1d")
+    edm_sampler = common.load("04_stochastic_sampler").edm_sampler
+    mix = toy.default_mixture()
+    g = torch.Generator().manual_seed(args.seed)
+    sigma_data = float(mix.sample(1_000_000, g).std())
+    setups = make_setups(sigma_data, args.seed)
+    start = time.time()
+
+    # 1. Table 1 as curves, and EDM's unit-variance property in numbers.
+    plot_scalings(setups, f"{outdir}/scalings.png")
+    print(f"Toy data std = {sigma_data:.4f} (used as EDM's sigma_data).")
+    print("Network input and effective target (Eq. 8) variances, and the effective weight lambda c_out^2:")
+    print(f"  {'':6s} {'sigma':>7s} {'Var c_in x':>11s} {'Var target':>11s} {'lambda c_out^2':>15s}")
+    y = mix.sample(200_000, g)
+    for name, sigma, v_in, v_target, w in variance_table(setups, y, [0.002, 0.1, 1.0, 10.0, 80.0], g):
+        print(f"  {name:6s} {sigma:7.3f} {v_in:11.4f} {v_target:11.4f} {w:15.4f}")
+
+    # 2. The same MLP trained under each preconditioning + loss, same budget.
+    histories, seconds = {}, {}
+    for name, (net, loss_fn) in setups.items():
+        t0 = time.time()
+        _, histories[name] = train(net, loss_fn, mix, args.train_steps, args.batch, args.lr, args.seed, device)
+        seconds[name] = time.time() - t0
+        print(f"trained {name:6s} {args.train_steps} steps in {seconds[name]:5.1f} s, "
+              f"final loss {np.mean(histories[name][-100:]):.4f}")
+
+    # 3. Loss per noise level (every model measured with the same, EDM, weighting).
+    sigmas = np.logspace(np.log10(0.002), np.log10(80), 25)
+    curves = {name: loss_per_sigma(net, mix, sigmas, 4096, sigma_data, torch.Generator().manual_seed(1), device)
+              for name, (net, _) in setups.items()}
+    floor = loss_per_sigma(mix, mix, sigmas, 4096, sigma_data, torch.Generator().manual_seed(1), "cpu")
+    draws = {}
+    for name, (_, loss_fn) in setups.items():
+        record = lambda x, sigma, labels=None, augment_labels=None: draws.setdefault(name, sigma.flatten()) * 0
+        loss_fn(record, torch.zeros(20000, 1))
+    plot_loss_per_sigma(sigmas, curves, floor, draws, f"{outdir}/loss_per_sigma.png")
+
+    # 4. Sample quality with the deterministic EDM sampler (chapter 04), same latents for all.
+    latents = torch.randn([args.samples, 1], generator=g, dtype=torch.float64)
+    truth = mix.sample(args.samples, g)
+    samples, w1 = {}, {}
+    with torch.no_grad():
+        for name, (net, _) in [*setups.items(), ("exact D", (mix, None))]:
+            samples[name] = edm_sampler(net, latents.to(device), num_steps=args.num_steps).cpu()
+            w1[name] = toy.wasserstein1(samples[name], truth)
+    w1["data vs data"] = toy.wasserstein1(mix.sample(args.samples, g), truth)
+    plot_samples(mix, truth, {n: samples[n] for n in NAMES}, w1, f"{outdir}/samples.png")
+
+    print(f"\nSame MLP, {args.train_steps} steps x batch {args.batch}; EDM sampler, {args.num_steps} steps; "
+          f"W1 over {args.samples} samples.")
+    lo, mid, hi = sigmas < 0.05, (sigmas >= 0.05) & (sigmas <= 5), sigmas > 5
+    print(f"  {'':14s} {'W1':>8s} {'excess loss':>12s} {'sigma<0.05':>11s} {'0.05..5':>9s} {'>5':>9s}")
+    for name in [*NAMES, "exact D", "data vs data"]:
+        if name in curves:
+            excess = curves[name] - floor
+            print(f"  {name:14s} {w1[name]:8.4f} {excess.mean():12.4f} "
+                  f"{excess[lo].mean():11.4f} {excess[mid].mean():9.4f} {excess[hi].mean():9.4f}")
+        else:
+            print(f"  {name:14s} {w1[name]:8.4f}")
+    print("  (excess loss: EDM-weighted loss above the exact denoiser's, averaged over log-spaced sigma buckets)")
+    print(f"Figures in {outdir}/ ; total {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
