@@ -347,7 +347,8 @@ class ImageFiles:
         else:
             raise SystemExit(f"error: {path} is neither a folder nor a .zip of images")
         self.names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
-        self.shape = self.read(0).shape if self.names else None
+        self.shape = None
+        self.shape = self.read(0).shape if self.names else None  # every later image must match the first
 
     def __len__(self):
         return len(self.names)
@@ -506,10 +507,10 @@ def generate_batch(net, seeds, device, class_idx=None, **sampler_kwargs):
 
 def load_net(path, device):
     """A network from 06's load_network (official pickles or this project's snapshots); errors in one line."""
-    if not os.path.isfile(path):
+    if not re.match(r"https?://", path) and not os.path.isfile(path):
         raise SystemExit(f"error: network file not found: {path}")
     try:
-        net = common.load("06_unet").load_network(path)
+        net = common.load("06_unet").load_network(path)  # also downloads official URLs into a cache
     except SystemExit:
         raise
     except Exception as e:  # a corrupt or foreign file can fail in many ways; say which file and why
@@ -723,7 +724,7 @@ def build_parser():
         return p
 
     def sampler_options(p):
-        p.add_argument("--network", required=True, help="network: an official .pkl or a snapshot of this project")
+        p.add_argument("--network", required=True, help="an official .pkl (path or URL) or a snapshot of this project")
         p.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (default: random per seed)")
         p.add_argument("--batch", type=int, default=64, help="maximum batch size per GPU (default: 64)")
         p.add_argument("--steps", dest="num_steps", type=int, default=None, help="sampling steps N (default: 18)")

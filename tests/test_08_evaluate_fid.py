@@ -200,3 +200,110 @@ def test_missing_detector_and_bad_reference(fid, tmp_path):
     np.savez(tmp_path / "bad.npz", mean=np.zeros(4))
     with pytest.raises(SystemExit, match="'mu' and 'sigma'"):
         fid.load_ref(str(tmp_path / "bad.npz"), 4)
+
+
+# ----------------------------------------------------------------------------
+# Generation and FID end to end: a tiny class-conditional network and a stand-in detector.
+
+class StandInDetector(torch.nn.Module):
+    """Test-only feature network: a fixed random projection of 2x2-pooled pixels, in float64."""
+    feature_dim = 6
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.randn(12, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def forward(self, images):
+        x = torch.nn.functional.adaptive_avg_pool2d(images.double() / 255, 2).flatten(1)
+        return torch.tanh(3 * (x - 0.5) @ self.w)
+
+
+@pytest.fixture(scope="module")
+def tiny_network(load, tmp_path_factory):
+    unet = load("06_unet")
+    torch.manual_seed(0)
+    net = unet.from_official_config("EDMPrecond", dict(
+        img_resolution=8, img_channels=3, label_dim=4, model_type="SongUNet", model_channels=16,
+        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0))
+    with torch.no_grad():  # random weights everywhere, so that the images depend on network and class
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    path = str(tmp_path_factory.mktemp("net") / "tiny.pt")
+    unet.save_network(net, path)
+    return path
+
+
+def run(fid, *args):
+    fid.main([str(a) for a in args] + ["--device", "cpu"])
+
+
+def read_pngs(folder):
+    import PIL.Image
+    names = sorted(os.listdir(folder))
+    return names, [np.array(PIL.Image.open(os.path.join(folder, n))) for n in names]
+
+
+@pytest.fixture(scope="module")
+def pngs(fid, tiny_network, tmp_path_factory):
+    """Seeds 0-7 written with batch 8 and with batch 3 (stochastic sampler: churn noise from the seeds too)."""
+    out = {}
+    for batch in (8, 3):
+        out[batch] = str(tmp_path_factory.mktemp(f"b{batch}"))
+        run(fid, "generate", "--network", tiny_network, "--seeds", "0-7", "--batch", batch, "--steps", 4,
+            "--S_churn", 10, "--outdir", out[batch])
+    return out
+
+
+def test_generate_images_depend_on_seed_only(pngs):
+    names8, images8 = read_pngs(pngs[8])
+    names3, images3 = read_pngs(pngs[3])
+    assert names8 == names3 == [f"{s:06d}.png" for s in range(8)]
+    for a, b in zip(images8, images3):
+        assert a.shape == (8, 8, 3) and np.array_equal(a, b)
+    assert len({a.tobytes() for a in images8}) == 8
+
+
+def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_path, monkeypatch, capsys):
+    detector = StandInDetector()
+    monkeypatch.setattr(fid, "load_detector", lambda spec, device: detector)
+    ref_dir = tmp_path / "ref_images"
+    run(fid, "generate", "--network", tiny_network, "--seeds", "100-111", "--steps", 4, "--outdir", ref_dir)
+    run(fid, "ref", "--data", ref_dir, "--dest", tmp_path / "ref.npz", "--batch", 5)
+    ref = fid.load_ref(str(tmp_path / "ref.npz"), detector.feature_dim)
+
+    # The one-shot protocol: two seed sets of 8 images, statistics in memory only.
+    run(fid, "fid", "--network", tiny_network, "--ref", tmp_path / "ref.npz", "--num", 8, "--repeats", 2,
+        "--batch", 3, "--steps", 4, "--S_churn", 10, "--outdir", tmp_path / "result")
+    result = json.loads((tmp_path / "result" / "fid.json").read_text())
+    assert result["seeds"] == ["0-7", "8-15"] and result["nfe"] == 7
+    assert result["fid_min"] == min(result["fid"])
+
+    # Its statistics equal those of the PNGs `generate` wrote, read back from disk.
+    net = fid.load_net(tiny_network, "cpu")
+    mu_g, sigma_g = fid.generated_stats(net, list(range(8)), detector, 3, "cpu", num_steps=4, S_churn=10.0)
+    mu_c, sigma_c = fid.image_stats(fid.ImageFiles(pngs[8]), np.arange(8), detector, 5, "cpu")
+    np.testing.assert_allclose(mu_g, mu_c, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(sigma_g, sigma_c, rtol=1e-10, atol=1e-15)
+    assert result["fid"][0] == pytest.approx(fid.frechet_distance(mu_c, sigma_c, *ref), rel=1e-10)
+
+    capsys.readouterr()
+    run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 8)
+    printed = float(capsys.readouterr().out.split("FID")[-1])
+    assert printed == pytest.approx(result["fid"][0], rel=1e-5)
+    with pytest.raises(SystemExit, match="found 8 images"):
+        run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 9)
+
+
+def test_bad_network_and_images(fid, tiny_network, tmp_path):
+    (tmp_path / "corrupt.pkl").write_bytes(b"\x80\x04 not a pickle")
+    with pytest.raises(SystemExit, match="cannot load network"):
+        run(fid, "generate", "--network", tmp_path / "corrupt.pkl", "--seeds", "0", "--outdir", tmp_path)
+    with pytest.raises(SystemExit, match="--class 7"):
+        run(fid, "generate", "--network", tiny_network, "--class", 7, "--seeds", "0", "--outdir", tmp_path)
+    import PIL.Image
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    PIL.Image.new("RGB", (8, 8)).save(folder / "a.png")
+    PIL.Image.new("RGB", (16, 16)).save(folder / "b.png")
+    with pytest.raises(SystemExit, match="b.png is 16x16"):
+        fid.ImageFiles(str(folder)).batch([0, 1])
