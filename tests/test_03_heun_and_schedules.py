@@ -1,0 +1,191 @@
+"""03: Heun (Algorithm 1), the four discretizations, the ablation sampler, the finite-set denoiser."""
+import itertools
+import math
+
+import pytest
+import torch
+
+MU, S_DATA = 0.3, 0.5
+
+
+def gaussian_denoiser(x, sigma, class_labels=None):
+    return MU + S_DATA ** 2 / (S_DATA ** 2 + sigma ** 2) * (x - MU)
+
+
+def exact_unscaled(x0, sigma0, sigma):
+    return MU + (x0 - MU) * ((sigma ** 2 + S_DATA ** 2) / (sigma0 ** 2 + S_DATA ** 2)).sqrt()
+
+
+class Counting:
+    """Wraps a denoiser; counts calls and records the noise levels it is asked for."""
+
+    def __init__(self, net, **attrs):
+        self.net, self.sigmas = net, []
+        self.__dict__.update(attrs)
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.sigmas.append(float(sigma))
+        return self.net(x, sigma)
+
+
+@pytest.fixture(scope="module")
+def m(load):
+    return load("03_heun_and_schedules")
+
+
+@pytest.fixture(scope="module")
+def toy(load):
+    return load("01_toy_1d")
+
+
+def test_heun_is_second_order(m):
+    """Halving the step cuts Heun's global error about 4x (every formulation), on a smooth problem."""
+    ode = m.ode
+    x0 = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    for f in (ode.VP(), ode.VE(), ode.EDM()):
+        errors = []
+        for n in (16, 32, 64):
+            sigmas = torch.logspace(1, -1, n + 1, dtype=torch.float64)
+            t = f.sigma_inv(sigmas)
+            x = m.heun(gaussian_denoiser, f.s(t[0]) * x0, t, f) / f.s(t[-1])
+            errors.append(float((x - exact_unscaled(x0, sigmas[0], sigmas[-1])).abs().max()))
+        ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+        assert all(3.5 < r < 4.5 for r in ratios), (f.name, errors)
+
+
+def test_ablation_heun_vs_euler_order_on_the_edm_ode(m):
+    """Global error at sigma = 0 on a Gaussian: Heun ~4x per halving of the step, Euler ~2x."""
+    latents = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    exact = exact_unscaled(latents * 80, torch.tensor(80.0, dtype=torch.float64), torch.tensor(0.0))
+
+    def error(n, **kwargs):
+        return float((m.ablation_sampler(gaussian_denoiser, latents, num_steps=n, **kwargs) - exact).abs().max())
+    # The final Euler jump from sigma_min = 0.002 adds a fixed ~1e-5 error, far below these.
+    heun = [error(n) for n in (32, 64, 128)]
+    euler = [error(n, solver="euler") for n in (64, 128, 256)]
+    midpoint = [error(n, alpha=0.5) for n in (8, 16, 32)]      # Appendix D.2 with alpha = 1/2
+    assert all(3.5 < a / b < 4.5 for a, b in zip(heun, heun[1:])), heun
+    assert all(1.8 < a / b < 2.2 for a, b in zip(euler, euler[1:])), euler
+    assert all(a / b > 3.5 for a, b in zip(midpoint, midpoint[1:])), midpoint
+
+
+def test_nfe_counts(m):
+    for solver, nfe in (("heun", 2 * 18 - 1), ("euler", 18)):
+        net = Counting(gaussian_denoiser)
+        m.ablation_sampler(net, torch.zeros(3, dtype=torch.float64), num_steps=18, solver=solver)
+        assert len(net.sigmas) == nfe
+        assert min(net.sigmas) > 0          # sigma = 0 is never evaluated
+    net = Counting(gaussian_denoiser)
+    t = torch.cat([m.edm_sigma_steps(10), torch.zeros(1, dtype=torch.float64)])
+    m.heun(net, torch.zeros(3, dtype=torch.float64), t, m.ode.EDM())
+    assert len(net.sigmas) == 2 * 10 - 1
+
+
+def test_edm_discretization_eq5(m):
+    s = m.edm_sigma_steps(18, 0.002, 80, 7)
+    assert math.isclose(s[0], 80, rel_tol=1e-12) and math.isclose(s[-1], 0.002, rel_tol=1e-12)
+    roots = s ** (1 / 7)
+    assert torch.allclose(roots.diff(), roots.diff()[:1].expand(17), rtol=1e-10)   # uniform in sigma^(1/rho)
+    assert torch.allclose(m.edm_sigma_steps(5, 1.0, 5.0, rho=1), torch.tensor([5.0, 4, 3, 2, 1], dtype=torch.float64))
+
+
+def test_vp_discretization(m):
+    sigma_min, sigma_max = m.default_sigma_range("vp")
+    assert math.isclose(sigma_max, math.sqrt(math.exp(0.5 * 19.9 + 0.1) - 1), rel_tol=1e-12)
+    beta_d, beta_min = m.vp_betas(sigma_min, sigma_max, 1e-3)
+    assert math.isclose(beta_d, 19.9, rel_tol=1e-6) and math.isclose(beta_min, 0.1, rel_tol=1e-5)
+    s = m.vp_sigma_steps(10, sigma_min, sigma_max)
+    t = 1 + torch.arange(10, dtype=torch.float64) / 9 * (1e-3 - 1)           # uniform t from 1 to epsilon_s
+    expected = torch.tensor([math.sqrt(math.exp(0.5 * 19.9 * v * v + 0.1 * v) - 1) for v in t.tolist()],
+                            dtype=torch.float64)
+    assert torch.allclose(s, expected, rtol=1e-5)
+
+
+def test_ve_discretization_is_geometric(m):
+    s = m.ve_sigma_steps(12, 0.02, 100)
+    assert math.isclose(s[0], 100, rel_tol=1e-12) and math.isclose(s[-1], 0.02, rel_tol=1e-12)
+    ratios = s[1:] / s[:-1]
+    assert torch.allclose(ratios, torch.full_like(ratios, (0.02 / 100) ** (1 / 11)), rtol=1e-10)
+
+
+def test_iddpm_table(m):
+    M, C_1, C_2 = 1000, 0.001, 0.008
+    u = m.iddpm_u(M, C_1, C_2)
+    alpha_bar = lambda j: math.sin(0.5 * math.pi * j / (M * (C_2 + 1))) ** 2  # noqa: E731
+    assert u[M] == 0 and torch.all(u.diff() < 0)
+    u_prev = 0.0
+    for j in (M, M - 1, M - 2):        # the recurrence, written out independently
+        u_j = math.sqrt((u_prev ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
+        assert math.isclose(u[j - 1], u_j, rel_tol=1e-12)
+        u_prev = u_j
+    s = m.iddpm_sigma_steps(18, 0.002, 81)
+    inside = u[(u >= 0.002) & (u <= 81)]
+    assert s[0] == inside[0] and s[-1] == inside[-1] and torch.all(s.diff() < 0) and len(s) == 18
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and the CI machine is small)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_every_combination_converges(m, toy, one_thread):
+    """Each (solver, discretization, schedule, scaling) converges to the exact ODE solution on the 1-D toy.
+
+    Reference: the same ODE from the same first noise level, 256 Heun steps of sigma(t) = t.
+    Quadrupling the steps must cut the error more than 2x for Euler and 3x for Heun. (Asymptotically
+    4x and 16x; Euler on VE-type schedules reaches its 4x only beyond ~256 steps, as 02's table shows.)
+    """
+    mix = toy.default_mixture()
+    latents = torch.randn(256, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    references, failures = {}, []
+    for solver, disc, schedule, scaling in itertools.product(("euler", "heun"), ("vp", "ve", "iddpm", "edm"),
+                                                             ("vp", "ve", "linear"), ("vp", "none")):
+        sigma0 = float(m.sigma_steps(disc, 8, *m.default_sigma_range(disc))[0])
+        if sigma0 not in references:
+            references[sigma0] = m.ablation_sampler(mix, latents, num_steps=256, sigma_min=0.002, sigma_max=sigma0)
+        errors = [m.rms(m.ablation_sampler(mix, latents, num_steps=n, solver=solver, discretization=disc,
+                                           schedule=schedule, scaling=scaling), references[sigma0])
+                  for n in ((32, 128) if solver == "heun" else (64, 256))]
+        if not errors[1] < errors[0] / (3 if solver == "heun" else 2):
+            failures.append((solver, disc, schedule, scaling, errors))
+    assert not failures
+
+
+def test_network_range_and_rounding_are_honoured(m):
+    grid = 0.01
+    net = Counting(gaussian_denoiser, sigma_min=0.05, sigma_max=20.0,
+                   round_sigma=lambda s: (torch.as_tensor(s) / grid).round() * grid)
+    m.ablation_sampler(net, torch.zeros(2, dtype=torch.float64), num_steps=12)
+    assert math.isclose(max(net.sigmas), 20.0, rel_tol=1e-12) and math.isclose(min(net.sigmas), 0.05, rel_tol=1e-9)
+    assert all(abs(s / grid - round(s / grid)) < 1e-9 for s in net.sigmas)
+
+
+def test_finite_set_denoiser_is_the_posterior_mean(m):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
+    net = m.FiniteSetDenoiser(images)
+    x = torch.randn(4, 1, 2, 2, generator=g, dtype=torch.float64)
+    for sigma in (0.3, 1.0, 4.0):
+        # Brute force: Gaussian likelihood of x under each image, normalised, then the weighted mean.
+        lik = torch.stack([torch.exp(-((x - y) ** 2).sum((1, 2, 3)) / (2 * sigma ** 2)) for y in images], 1)
+        w = lik / lik.sum(1, keepdim=True)
+        expected = torch.einsum("bk,kchw->bchw", w, images)
+        assert torch.allclose(net(x, torch.tensor(sigma, dtype=torch.float64)), expected, rtol=1e-10)
+    near = images[[3, 1]] + 1e-3
+    assert torch.allclose(net(near, torch.tensor(0.01, dtype=torch.float64)), images[[3, 1]], atol=1e-12)
+    assert torch.equal(net.nearest(near), torch.tensor([3, 1]))
+
+
+def test_ablation_sampler_lands_on_training_images(m):
+    """The exact ODE of a finite set ends on training images; 18 Heun steps already get there."""
+    g = torch.Generator().manual_seed(1)
+    images = m.make_shapes(32, resolution=8, generator=g)
+    assert images.shape == (32, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
+    net = m.FiniteSetDenoiser(images)
+    latents = torch.randn(16, 3, 8, 8, generator=g, dtype=torch.float64)
+    x = m.ablation_sampler(net, latents)
+    assert torch.allclose(x, images[net.nearest(x)], atol=1e-6)
