@@ -1,0 +1,172 @@
+"""04: Algorithm 2 line by line, its equality with the ablation sampler, per-seed determinism, the SDE."""
+import math
+
+import pytest
+import torch
+
+import common
+
+MU, S_DATA = 0.3, 0.5
+
+
+def gaussian_denoiser(x, sigma, class_labels=None):
+    return MU + S_DATA ** 2 / (S_DATA ** 2 + sigma ** 2) * (x - MU)
+
+
+class Recording:
+    """Wraps a denoiser and records every (x, sigma) it is called with."""
+
+    def __init__(self, net, **attrs):
+        self.net, self.calls = net, []
+        self.__dict__.update(attrs)
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.calls.append((x.clone(), float(sigma)))
+        return self.net(x, sigma)
+
+
+@pytest.fixture(scope="module")
+def m(load):
+    return load("04_stochastic_sampler")
+
+
+@pytest.fixture(scope="module")
+def toy(load):
+    return load("01_toy_1d")
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def seeded(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+def test_algorithm2_noise_levels_and_churn(m):
+    """The denoiser sees t_hat_i = (1 + gamma_i) t_i and t_{i+1}, gamma_i = min(S_churn/N, sqrt2 - 1) in [S_min, S_max]."""
+    N, S_churn, S_min, S_max, S_noise = 8, 2.0, 0.1, 10.0, 1.5
+    i = torch.arange(N, dtype=torch.float64)
+    t = (80 ** (1 / 7) + i / (N - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7      # Eq. 5, written out
+    gamma = [S_churn / N if S_min <= v <= S_max else 0.0 for v in t.tolist()]
+    net = Recording(gaussian_denoiser)
+    latents = torch.tensor([0.7], dtype=torch.float64)
+    m.edm_sampler(net, latents, randn_like=torch.ones_like, num_steps=N, S_churn=S_churn, S_min=S_min,
+                  S_max=S_max, S_noise=S_noise)
+    expected = []
+    for k in range(N):
+        expected.append(float(t[k]) * (1 + gamma[k]))
+        if k < N - 1:
+            expected.append(float(t[k + 1]))
+    assert [s for _, s in net.calls] == pytest.approx(expected, rel=1e-12)
+    # States: with D = 0 every step is exact, x_{i+1} = x_hat_i t_{i+1} / t_hat_i, and with eps = 1
+    # x_hat_i = x_i + sqrt(t_hat_i^2 - t_i^2) S_noise (lines 5-6), so the inputs are known in closed form.
+    zero = Recording(lambda x, sigma: torch.zeros_like(x))
+    out = m.edm_sampler(zero, latents, randn_like=torch.ones_like, num_steps=N, S_churn=S_churn, S_min=S_min,
+                        S_max=S_max, S_noise=S_noise)
+    x = latents * t[0]                                                         # line 1
+    for k in range(N):
+        t_hat = t[k] * (1 + gamma[k])
+        x_hat = x + (t_hat ** 2 - t[k] ** 2).sqrt() * S_noise
+        assert torch.allclose(zero.calls[2 * k][0], x_hat, rtol=1e-12)
+        x = x_hat * (t[k + 1] if k < N - 1 else 0) / t_hat
+    assert torch.allclose(out, x) and out.dtype == torch.float64
+
+
+def test_gamma_is_capped(m):
+    net = Recording(gaussian_denoiser)
+    m.edm_sampler(net, torch.zeros(1, dtype=torch.float64), num_steps=4, S_churn=100)
+    t0 = 80.0
+    assert net.calls[0][1] == pytest.approx(t0 * math.sqrt(2), rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(S_churn=30, S_min=0.05, S_max=50, S_noise=1.007),
+                                    dict(num_steps=7, sigma_min=0.01, sigma_max=20, rho=3, S_churn=5)])
+def test_ablation_sampler_equals_edm_sampler(m, toy, load, kwargs):
+    """heun / edm / linear / none is Algorithm 2, to float64 precision, including the churn noise."""
+    ablation = load("03_heun_and_schedules").ablation_sampler
+    mix = toy.default_mixture()
+    latents = torch.randn(64, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a = m.edm_sampler(mix, latents, randn_like=seeded(5), **kwargs)
+    b = ablation(mix, latents, randn_like=seeded(5), solver="heun", discretization="edm", schedule="linear",
+                 scaling="none", **kwargs)
+    assert a.dtype == b.dtype == torch.float64
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    if kwargs.get("S_churn"):   # the comparison is not vacuous: churn really uses the noise
+        assert not torch.allclose(a, m.edm_sampler(mix, latents, randn_like=seeded(6), **kwargs))
+
+
+def test_per_seed_determinism_independent_of_batch(m, toy):
+    mix = toy.default_mixture()
+    seeds = [3, 1, 4, 1_000_003, 5, 9]
+
+    def run(batch):
+        rnd = common.StackedRandomGenerator("cpu", batch)
+        latents = rnd.randn([len(batch), 1], dtype=torch.float64)
+        return m.edm_sampler(mix, latents, randn_like=rnd.randn_like, num_steps=10, S_churn=20)
+    together = run(seeds)
+    apart = torch.cat([run(seeds[:2]), run(seeds[2:3]), run(seeds[3:])])
+    assert torch.equal(together, apart)
+    assert not torch.equal(together[0], together[1])
+
+
+def test_network_range_and_rounding_are_honoured(m):
+    grid = 0.01
+    net = Recording(gaussian_denoiser, sigma_min=0.05, sigma_max=20.0,
+                    round_sigma=lambda s: (torch.as_tensor(s) / grid).round() * grid)
+    m.edm_sampler(net, torch.zeros(2, dtype=torch.float64), num_steps=12, S_churn=3)
+    sigmas = [s for _, s in net.calls]
+    assert max(sigmas) <= 20.0 * (1 + 3 / 12) + 1e-9 and sigmas[0] == pytest.approx(20.0 * 1.25, abs=grid)
+    assert min(sigmas) >= 0.05 - 1e-12
+    assert all(abs(s / grid - round(s / grid)) < 1e-9 for s in sigmas)
+
+
+def test_exact_denoiser_recovers_the_mixture(m, toy, one_thread):
+    """ODE, churn and SDE all sample the toy mixture (weights 0.3/0.7, stds 0.25) with its exact denoiser.
+
+    Tolerances are ~4 standard deviations of the sampling noise of 20000 samples (the right-mode
+    weight has std sqrt(0.21 / 20000) = 0.0032; W1 is dominated by it, times the distance 2 between modes).
+    """
+    mix = toy.default_mixture()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(20000, 1, generator=g, dtype=torch.float64)
+    truth = mix.sample(100000, g)
+    runs = {
+        "ODE": lambda: m.edm_sampler(mix, latents, num_steps=64),
+        "churn": lambda: m.edm_sampler(mix, latents, randn_like=seeded(1), num_steps=64, S_churn=10),
+        "SDE": lambda: m.sde_sampler(mix, latents, randn_like=seeded(1), num_steps=256),
+    }
+    for name, run in runs.items():
+        w1, weight, std = m.describe(toy, run(), truth)
+        assert w1 < 0.03 and abs(weight - 0.7) < 0.013 and abs(std - 0.25) < 0.01, (name, w1, weight, std)
+
+
+def test_sde_without_langevin_is_the_euler_ode(m, load):
+    """beta = 0 removes the Langevin term of Eq. 6, leaving chapter 02's Euler method on the EDM ODE."""
+    ode = load("02_ode_sampler")
+    latents = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    x = m.sde_sampler(gaussian_denoiser, latents, num_steps=20, beta=lambda t: 0 * t)
+    sigmas = torch.cat([load("03_heun_and_schedules").edm_sigma_steps(20), torch.zeros(1, dtype=torch.float64)])
+    assert torch.allclose(x, ode.sample(gaussian_denoiser, latents, sigmas, ode.EDM()), rtol=1e-12)
+
+
+def test_sde_step_moments(m):
+    """One Euler-Maruyama step of Eq. 6 (beta = 1/t): mean x + 2 dt/t (x - D) ... checked with eps = 0 and eps = 1."""
+    latents = torch.tensor([0.5], dtype=torch.float64)
+    t0 = 80.0
+    t1 = float((80 ** (1 / 7) + 1 / 2 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7)    # N = 3
+    net = Recording(gaussian_denoiser)
+    m.sde_sampler(net, latents, randn_like=torch.zeros_like, num_steps=3)
+    x0 = latents * t0
+    D = gaussian_denoiser(x0, torch.tensor(t0, dtype=torch.float64))
+    mean = x0 + 2 * (t0 - t1) / t0 * (D - x0)
+    assert torch.allclose(net.calls[1][0], mean, rtol=1e-12)
+    net = Recording(gaussian_denoiser)
+    m.sde_sampler(net, latents, randn_like=torch.ones_like, num_steps=3)
+    assert torch.allclose(net.calls[1][0] - mean, torch.tensor([math.sqrt(2 * t0 * (t0 - t1))], dtype=torch.float64),
+                          rtol=1e-12)
