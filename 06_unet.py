@@ -65,11 +65,12 @@ constructor arguments and weights out of the pickled records as data, and refuse
 anything else. `save_network` writes this project's own snapshot (loadable with
 `torch.load(weights_only=True)`).
 
-Run `python 06_unet.py` (about 1-2 minutes on CPU): it prints, for each paper
+Run `python 06_unet.py` (1-2 minutes on 2 CPU cores): it prints, for each paper
 configuration, the parameter count, the GFLOPs of one forward pass per image, and the
-forward / forward+backward throughput on the chosen device, and plots where the FLOPs
-go along the ladder. Options: --batch, --iters, --precision (autocast), --compile,
---channels-last, --configs, and --load PATH to inspect a checkpoint.
+forward / forward+backward throughput on the chosen device (on CPU only the CIFAR-10
+nets are timed unless --time says otherwise), and plots where the FLOPs go along the
+ladder. Benchmark options: --batch, --iters, --precision (autocast bf16/fp16),
+--compile, --channels-last; --load PATH|URL inspects a checkpoint instead.
 """
 
 import collections
@@ -711,23 +712,23 @@ def load_network(path):
     Returns the preconditioned network on the CPU in eval mode. Nothing in the file is executed:
     official pickles go through RestrictedUnpickler, snapshots through torch.load(weights_only=True)."""
     with open_checkpoint(path) as f:
-        data = f.read()
-    try:
-        if data[:2] == b"PK":  # a zip archive: torch.save, i.e. our own snapshot
-            snapshot = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            if not isinstance(snapshot, dict) or snapshot.get("format") != SNAPSHOT_FORMAT:
-                raise ValueError(f"not a {SNAPSHOT_FORMAT} snapshot")
-            net = from_official_config(snapshot["class_name"], snapshot["kwargs"])
-            net.load_state_dict(snapshot["state_dict"], strict=True)
-            return net.eval()
-        checkpoint = RestrictedUnpickler(io.BytesIO(data)).load()
-    except UnsafePickleError as e:
-        raise UnsafePickleError(f"{path}: {e}") from None
-    except Exception as e:
-        raise ValueError(f"cannot read {path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(checkpoint, dict) or "ema" not in checkpoint:
+        is_snapshot = f.read(2) == b"PK"  # a zip archive, as torch.save writes: our own snapshot
+        f.seek(0)
+        try:
+            data = torch.load(f, map_location="cpu", weights_only=True) if is_snapshot else RestrictedUnpickler(f).load()
+        except UnsafePickleError as e:
+            raise UnsafePickleError(f"{path}: {e}") from None
+        except Exception as e:
+            raise ValueError(f"cannot read {path}: truncated or corrupt ({type(e).__name__}: {e})") from e
+    if is_snapshot:
+        if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{path}: a torch.save file, but not a {SNAPSHOT_FORMAT} snapshot")
+        net = from_official_config(data["class_name"], data["kwargs"])
+        net.load_state_dict(data["state_dict"], strict=True)
+        return net.eval()
+    if not isinstance(data, dict) or "ema" not in data:
         raise ValueError(f"{path}: not an EDM network pickle (expected a dict with an 'ema' entry)")
-    return network_from_record(checkpoint["ema"]).eval()
+    return network_from_record(data["ema"]).eval()
 
 
 # ----------------------------------------------------------------------------
@@ -751,8 +752,9 @@ def example_inputs(net, batch, device):
     return x, sigma, labels, extra
 
 
-def flops_per_block(class_name, kwargs):
-    """Forward FLOPs of one image (on the meta device: nothing is computed) in total and per ladder entry."""
+def size_and_flops(class_name, kwargs):
+    """Parameters, forward FLOPs of one image, and FLOPs per ladder entry, all on the meta device
+    (shapes only: nothing is allocated or computed). FLOPs count 2 per multiply-add."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         net = from_official_config(class_name, kwargs).eval()
@@ -766,7 +768,7 @@ def flops_per_block(class_name, kwargs):
         for name in getattr(net.model, part):
             key = next((k for k in per_module if k.endswith(f"model.{part}.{name}")), None)
             blocks[f"{part}.{name}"] = sum(per_module[key].values()) if key else 0
-    return counter.get_total_flops(), blocks
+    return count_parameters(net), counter.get_total_flops(), blocks
 
 
 def throughput(net, batch, iters, device, precision, channels_last, backward, warmup):
@@ -831,8 +833,11 @@ def inspect_checkpoint(path):
 
 def main():
     parser = common.base_parser(__doc__)
-    parser.add_argument("--configs", nargs="+", choices=list(PAPER_CONFIGS), default=list(PAPER_CONFIGS),
-                        help="which paper networks to measure (default: all three)")
+    parser.add_argument("--configs", nargs="+", choices=list(PAPER_CONFIGS), default=list(PAPER_CONFIGS), metavar="NAME",
+                        help=f"which paper networks to report, of {', '.join(PAPER_CONFIGS)} (default: all three)")
+    parser.add_argument("--time", nargs="*", choices=list(PAPER_CONFIGS), default=None, metavar="NAME",
+                        help="which of them to time (default: all on GPU; on CPU the two CIFAR-10 networks, "
+                             "since one ADM forward+backward takes minutes there)")
     parser.add_argument("--batch", type=int, default=None, help="images per timed step (default: 1 on CPU, 64 on GPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default: 1 on CPU, 20 on GPU after a warm-up step)")
     parser.add_argument("--precision", default="fp32", choices=list(common.PRECISIONS), help="autocast precision (default: fp32)")
@@ -853,22 +858,23 @@ def main():
     print(f"device {device}, batch {batch}, {iters} timed step(s), precision {args.precision}"
           f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}")
     print(f"{'config':<24}{'parameters':>14}{'GFLOPs/img':>12}{'fwd img/s':>12}{'fwd+bwd img/s':>15}")
+    timed = args.time if args.time is not None else [n for n in args.configs if device.type != "cpu" or "cifar10" in n]
+    bench = dict(batch=batch, iters=iters, device=device, precision=args.precision, channels_last=args.channels_last,
+                 warmup=device.type != "cpu" or args.compile)  # eager CPU needs no warm-up; saves minutes
     results = {}
     for name in args.configs:
         class_name, kwargs = PAPER_CONFIGS[name]
-        total, blocks = flops_per_block(class_name, kwargs)
-        net = from_official_config(class_name, kwargs).to(device)
-        params = count_parameters(net)
-        if args.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        timed = torch.compile(net) if args.compile else net
-        bench = dict(batch=batch, iters=iters, device=device, precision=args.precision, channels_last=args.channels_last,
-                     warmup=device.type != "cpu" or args.compile)  # eager CPU needs no warm-up; saves minutes
-        fwd = throughput(timed, backward=False, **bench)
-        bwd = throughput(timed, backward=True, **bench)
-        results[name] = dict(params=params, gflops=total / 1e9, blocks=blocks)
-        print(f"{name:<24}{params:>14,}{total / 1e9:>12.2f}{fwd:>12.2f}{bwd:>15.2f}", flush=True)
-        del net, timed
+        params, flops, blocks = size_and_flops(class_name, kwargs)
+        results[name] = dict(params=params, gflops=flops / 1e9, blocks=blocks)
+        speeds = ["-", "-"]
+        if name in timed:
+            net = from_official_config(class_name, kwargs).to(device)
+            if args.channels_last:
+                net = net.to(memory_format=torch.channels_last)
+            net = torch.compile(net) if args.compile else net
+            speeds = [f"{throughput(net, backward=backward, **bench):.2f}" for backward in (False, True)]
+            del net
+        print(f"{name:<24}{params:>14,}{flops / 1e9:>12.2f}{speeds[0]:>12}{speeds[1]:>15}", flush=True)
     plot_flops(results, os.path.join(outdir, "flops_per_block.png"))
     print(f"wrote {os.path.join(outdir, 'flops_per_block.png')}")
 
