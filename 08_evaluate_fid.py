@@ -7,7 +7,7 @@ CIFAR-10 at 35 network evaluations, Table 2) are Frechet Inception Distances:
 
 where (mu, Sigma) are the mean and covariance of 2048-d Inception-v3 pool features
 of generated (g) and real (r) images. The number depends on every detail, so the
-paper's protocol (App. D.1 / the official fid.py) is followed exactly:
+protocol of the paper and of the official generate.py/fid.py is followed exactly:
 
   1. 50,000 images, each a function of its seed only: latents, class label and the
      sampler's churn noise all come from one generator per seed (common.py), so the
@@ -642,7 +642,9 @@ def cmd_fid(args):
         result["fid"].append(frechet_distance(mu, sigma, *ref))
         result["seeds"].append(f"{seeds[0]}-{seeds[-1]}")
         print0(f"  FID {result['fid'][-1]:g}")
-    result.update(fid_min=min(result["fid"]), nfe=nfe(settings), sampler=settings, class_idx=args.class_idx,
+    sampler = "ablation_sampler" if any(k in settings for k in ABLATION_OPTIONS) else "edm_sampler"
+    result.update(fid_min=min(result["fid"]), nfe=nfe(settings), class_idx=args.class_idx,
+                  sampler={"function": sampler, "options": settings},  # options not listed: the function's defaults
                   num_images=args.num, network=os.path.abspath(args.network), ref=args.ref, detector=args.detector,
                   gpus=get_world_size(), seconds=round(time.time() - start, 1))
     if get_rank() == 0:
@@ -744,6 +746,7 @@ def build_parser():
     sampler_options(p)
     p.add_argument("--seeds", default="0-63", help="e.g. 0-49999 or 0,5,7-9 (default: 0-63)")
     p.add_argument("--subdirs", action="store_true", help="one subfolder per 1000 seeds")
+    p.add_argument("--outdir", default=None, help="where the PNGs go (default: out/08_evaluate_fid/)")
 
     p = add("ref", "Reference statistics (mu, sigma) of a dataset.", cmd_ref)
     p.add_argument("--data", required=True, help="cifar10 (training set via torchvision), or a folder/.zip of images")
@@ -754,14 +757,18 @@ def build_parser():
     p = add("calc", "FID of a folder/.zip of images against reference statistics.", cmd_calc)
     p.add_argument("--images", required=True, help="folder or .zip of images")
     p.add_argument("--ref", required=True, help="reference .npz (path or URL)")
-    p.add_argument("--num", type=int, default=50000, help="images to use; error if fewer, seeded subset if more")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random subset when there are more than --num images")
+    p.add_argument("-n", "--num", type=int, default=50000, help="images to use; error if fewer, seeded subset if more "
+                   "(default: 50000; under torchrun write -n, as torchrun mistakes --num for its --numa-binding)")
     detector_option(p)
 
     p = add("fid", "The paper's protocol: FID of --repeats seed sets of --num images each, and the minimum.", cmd_fid)
     sampler_options(p)
     p.add_argument("--ref", required=True, help="reference .npz (path or URL)")
-    p.add_argument("--num", type=int, default=50000, help="images per seed set (default: 50000)")
+    p.add_argument("-n", "--num", type=int, default=50000, help="images per seed set (default: 50000; under "
+                   "torchrun write -n, as torchrun mistakes --num for its --numa-binding)")
     p.add_argument("--repeats", type=int, default=3, help="seed sets 0..num-1, num..2num-1, ... (default: 3)")
+    p.add_argument("--outdir", default=None, help="where fid.json goes (default: out/08_evaluate_fid/)")
     p.add_argument("--detector", default="nvidia",
                    help="nvidia (default; the paper's numbers), pytorch-fid, or a local .pt/.pth/.pkl file")
 
