@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tqdm
+from torchvision.models import inception as tv_inception
 
 import common
 
@@ -132,18 +133,20 @@ class FeatureStats:
 #   * NVIDIA's TorchScript port, used by the official EDM/StyleGAN fid code. It takes
 #     uint8 NCHW images of any size and reproduces TF's resizing. Numbers made with it
 #     are comparable with the paper. The official fid.py downloads it as a pickle
-#     (.pkl); the same network is published as a TorchScript archive (.pt), which is
-#     what we download: torch.jit.load reads it without unpickling Python objects.
+#     (NVIDIA_PICKLE_URL); NVIDIA published the same port earlier as a TorchScript
+#     archive (.pt, used by StyleGAN2-ADA's metrics and by clean-fid), which is what we
+#     download: torch.jit.load reads it without unpickling arbitrary Python objects.
 #   * pytorch-fid's state dict for torchvision's inception_v3. TF's graph differs from
-#     torchvision's in three places, patched below. Its resizing differs slightly from
-#     TF's, so its FIDs are close to, but not exactly, the paper's.
+#     torchvision's in its pooling (average pools ignore the padding; the last block
+#     max-pools) and has 1008 classes; patched below. Its bilinear resize to 299 differs
+#     slightly from TF's, so its FIDs are close to, but not exactly, the paper's.
 
 DETECTORS = {
-    "nvidia": ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
-               "inception-2015-12-05.pt"),
-    "pytorch-fid": ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
-                    "pt_inception-2015-12-05-6726825d.pth"),
+    "nvidia": "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
+    "pytorch-fid": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
 }
+# The pickle the official fid.py loads (readable here only if it embeds a TorchScript archive, see below).
+NVIDIA_PICKLE_URL = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl"
 FEATURE_DIM = 2048
 
 
@@ -161,7 +164,7 @@ def fetch(url, what):
             torch.hub.download_url_to_file(url, path, progress=get_rank() == 0)
         except (urllib.error.URLError, OSError) as e:
             raise SystemExit(f"error: cannot download {what} from {url} ({e}); "
-                             f"download it elsewhere and put it at {path}")
+                             f"download it elsewhere and put it at {path} (or pass its path)")
     return path
 
 
@@ -173,44 +176,45 @@ def _tf_pool(x, use_max=False):
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
-def _tf_inception_blocks():
-    """Subclasses of torchvision's blocks whose pool branch pools like the TF graph."""
-    from torchvision.models import inception as tv
+class TFInceptionA(tv_inception.InceptionA):
+    """Inception-A block of the TF graph: pool branch averages without the padding."""
 
-    class TFInceptionA(tv.InceptionA):
-        def _forward(self, x):
-            b5 = self.branch5x5_2(self.branch5x5_1(x))
-            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-            return [self.branch1x1(x), b5, b3, self.branch_pool(_tf_pool(x))]
+    def _forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), b5, b3, self.branch_pool(_tf_pool(x))]
 
-    class TFInceptionC(tv.InceptionC):
-        def _forward(self, x):
-            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-            b7d = x
-            for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-                b7d = conv(b7d)
-            return [self.branch1x1(x), b7, b7d, self.branch_pool(_tf_pool(x))]
 
-    class TFInceptionE(tv.InceptionE):
-        def __init__(self, in_channels, use_max):
-            super().__init__(in_channels)
-            self.use_max = use_max
+class TFInceptionC(tv_inception.InceptionC):
+    """Inception-C block of the TF graph: pool branch averages without the padding."""
 
-        def _forward(self, x):
-            b3 = self.branch3x3_1(x)
-            b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-            b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-            b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
-            return [self.branch1x1(x), b3, b3d, self.branch_pool(_tf_pool(x, self.use_max))]
+    def _forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7d = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            b7d = conv(b7d)
+        return [self.branch1x1(x), b7, b7d, self.branch_pool(_tf_pool(x))]
 
-    return TFInceptionA, TFInceptionC, TFInceptionE
+
+class TFInceptionE(tv_inception.InceptionE):
+    """Inception-E block of the TF graph: average pool without the padding, or (last block) max pool."""
+
+    def __init__(self, in_channels, use_max):
+        super().__init__(in_channels)
+        self.use_max = use_max
+
+    def _forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
+        return [self.branch1x1(x), b3, b3d, self.branch_pool(_tf_pool(x, self.use_max))]
 
 
 def tf_inception_v3():
     """torchvision's inception_v3 rebuilt as the TF 2015 graph (1008 classes, patched pooling); no weights."""
-    import torchvision
-    A, C, E = _tf_inception_blocks()
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    A, C, E = TFInceptionA, TFInceptionC, TFInceptionE
+    net = tv_inception.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
     net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = A(192, 32), A(256, 64), A(288, 64)
     net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = C(768, 128), C(768, 160), C(768, 160), C(768, 192)
     net.Mixed_7b, net.Mixed_7c = E(1280, use_max=False), E(2048, use_max=True)
@@ -285,10 +289,10 @@ def _torchscript_in_pickle(path):
         elif isinstance(obj, (list, tuple)):
             todo += list(obj)
         elif isinstance(obj, Inert):
-            todo += [obj.args, getattr(obj, "state", None)]
+            todo += [getattr(obj, "args", None), getattr(obj, "state", None)]
     if not found:
         raise SystemExit(f"error: {path} holds no TorchScript network that can be read without executing code "
-                         f"stored in the pickle; use the TorchScript file {DETECTORS['nvidia'][0]} instead")
+                         f"stored in the pickle; use the TorchScript file {DETECTORS['nvidia']} instead")
     return torch.jit.load(io.BytesIO(found[0]), map_location="cpu")
 
 
@@ -311,8 +315,7 @@ def open_detector_file(path):
 def load_detector(spec, device):
     """`nvidia` (default, the paper's), `pytorch-fid`, or a local file path."""
     if spec in DETECTORS:
-        url, _ = DETECTORS[spec]
-        path = fetch(url, f"the Inception detector ({spec})")
+        path = fetch(DETECTORS[spec], f"the Inception detector ({spec})")
     else:
         path = spec
     return open_detector_file(path).to(device)
