@@ -30,9 +30,9 @@ The noise label c_noise(sigma) (chapter 05, Table 1) is turned into a vector of 
 and cosines -- `PositionalEmbedding` (Transformer-style frequencies; DDPM++, ADM) or
 `FourierEmbedding` (random frequencies, scale 16; NCSN++) -- then a two-layer MLP
 (`map_layer0`, `map_layer1`) makes the embedding `emb`. Class labels (one-hot) and the
-augmentation labels of the non-leaking augmentation pipeline (Appendix F.2: 9 numbers
-saying which flip/rotation/scale/colour change was applied, so that the network can be
-told "no augmentation" at sampling time) are mapped by linear layers and added to it.
+augmentation labels of the paper's non-leaking augmentation pipeline (Appendix F: 9
+numbers saying which flip/rotation/scale/colour change was applied, so that the network
+can be told "no augmentation" at sampling time) are mapped by linear layers and added to it.
 `label_dropout` zeroes the class at random during training (classifier-free guidance).
 Every UNetBlock receives `emb` and injects it between its two 3x3 convolutions.
 
@@ -80,6 +80,7 @@ import io
 import math
 import os
 import pickle
+import shutil
 import time
 import urllib.request
 import warnings
@@ -249,7 +250,8 @@ class UNetBlock(torch.nn.Module):
         fused scaled_dot_product_attention (flash / memory-efficient kernels on GPU)."""
         n, c, height, width = x.shape
         qkv = self.qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, height * width)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2).unbind(0)  # each [n, heads, positions, channels per head]
+        # -> q, k, v each [n, heads, positions, channels per head], contiguous as the fused kernels want.
+        q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
         a = F.scaled_dot_product_attention(q, k, v)
         return a.transpose(2, 3).reshape(n, c, height, width)
 
@@ -698,7 +700,7 @@ def open_checkpoint(path):
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         try:
             with urllib.request.urlopen(path, timeout=60) as response, open(cache + ".part", "wb") as f:
-                f.write(response.read())
+                shutil.copyfileobj(response, f)
         except OSError as e:
             raise OSError(f"could not download {path} ({e}); without network access, download it "
                           "elsewhere and pass the local file instead") from e

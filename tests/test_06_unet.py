@@ -154,7 +154,7 @@ def test_label_dropout_one_equals_no_class(unet, model_type):
 # ----------------------------------------------------------------------------
 # Speed paths give the same numbers.
 
-def test_channels_last_and_autocast(unet):
+def test_channels_last_autocast_and_fp16(unet):
     class_name, config, state, inputs, ref = read_reference("ddpmpp_vp_uncond")
     net = unet.from_official_config(class_name, config).eval()
     net.load_state_dict(state)
@@ -165,6 +165,13 @@ def test_channels_last_and_autocast(unet):
         low = denoise(net, inputs)
     assert low.dtype == torch.float32
     assert_matches_reference(low, ref, rtol=0.05)  # bf16 has an 8-bit mantissa
+
+    # The official use_fp16 path: float16 input, float32 master weights cast on the fly, float16 output.
+    x, noise_labels = inputs["x"], torch.tensor([-1.0, 0.0, 0.5, 1.0])
+    with torch.no_grad():
+        full, half = net.model(x, noise_labels, None), net.model(x.half(), noise_labels, None)
+    assert half.dtype == torch.float16
+    assert ((half.float() - full).norm() / full.norm()).item() < 5e-3
 
 
 @pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
