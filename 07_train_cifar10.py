@@ -81,10 +81,10 @@ PRESETS = {
     # Table 7, ImageNet-64 column: class-conditional ADM, fp16 mixed precision, no augmentation.
     "imagenet64": dict(data=None, cond=True, arch="adm", precond="edm", duration=2500, batch=4096, lr=1e-4,
                        ema=50, dropout=0.10, augment=0, lr_rampup=10, precision="fp16", tick=200, snap=10000),
-    # A few CPU-minutes: 16x16 shapes, a ~0.9M-parameter DDPM++; short ramp-ups to match the short run.
-    "tiny": dict(data="shapes", resolution=16, cond=True, arch="ddpmpp", precond="edm", cbase=32, cres=[1, 2, 2],
-                 blocks=1, attn=[], duration=0.2, batch=64, lr=2e-3, ema=0.005, dropout=0, augment=0,
-                 lr_rampup=0.01, precision="fp32", tick=5, snap=50),
+    # A few CPU-minutes: 16x16 shapes, a 0.3M-parameter DDPM++ (3000 steps of 32); short ramp-ups to match.
+    "tiny": dict(data="shapes", resolution=16, cond=True, arch="ddpmpp", precond="edm", cbase=16, cres=[1, 2, 2],
+                 blocks=1, attn=[], duration=0.096, batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0,
+                 lr_rampup=0.01, precision="fp32", tick=4, snap=24),
 }
 
 # Options that may differ between a run and its resumption (they do not change the maths).
@@ -858,7 +858,8 @@ def train(args, rank, world_size, device):
         bar.update(min(cur_nimg, total_nimg) / 1e3 - bar.n)
 
         done = cur_nimg >= stop_nimg
-        if cur_nimg >= next_tick or done:
+        snap_due = cur_nimg >= next_snap or done
+        if cur_nimg >= next_tick or snap_due:
             next_tick = (cur_nimg // int(args.tick * 1e3) + 1) * int(args.tick * 1e3)
             loss_mean, loss_std = all_mean(tick_losses, device)
             seconds = time.time() - tick_start
@@ -866,7 +867,7 @@ def train(args, rank, world_size, device):
                          images_per_sec=(cur_nimg - tick_nimg) / seconds, sec_per_kimg=seconds / (cur_nimg - tick_nimg) * 1e3,
                          nonfinite_grad_steps=tick_nonfinite, memory_gb=memory_gb(device), timestamp=time.time())
             bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{stats['images_per_sec']:.0f}")
-            if cur_nimg >= next_snap or done:
+            if snap_due:
                 next_snap = (cur_nimg // int(args.snap * 1e3) + 1) * int(args.snap * 1e3)
                 stats["rank_digests"] = snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream,
                                                  device, augment_generator, is_main)

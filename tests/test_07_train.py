@@ -1,0 +1,264 @@
+"""07's training loop: schedules, data, exact resume, fallback to the previous checkpoint, DDP, bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import PIL.Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "07_train_cifar10.py")
+# A small version of --preset tiny: 8x8 shapes, a 2-level DDPM++ with 8 channels.
+SMALL = ["--preset", "tiny", "--resolution", "8", "--cbase", "8", "--cres", "1,2", "--batch", "16",
+         "--lr-rampup", "0.0002", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def T(load):
+    return load("07_train_cifar10")
+
+
+def run(T, outdir, *extra):
+    T.main(SMALL + ["--outdir", str(outdir)] + [str(e) for e in extra])
+
+
+def stats(outdir):
+    with open(os.path.join(outdir, "stats.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------
+# The schedules.
+
+def test_learning_rate_ramps_linearly_then_stays(T):
+    assert T.learning_rate(0, 1e-3, 10) == 0
+    assert T.learning_rate(2.5e6, 1e-3, 10) == pytest.approx(0.25e-3)
+    assert T.learning_rate(10e6, 1e-3, 10) == pytest.approx(1e-3)
+    assert T.learning_rate(150e6, 1e-3, 10) == pytest.approx(1e-3)
+
+
+def test_ema_halflife_is_measured_in_images(T):
+    batch, halflife = 512, 0.5
+    # Past the ramp-up: after halflife / batch steps the old average keeps exactly half its weight.
+    beta = T.ema_beta(100e6, batch, halflife)
+    assert beta ** (halflife * 1e6 / batch) == pytest.approx(0.5, rel=1e-9)
+    # During the ramp-up the half-life is 5% of the images seen (here 0.05 x 2M = 100k < 500k).
+    beta = T.ema_beta(2e6, batch, halflife)
+    assert beta ** (0.05 * 2e6 / batch) == pytest.approx(0.5, rel=1e-9)
+    assert T.ema_beta(0, batch, halflife) == 0                     # step 0: the average is the net
+    assert T.ema_beta(2e6, batch, halflife, rampup_ratio=None) == pytest.approx(0.5 ** (batch / 5e5))
+
+
+def test_update_ema_is_the_convex_combination(T):
+    net, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.9 * e.detach() + 0.1 * n.detach() for e, n in zip(ema.parameters(), net.parameters())]
+    T.update_ema(ema, net, 0.9)
+    for e, x in zip(ema.parameters(), expected):
+        torch.testing.assert_close(e, x)
+
+
+# ----------------------------------------------------------------------------
+# The data stream and datasets.
+
+def test_sampler_epochs_are_permutations_and_ranks_split_one_stream(T):
+    one = T.InfiniteSampler(10, seed=3)
+    stream = torch.cat([one.next(5) for _ in range(6)])               # 3 epochs
+    for epoch in range(3):
+        assert sorted(stream[10 * epoch:10 * epoch + 10].tolist()) == list(range(10))
+    assert not torch.equal(stream[:10], stream[10:20])
+    ranks = [T.InfiniteSampler(10, seed=3, rank=r, num_ranks=2) for r in range(2)]
+    for step in range(5):                                             # rank r reads entries r, r+2, ...
+        a, b = ranks[0].next(3), ranks[1].next(3)
+        assert torch.equal(torch.stack([a, b], 1).flatten(), stream[6 * step:6 * step + 6])
+    resumed = T.InfiniteSampler(10, seed=3, position=13)
+    assert torch.equal(resumed.next(7), stream[13:20])
+
+
+def write_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    PIL.Image.fromarray(array).save(path)
+
+
+def test_folder_with_class_subfolders(T, tmp_path):
+    rng = np.random.default_rng(0)
+    pictures = {}
+    for cls in ("cat", "dog", "emu"):
+        for i in range(2):
+            pictures[f"{cls}/{i}.png"] = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            write_png(str(tmp_path / cls / f"{i}.png"), pictures[f"{cls}/{i}.png"])
+    data = T.load_dataset(T.parse_args(["--data", str(tmp_path), "--cond", "--cres", "1,2"]))
+    assert (len(data), data.resolution, data.channels, data.label_dim) == (6, 8, 3, 3)
+    for i, name in enumerate(sorted(pictures)):
+        assert np.array_equal(data.images[i].permute(1, 2, 0).numpy(), pictures[name])
+        assert data.labels[i].tolist() == [float(k == "cat dog emu".split().index(name[:3])) for k in range(3)]
+
+
+def test_zip_with_dataset_json_labels_grayscale_and_xflip(T, tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (4, 4), dtype=np.uint8) for _ in range(3)]
+    path = tmp_path / "set.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for i, a in enumerate(arrays):
+            png = tmp_path / f"{i}.png"
+            PIL.Image.fromarray(a).save(png)
+            z.write(png, f"00000/img{i:08d}.png")
+        z.writestr("dataset.json", json.dumps({"labels": [[f"00000/img{i:08d}.png", [2, 0, 4][i]] for i in range(3)]}))
+    data = T.load_dataset(T.parse_args(["--data", str(path), "--cond", "--xflip", "--cres", "1,2"]))
+    assert (len(data), data.channels, data.label_dim) == (6, 1, 5)
+    images, labels = data.batch(torch.tensor([0, 3, 5]))
+    assert torch.equal(images[0, 0], torch.from_numpy(arrays[0]))
+    assert torch.equal(images[1, 0], torch.from_numpy(arrays[0]).flip(1))   # index N + i = image i mirrored
+    assert torch.equal(images[2, 0], torch.from_numpy(arrays[2]).flip(1))
+    assert labels.argmax(1).tolist() == [2, 2, 4] and labels.sum().item() == 3
+
+
+def test_built_in_shapes_are_labelled_and_deterministic(T):
+    a, la = T.make_shapes(64, 16)
+    b, lb = T.make_shapes(64, 16)
+    assert torch.equal(a, b) and np.array_equal(la, lb)
+    assert a.shape == (64, 3, 16, 16) and a.dtype == torch.uint8
+    assert set(la.tolist()) == {0, 1, 2, 3}
+    # A disc covers ~pi/4 of its bounding square; a square (0.8 half-width) fills its own.
+    coverage = (a.float().amax(1) > 100).float().mean((1, 2))
+    assert coverage[la == 1].mean() > coverage[la == 3].mean()          # squares are bigger than crosses
+
+
+# ----------------------------------------------------------------------------
+# Training runs (in-process; a few seconds each).
+
+@pytest.mark.slow
+def test_tiny_run_loss_falls_and_the_snapshot_loads_and_samples(T, load, tmp_path):
+    out = tmp_path / "run"
+    run(T, out, "--duration", 0.0016, "--tick", 0.4, "--snap", 1)
+    lines = stats(out)
+    assert len(lines) == 4
+    assert lines[-1]["loss_mean"] < 0.8 * lines[0]["loss_mean"], [l["loss_mean"] for l in lines]
+    assert all(l["nonfinite_grad_steps"] == 0 for l in lines)
+    unet, sampler = load("06_unet"), load("04_stochastic_sampler")
+    net = unet.load_network(str(out / "network-snapshot-000001.pt"))
+    ema = state(out / "training-state.pt")["ema"]
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(tensor, ema[name]), name                 # the snapshot holds the EMA weights
+    latents = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.eye(4)
+    images = sampler.edm_sampler(net, latents, labels, num_steps=8)
+    assert images.shape == (4, 3, 8, 8) and torch.isfinite(images).all()
+    assert os.path.exists(out / "preview-000001.png") and os.path.exists(out / "training_options.json")
+
+
+RESUME = ["--augment", 0.5, "--dropout", 0.1, "--batch-gpu", 8, "--duration", 0.000128, "--snap", 0.064,
+          "--tick", 0.032]                                             # 8 steps, 2 accumulation rounds each
+
+
+def assert_same_training_state(a, b):
+    for key in ("net", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in sa:
+            assert torch.equal(sa[name], sb[name]), name
+    assert (a["cur_nimg"], a["stream_position"]) == (b["cur_nimg"], b["stream_position"])
+
+
+def test_stop_and_resume_equals_the_uninterrupted_run_bit_for_bit(T, tmp_path, capsys):
+    run(T, tmp_path / "a", *RESUME, "--snap", 1)                     # snapshots do not perturb training
+    reference = state(tmp_path / "a" / "training-state.pt")
+    assert reference["cur_nimg"] == 128
+
+    run(T, tmp_path / "b", *RESUME, "--stop-kimg", 0.096)            # stopped after 6 of 8 steps
+    assert state(tmp_path / "b" / "training-state.pt")["cur_nimg"] == 96
+    assert state(tmp_path / "b" / "training-state-prev.pt")["cur_nimg"] == 64
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    interrupted = state(tmp_path / "b" / "training-state.pt")
+    assert not torch.equal(interrupted["net"]["model.enc.8x8_conv.weight"],
+                           reference["net"]["model.enc.8x8_conv.weight"])
+
+    run(T, tmp_path / "b", *RESUME, "--resume", "auto")
+    assert_same_training_state(state(tmp_path / "b" / "training-state.pt"), reference)
+
+    # A corrupt latest state: warn, continue from the previous good one, still land on the same weights.
+    latest = tmp_path / "c" / "training-state.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    capsys.readouterr()
+    run(T, tmp_path / "c", *RESUME, "--resume", "auto")
+    assert "warning:" in capsys.readouterr().err
+    assert_same_training_state(state(tmp_path / "c" / "training-state.pt"), reference)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_on_gloo_end_with_identical_weights(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             SCRIPT] + SMALL + ["--batch-gpu", "4", "--duration", "0.000096", "--snap", "0.048",
+                                                "--outdir", str(out)],
+                            env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    snapshots = [line for line in stats(out) if "rank_digests" in line]
+    assert len(snapshots) == 2
+    for line in snapshots:                      # every rank's hash of (net, EMA) at every snapshot
+        assert len(line["rank_digests"]) == 2 and len(set(line["rank_digests"])) == 1
+    with open(out / "training_options.json") as f:
+        options = json.load(f)
+    assert (options["world_size"], options["accumulation_rounds"]) == (2, 2)
+
+
+# ----------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, nothing written.
+
+def make_folder(tmp_path, sizes=((8, 8),), garbage=False):
+    folder = tmp_path / "imgs"
+    for i, (w, h) in enumerate(sizes):
+        write_png(str(folder / f"{i}.png"), np.zeros((h, w, 3), dtype=np.uint8))
+    if garbage:
+        (folder / "broken.png").write_bytes(b"not a png")
+    return str(folder)
+
+
+BAD = {
+    "unknown dataset": (lambda p: ["--data", str(p / "nowhere")], "unknown dataset"),
+    "unknown arch": (lambda p: ["--arch", "vit"], "invalid choice"),
+    "cond without labels": (lambda p: ["--data", make_folder(p), "--cond"], "--cond needs labels"),
+    "batch not divisible": (lambda p: ["--batch", "16", "--batch-gpu", "5"], "divisible"),
+    "unreadable image": (lambda p: ["--data", make_folder(p, garbage=True), "--no-cond"], "cannot read image"),
+    "mixed sizes": (lambda p: ["--data", make_folder(p, ((8, 8), (16, 16))), "--no-cond"], "one size"),
+    "resume path missing": (lambda p: ["--resume", str(p / "missing.pt")], "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_with_one_line_and_writes_nothing(T, tmp_path, case):
+    make_args, fragment = BAD[case]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run(T, out, *make_args(tmp_path))
+    message = str(exit_info.value.code)
+    assert message.startswith("error:") and fragment in message and "\n" not in message
+    assert not out.exists()
+
+
+def test_an_existing_run_is_never_overwritten(T, tmp_path):
+    out = tmp_path / "run"
+    run(T, out, "--duration", 0.000032, "--snap", 1)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    with pytest.raises(SystemExit) as exit_info:
+        run(T, out, "--duration", 0.000032)
+    assert "--resume auto" in str(exit_info.value.code)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_command_line_error_is_one_stderr_line(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--preset", "tiny", "--precond", "ddim"],
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
+    assert not os.path.exists(tmp_path / "out")
