@@ -37,6 +37,7 @@ method and the choice of time steps.
 Run:  python 02_ode_sampler.py      (well under a minute on 2 CPU cores; figures in out/02_ode_sampler/)
 """
 
+import math
 import time
 from typing import Callable, NamedTuple
 
@@ -60,8 +61,10 @@ class Formulation(NamedTuple):
 
 def vp_schedule(beta_d=19.9, beta_min=0.1):
     """sigma(t) = sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1): the noise level of Song et al.'s VP SDE."""
+    # Written exactly as the official code evaluates it (not with expm1), so that sampler outputs
+    # agree with it to the last bit; t may be a tensor or a Python number.
     def sigma(t):
-        return torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t).sqrt()
+        return (math.e ** (0.5 * beta_d * t ** 2 + beta_min * t) - 1) ** 0.5
 
     def sigma_deriv(t):
         # sigma^2 + 1 = e^g with g = beta_d t^2 / 2 + beta_min t, so 2 sigma sigma_dot = g' (sigma^2 + 1).
@@ -69,7 +72,7 @@ def vp_schedule(beta_d=19.9, beta_min=0.1):
 
     def sigma_inv(sigma):
         # Solve beta_d t^2 / 2 + beta_min t = ln(1 + sigma^2) for the positive root.
-        return ((beta_min ** 2 + 2 * beta_d * torch.log1p(sigma ** 2)).sqrt() - beta_min) / beta_d
+        return ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
 
     return sigma, sigma_deriv, sigma_inv
 

@@ -111,12 +111,16 @@ def iddpm_u(M=1000, C_1=0.001, C_2=0.008):
     """The noise levels u_0 > u_1 > ... > u_M = 0 of iDDPM's cosine schedule (Table 1).
 
     alpha_bar(j) = sin^2(pi/2 * j / (M (C_2 + 1))) and u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar(j-1)/alpha_bar(j), C_1) - 1).
+    The official code evaluates alpha_bar on integer tensors, i.e. in float32; we do the same,
+    so that the selected noise levels agree with it bit for bit (float64 would move them by ~1e-6).
     """
-    alpha_bar = lambda j: math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2  # noqa: E731
-    u = [0.0] * (M + 1)
-    for j in range(M, 0, -1):
-        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
-    return torch.tensor(u, dtype=torch.float64)
+    j = torch.arange(M + 1)
+    alpha_bar = torch.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2                 # float32, as official
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)                        # alpha_bar(j-1) / alpha_bar(j)
+    u = torch.zeros(M + 1, dtype=torch.float64)
+    for k in range(M, 0, -1):     # (torch's sqrt, not math.sqrt: they differ in the last bit now and then)
+        u[k - 1] = ((u[k] * u[k] + 1) / ratio[k - 1] - 1).sqrt()
+    return u
 
 
 def iddpm_sigma_steps(num_steps, sigma_min, sigma_max, C_1=0.001, C_2=0.008, M=1000):
@@ -131,8 +135,7 @@ def default_sigma_range(discretization, epsilon_s=1e-3):
     """The noise range each discretization was published with (Table 1)."""
     if discretization == "vp":
         sigma, _, _ = ode.vp_schedule(19.9, 0.1)
-        t = torch.tensor([epsilon_s, 1.0], dtype=torch.float64)
-        return tuple(float(v) for v in sigma(t))
+        return sigma(epsilon_s), sigma(1)
     return {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}[discretization]
 
 
