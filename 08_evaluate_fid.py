@@ -603,7 +603,7 @@ def cmd_generate(args):
 
 def cmd_ref(args):
     device = init_distributed(args.device)
-    images = open_images(args.data, args.data_dir)
+    images = rank0_first(open_images, args.data, args.data_dir)  # rank 0 downloads CIFAR-10 alone
     if len(images) < 2:
         raise SystemExit(f"error: found {len(images)} images in {args.data}; need at least 2")
     detector = rank0_first(load_detector, args.detector, device)
@@ -782,9 +782,9 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv if argv else ["demo"])
-    for name in ("batch", "num", "repeats", "num_steps"):
-        if getattr(args, name, None) is not None and getattr(args, name) < (2 if name == "num" else 1):
-            raise SystemExit(f"error: --{name.replace('num_steps', 'steps')} must be at least {2 if name == 'num' else 1}")
+    for name, flag, least in [("batch", "--batch", 1), ("num", "--num", 2), ("repeats", "--repeats", 1), ("num_steps", "--steps", 1)]:
+        if getattr(args, name, None) is not None and getattr(args, name) < least:
+            raise SystemExit(f"error: {flag} must be at least {least}")
     args.fn(args)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
