@@ -47,9 +47,11 @@ Examples:
   python 07_train_cifar10.py --preset cifar10 --resume auto --outdir runs/cifar10-cond   # continue a run
 """
 
+import argparse
 import contextlib
 import copy
 import hashlib
+import io
 import json
 import math
 import os
@@ -63,6 +65,7 @@ import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tqdm
 
 import common
 
@@ -103,8 +106,8 @@ def parse_args(argv=None):
     parser.add_argument("--data", help="cifar10 | shapes | path to a folder or .zip of PNG/JPEG images")
     parser.add_argument("--data-dir", default=os.path.join("out", "data"), help="where CIFAR-10 is downloaded/found")
     parser.add_argument("--resolution", type=int, help="size of the shapes dataset; for image data, a check")
-    parser.add_argument("--cond", action=argparse_bool(), default=False, help="class-conditional (needs labels)")
-    parser.add_argument("--xflip", action=argparse_bool(), default=False, help="double the dataset with x-flips")
+    parser.add_argument("--cond", action=argparse.BooleanOptionalAction, default=False, help="class-conditional (needs labels)")
+    parser.add_argument("--xflip", action=argparse.BooleanOptionalAction, default=False, help="double the dataset with x-flips")
     parser.add_argument("--arch", choices=["ddpmpp", "ncsnpp", "adm"], default="ddpmpp")
     parser.add_argument("--precond", choices=["vp", "ve", "edm"], default="edm")
     parser.add_argument("--cbase", type=int, help="channel multiplier (default: 128 ddpmpp/ncsnpp, 192 adm)")
@@ -120,8 +123,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr-rampup", type=float, default=10, help="learning-rate ramp-up, Mimg")
     parser.add_argument("--ema", type=float, default=0.5, help="EMA half-life, Mimg")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
-    parser.add_argument("--tf32", action=argparse_bool(), default=False, help="allow TF32 matmuls (off: as the paper)")
-    parser.add_argument("--compile", action=argparse_bool(), default=False, help="torch.compile the network")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False, help="allow TF32 matmuls (off: as the paper)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network")
     parser.add_argument("--tick", type=float, default=50, help="log interval, kimg")
     parser.add_argument("--snap", type=float, default=2500, help="snapshot/preview/checkpoint interval, kimg")
     parser.add_argument("--resume", help="auto (continue the run in --outdir, if any) or a training-state .pt")
@@ -138,11 +141,6 @@ def parse_args(argv=None):
 
 def usage_error(message):
     sys.exit(f"error: {message}")
-
-
-def argparse_bool():
-    import argparse
-    return argparse.BooleanOptionalAction   # --cond / --no-cond
 
 
 def check_args(args, world_size):
@@ -239,7 +237,7 @@ def load_image_files(path):
     images = []
     for name in files:
         try:
-            with PIL.Image.open(__import__("io").BytesIO(read(name))) as image:
+            with PIL.Image.open(io.BytesIO(read(name))) as image:
                 array = np.array(image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB"))
         except Exception as error:
             sys.exit(f"error: cannot read image {name!r} in {path!r} ({type(error).__name__}: {error})")
@@ -357,8 +355,9 @@ class InfiniteSampler:
 
     def permutation(self, epoch):
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.size, generator=torch.Generator().manual_seed(
-                derive_seed(self.seed, "epoch", epoch)))} | {e: p for e, p in self._perms.items() if e == epoch - 1}
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}   # keep one epoch back
+            self._perms[epoch] = torch.randperm(self.size, generator=generator)
         return self._perms[epoch]
 
     def next(self, batch):
@@ -366,7 +365,11 @@ class InfiniteSampler:
         stream = self.position + self.rank + self.num_ranks * torch.arange(batch)
         self.position += batch * self.num_ranks
         epochs, offsets = stream // self.size, stream % self.size
-        return torch.stack([self.permutation(int(e))[o] for e, o in zip(epochs, offsets)])
+        indices = torch.empty(batch, dtype=torch.int64)
+        for epoch in epochs.unique().tolist():
+            here = epochs == epoch
+            indices[here] = self.permutation(epoch)[offsets[here]]
+        return indices
 
 
 def derive_seed(*parts):
@@ -588,12 +591,12 @@ def init_distributed(device_name):
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-def all_mean(values, device):
-    """Sum over ranks of a few statistics (sum, sum of squares, count) -> global mean and std."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_mean(sums):
+    """[sum, sum of squares, count] summed over ranks -> global mean and std."""
+    sums = sums.clone()
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    total, squares, count = t.tolist()
+        torch.distributed.all_reduce(sums)
+    total, squares, count = sums.tolist()
     mean = total / max(count, 1)
     return mean, math.sqrt(max(squares / max(count, 1) - mean ** 2, 0))
 
@@ -819,10 +822,12 @@ def train(args, rank, world_size, device):
     stop_nimg = min(total_nimg, int(args.stop_kimg * 1e3)) if args.stop_kimg is not None else total_nimg
     next_tick = (cur_nimg // int(args.tick * 1e3) + 1) * int(args.tick * 1e3)
     next_snap = (cur_nimg // int(args.snap * 1e3) + 1) * int(args.snap * 1e3)
-    bar = __import__("tqdm").tqdm(total=total_nimg / 1e3, initial=cur_nimg / 1e3, unit="kimg",
+    bar = tqdm.tqdm(total=total_nimg / 1e3, initial=cur_nimg / 1e3, unit="kimg",
                                   disable=not is_main, dynamic_ncols=True, bar_format=
                                   "{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
-    tick_losses, tick_nonfinite, tick_start, tick_nimg = [0.0, 0.0, 0], 0, time.time(), cur_nimg
+    new_tick = lambda: (torch.zeros(3, dtype=torch.float64, device=device), torch.zeros([], device=device),
+                        time.time(), cur_nimg)
+    tick_losses, tick_nonfinite, tick_start, tick_nimg = new_tick()   # sums stay on the device: no syncs
     stats_path = os.path.join(run_dir, "stats.jsonl")
 
     while cur_nimg < stop_nimg:
@@ -838,9 +843,8 @@ def train(args, rank, world_size, device):
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast():
                     loss = loss_fn(net=model, images=images, labels=labels, augment_pipe=augment_pipe)
-                per_image = loss.detach().float().mean(dim=(1, 2, 3))
-                tick_losses = [tick_losses[0] + per_image.sum().item(), tick_losses[1] + per_image.square().sum().item(),
-                               tick_losses[2] + len(per_image)]
+                per_image = loss.detach().double().mean(dim=(1, 2, 3))
+                tick_losses += torch.stack([per_image.sum(), per_image.square().sum(), per_image.new_tensor(len(per_image))])
                 scaler.scale(loss.sum() / batch_rank).backward()   # summed per image, averaged over the batch
 
         lr = learning_rate(cur_nimg, args.lr, args.lr_rampup)
@@ -848,7 +852,7 @@ def train(args, rank, world_size, device):
             group["lr"] = lr
         scaler.unscale_(optimizer)
         grads = [p.grad for p in net.parameters() if p.grad is not None]
-        tick_nonfinite += int(sum((~torch.isfinite(g)).any() for g in grads))
+        tick_nonfinite += torch.stack([(~torch.isfinite(g)).any() for g in grads]).any()
         for g in grads:   # as the official loop: a rare NaN/Inf entry is neutralised, not allowed to poison Adam
             torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
         scaler.step(optimizer)
@@ -861,11 +865,11 @@ def train(args, rank, world_size, device):
         snap_due = cur_nimg >= next_snap or done
         if cur_nimg >= next_tick or snap_due:
             next_tick = (cur_nimg // int(args.tick * 1e3) + 1) * int(args.tick * 1e3)
-            loss_mean, loss_std = all_mean(tick_losses, device)
+            loss_mean, loss_std = all_mean(tick_losses)
             seconds = time.time() - tick_start
             stats = dict(kimg=cur_nimg / 1e3, loss_mean=loss_mean, loss_std=loss_std, lr=lr,
                          images_per_sec=(cur_nimg - tick_nimg) / seconds, sec_per_kimg=seconds / (cur_nimg - tick_nimg) * 1e3,
-                         nonfinite_grad_steps=tick_nonfinite, memory_gb=memory_gb(device), timestamp=time.time())
+                         nonfinite_grad_steps=int(tick_nonfinite), memory_gb=memory_gb(device), timestamp=time.time())
             bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{stats['images_per_sec']:.0f}")
             if snap_due:
                 next_snap = (cur_nimg // int(args.snap * 1e3) + 1) * int(args.snap * 1e3)
@@ -874,7 +878,7 @@ def train(args, rank, world_size, device):
             if is_main:
                 with open(stats_path, "a") as f:
                     f.write(json.dumps(stats) + "\n")
-            tick_losses, tick_nonfinite, tick_start, tick_nimg = [0.0, 0.0, 0], 0, time.time(), cur_nimg
+            tick_losses, tick_nonfinite, tick_start, tick_nimg = new_tick()
     bar.close()
     log(f"{'finished' if cur_nimg >= total_nimg else 'stopped'} at {cur_nimg / 1e3:.1f} kimg; outputs in {run_dir}")
 
@@ -887,8 +891,7 @@ def snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream, devic
     rngs = gather(rng_state(device, augment_generator))
     if is_main:
         kimg = f"{cur_nimg // 1000:06d}"
-        snapshot_ema = copy.deepcopy(ema).cpu()
-        unet.save_network(snapshot_ema, os.path.join(run_dir, f"network-snapshot-{kimg}.pt"))
+        unet.save_network(ema, os.path.join(run_dir, f"network-snapshot-{kimg}.pt"))
         save_preview(ema, os.path.join(run_dir, f"preview-{kimg}.png"), device)
         write_state(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                          scaler=scaler.state_dict(), cur_nimg=cur_nimg, stream_position=stream.position,
