@@ -161,7 +161,11 @@ def ablation_sampler(
     epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
 ):
-    """Every sampler of Sec. 3-4: returns float64 samples at sigma = 0 from unit-variance latents."""
+    """Every sampler of Sec. 3-4: returns float64 samples at sigma = 0 from unit-variance latents.
+
+    Each quantity is evaluated with the same operations, in the same order, as in the official
+    generate.py, so for equal latents and noise the outputs agree with it bit for bit.
+    """
     if solver not in ("euler", "heun") or discretization not in ("vp", "ve", "iddpm", "edm"):
         raise ValueError(f"unknown solver {solver!r} or discretization {discretization!r}")
 
