@@ -1,0 +1,356 @@
+"""01 -- A 1-D toy where everything is exact: noised densities, score, denoiser, ODE and SDE.
+
+EDM (Karras et al. 2022, Sec. 2) describes diffusion without any neural network in sight:
+take the data distribution p_data(y), add i.i.d. Gaussian noise of standard deviation
+sigma, and call the result p(x; sigma). Generation runs that in reverse: start from pure
+noise at a huge sigma_max and follow a differential equation that lowers sigma to zero.
+
+In one dimension, with data drawn from a mixture of two Gaussians, every quantity the
+paper talks about has a closed form, so we can *see* it:
+
+* the noised density   p(x; sigma) = p_data * N(0, sigma^2)         (Sec. 2, convolution)
+  -- a mixture again, with each component's variance grown by sigma^2;
+* the score            grad_x log p(x; sigma)
+* the ideal denoiser   D(x; sigma) = E[y | x]                        (minimiser of Eq. 2)
+  and the identity     grad_x log p(x; sigma) = (D(x; sigma) - x) / sigma^2        (Eq. 3)
+  (Tweedie's formula: a denoiser *is* a score model);
+* the probability-flow ODE, with sigma(t) = t (the paper's choice, Sec. 3):
+      dx/dt = -sigma_dot(t) sigma(t) grad log p(x; sigma(t)) = (x - D(x; t)) / t      (Eq. 1)
+  Its tangent at any point aims straight at the denoiser output D(x; t);
+* the reverse-time SDE (Eq. 6 with beta(t) = sigma_dot/sigma):
+      dx = -2 sigma_dot sigma grad log p dt + sqrt(2 sigma_dot sigma) dw
+  i.e. the ODE's drift twice over plus fresh noise;
+* the forward process: x(t) = y + noise whose variance grows like sigma(t)^2 -- a random
+  walk (with sigma(t) = sqrt(t) it is literally dx = dw, pure white noise).
+
+Finally we *learn* a denoiser D_theta(x; sigma) -- a small MLP trained with the denoising
+loss E ||D(y + n; sigma) - y||^2 (Eq. 2) -- and compare it with the exact one, and sample
+with both through the ODE and the SDE.
+
+Run:  python 01_toy_1d.py            (about a minute on 2 CPU cores; figures in out/01_toy_1d/)
+"""
+
+import math
+import time
+
+import torch
+
+import common
+
+
+# ----------------------------------------------------------------------------
+# The data: a two-component Gaussian mixture, and everything it implies in closed form.
+
+class GaussianMixture1D:
+    """p_data(y) = sum_k w_k N(y; mu_k, s_k^2), with exact noised quantities.
+
+    Every method takes x of any shape and sigma broadcastable to it. Calling the object,
+    `mix(x, sigma)`, returns the exact denoiser, so it can stand in for a trained network
+    in every sampler of the later chapters (`net(x, sigma, class_labels)`).
+    """
+
+    def __init__(self, weights, means, stds):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.stds = torch.as_tensor(stds, dtype=torch.float64)
+        self.weights = self.weights / self.weights.sum()
+
+    def _components(self, x, sigma):
+        """Per-component log N(x; mu_k, s_k^2 + sigma^2) + log w_k, and the noised variances."""
+        x = torch.as_tensor(x, dtype=torch.float64)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        var = self.stds.to(x.device) ** 2 + sigma[..., None] ** 2      # noise adds variance
+        diff = x[..., None] - self.means.to(x.device)
+        log_n = -0.5 * (diff ** 2 / var + torch.log(2 * math.pi * var))
+        return log_n + torch.log(self.weights.to(x.device)), var, diff
+
+    def log_density(self, x, sigma):
+        """log p(x; sigma): the data density convolved with N(0, sigma^2)."""
+        log_joint, _, _ = self._components(x, sigma)
+        return torch.logsumexp(log_joint, dim=-1)
+
+    def density(self, x, sigma):
+        return self.log_density(x, sigma).exp()
+
+    def score(self, x, sigma):
+        """grad_x log p(x; sigma) = sum_k r_k(x) (mu_k - x) / (s_k^2 + sigma^2)."""
+        log_joint, var, diff = self._components(x, sigma)
+        r = torch.softmax(log_joint, dim=-1)                            # responsibilities
+        return (r * -diff / var).sum(-1)
+
+    def denoise(self, x, sigma):
+        """D(x; sigma) = E[y | x]: each component's Wiener estimate, weighted by responsibility."""
+        log_joint, var, diff = self._components(x, sigma)
+        r = torch.softmax(log_joint, dim=-1)
+        posterior_means = self.means.to(diff.device) + self.stds.to(diff.device) ** 2 / var * diff
+        return (r * posterior_means).sum(-1)
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.denoise(x, sigma)
+
+    def sample(self, n, generator=None):
+        """n draws from p_data, shape [n, 1]."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.stds[k] * z)[:, None]
+
+
+def default_mixture():
+    """The toy of every chapter: two unequal, well-separated modes (std of the data ~ 0.96)."""
+    return GaussianMixture1D(weights=[0.3, 0.7], means=[-1.0, 1.0], stds=[0.25, 0.25])
+
+
+def wasserstein1(a, b):
+    """Wasserstein-1 distance between two 1-D sample sets: the area between their empirical CDFs."""
+    a = torch.as_tensor(a, dtype=torch.float64).flatten().sort().values
+    b = torch.as_tensor(b, dtype=torch.float64).flatten().sort().values
+    grid = torch.cat([a, b]).sort().values
+    cdf_a = torch.searchsorted(a, grid[:-1], right=True) / len(a)
+    cdf_b = torch.searchsorted(b, grid[:-1], right=True) / len(b)
+    return float(((cdf_a - cdf_b).abs() * grid.diff()).sum())
+
+
+def mode_weight(samples, threshold=0.0):
+    """Fraction of samples in the right-hand mode (right of the valley between the modes)."""
+    return float((torch.as_tensor(samples) > threshold).double().mean())
+
+
+# ----------------------------------------------------------------------------
+# The forward process and the two reverse processes, with sigma(t) = t.
+
+def noise_levels(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """Decreasing sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min, then sigma_N = 0.
+
+    The spacing is EDM's Eq. 5 (chapter 03 explains why rho = 7): dense at low noise,
+    where the trajectories bend most.
+    """
+    i = torch.arange(num_steps, dtype=torch.float64)
+    inv_rho = 1 / rho
+    t = (sigma_max ** inv_rho + i / (num_steps - 1) * (sigma_min ** inv_rho - sigma_max ** inv_rho)) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+def forward_paths(y, t, generator=None):
+    """Random-walk paths x(t) = y + n(t), Var n(t) = sigma(t)^2 = t^2, on an increasing grid t.
+
+    Independent Gaussian increments of variance t_{i+1}^2 - t_i^2 make this the forward SDE
+    dx = sqrt(2 sigma_dot sigma) dw (Eq. 6 with beta = 0), sampled exactly.
+    """
+    var_increments = (t[1:] ** 2 - t[:-1] ** 2).clamp(min=0)
+    z = torch.randn(len(y), len(t) - 1, generator=generator, dtype=torch.float64)
+    steps = z * var_increments.sqrt()
+    start = y.reshape(-1, 1) + t[0] * torch.randn(len(y), 1, generator=generator, dtype=torch.float64)
+    return torch.cat([start, start + steps.cumsum(dim=1)], dim=1)
+
+
+def ode_sample(D, x, t):
+    """Euler steps of the probability-flow ODE dx/dt = (x - D(x; t)) / t (Eq. 1, sigma(t) = t).
+
+    `t` decreases to 0; the last step lands exactly on D(x; t_{N-1}). Returns the whole path [N+1, ...].
+    """
+    path = [x]
+    for t_cur, t_next in zip(t[:-1], t[1:]):
+        d = (x - D(x, t_cur)) / t_cur                 # the tangent points at the denoiser output
+        x = x + (t_next - t_cur) * d
+        path.append(x)
+    return torch.stack(path)
+
+
+def sde_sample(D, x, t, generator=None):
+    """Euler-Maruyama for the reverse SDE dx = -2 t grad log p dt + sqrt(2t) dw (Eq. 6, beta = 1/t).
+
+    With grad log p = (D - x)/t^2 (Eq. 3) a step from t_cur to t_next < t_cur moves x by
+    2 (t_cur - t_next)/t_cur (D - x) -- twice the ODE's pull -- and adds noise of variance
+    2 t_cur (t_cur - t_next). The final step to t = 0 is taken by the denoiser itself
+    (an Euler step of the ODE), since a noise step there would be all overshoot.
+    """
+    path = [x]
+    for t_cur, t_next in zip(t[:-2], t[1:-1]):
+        dt = t_cur - t_next
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = x + 2 * dt / t_cur * (D(x, t_cur) - x) + (2 * t_cur * dt).sqrt() * z
+        path.append(x)
+    path.append(D(x, t[-2]))
+    return torch.stack(path)
+
+
+# ----------------------------------------------------------------------------
+# Learning a denoiser with the denoising loss (Eq. 2).
+
+class MLPDenoiser(torch.nn.Module):
+    """D_theta(x; sigma) = x - sigma * F_theta(x / sqrt(1 + sigma^2), ln(sigma) / 4).
+
+    Two small design choices keep a plain MLP trainable over sigma in [0.002, 80]:
+    the input is divided by its expected scale, so it stays O(1) at every sigma, and the MLP
+    F predicts the *noise* (as DDPM does) rather than the clean value, so at low sigma a
+    small error in F is only a tiny error in D. Chapter 05 turns these tricks into EDM's
+    principled preconditioning (c_in, c_skip, c_out, c_noise).
+    """
+
+    def __init__(self, width=128, depth=3):
+        super().__init__()
+        layers, fan_in = [], 2
+        for _ in range(depth):
+            layers += [torch.nn.Linear(fan_in, width), torch.nn.SiLU()]
+            fan_in = width
+        layers.append(torch.nn.Linear(fan_in, 1))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, x, sigma, class_labels=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape)
+        features = torch.stack([x / (1 + sigma ** 2).sqrt(), sigma.log() / 4], dim=-1)
+        return x - sigma * self.net(features.float()).squeeze(-1).to(x.dtype)
+
+
+def sample_sigma(n, generator=None, P_mean=-1.2, P_std=1.2):
+    """Training noise levels: ln(sigma) ~ N(P_mean, P_std^2), EDM's choice (Table 1)."""
+    return (P_mean + P_std * torch.randn(n, 1, generator=generator, dtype=torch.float64)).exp()
+
+
+def denoising_loss(D, y, sigma, n):
+    """Eq. 2: E || D(y + n; sigma) - y ||^2 for given data y, noise levels sigma and unit noise n."""
+    return ((D(y + sigma * n, sigma) - y) ** 2).mean()
+
+
+def train_mlp(mix, steps=3000, batch=1024, lr=3e-3, seed=0, device="cpu", log_every=500):
+    """Fit an MLPDenoiser to the mixture with Adam on fresh samples every step."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = MLPDenoiser().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for step in range(steps):
+        y = mix.sample(batch, g).to(device)
+        sigma = sample_sigma(batch, g).to(device)
+        n = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device)
+        loss = denoising_loss(model, y, sigma, n)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"  step {step:5d}  loss {loss.item():.4f}")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------
+# Figures.
+
+def plot_density_paths(mix, paths, t_grid, path_t, title, file):
+    """Heat map of p(x; sigma = t) over (t, x) with sample paths on top."""
+    import matplotlib.pyplot as plt
+    x = torch.linspace(-4, 4, 400, dtype=torch.float64)
+    tt = t_grid.clamp(min=1e-3)
+    dens = mix.density(x[None, :], tt[:, None])              # [T, X]
+    dens = dens / dens.max(dim=1, keepdim=True).values      # per-t normalisation shows the shape at every t
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.imshow(dens.T.numpy(), origin="lower", aspect="auto", cmap="magma",
+              extent=[float(t_grid[0]), float(t_grid[-1]), -4, 4])
+    for p in paths:
+        ax.plot(path_t.numpy(), p.numpy(), color="cyan", lw=0.7, alpha=0.8)
+    ax.set_xlabel("t  (= sigma)")
+    ax.set_ylabel("x")
+    ax.set_ylim(-4, 4)
+    ax.set_xlim(float(t_grid[0]), float(t_grid[-1]))
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def plot_denoisers(mix, model, file, device):
+    import matplotlib.pyplot as plt
+    x = torch.linspace(-3, 3, 300, dtype=torch.float64)
+    sigmas = [0.05, 0.2, 0.5, 1.0, 2.0, 5.0]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6), sharex=True)
+    for ax, s in zip(axes.flat, sigmas):
+        with torch.no_grad():
+            learned = model(x.to(device), torch.tensor(s, dtype=torch.float64, device=device)).cpu()
+        ax.plot(x, x, color="0.7", lw=1, ls=":", label="identity")
+        ax.plot(x, mix.denoise(x, s), color="k", lw=2, label="exact D(x; sigma)")
+        ax.plot(x, learned, color="tab:orange", lw=1.5, ls="--", label="learned MLP")
+        ax.set_title(f"sigma = {s}")
+        ax.set_ylim(-2, 2)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Ideal vs learned denoiser: at low sigma D ~ x, at high sigma D ~ the data mean")
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def plot_histograms(truth, results, file):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5), sharey=True)
+    bins = torch.linspace(-2.5, 2.5, 101).numpy()
+    for ax, (name, samples) in zip(axes, results.items()):
+        ax.hist(truth.flatten().numpy(), bins=bins, density=True, color="0.8", label="data")
+        ax.hist(samples.flatten().numpy(), bins=bins, density=True, histtype="step", color="tab:blue", lw=1.5,
+                label="generated")
+        ax.set_title(name)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+
+def main():
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--samples", type=int, default=20000, help="samples per generated set (default: 20000)")
+    parser.add_argument("--steps", type=int, default=256, help="ODE/SDE steps from sigma=80 to 0 (default: 256)")
+    parser.add_argument("--train-steps", type=int, default=3000, help="MLP training steps (default: 3000)")
+    args = parser.parse_args()
+    if args.samples < 2 or args.steps < 2 or args.train_steps < 1:
+        raise SystemExit("error: --samples and --steps must be >= 2, --train-steps >= 1")
+    device = common.get_device(args.device)
+    outdir = common.out_dir(__file__, args.outdir)
+    common.seed_all(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    mix = default_mixture()
+    start = time.time()
+
+    # 1. The forward process: noise blurs the two modes into one broad Gaussian.
+    t_fwd = torch.linspace(0, 3, 301, dtype=torch.float64)
+    paths = forward_paths(mix.sample(24, g)[:, 0], t_fwd, g)
+    plot_density_paths(mix, paths, t_fwd, t_fwd, "Forward process: p(x; sigma = t) and random-walk paths",
+                       f"{outdir}/forward_paths.png")
+
+    # 2. The probability-flow ODE backwards from t = 3, from evenly spaced starting points.
+    t_rev = torch.linspace(3, 0, 301, dtype=torch.float64)
+    x_start = torch.linspace(-3.5, 3.5, 29, dtype=torch.float64)
+    flow = ode_sample(mix, x_start, t_rev)
+    plot_density_paths(mix, flow.T, t_fwd, t_rev, "Probability-flow ODE (Eq. 1): deterministic flow lines",
+                       f"{outdir}/ode_flow.png")
+    sde = sde_sample(mix, x_start[::2], t_rev, g)
+    plot_density_paths(mix, sde.T, t_fwd, t_rev, "Reverse SDE (Eq. 6): the same endpoints, noisy paths",
+                       f"{outdir}/sde_paths.png")
+
+    # 3. Learn a denoiser with the denoising loss, and compare it with the exact one.
+    print(f"training an MLP denoiser for {args.train_steps} steps on {device} ...")
+    model = train_mlp(mix, steps=args.train_steps, seed=args.seed, device=device)
+    plot_denoisers(mix, model, f"{outdir}/denoisers.png", device)
+
+    # 4. Generate with ODE and SDE, exact and learned denoisers, from sigma_max = 80.
+    t = noise_levels(args.steps).to(device)
+    truth = mix.sample(args.samples, g)
+    x_T = (torch.randn(args.samples, 1, generator=g, dtype=torch.float64) * t[0]).to(device)
+    learned = lambda x, sigma: model(x, sigma).detach()  # noqa: E731
+    results = {}
+    with torch.no_grad():
+        for name, D in [("exact", mix), ("learned", learned)]:
+            results[f"ODE, {name} D"] = ode_sample(D, x_T, t)[-1].cpu()
+            results[f"SDE, {name} D"] = sde_sample(D, x_T, t, torch.Generator().manual_seed(args.seed + 1))[-1].cpu()
+    plot_histograms(truth, results, f"{outdir}/histograms.png")
+
+    print(f"\n{'sampler':<18}{'W1 to data':>12}{'right-mode weight':>20}")
+    print(f"{'data (reference)':<18}{wasserstein1(truth, mix.sample(args.samples, g)):>12.4f}"
+          f"{mode_weight(truth):>20.3f}   (W1 between two data draws: the noise floor)")
+    for name, samples in results.items():
+        print(f"{name:<18}{wasserstein1(truth, samples):>12.4f}{mode_weight(samples):>20.3f}")
+    print(f"true right-mode weight: {float(mix.weights[1]):.3f}")
+    print(f"\nfigures in {outdir}/  ({time.time() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
