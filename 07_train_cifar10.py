@@ -59,7 +59,6 @@ import random
 import resource
 import sys
 import time
-import warnings
 import zipfile
 
 import numpy as np
@@ -104,16 +103,17 @@ def parse_args(argv=None):
     parser.error = usage_error   # one line instead of argparse's usage dump
     parser.add_argument("--preset", choices=sorted(PRESETS), help="paper setup to start from (flags override)")
     parser.add_argument("--data", help="cifar10 | shapes | path to a folder or .zip of PNG/JPEG images")
-    parser.add_argument("--data-dir", default=os.path.join("out", "data"), help="where CIFAR-10 is downloaded/found")
+    parser.add_argument("--data-dir", default=os.path.join("out", "data"), help="where CIFAR-10 is (downloaded to)")
     parser.add_argument("--resolution", type=int, help="size of the shapes dataset; for image data, a check")
-    parser.add_argument("--cond", action=argparse.BooleanOptionalAction, default=False, help="class-conditional (needs labels)")
-    parser.add_argument("--xflip", action=argparse.BooleanOptionalAction, default=False, help="double the dataset with x-flips")
+    flag = dict(action=argparse.BooleanOptionalAction, default=False)   # --x / --no-x
+    parser.add_argument("--cond", **flag, help="class-conditional (needs labels)")
+    parser.add_argument("--xflip", **flag, help="double the dataset with x-flips")
     parser.add_argument("--arch", choices=["ddpmpp", "ncsnpp", "adm"], default="ddpmpp")
     parser.add_argument("--precond", choices=["vp", "ve", "edm"], default="edm")
     parser.add_argument("--cbase", type=int, help="channel multiplier (default: 128 ddpmpp/ncsnpp, 192 adm)")
     parser.add_argument("--cres", type=int_list, help="channels per resolution, e.g. 2,2,2")
     parser.add_argument("--blocks", type=int, help="residual blocks per resolution (default: 4 SongUNet, 3 ADM)")
-    parser.add_argument("--attn", type=int_list, help="resolutions with self-attention (default: 16 SongUNet, 32,16,8 ADM)")
+    parser.add_argument("--attn", type=int_list, help="resolutions with attention (default: 16 SongUNet, 32,16,8 ADM)")
     parser.add_argument("--dropout", type=float, default=0.13)
     parser.add_argument("--augment", type=float, default=0.12, help="augmentation probability p (0 = off)")
     parser.add_argument("--duration", type=float, default=200, help="training length in Mimg")
@@ -123,8 +123,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr-rampup", type=float, default=10, help="learning-rate ramp-up, Mimg")
     parser.add_argument("--ema", type=float, default=0.5, help="EMA half-life, Mimg")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False, help="allow TF32 matmuls (off: as the paper)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network")
+    parser.add_argument("--tf32", **flag, help="allow TF32 matmuls (off: as the paper)")
+    parser.add_argument("--compile", **flag, help="torch.compile the network")
     parser.add_argument("--tick", type=float, default=50, help="log interval, kimg")
     parser.add_argument("--snap", type=float, default=2500, help="snapshot/preview/checkpoint interval, kimg")
     parser.add_argument("--resume", help="auto (continue the run in --outdir, if any) or a training-state .pt")
@@ -768,7 +768,7 @@ def train(args, rank, world_size, device):
     # Precision policy: TF32 off unless asked (the paper trained in true fp32); autocast for bf16/fp16.
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = True   # fastest kernels; bit-exact GPU resumes would need deterministic ones
     amp_dtype = common.get_dtype(args.precision)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.precision != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -798,7 +798,8 @@ def train(args, rank, world_size, device):
         if len(state["rng"]) == world_size:
             set_rng_state(state["rng"][rank], device, augment_generator)
         else:   # a different number of ranks cannot replay the old streams; fresh ones, still deterministic
-            log(f"warning: resuming {len(state['rng'])} ranks' run on {world_size}; random streams are re-seeded")
+            print(f"warning: resuming {len(state['rng'])} ranks' run on {world_size}; random streams are re-seeded",
+                  file=sys.stderr)
             common.seed_all(derive_seed(args.seed, "rank", rank, cur_nimg))
             augment_generator.manual_seed(derive_seed(args.seed, "augment", rank, cur_nimg))
         del state
@@ -812,8 +813,8 @@ def train(args, rank, world_size, device):
         if resume is None:
             common.save_grid(data.batch(torch.arange(64) % len(data))[0].float() / 127.5 - 1,
                              os.path.join(run_dir, "reals.png"), nrow=8)
-        log(f"{'resuming from ' + resume_path + ' at ' + format(cur_nimg / 1e3, '.1f') + ' kimg' if resume else 'new run'}"
-            f" -> {run_dir}\n{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, "
+        start = f"resuming {resume_path} at {cur_nimg / 1e3:.1f} kimg" if resume else "new run"
+        log(f"{start} -> {run_dir}\n{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, "
             f"{data.label_dim} classes; {class_name}/{net_kwargs['model_type']} "
             f"{sum(p.numel() for p in net.parameters()):,} parameters; {world_size} process(es) on {device}, "
             f"batch {args.batch} = {world_size} x {num_rounds} x {batch_gpu}")
@@ -822,9 +823,8 @@ def train(args, rank, world_size, device):
     stop_nimg = min(total_nimg, int(args.stop_kimg * 1e3)) if args.stop_kimg is not None else total_nimg
     next_tick = (cur_nimg // int(args.tick * 1e3) + 1) * int(args.tick * 1e3)
     next_snap = (cur_nimg // int(args.snap * 1e3) + 1) * int(args.snap * 1e3)
-    bar = tqdm.tqdm(total=total_nimg / 1e3, initial=cur_nimg / 1e3, unit="kimg",
-                                  disable=not is_main, dynamic_ncols=True, bar_format=
-                                  "{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
+    bar = tqdm.tqdm(total=total_nimg / 1e3, initial=cur_nimg / 1e3, disable=not is_main, dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
     new_tick = lambda: (torch.zeros(3, dtype=torch.float64, device=device), torch.zeros([], device=device),
                         time.time(), cur_nimg)
     tick_losses, tick_nonfinite, tick_start, tick_nimg = new_tick()   # sums stay on the device: no syncs
@@ -844,7 +844,8 @@ def train(args, rank, world_size, device):
                 with autocast():
                     loss = loss_fn(net=model, images=images, labels=labels, augment_pipe=augment_pipe)
                 per_image = loss.detach().double().mean(dim=(1, 2, 3))
-                tick_losses += torch.stack([per_image.sum(), per_image.square().sum(), per_image.new_tensor(len(per_image))])
+                tick_losses += torch.stack([per_image.sum(), per_image.square().sum(),
+                                            per_image.new_tensor(len(per_image))])
                 scaler.scale(loss.sum() / batch_rank).backward()   # summed per image, averaged over the batch
 
         lr = learning_rate(cur_nimg, args.lr, args.lr_rampup)
@@ -868,7 +869,8 @@ def train(args, rank, world_size, device):
             loss_mean, loss_std = all_mean(tick_losses)
             seconds = time.time() - tick_start
             stats = dict(kimg=cur_nimg / 1e3, loss_mean=loss_mean, loss_std=loss_std, lr=lr,
-                         images_per_sec=(cur_nimg - tick_nimg) / seconds, sec_per_kimg=seconds / (cur_nimg - tick_nimg) * 1e3,
+                         images_per_sec=(cur_nimg - tick_nimg) / seconds,
+                         sec_per_kimg=seconds / (cur_nimg - tick_nimg) * 1e3,
                          nonfinite_grad_steps=int(tick_nonfinite), memory_gb=memory_gb(device), timestamp=time.time())
             bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{stats['images_per_sec']:.0f}")
             if snap_due:
