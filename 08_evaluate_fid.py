@@ -47,6 +47,7 @@ import sys
 import time
 import urllib.error
 import urllib.parse
+import warnings
 import zipfile
 
 import numpy as np
@@ -249,6 +250,12 @@ class NvidiaDetector(torch.nn.Module):
         return self.net(images, return_features=True)
 
 
+def load_torchscript(file):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated": the published detector is TorchScript
+        return torch.jit.load(file, map_location="cpu")
+
+
 def _torchscript_in_pickle(path):
     """Find a TorchScript archive inside NVIDIA's detector pickle without running any of its code.
 
@@ -293,7 +300,7 @@ def _torchscript_in_pickle(path):
     if not found:
         raise SystemExit(f"error: {path} holds no TorchScript network that can be read without executing code "
                          f"stored in the pickle; use the TorchScript file {DETECTORS['nvidia']} instead")
-    return torch.jit.load(io.BytesIO(found[0]), map_location="cpu")
+    return load_torchscript(io.BytesIO(found[0]))
 
 
 def open_detector_file(path):
@@ -304,7 +311,7 @@ def open_detector_file(path):
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"  # TorchScript archives and new-style torch.save files are zips
         if is_zip and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
-            return NvidiaDetector(torch.jit.load(path, map_location="cpu"))
+            return NvidiaDetector(load_torchscript(path))
         if path.endswith(".pkl"):
             return NvidiaDetector(_torchscript_in_pickle(path))
         return TorchvisionDetector(torch.load(path, map_location="cpu", weights_only=True))
