@@ -132,9 +132,9 @@ class FeatureStats:
 #
 # Two published ports of the TF graph `inception-2015-12-05` (2015) exist:
 #   * NVIDIA's TorchScript port, used by the official EDM/StyleGAN fid code. It takes
-#     uint8 NCHW images of any size and reproduces TF's resizing. Numbers made with it
+#     uint8 NCHW images of any size and resizes them to 299x299 itself. Numbers made with it
 #     are comparable with the paper. The official fid.py downloads it as a pickle
-#     (NVIDIA_PICKLE_URL); NVIDIA published the same port earlier as a TorchScript
+#     ("nvidia-pkl"); NVIDIA published the same port earlier as a TorchScript
 #     archive (.pt, used by StyleGAN2-ADA's metrics and by clean-fid), which is what we
 #     download: torch.jit.load reads it without unpickling arbitrary Python objects.
 #   * pytorch-fid's state dict for torchvision's inception_v3. TF's graph differs from
@@ -144,10 +144,10 @@ class FeatureStats:
 
 DETECTORS = {
     "nvidia": "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
+    # The pickle the official fid.py loads; usable only if it embeds a TorchScript archive (see below).
+    "nvidia-pkl": "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl",
     "pytorch-fid": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
 }
-# The pickle the official fid.py loads (readable here only if it embeds a TorchScript archive, see below).
-NVIDIA_PICKLE_URL = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl"
 FEATURE_DIM = 2048
 
 
@@ -320,7 +320,7 @@ def open_detector_file(path):
 
 
 def load_detector(spec, device):
-    """`nvidia` (default, the paper's), `pytorch-fid`, or a local file path."""
+    """`nvidia` (default, the paper's), `nvidia-pkl`, `pytorch-fid`, or a local file path."""
     if spec in DETECTORS:
         path = fetch(DETECTORS[spec], f"the Inception detector ({spec})")
     else:
@@ -749,7 +749,7 @@ def build_parser():
 
     def detector_option(p):
         p.add_argument("--detector", default="nvidia",
-                       help="nvidia (default; the paper's numbers), pytorch-fid, or a local .pt/.pth/.pkl file")
+                       help="nvidia (default; the paper's numbers), nvidia-pkl, pytorch-fid, or a local .pt/.pth/.pkl file")
         p.add_argument("--batch", type=int, default=64, help="maximum batch size per GPU (default: 64)")
 
     p = add("generate", "Generate {seed:06d}.png images (the images depend on the seeds only).", cmd_generate)
@@ -780,7 +780,7 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=3, help="seed sets 0..num-1, num..2num-1, ... (default: 3)")
     p.add_argument("--outdir", default=None, help="where fid.json goes (default: out/08_evaluate_fid/)")
     p.add_argument("--detector", default="nvidia",
-                   help="nvidia (default; the paper's numbers), pytorch-fid, or a local .pt/.pth/.pkl file")
+                   help="nvidia (default; the paper's numbers), nvidia-pkl, pytorch-fid, or a local .pt/.pth/.pkl file")
 
     add("demo", "Frechet distance on Gaussians with known FID (the default).", demo)
     return parser
