@@ -42,7 +42,7 @@ Paper setups (`--preset`; explicit flags override preset values):
               and the preview grids show the shapes forming
 
 Examples:
-  python 07_train_cifar10.py --preset tiny
+  python 07_train_cifar10.py                     # = --preset tiny; watch out/07_train_cifar10/preview-*.png
   torchrun --standalone --nproc_per_node=8 07_train_cifar10.py --preset cifar10 --cond --outdir runs/cifar10-cond
   python 07_train_cifar10.py --preset cifar10 --resume auto --outdir runs/cifar10-cond   # continue a run
 """
@@ -83,10 +83,10 @@ PRESETS = {
     # Table 7, ImageNet-64 column: class-conditional ADM, fp16 mixed precision, no augmentation.
     "imagenet64": dict(data=None, cond=True, arch="adm", precond="edm", duration=2500, batch=4096, lr=1e-4,
                        ema=50, dropout=0.10, augment=0, lr_rampup=10, precision="fp16", tick=200, snap=10000),
-    # A few CPU-minutes: 16x16 shapes, a 0.3M-parameter DDPM++ (3000 steps of 32); short ramp-ups to match.
+    # A few CPU-minutes: 16x16 shapes, a 0.3M-parameter DDPM++ (2000 steps of 32); short ramp-ups to match.
     "tiny": dict(data="shapes", resolution=16, cond=True, arch="ddpmpp", precond="edm", cbase=16, cres=[1, 2, 2],
-                 blocks=1, attn=[], duration=0.096, batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0,
-                 lr_rampup=0.01, precision="fp32", tick=4, snap=24),
+                 blocks=1, attn=[], duration=0.064, batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0,
+                 lr_rampup=0.01, precision="fp32", tick=4, snap=16),
 }
 
 # Options that may differ between a run and its resumption (they do not change the maths).
@@ -131,11 +131,14 @@ def parse_args(argv=None):
     parser.add_argument("--stop-kimg", type=float, help="save and stop once this many kimg are done "
                         "(the schedule still follows --duration; for job time limits)")
     args, _ = parser.parse_known_args(argv)
+    if args.preset is None and args.data is None:   # plain `python 07_train_cifar10.py`: the CPU demo
+        parser.set_defaults(preset="tiny")
+        args.preset = "tiny"
     if args.preset:
         parser.set_defaults(**PRESETS[args.preset])
     args = parser.parse_args(argv)
     if args.data is None:
-        sys.exit("error: --data is required (cifar10, shapes, or a folder/zip of images)")
+        sys.exit(f"error: --preset {args.preset} needs --data (cifar10, shapes, or a folder/zip of images)")
     return args
 
 

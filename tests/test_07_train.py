@@ -66,6 +66,18 @@ def test_update_ema_is_the_convex_combination(T):
         torch.testing.assert_close(e, x)
 
 
+def test_presets_are_the_papers_setups_and_flags_override_them(T):
+    a = T.parse_args(["--preset", "cifar10", "--cond", "--lr", "2e-3"])
+    # Table 7 (CIFAR-10): 200 Mimg, batch 512, lr 1e-3 (overridden here), EMA 0.5 Mimg, dropout 0.13, p_aug 0.12.
+    assert (a.data, a.arch, a.precond, a.duration, a.batch, a.ema, a.dropout, a.augment, a.lr_rampup) == \
+        ("cifar10", "ddpmpp", "edm", 200, 512, 0.5, 0.13, 0.12, 10)
+    assert a.lr == 2e-3 and a.cond
+    b = T.parse_args(["--preset", "imagenet64", "--data", "in64.zip"])
+    assert (b.arch, b.cond, b.duration, b.batch, b.lr, b.ema, b.dropout, b.augment, b.precision) == \
+        ("adm", True, 2500, 4096, 1e-4, 50, 0.10, 0, "fp16")
+    assert T.parse_args([]).preset == "tiny"                           # the plain command runs the CPU demo
+
+
 # ----------------------------------------------------------------------------
 # The data stream and datasets.
 
