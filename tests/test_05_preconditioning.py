@@ -128,8 +128,9 @@ def test_scalar_sigma_toy_shape_labels_and_kwargs(P):
     c_skip, c_out, _, c_noise = table1("EDM", 2.0, sd=0.9)
     np.testing.assert_allclose(D.numpy(), c_skip * x.numpy() + c_out, rtol=1e-6)
     seen = net.model.seen
-    assert seen["noise_labels"].shape == (6,) and torch.allclose(seen["noise_labels"], torch.tensor(c_noise).float())
-    assert torch.equal(seen["class_labels"], torch.zeros(6, 4)) and seen["kwargs"] == {"augment_labels": "aug"}
+    # One sigma for the batch stays one noise label (the raw network broadcasts it), as in the official code.
+    assert seen["noise_labels"].shape == (1,) and torch.allclose(seen["noise_labels"], torch.tensor(c_noise).float())
+    assert torch.equal(seen["class_labels"], torch.zeros(1, 4)) and seen["kwargs"] == {"augment_labels": "aug"}
     labels = torch.eye(4)[[0, 1, 2, 3, 0, 1]]
     net(x, torch.tensor(2.0), class_labels=labels.double())
     assert net.model.seen["class_labels"].dtype == torch.float32
@@ -224,3 +225,19 @@ def test_loss_with_augment_pipe_denoises_the_augmented_images(P):
     call = rec.calls[0]
     assert call["augment_labels"] is aug_labels
     np.testing.assert_allclose(loss.numpy(), (lam("EDM", call["sigma"]) * (call["D"] + y) ** 2).numpy(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# The demo.
+
+def test_demo_smoke(P, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["05_preconditioning.py", "--device", "cpu", "--outdir", str(tmp_path),
+                                     "--train-steps", "20", "--seeds", "1", "--samples", "300", "--num-steps", "4"])
+    P.main()
+    assert {"scalings.png", "loss_per_sigma.png", "samples.png"} <= {f.name for f in tmp_path.iterdir()}
+    table = capsys.readouterr().out
+    for name in ["VP", "VE", "iDDPM", "EDM", "exact D"]:
+        assert f"  {name} " in table
+    monkeypatch.setattr("sys.argv", ["05_preconditioning.py", "--batch", "1", "--outdir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="error"):
+        P.main()
