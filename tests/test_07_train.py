@@ -147,7 +147,6 @@ def test_built_in_shapes_are_labelled_and_deterministic(T):
 # ----------------------------------------------------------------------------
 # Training runs (in-process; a few seconds each).
 
-@pytest.mark.slow
 def test_tiny_run_loss_falls_and_the_snapshot_loads_and_samples(T, load, tmp_path):
     out = tmp_path / "run"
     run(T, out, "--duration", 0.0016, "--tick", 0.4, "--snap", 1)
@@ -181,7 +180,6 @@ def assert_same_training_state(a, b):
     assert (a["cur_nimg"], a["stream_position"]) == (b["cur_nimg"], b["stream_position"])
 
 
-@pytest.mark.slow
 def test_stop_and_resume_equals_the_uninterrupted_run_bit_for_bit(T, tmp_path, capsys):
     run(T, tmp_path / "a", *RESUME, "--snap", 1)                     # snapshots do not perturb training
     reference = state(tmp_path / "a" / "training-state.pt")
