@@ -233,7 +233,11 @@ def test_loss_with_augment_pipe_denoises_the_augmented_images(P):
 def test_demo_smoke(P, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["05_preconditioning.py", "--device", "cpu", "--outdir", str(tmp_path),
                                      "--train-steps", "20", "--seeds", "1", "--samples", "300", "--num-steps", "4"])
-    P.main()
+    threads = torch.get_num_threads()
+    try:
+        P.main()                               # sets one thread on CPU; give the rest of the suite its threads back
+    finally:
+        torch.set_num_threads(threads)
     assert {"scalings.png", "loss_per_sigma.png", "samples.png"} <= {f.name for f in tmp_path.iterdir()}
     table = capsys.readouterr().out
     for name in ["VP", "VE", "iDDPM", "EDM", "exact D"]:
