@@ -489,7 +489,7 @@ def plot_samples(mix, samples, w1, file):
         s = s.flatten().numpy()   # density over all samples, so mass outside the plotted range shows as missing
         ax.hist(s, bins=bins, weights=np.full(len(s), 1 / (len(s) * (bins[1] - bins[0]))), histtype="step",
                 color=COLORS[name], lw=1.5, label="generated")
-        ax.set_title(f"{name}: W1 = {w1[name][0]:.4f}")
+        ax.set_title(f"{name}, first seed: W1 = {w1[name][0]:.4f}")
     axes[0].legend(fontsize=8)
     names = list(w1)
     axes[-1].bar(names, [np.mean(w1[n]) for n in names], color=[COLORS.get(n, "0.5") for n in names])
