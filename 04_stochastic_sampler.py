@@ -73,27 +73,33 @@ def edm_sampler(
     t_steps = round_sigma(schedules.edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device))
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 
-    x_next = latents.to(torch.float64) * t_steps[0]                                 # line 1: x_0 ~ N(0, t_0^2 I)
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):            # line 2
-        x_cur = x_next
+    def D(x, t):                                       # the denoiser, evaluated in float64
+        return net(x, t, class_labels).to(torch.float64)
 
-        # Lines 3-6: temporarily raise the noise level to t_hat = (1 + gamma) t_i.
-        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
-        t_hat = round_sigma(t_cur + gamma * t_cur)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)  # churn per step, capped (line 4)
+    x = latents.to(torch.float64) * t_steps[0]                                     # line 1: x_0 ~ N(0, t_0^2 I)
+    for i in range(num_steps):                                                      # line 2
+        t_i, t_next = t_steps[i], t_steps[i + 1]
 
-        # Lines 7-8: Euler step from t_hat to t_{i+1}.
-        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
+        # Lines 3-6: add noise to climb from t_i to t_hat = (1 + gamma_i) t_i.
+        gamma_i = gamma_max if S_min <= t_i <= S_max else 0
+        t_hat = round_sigma(t_i + gamma_i * t_i)
+        eps = S_noise * randn_like(x)
+        x_hat = x + eps * (t_hat ** 2 - t_i ** 2).sqrt()
 
-        # Lines 9-11: second-order correction, unless t_{i+1} = 0.
-        if i < num_steps - 1:
-            denoised = net(x_next, t_next, class_labels).to(torch.float64)
-            d_prime = (x_next - denoised) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        # Lines 7-8: an Euler step of dx/dt = (x - D(x; t)) / t from t_hat down to t_{i+1}.
+        h = t_next - t_hat
+        d_i = (x_hat - D(x_hat, t_hat)) / t_hat
+        x_euler = x_hat + h * d_i
 
-    return x_next                                                                    # line 12
+        # Lines 9-11: Heun's correction averages the slopes at both ends -- except on the
+        # last step, where t_{i+1} = 0 and the slope there would divide by zero.
+        if t_next > 0:
+            d_prime = (x_euler - D(x_euler, t_next)) / t_next
+            x = x_hat + h * (d_i + d_prime) / 2
+        else:
+            x = x_euler
+    return x                                                                        # line 12
 
 
 # ----------------------------------------------------------------------------
