@@ -31,7 +31,7 @@ and cosines -- `PositionalEmbedding` (Transformer-style frequencies; DDPM++, ADM
 `FourierEmbedding` (random frequencies, scale 16; NCSN++) -- then a two-layer MLP
 (`map_layer0`, `map_layer1`) makes the embedding `emb`. Class labels (one-hot) and the
 augmentation labels of the paper's non-leaking augmentation pipeline (Appendix F: 9
-numbers saying which flip/rotation/scale/colour change was applied, so that the network
+numbers saying which flip/scaling/rotation/stretch/translation was applied, so that the network
 can be told "no augmentation" at sampling time) are mapped by linear layers and added to it.
 `label_dropout` zeroes the class at random during training (classifier-free guidance).
 Every UNetBlock receives `emb` and injects it between its two 3x3 convolutions.

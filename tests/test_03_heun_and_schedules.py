@@ -123,15 +123,6 @@ def test_iddpm_table(m):
     assert s[0] == inside[0] and s[-1] == inside[-1] and torch.all(s.diff() < 0) and len(s) == 18
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and the CI machine is small)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_every_combination_converges(m, toy, one_thread):
     """Each (solver, discretization, schedule, scaling) converges to the exact ODE solution on the 1-D toy.
 

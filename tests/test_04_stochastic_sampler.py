@@ -35,14 +35,6 @@ def toy(load):
     return load("01_toy_1d")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def seeded(seed):
     g = torch.Generator().manual_seed(seed)
     return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)

@@ -14,14 +14,11 @@ def fid(load):
     return load("08_evaluate_fid")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
     # The 2048-d eigendecompositions slow down many-fold when their threads compete with other
     # processes for the CPU cores (measured: 32 s vs 240 s for this file on a loaded 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
 
 
 def random_orthogonal(d, seed):
