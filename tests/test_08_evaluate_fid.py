@@ -210,7 +210,7 @@ def test_missing_detector_and_bad_reference(fid, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Generation and FID end to end: a tiny class-conditional network and a stand-in detector.
+# Generation and FID end to end: a --preset tiny model from 07 and a stand-in detector.
 
 class StandInDetector(torch.nn.Module):
     """Test-only feature network: a fixed random projection of 2x2-pooled pixels, in float64."""
@@ -227,17 +227,12 @@ class StandInDetector(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny_network(load, tmp_path_factory):
-    unet = load("06_unet")
-    torch.manual_seed(0)
-    net = unet.from_official_config("EDMPrecond", dict(
-        img_resolution=8, img_channels=3, label_dim=4, model_type="SongUNet", model_channels=16,
-        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0))
-    with torch.no_grad():  # random weights everywhere, so that the images depend on network and class
-        for p in net.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    path = str(tmp_path_factory.mktemp("net") / "tiny.pt")
-    unet.save_network(net, path)
-    return path
+    """A real `07_train_cifar10.py --preset tiny` model (class-conditional 16x16 shapes), trained 1 kimg."""
+    outdir = tmp_path_factory.mktemp("tiny_run")
+    load("07_train_cifar10").main(["--preset", "tiny", "--duration", "0.001", "--outdir", str(outdir),
+                                   "--device", "cpu"])
+    (snapshot,) = sorted(outdir.glob("network-snapshot-*.pt"))
+    return str(snapshot)
 
 
 def run(fid, *args):
@@ -266,7 +261,7 @@ def test_generate_images_depend_on_seed_only(pngs):
     names3, images3 = read_pngs(pngs[3])
     assert names8 == names3 == [f"{s:06d}.png" for s in range(8)]
     for a, b in zip(images8, images3):
-        assert a.shape == (8, 8, 3) and np.array_equal(a, b)
+        assert a.shape == (16, 16, 3) and np.array_equal(a, b)
     assert len({a.tobytes() for a in images8}) == 8
 
 
