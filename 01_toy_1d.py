@@ -27,7 +27,7 @@ Finally we *learn* a denoiser D_theta(x; sigma) -- a small MLP trained with the 
 loss E ||D(y + n; sigma) - y||^2 (Eq. 2) -- and compare it with the exact one, and sample
 with both through the ODE and the SDE.
 
-Run:  python 01_toy_1d.py            (about a minute on 2 CPU cores; figures in out/01_toy_1d/)
+Run:  python 01_toy_1d.py            (about 30 s on 2 CPU cores; figures in out/01_toy_1d/)
 """
 
 import math

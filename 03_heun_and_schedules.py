@@ -44,7 +44,7 @@ samples; the paper picks rho = 7 on FID). The local error of each step peaks
 around sigma ~ 1-10, where the toy's modes and the images' basins separate; below that, the
 finite-set ODE is exactly linear and Heun makes no error at all.
 
-Run:  python 03_heun_and_schedules.py     (about a minute on 2 CPU cores; figures in out/03_heun_and_schedules/)
+Run:  python 03_heun_and_schedules.py     (about 35 s on 2 CPU cores; figures in out/03_heun_and_schedules/)
 """
 
 import math

@@ -37,7 +37,7 @@ Euler-Maruyama SDE at the same NFE is twice as far off as the ODE with the exact
 on this toy it copes best with the imperfect one (the paper's Fig. 4 shows the SDE needing
 far more steps on real images).
 
-Run:  python 04_stochastic_sampler.py      (about a minute on 2 CPU cores; figures in out/04_stochastic_sampler/)
+Run:  python 04_stochastic_sampler.py      (about 15 s on 2 CPU cores; figures in out/04_stochastic_sampler/)
 """
 
 import math

@@ -65,7 +65,7 @@ constructor arguments and weights out of the pickled records as data, and refuse
 anything else. `save_network` writes this project's own snapshot (loadable with
 `torch.load(weights_only=True)`).
 
-Run `python 06_unet.py` (1-2 minutes on 2 CPU cores): it prints, for each paper
+Run `python 06_unet.py` (about 15 s on 2 CPU cores): it prints, for each paper
 configuration, the parameter count, the GFLOPs of one forward pass per image, and the
 forward / forward+backward throughput on the chosen device (on CPU only the CIFAR-10
 nets are timed unless --time says otherwise), and plots where the FLOPs go along the
