@@ -8,12 +8,17 @@
   other seeds share its batch (the behaviour of the official generate.py).
 * Image output exactly as the official code writes PNGs: x in [-1, 1] becomes
   (x * 127.5 + 128) clipped to [0, 255] and truncated to uint8.
-* Device / precision selection, a shared argparse base, and the output directory
-  `out/<script name>/`.
+* Device / precision selection, a shared argparse base (with range-checked numbers),
+  the output directory `out/<script name>/`, atomic JSON files, and joining a torchrun
+  process group (07 trains and 08 generates under torchrun).
+
+Errors: library code raises (ValueError for bad values, FileNotFoundError/OSError for
+paths); only each script's `main()` turns them into one `error: ...` line and exit 1.
 """
 
 import argparse
 import importlib.util
+import json
 import os
 import random
 import sys
@@ -37,7 +42,8 @@ def load(name):
         return sys.modules[name]
     path = os.path.join(ROOT, name + ".py")
     if not os.path.isfile(path):
-        raise ImportError(f"no chapter named {name!r} at {path}")
+        raise ImportError(f"{name}.py is missing: copy it next to common.py ({ROOT}); "
+                          f"the README's Copy table lists what each chapter needs")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -126,7 +132,7 @@ def get_device(name="auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} requested but CUDA is not available")
+        raise ValueError(f"--device {name} requested but CUDA is not available")
     return device
 
 
@@ -136,13 +142,34 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 def get_dtype(precision):
     """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
     if precision not in PRECISIONS:
-        raise SystemExit(f"error: unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
 
 
+def number(kind=int, low=None, high=None):
+    """An argparse `type` that parses `kind` and requires low <= value <= high (None: unbounded).
+
+    `--batch -4` then fails with one line ("argument --batch: must be >= 1, got -4") instead of
+    failing deep inside the program.
+    """
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if low is not None and high is not None else \
+                f">= {low}" if low is not None else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
 def base_parser(doc, seed=0):
-    """An ArgumentParser with the options every chapter's demo shares."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """An ArgumentParser with the options every chapter's demo shares (no abbreviated flags)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     parser.add_argument("--outdir", default=None, help="where figures go (default: out/<script name>/)")
     parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
@@ -154,3 +181,39 @@ def out_dir(script_file, outdir=None):
     path = outdir or os.path.join("out", os.path.splitext(os.path.basename(script_file))[0])
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def write_json(obj, path):
+    """Write `obj` as JSON atomically (temp file + rename): a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# torchrun: plain `python` is one process; torchrun sets RANK, WORLD_SIZE and LOCAL_RANK.
+
+def init_distributed(device_name="auto"):
+    """Join torchrun's process group if there is one. Returns (rank, world_size, device).
+
+    NCCL on GPUs, gloo on CPUs; each process takes the GPU numbered by its LOCAL_RANK. Under
+    torchrun the group is joined even with one process, so `--nproc_per_node=1` tests that path.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1, get_device(device_name)
+    device = get_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def get_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def get_world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
