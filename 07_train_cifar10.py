@@ -103,8 +103,8 @@ def parse_args(argv=None):
     parser.error = usage_error   # one line instead of argparse's usage dump
     parser.add_argument("--preset", choices=sorted(PRESETS), help="paper setup to start from (flags override)")
     parser.add_argument("--data", help="cifar10 | shapes | path to a folder or .zip of PNG/JPEG images")
-    parser.add_argument("--data-dir", default=os.path.join("out", "data"), help="where CIFAR-10 is (downloaded to)")
-    parser.add_argument("--resolution", type=int, help="size of the shapes dataset; for image data, a check")
+    parser.add_argument("--data-dir", default=DATA_DIR, help="where CIFAR-10 is (downloaded to)")
+    parser.add_argument("--resolution", type=common.number(int, low=4), help="size of the shapes dataset; for image data, a check")
     flag = dict(action=argparse.BooleanOptionalAction, default=False)   # --x / --no-x
     parser.add_argument("--cond", **flag, help="class-conditional (needs labels)")
     parser.add_argument("--xflip", **flag, help="double the dataset with x-flips")
@@ -164,118 +164,110 @@ def check_args(args, world_size):
 
 
 # ----------------------------------------------------------------------------
-# Data: everything ends up as a uint8 tensor [N, C, H, W] plus integer or vector labels.
+# Data: images become a uint8 tensor [N, C, H, W] plus integer class labels (or none).
+# This section is also 08's image reader (08 loads this file for it): one --data-dir
+# default, one list of extensions, one CIFAR-10 loader.
 
-class ImageData:
-    """An in-memory image set. Index i >= N (with xflip) is image i - N mirrored."""
+DATA_DIR = os.path.join("out", "data")       # where CIFAR-10's tarball is looked for (07 and 08)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
-    def __init__(self, name, images, labels, xflip):
-        self.name = name
-        self.images = images                          # uint8 [N, C, H, W], decoded once
-        self.labels = labels                          # float32 [N, label_dim]; label_dim 0 = none
-        self.xflip = xflip
-        self.resolution = images.shape[2]
-        self.channels = images.shape[1]
-        self.label_dim = labels.shape[1]
+
+class ImageFolder:
+    """The images of a folder or .zip (searched recursively, sorted by relative name), decoded on demand.
+
+    `read(i)` gives image i as uint8 [C, H, W] (C = 1 greyscale or 3 RGB); every image must
+    have the first one's shape. `labels` reads the official dataset-tool layout's
+    dataset.json ({"labels": [["00000/img00000000.png", 6], ...]}); without one, images in one
+    sub-folder per class get the index of their (sorted) folder name; otherwise None.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._zip = None
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r}: no such folder or .zip of images")
+        if os.path.isdir(path):
+            files = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                           for root, _, names in os.walk(path) for f in names)
+        elif zipfile.is_zipfile(path):
+            self._zip = zipfile.ZipFile(path)
+            files = sorted(n for n in self._zip.namelist() if not n.endswith("/"))
+        else:
+            raise ValueError(f"{path!r} is neither a folder nor a .zip file of images")
+        self._files = files
+        self.names = [n for n in files if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.names:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path!r}")
+        self.shape = None
+        self.shape = self.read(0).shape              # every later image must match the first
 
     def __len__(self):
-        return len(self.images) * (2 if self.xflip else 1)
+        return len(self.names)
+
+    def _bytes(self, name):
+        if self._zip is not None:
+            return self._zip.read(name)
+        with open(os.path.join(self.path, name), "rb") as f:
+            return f.read()
+
+    def read(self, i):
+        """Image i as a uint8 numpy array [C, H, W]."""
+        import PIL.Image
+        name = self.names[i]
+        try:
+            with PIL.Image.open(io.BytesIO(self._bytes(name))) as image:
+                array = np.array(image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB"))
+        except Exception as error:   # PIL raises many kinds for a damaged file
+            raise ValueError(f"cannot read image {name!r} in {self.path!r} ({type(error).__name__}: {error})")
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        if self.shape is not None and array.shape != self.shape:
+            shape = lambda s: f"{s[2]}x{s[1]} with {s[0]} channel(s)"
+            raise ValueError(f"{name!r} is {shape(array.shape)} but {self.names[0]!r} is {shape(self.shape)}; "
+                             f"all images in {self.path!r} must have one size and channel count")
+        return array
 
     def batch(self, indices):
-        n = len(self.images)
-        raw = indices % n
-        images = self.images[raw]
-        flip = (indices >= n).view(-1, 1, 1, 1)
-        images = torch.where(flip, images.flip(3), images)
-        return images, self.labels[raw]
+        """Images `indices` as a uint8 tensor [N, C, H, W]."""
+        return torch.from_numpy(np.stack([self.read(int(i)) for i in indices]))
+
+    @property
+    def labels(self):
+        """Class labels (int64 [N]; float32 [N, D] if dataset.json holds vectors), or None."""
+        if "dataset.json" in self._files:
+            labels = json.loads(self._bytes("dataset.json")).get("labels")
+            if labels is None:
+                return None
+            labels = dict(labels)
+            missing = [n for n in self.names if n not in labels]
+            if missing:
+                raise ValueError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}")
+            labels = np.asarray([labels[n] for n in self.names])
+            return labels.astype(np.int64 if labels.ndim == 1 else np.float32)
+        folders = [n.split("/")[0] if "/" in n else None for n in self.names]
+        if None in folders or len(set(folders)) < 2:
+            return None
+        classes = sorted(set(folders))
+        return np.asarray([classes.index(d) for d in folders], dtype=np.int64)
 
 
-def one_hot(labels):
-    """Integer class labels -> one-hot float rows; float label vectors pass through."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        return torch.as_tensor(labels, dtype=torch.float32)
-    if labels.size and labels.min() < 0:
-        raise ValueError("class labels must be non-negative integers")
-    return F.one_hot(torch.as_tensor(labels, dtype=torch.int64), int(labels.max()) + 1).to(torch.float32)
-
-
-def load_cifar10(data_dir):
-    """The 50,000 CIFAR-10 training images (32x32 RGB, 10 classes) via torchvision."""
+def load_cifar10(data_dir=DATA_DIR):
+    """The 50,000 CIFAR-10 training images (uint8 [50000, 3, 32, 32]) and their classes (int64 [50000])."""
     import torchvision
     try:
         dataset = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
     except Exception as error:   # offline: urllib/socket/integrity errors all end here
-        sys.exit(f"error: CIFAR-10 not found in {data_dir!r} and could not be downloaded ({type(error).__name__}); "
-                 f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) there")
+        raise OSError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(error).__name__}); "
+                      f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
+                      f"into {data_dir!r}") from None
     images = torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous()
-    return images, np.asarray(dataset.targets)
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-def load_image_files(path):
-    """A folder or zip of PNG/JPEG images, with labels from dataset.json or class sub-folders.
-
-    dataset.json (the official dataset-tool layout): {"labels": [["00000/img00000000.png", 6], ...]}.
-    Without it, images in one sub-folder per class get the index of their (sorted) folder name.
-    """
-    import PIL.Image
-    if os.path.isdir(path):
-        names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                       for root, _, files in os.walk(path) for f in files)
-        def read(name):
-            with open(os.path.join(path, name), "rb") as f:
-                return f.read()
-    elif zipfile.is_zipfile(path):
-        archive = zipfile.ZipFile(path)
-        names = sorted(archive.namelist())
-        read = archive.read
-    else:
-        sys.exit(f"error: --data {path!r} is neither cifar10, shapes, a folder nor a zip file")
-    files = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-    if not files:
-        sys.exit(f"error: no PNG/JPEG images in {path!r}")
-    images = []
-    for name in files:
-        try:
-            with PIL.Image.open(io.BytesIO(read(name))) as image:
-                array = np.array(image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB"))
-        except Exception as error:
-            sys.exit(f"error: cannot read image {name!r} in {path!r} ({type(error).__name__}: {error})")
-        array = array[:, :, None] if array.ndim == 2 else array
-        if images and array.shape != images[0].shape:
-            sys.exit(f"error: {name!r} is {array.shape[1]}x{array.shape[0]}x{array.shape[2]} but "
-                     f"{files[0]!r} is {images[0].shape[1]}x{images[0].shape[0]}x{images[0].shape[2]}; "
-                     f"all images must have one size and channel count")
-        images.append(array)
-    images = torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return images, read_labels(names, files, read, path)
-
-
-def read_labels(names, files, read, path):
-    if "dataset.json" in names:
-        labels = json.loads(read("dataset.json")).get("labels")
-        if labels is None:
-            return None
-        labels = dict(labels)
-        missing = [f for f in files if f not in labels]
-        if missing:
-            sys.exit(f"error: dataset.json in {path!r} has no label for {missing[0]!r}")
-        return np.asarray([labels[f] for f in files])
-    folders = [f.split("/")[0] if "/" in f else None for f in files]
-    if None in folders or len(set(folders)) < 2:
-        return None
-    classes = sorted(set(folders))
-    return np.asarray([classes.index(d) for d in folders])
+    return images, np.asarray(dataset.targets, dtype=np.int64)
 
 
 # The built-in dataset: coloured shapes on dark backgrounds, one class per shape.
 SHAPES = ["disc", "square", "triangle", "cross"]
 
 
-def make_shapes(n, resolution, seed=0, supersample=4):
+def make_shapes_dataset(n, resolution, seed=0, supersample=4):
     """n procedurally drawn RGB images (uint8 [n, 3, R, R]) and their class (index into SHAPES).
 
     Each shape has a random saturated colour, size and position; edges are anti-aliased
@@ -306,38 +298,62 @@ def make_shapes(n, resolution, seed=0, supersample=4):
     return (images * 255).round().to(torch.uint8), classes.numpy()
 
 
+class TrainingSet:
+    """The training images in memory (decoded once) with one-hot labels; with xflip, index N + i is image i mirrored."""
+
+    def __init__(self, name, images, labels, xflip):
+        self.name = name
+        self.images = images                          # uint8 [N, C, H, W]
+        self.labels = labels                          # float32 [N, label_dim]; label_dim 0 = unconditional
+        self.xflip = xflip
+        self.resolution, self.channels, self.label_dim = images.shape[2], images.shape[1], labels.shape[1]
+
+    def __len__(self):
+        return len(self.images) * (2 if self.xflip else 1)
+
+    def batch(self, indices):
+        n = len(self.images)
+        raw = indices % n
+        flip = (indices >= n).view(-1, 1, 1, 1)
+        return torch.where(flip, self.images[raw].flip(3), self.images[raw]), self.labels[raw]
+
+
+def one_hot(labels):
+    """Integer class labels -> one-hot float rows; label vectors pass through."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return torch.as_tensor(labels, dtype=torch.float32)
+    if labels.min() < 0:
+        raise ValueError("class labels must be non-negative integers")
+    return F.one_hot(torch.as_tensor(labels, dtype=torch.int64), int(labels.max()) + 1).to(torch.float32)
+
+
 def load_dataset(args):
-    """Resolve --data to an ImageData; every problem exits with one line."""
+    """--data (cifar10 | shapes | folder/zip) -> TrainingSet, checked against the network it will feed."""
     if args.data == "cifar10":
         images, labels = load_cifar10(args.data_dir)
         name = "cifar10"
     elif args.data == "shapes":
-        if (args.resolution or 16) < 4:
-            sys.exit("error: --resolution for shapes must be at least 4")
-        images, labels = make_shapes(4096, args.resolution or 16)
+        images, labels = make_shapes_dataset(4096, args.resolution or 16)
         name = f"shapes{images.shape[2]}"
-    elif os.path.exists(args.data):
-        images, labels = load_image_files(args.data)
-        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
     else:
-        sys.exit(f"error: unknown dataset {args.data!r} (not cifar10, shapes, or an existing folder/zip)")
+        if not os.path.exists(args.data):
+            raise FileNotFoundError(f"--data {args.data!r}: unknown dataset (not cifar10, shapes, "
+                                    f"or an existing folder/zip of images)")
+        folder = ImageFolder(args.data)
+        images, labels = folder.batch(range(len(folder))), folder.labels
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
     n, c, h, w = images.shape
     if h != w:
-        sys.exit(f"error: images must be square, got {w}x{h}")
-    if c not in (1, 3):
-        sys.exit(f"error: images must be grayscale or RGB, got {c} channels")
+        raise ValueError(f"images must be square, got {w}x{h}")
     if args.resolution is not None and h != args.resolution:
-        sys.exit(f"error: --resolution {args.resolution} but the images are {h}x{w}")
+        raise ValueError(f"--resolution {args.resolution} but the images are {h}x{w}")
     levels = len(args.cres or ([1, 2, 3, 4] if args.arch == "adm" else [2, 2, 2]))
     if h % 2 ** (levels - 1):
-        sys.exit(f"error: resolution {h} is not divisible by 2^{levels - 1} as the {levels}-level U-Net needs")
+        raise ValueError(f"resolution {h} is not divisible by 2^{levels - 1} as the {levels}-level U-Net needs")
     if args.cond and labels is None:
-        sys.exit(f"error: --cond needs labels, and {args.data!r} has none (dataset.json or class sub-folders)")
-    try:
-        labels = one_hot(labels) if args.cond else torch.zeros([n, 0])
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    return ImageData(name, images, labels, args.xflip)
+        raise ValueError(f"--cond needs labels, and {args.data!r} has none (dataset.json or class sub-folders)")
+    return TrainingSet(name, images, one_hot(labels) if args.cond else torch.zeros([n, 0]), args.xflip)
 
 
 # ----------------------------------------------------------------------------
@@ -746,6 +762,8 @@ def main(argv=None):
     rank, world_size, device = init_distributed(args.device)
     try:
         train(args, rank, world_size, device)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"error: out of GPU memory; lower --batch-gpu (gradient accumulation keeps --batch {args.batch})")
     finally:

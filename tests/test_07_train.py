@@ -134,8 +134,8 @@ def test_zip_with_dataset_json_labels_grayscale_and_xflip(T, tmp_path):
 
 
 def test_built_in_shapes_are_labelled_and_deterministic(T):
-    a, la = T.make_shapes(64, 16)
-    b, lb = T.make_shapes(64, 16)
+    a, la = T.make_shapes_dataset(64, 16)
+    b, lb = T.make_shapes_dataset(64, 16)
     assert torch.equal(a, b) and np.array_equal(la, lb)
     assert a.shape == (64, 3, 16, 16) and a.dtype == torch.uint8
     assert set(la.tolist()) == {0, 1, 2, 3}
