@@ -31,6 +31,7 @@ Run:  python 01_toy_1d.py            (about 30 s on 2 CPU cores; figures in out/
 """
 
 import math
+import sys
 import time
 
 import torch
@@ -124,6 +125,8 @@ def noise_levels(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     The spacing is EDM's Eq. 5 (chapter 03 explains why rho = 7): dense at low noise,
     where the trajectories bend most.
     """
+    # Deliberate twin of 03_heun_and_schedules.edm_sigma_steps, Eq. 5's home (which has no
+    # trailing 0): the first chapter imports no later one, so it carries its own copy.
     i = torch.arange(num_steps, dtype=torch.float64)
     inv_rho = 1 / rho
     t = (sigma_max ** inv_rho + i / (num_steps - 1) * (sigma_min ** inv_rho - sigma_max ** inv_rho)) ** rho
@@ -295,14 +298,18 @@ def plot_histograms(truth, results, file):
 
 # ----------------------------------------------------------------------------
 
-def main():
+def parse_args(argv=None):
     parser = common.base_parser(__doc__)
-    parser.add_argument("--samples", type=int, default=20000, help="samples per generated set (default: 20000)")
-    parser.add_argument("--steps", type=int, default=256, help="ODE/SDE steps from sigma=80 to 0 (default: 256)")
-    parser.add_argument("--train-steps", type=int, default=3000, help="MLP training steps (default: 3000)")
-    args = parser.parse_args()
-    if args.samples < 2 or args.steps < 2 or args.train_steps < 1:
-        raise SystemExit("error: --samples and --steps must be >= 2, --train-steps >= 1")
+    parser.add_argument("--samples", type=common.number(int, low=2), default=20000,
+                        help="samples per generated set (default: 20000)")
+    parser.add_argument("--steps", type=common.number(int, low=2), default=256,
+                        help="ODE/SDE steps from sigma=80 to 0 (default: 256)")
+    parser.add_argument("--train-steps", type=common.number(int, low=1), default=3000,
+                        help="MLP training steps (default: 3000)")
+    return parser.parse_args(argv)
+
+
+def demo(args):
     device = common.get_device(args.device)
     outdir = common.out_dir(__file__, args.outdir)
     common.seed_all(args.seed)
@@ -350,6 +357,14 @@ def main():
         print(f"{name:<18}{wasserstein1(truth, samples):>12.4f}{mode_weight(samples):>20.3f}")
     print(f"true right-mode weight: {float(mix.weights[1]):.3f}")
     print(f"\nfigures in {outdir}/  ({time.time() - start:.1f} s)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        demo(args)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

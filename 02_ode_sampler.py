@@ -38,6 +38,7 @@ Run:  python 02_ode_sampler.py      (well under a minute on 2 CPU cores; figures
 """
 
 import math
+import sys
 import time
 from typing import Callable, NamedTuple
 
@@ -62,7 +63,10 @@ class Formulation(NamedTuple):
 def vp_schedule(beta_d=19.9, beta_min=0.1):
     """sigma(t) = sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1): the noise level of Song et al.'s VP SDE."""
     # Written exactly as the official code evaluates it (not with expm1), so that sampler outputs
-    # agree with it to the last bit; t may be a tensor or a Python number.
+    # agree with it to the last bit; t may be a tensor or a Python number. This chapter's samplers
+    # evaluate it in float64. Deliberate twins: 05_preconditioning.vp_sigma / vp_sigma_inv, the same
+    # formulas for the VP preconditioner, evaluated there on the network's float32 noise levels
+    # (05 must copy without 02).
     def sigma(t):
         return (math.e ** (0.5 * beta_d * t ** 2 + beta_min * t) - 1) ** 0.5
 
@@ -241,13 +245,16 @@ def plot_errors(steps, errors, file):
     plt.close(fig)
 
 
-def main():
+def parse_args(argv=None):
     parser = common.base_parser(__doc__)
-    parser.add_argument("--samples", type=int, default=2048, help="starting points (default: 2048)")
-    parser.add_argument("--max-steps", type=int, default=256, help="largest Euler step count (default: 256)")
-    args = parser.parse_args()
-    if args.samples < 2 or args.max_steps < 4:
-        raise SystemExit("error: --samples must be >= 2 and --max-steps >= 4")
+    parser.add_argument("--samples", type=common.number(int, low=2), default=2048,
+                        help="starting points (default: 2048)")
+    parser.add_argument("--max-steps", type=common.number(int, low=4), default=256,
+                        help="largest Euler step count (default: 256)")
+    return parser.parse_args(argv)
+
+
+def demo(args):
     device = common.get_device(args.device)
     torch.set_num_threads(1)  # 1-D toy tensors are far too small for intra-op threads to pay off
     outdir = common.out_dir(__file__, args.outdir)
@@ -284,6 +291,14 @@ def main():
     print(f"W1 of the exact ODE solution to the data: {toy.wasserstein1(reference.cpu(), truth):.4f}"
           f"  (sampling noise of {args.samples} points)")
     print(f"\nfigures in {outdir}/  ({time.time() - start:.1f} s)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        demo(args)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ Run:  python 03_heun_and_schedules.py     (about 35 s on 2 CPU cores; figures in
 """
 
 import math
+import sys
 import time
 
 import numpy as np
@@ -80,6 +81,8 @@ def heun(net, x, t_steps, f, class_labels=None):
 
 def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80, rho=7):
     """Eq. 5: uniform steps in sigma^(1/rho)."""
+    # Eq. 5's home. Deliberate twins, so that those chapters copy without this one: 01_toy_1d's
+    # noise_levels (appends sigma_N = 0) and 04_stochastic_sampler's edm_sigma_steps.
     i = torch.arange(num_steps, dtype=torch.float64)
     return (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
@@ -114,6 +117,9 @@ def iddpm_u(M=1000, C_1=0.001, C_2=0.008):
     The official code evaluates alpha_bar on integer tensors, i.e. in float32; we do the same,
     so that the selected noise levels agree with it bit for bit (float64 would move them by ~1e-6).
     """
+    # Deliberate twin: 05_preconditioning.iddpm_u_table, the same table for the iDDPM
+    # preconditioner, kept entirely in float32 there as the official network code keeps it; here
+    # u is float64 (alpha_bar float32) as in the official sampler. 05 must copy without 03.
     j = torch.arange(M + 1)
     alpha_bar = torch.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2                 # float32, as official
     ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)                        # alpha_bar(j-1) / alpha_bar(j)
@@ -235,7 +241,7 @@ class FiniteSetDenoiser:
         return torch.cdist(x.flatten(1).to(torch.float64), self.flat).argmin(dim=1)
 
 
-def make_shapes(n, resolution=16, generator=None):
+def shape_images(n, resolution=16, generator=None):
     """n small RGB images in [-1, 1]: a soft disc or square of one colour on a vertical gradient."""
     g = generator
     coords = (torch.arange(resolution, dtype=torch.float64) + 0.5) / resolution
@@ -387,16 +393,19 @@ LADDER = {
 }
 
 
-def main():
+def parse_args(argv=None):
     parser = common.base_parser(__doc__)
-    parser.add_argument("--points", type=int, default=1024, help="1-D toy latents (default: 1024)")
-    parser.add_argument("--images", type=int, default=256, help="size of the finite image set (default: 256)")
-    parser.add_argument("--latents", type=int, default=128, help="image latents per configuration (default: 128)")
-    parser.add_argument("--local-latents", type=int, default=32,
+    positive = common.number(int, low=1)
+    parser.add_argument("--points", type=positive, default=1024, help="1-D toy latents (default: 1024)")
+    parser.add_argument("--images", type=positive, default=256, help="size of the finite image set (default: 256)")
+    parser.add_argument("--latents", type=positive, default=128,
+                        help="image latents per configuration (default: 128)")
+    parser.add_argument("--local-latents", type=positive, default=32,
                         help="latents for the per-step local error study (default: 32)")
-    args = parser.parse_args()
-    if min(args.points, args.images, args.latents, args.local_latents) < 1:
-        raise SystemExit("error: --points, --images, --latents and --local-latents must be >= 1")
+    return parser.parse_args(argv)
+
+
+def demo(args):
     device = common.get_device(args.device)
     torch.set_num_threads(1)  # these small tensors run fastest without intra-op threads on a shared CPU
     outdir = common.out_dir(__file__, args.outdir)
@@ -406,7 +415,7 @@ def main():
 
     toy = common.load("01_toy_1d").default_mixture()
     toy_latents = torch.randn(args.points, 1, generator=g, dtype=torch.float64).to(device)
-    images = make_shapes(args.images, generator=g).to(device)
+    images = shape_images(args.images, generator=g).to(device)
     image_net = FiniteSetDenoiser(images)
     image_latents = torch.randn(args.latents, *images.shape[1:], generator=g, dtype=torch.float64).to(device)
 
@@ -459,6 +468,14 @@ def main():
     print(f"\nsamples.png rows: training images | Heun 64 steps (the reference) | at 15 NFE: Heun 8 steps | "
           f"Euler 15 steps (EDM ODE) | original VP sampler")
     print(f"figures in {outdir}/  ({time.time() - start:.1f} s)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        demo(args)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

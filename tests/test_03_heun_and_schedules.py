@@ -1,6 +1,9 @@
 """03: Heun (Algorithm 1), the four discretizations, the ablation sampler, the finite-set denoiser."""
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -174,9 +177,30 @@ def test_finite_set_denoiser_is_the_posterior_mean(m):
 def test_ablation_sampler_lands_on_training_images(m):
     """The exact ODE of a finite set ends on training images; 18 Heun steps already get there."""
     g = torch.Generator().manual_seed(1)
-    images = m.make_shapes(32, resolution=8, generator=g)
+    images = m.shape_images(32, resolution=8, generator=g)
     assert images.shape == (32, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
     net = m.FiniteSetDenoiser(images)
     latents = torch.randn(16, 3, 8, 8, generator=g, dtype=torch.float64)
     x = m.ablation_sampler(net, latents)
     assert torch.allclose(x, images[net.nearest(x)], atol=1e-6)
+
+
+def _assert_one_line_errors(script, bad_argvs, tmp_path):
+    """Each argv must end in exactly one `error:` line, a non-zero exit and no traceback (run in parallel)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, os.path.join(root, script), "--outdir", str(tmp_path), *argv],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in bad_argvs]
+    for argv, proc in zip(bad_argvs, procs):
+        out, err = proc.communicate(timeout=120)
+        text = out + err
+        assert proc.returncode != 0, (argv, text)
+        assert sum("error:" in line for line in text.splitlines()) == 1, (argv, text)
+        assert "Traceback" not in text, (argv, text)
+
+
+def test_bad_command_lines_give_one_error_line(tmp_path):
+    bad = [["--points", "0"], ["--images", "-1"], ["--latents", "x"], ["--bogus", "1"], ["--local", "3"]]
+    if not torch.cuda.is_available():
+        bad.append(["--device", "cuda"])
+    _assert_one_line_errors("03_heun_and_schedules.py", bad, tmp_path)
