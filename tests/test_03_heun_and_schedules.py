@@ -121,9 +121,52 @@ def test_iddpm_table(m):
     for j in range(1, M + 1):
         ratio = max(alpha_bar(j - 1) / alpha_bar(j), C_1)
         assert math.isclose((u[j - 1] ** 2 + 1) / (u[j] ** 2 + 1), 1 / ratio, rel_tol=1e-6), j
-    s = m.iddpm_sigma_steps(18, 0.002, 81)
-    inside = u[(u >= 0.002) & (u <= 81)]
-    assert s[0] == inside[0] and s[-1] == inside[-1] and torch.all(s.diff() < 0) and len(s) == 18
+
+
+def table1_sigma_steps(discretization, N):
+    """The noise levels sigma(t_i), i < N, written out from Table 1 with its default parameters.
+
+    Independent of the code under test: plain Python floats, the u_j table by its recurrence in float64.
+    """
+    if discretization == "vp":      # t_i = 1 + i/(N-1) (eps_s - 1), sigma(t) = sqrt(e^(beta_d t^2/2 + beta_min t) - 1)
+        t = [1 + i / (N - 1) * (1e-3 - 1) for i in range(N)]
+        return [math.sqrt(math.exp(0.5 * 19.9 * v ** 2 + 0.1 * v) - 1) for v in t]
+    if discretization == "ve":      # t_i = sigma_max^2 (sigma_min^2 / sigma_max^2)^(i/(N-1)), sigma(t) = sqrt(t)
+        return [math.sqrt(100 ** 2 * (0.02 ** 2 / 100 ** 2) ** (i / (N - 1))) for i in range(N)]
+    if discretization == "edm":     # Eq. 5 with sigma_min = 0.002, sigma_max = 80, rho = 7
+        return [(80 ** (1 / 7) + i / (N - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(N)]
+    # iDDPM: t_i = u_j with j = floor(j_0 + (M - 1 - j_0)/(N - 1) i + 1/2); u_M = 0,
+    # u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar_{j-1} / alpha_bar_j, C_1) - 1), alpha_bar_j = sin^2(pi/2 j / (M (C_2 + 1))),
+    # and j_0 = 8: the first entry at or below sigma_max = 81. The index is evaluated in floating point, as the
+    # official code does (with exact fractions N = 59 would pick j = 504 instead of 503 at i = 29).
+    M, C_1, C_2 = 1000, 0.001, 0.008
+    alpha_bar = [math.sin(0.5 * math.pi * j / (M * (C_2 + 1))) ** 2 for j in range(M + 1)]
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar[j - 1] / alpha_bar[j], C_1) - 1)
+    j_0 = 8
+    assert u[j_0] <= 81 < u[j_0 - 1]
+    return [u[math.floor(j_0 + (M - 1 - j_0) / (N - 1) * i + 0.5)] for i in range(N)]
+
+
+@pytest.mark.parametrize("N", [2, 5, 18, 40, 59])
+@pytest.mark.parametrize("discretization", ["vp", "ve", "iddpm", "edm"])
+def test_every_discretization_matches_table1_step_by_step(m, discretization, N):
+    """Each sigma_i of Table 1, and the sampler really evaluates the denoiser at exactly those levels.
+
+    Tolerance: VP refits beta_d, beta_min from its sigma range (~1e-9 relative). iDDPM's alpha_bar is float32,
+    as official, which moves u_j by up to 0.05 % (at u_999, where u^2 = 1/ratio - 1 cancels); neighbouring
+    u_j differ by >= 0.31 %, so a 0.1 % tolerance still catches any index moved by one.
+    """
+    expected = torch.tensor(table1_sigma_steps(discretization, N), dtype=torch.float64)
+    rtol = {"vp": 1e-8, "ve": 1e-12, "iddpm": 1e-3, "edm": 1e-12}[discretization]
+    steps = m.sigma_steps(discretization, N, *m.default_sigma_range(discretization))
+    torch.testing.assert_close(steps, expected, rtol=rtol, atol=0, msg=lambda text: f"{discretization}, N = {N}: "
+                               f"sigma_i differ at i = {((steps - expected).abs() > rtol * expected).nonzero().flatten().tolist()}\n{text}")
+    net = Counting(gaussian_denoiser)
+    m.ablation_sampler(net, torch.zeros(3, dtype=torch.float64), num_steps=N, solver="euler",
+                       discretization=discretization)
+    torch.testing.assert_close(torch.tensor(net.sigmas, dtype=torch.float64), expected, rtol=rtol, atol=0)
 
 
 def test_every_combination_converges(m, toy, one_thread):
