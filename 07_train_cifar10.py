@@ -1,61 +1,46 @@
 """07 -- Training: the paper's recipe for CIFAR-10 (and ImageNet-64, and your own images).
 
-Chapter 05 gave the loss (Eq. 2 with the preconditioning of Eq. 7 and the noise
-distribution ln(sigma) ~ N(P_mean, P_std^2) of Table 1); chapter 06 gave the networks.
-This file is the rest of Sec. 5 and Appendix F: how the paper actually trains them.
+Chapter 05 gave the loss (Eq. 2, weighted as in Table 1) and chapter 06 the networks; this file is
+the rest of Sec. 5 and Appendix F. It reads in that order: what is trained (the presets), the data,
+the non-leaking augmentation, the network and loss, the training loop; then the machinery a real
+run needs (checkpoints, resume, ticks, previews) and the command line.
 
-  * Data. CIFAR-10 through torchvision, any folder or zip of PNG/JPEG images (the
-    official dataset-tool layout with an optional dataset.json of labels, or one
-    sub-folder per class), or a built-in procedural dataset of coloured shapes that
-    needs no download. Images are decoded once into a uint8 cache in memory;
-    `--xflip` doubles the dataset with mirrored copies.
-  * Non-leaking augmentation (Sec. 5, App. F.2). With probability p each image is
-    flipped, scaled, rotated, stretched and shifted *before* noise is added, and the
-    9 numbers describing what was done are given to the network as extra
-    conditioning ("augment labels"). The network learns to denoise augmented images
-    as augmented images, so at sampling time (labels = 0) it produces un-augmented
-    ones: the augmentations do not leak into the generated distribution.
-  * The loop (Table 7): Adam (beta 0.9/0.999, eps 1e-8); the learning rate ramps up
-    linearly over the first 10 Mimg; the weights are averaged with an exponential
-    moving average whose half-life is given in images (0.5 Mimg for CIFAR-10) and
-    shortened to 5% of the images seen early in training; gradients with NaN/Inf
-    entries are sanitised rather than skipped; the loss is summed per image and
-    averaged over the batch.
-  * Scale. The same file runs alone (`python 07_train_cifar10.py`) or as one process
-    per GPU under `torchrun` (DistributedDataParallel, NCCL on GPUs, gloo on CPU).
-    Each rank reads its own shard of one shuffled stream of images; `--batch-gpu`
-    splits a rank's share into gradient-accumulation rounds, and gradients are
-    averaged across ranks only after the last round. Mixed precision via autocast.
-  * Checkpoints you cannot lose. Every `--snap` kimg: a network snapshot (EMA
-    weights + config, read by 06's `load_network` and by 08), a preview grid drawn
-    with 04's sampler from fixed seeds, and the full training state (weights, EMA,
-    optimizer, images seen, data-stream position, every RNG), each written to a
-    temporary file and renamed into place, keeping the previous good state. A run
-    resumed with `--resume auto` continues bit for bit as if never stopped.
+  * Data: CIFAR-10 (via torchvision), a folder or zip of images (`ImageFolder`, which 08 reads
+    images with too; labels from dataset.json or class sub-folders), or built-in coloured shapes.
+  * Non-leaking augmentation (Sec. 5, App. F.2): with probability p an image is flipped, scaled,
+    rotated, stretched and shifted before noise is added, and the network is told what was done
+    (9 "augment labels"); sampling with labels = 0 then gives un-augmented images.
+  * The loop (Table 7): Adam (0.9, 0.999, 1e-8), the learning rate ramped up over 10 Mimg, an EMA
+    of the weights with a half-life counted in images. `--label-dropout p` (not in the paper; 0 in
+    every preset) trains one network with and without its class, as classifier-free guidance needs.
+  * Scale: one process, or one per GPU under torchrun (DDP; gloo on CPUs); `--batch-gpu` turns the
+    rest of a process's share into gradient accumulation; mixed precision via autocast.
+  * Checkpoints you cannot lose: every `--snap` kimg a network snapshot (06 and 08 read it), a
+    labelled preview grid and the full training state, written atomically with the previous one
+    kept; `--resume auto` continues bit for bit as if never stopped.
 
-Paper setups (`--preset`; explicit flags override preset values):
-  cifar10     DDPM++ (or --arch ncsnpp), EDM preconditioning, 200 Mimg, batch 512,
-              lr 1e-3, EMA 0.5 Mimg, dropout 0.13, augment p = 0.12   [FID 1.79 / 1.97]
-  imagenet64  ADM, class-conditional, 2500 Mimg, batch 4096, lr 1e-4, EMA 50 Mimg,
-              dropout 0.10, no augmentation, fp16 mixed precision
-  tiny        a small DDPM++ on 16x16 coloured shapes: a few minutes on a laptop CPU,
-              and the preview grids show the shapes forming
+Presets (explicit flags override their values; `--preset X --help` lists them):
+  cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg,
+              dropout 0.13, augment p = 0.12   [FID 1.79 conditional, 1.97 unconditional]
+  imagenet64  ADM, class-conditional, 2500 Mimg, batch 4096, lr 1e-4, EMA 50 Mimg, dropout 0.10, fp16
+  tiny        the default: a 0.3M-parameter DDPM++ on 16x16 coloured shapes, 64 kimg in about three
+              minutes on a 2-core CPU; its preview grids show the shapes forming
 
 Examples:
-  python 07_train_cifar10.py                     # = --preset tiny; watch out/07_train_cifar10/preview-*.png
-  torchrun --standalone --nproc_per_node=8 07_train_cifar10.py --preset cifar10 --cond --outdir runs/cifar10-cond
-  python 07_train_cifar10.py --preset cifar10 --resume auto --outdir runs/cifar10-cond   # continue a run
+  python 07_train_cifar10.py > log.txt    # = --preset tiny; the log ends with which files to open
+  torchrun --standalone --nproc_per_node=8 07_train_cifar10.py --preset cifar10 --cond --outdir runs/c10
+  python 07_train_cifar10.py --preset cifar10 --cond --resume auto --outdir runs/c10     # continue it
 """
 
 import argparse
 import contextlib
 import copy
+import glob
 import hashlib
 import io
 import json
 import math
 import os
-import random
 import resource
 import sys
 import time
@@ -74,8 +59,11 @@ sampler = common.load("04_stochastic_sampler")
 
 
 # ----------------------------------------------------------------------------
-# Configuration: presets reproduce the paper's setups; explicit flags win.
+# What is trained: the paper's setups (Table 7). Explicit flags win over a preset.
 
+DEFAULTS = dict(data=None, resolution=None, cond=False, xflip=False, arch="ddpmpp", precond="edm", cbase=None,
+                cres=None, blocks=None, attn=None, dropout=0.13, augment=0.12, label_dropout=0, duration=200,
+                batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, precision="fp32", tick=50, snap=2500)
 PRESETS = {
     # Table 7, CIFAR-10 column (train.py defaults of the official code).
     "cifar10": dict(data="cifar10", arch="ddpmpp", precond="edm", duration=200, batch=512, lr=1e-3,
@@ -88,118 +76,46 @@ PRESETS = {
                  blocks=1, attn=[], duration=0.064, batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0,
                  lr_rampup=0.01, precision="fp32", tick=4, snap=16),
 }
-
 # Options that may differ between a run and its resumption (they do not change the maths).
 RESUMABLE = {"duration", "stop_kimg", "tick", "snap", "outdir", "resume", "device", "compile", "batch_gpu",
              "data_dir", "preset"}
 
 
-def int_list(text):
-    return [int(v) for v in text.split(",") if v != ""]
-
-
-def parse_args(argv=None):
-    parser = common.base_parser(__doc__)
-    parser.error = usage_error   # one line instead of argparse's usage dump
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="paper setup to start from (flags override)")
-    parser.add_argument("--data", help="cifar10 | shapes | path to a folder or .zip of PNG/JPEG images")
-    parser.add_argument("--data-dir", default=DATA_DIR, help="where CIFAR-10 is (downloaded to)")
-    parser.add_argument("--resolution", type=common.number(int, low=4), help="size of the shapes dataset; for image data, a check")
-    flag = dict(action=argparse.BooleanOptionalAction, default=False)   # --x / --no-x
-    parser.add_argument("--cond", **flag, help="class-conditional (needs labels)")
-    parser.add_argument("--xflip", **flag, help="double the dataset with x-flips")
-    parser.add_argument("--arch", choices=["ddpmpp", "ncsnpp", "adm"], default="ddpmpp")
-    parser.add_argument("--precond", choices=["vp", "ve", "edm"], default="edm")
-    parser.add_argument("--cbase", type=int, help="channel multiplier (default: 128 ddpmpp/ncsnpp, 192 adm)")
-    parser.add_argument("--cres", type=int_list, help="channels per resolution, e.g. 2,2,2")
-    parser.add_argument("--blocks", type=int, help="residual blocks per resolution (default: 4 SongUNet, 3 ADM)")
-    parser.add_argument("--attn", type=int_list, help="resolutions with attention (default: 16 SongUNet, 32,16,8 ADM)")
-    parser.add_argument("--dropout", type=float, default=0.13)
-    parser.add_argument("--augment", type=float, default=0.12, help="augmentation probability p (0 = off)")
-    parser.add_argument("--duration", type=float, default=200, help="training length in Mimg")
-    parser.add_argument("--batch", type=int, default=512, help="total batch size (all ranks)")
-    parser.add_argument("--batch-gpu", type=int, help="per-rank micro-batch; the rest is gradient accumulation")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lr-rampup", type=float, default=10, help="learning-rate ramp-up, Mimg")
-    parser.add_argument("--ema", type=float, default=0.5, help="EMA half-life, Mimg")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
-    parser.add_argument("--tf32", **flag, help="allow TF32 matmuls (off: as the paper)")
-    parser.add_argument("--compile", **flag, help="torch.compile the network")
-    parser.add_argument("--tick", type=float, default=50, help="log interval, kimg")
-    parser.add_argument("--snap", type=float, default=2500, help="snapshot/preview/checkpoint interval, kimg")
-    parser.add_argument("--resume", help="auto (continue the run in --outdir, if any) or a training-state .pt")
-    parser.add_argument("--stop-kimg", type=float, help="save and stop once this many kimg are done "
-                        "(the schedule still follows --duration; for job time limits)")
-    args, _ = parser.parse_known_args(argv)
-    if args.preset is None and args.data is None:   # plain `python 07_train_cifar10.py`: the CPU demo
-        parser.set_defaults(preset="tiny")
-        args.preset = "tiny"
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
-    args = parser.parse_args(argv)
-    if args.data is None:
-        sys.exit(f"error: --preset {args.preset} needs --data (cifar10, shapes, or a folder/zip of images)")
-    return args
-
-
-def usage_error(message):
-    sys.exit(f"error: {message}")
-
-
-def check_args(args, world_size):
-    """Errors that need no data: one line each, before anything is written."""
-    if args.batch % world_size:
-        sys.exit(f"error: --batch {args.batch} is not divisible by the {world_size} processes")
-    batch_rank = args.batch // world_size
-    batch_gpu = args.batch_gpu or batch_rank
-    if batch_gpu > batch_rank or batch_rank % batch_gpu:
-        sys.exit(f"error: --batch {args.batch} must be divisible by processes x --batch-gpu "
-                 f"({world_size} x {batch_gpu})")
-    for name in ("duration", "lr", "tick", "snap"):
-        if getattr(args, name) <= 0:
-            sys.exit(f"error: --{name} must be positive")
-    if not 0 <= args.augment <= 1 or not 0 <= args.dropout <= 1:
-        sys.exit("error: --augment and --dropout are probabilities in [0, 1]")
-    return batch_gpu, batch_rank // batch_gpu
-
-
 # ----------------------------------------------------------------------------
-# Data: images become a uint8 tensor [N, C, H, W] plus integer class labels (or none).
-# This section is also 08's image reader (08 loads this file for it): one --data-dir
-# default, one list of extensions, one CIFAR-10 loader.
+# Data: images become a uint8 tensor [N, C, H, W] and integer class labels (or none).
+# 08 reads images through this section too: one --data-dir default, one extension list.
 
 DATA_DIR = os.path.join("out", "data")       # where CIFAR-10's tarball is looked for (07 and 08)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 class ImageFolder:
-    """The images of a folder or .zip (searched recursively, sorted by relative name), decoded on demand.
+    """The images of a folder or .zip (recursive, sorted by relative name), decoded only when read.
 
-    `read(i)` gives image i as uint8 [C, H, W] (C = 1 greyscale or 3 RGB); every image must
-    have the first one's shape. `labels` reads the official dataset-tool layout's
-    dataset.json ({"labels": [["00000/img00000000.png", 6], ...]}); without one, images in one
-    sub-folder per class get the index of their (sorted) folder name; otherwise None.
+    `read(i)` gives uint8 [C, H, W] (C = 1 greyscale or 3 RGB), and every image must have the first
+    one's shape. `labels` come from dataset.json (the official dataset-tool layout:
+    {"labels": [["00000/img00000000.png", 6], ...]}), else from one sub-folder per class, else None.
     """
 
     def __init__(self, path):
-        self.path = path
-        self._zip = None
+        self.path, self._zip = path, None
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path!r}: no such folder or .zip of images")
         if os.path.isdir(path):
-            files = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                           for root, _, names in os.walk(path) for f in names)
+            files = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                     for root, _, names in os.walk(path) for f in names]
         elif zipfile.is_zipfile(path):
             self._zip = zipfile.ZipFile(path)
-            files = sorted(n for n in self._zip.namelist() if not n.endswith("/"))
+            files = [n for n in self._zip.namelist() if not n.endswith("/")]
         else:
             raise ValueError(f"{path!r} is neither a folder nor a .zip file of images")
-        self._files = files
-        self.names = [n for n in files if n.lower().endswith(IMAGE_EXTENSIONS)]
+        self._files = set(files)
+        self.names = sorted(n for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
         if not self.names:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path!r}")
+            raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {path!r}")
         self.shape = None
-        self.shape = self.read(0).shape              # every later image must match the first
+        self.shape = self.read(0).shape                 # every later image must match the first
 
     def __len__(self):
         return len(self.names)
@@ -217,12 +133,12 @@ class ImageFolder:
         try:
             with PIL.Image.open(io.BytesIO(self._bytes(name))) as image:
                 array = np.array(image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB"))
-        except Exception as error:   # PIL raises many kinds for a damaged file
+        except Exception as error:   # a damaged file can raise many kinds
             raise ValueError(f"cannot read image {name!r} in {self.path!r} ({type(error).__name__}: {error})")
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         if self.shape is not None and array.shape != self.shape:
-            shape = lambda s: f"{s[2]}x{s[1]} with {s[0]} channel(s)"
-            raise ValueError(f"{name!r} is {shape(array.shape)} but {self.names[0]!r} is {shape(self.shape)}; "
+            size = lambda s: f"{s[2]}x{s[1]} with {s[0]} channel(s)"
+            raise ValueError(f"{name!r} is {size(array.shape)} but {self.names[0]!r} is {size(self.shape)}; "
                              f"all images in {self.path!r} must have one size and channel count")
         return array
 
@@ -232,7 +148,7 @@ class ImageFolder:
 
     @property
     def labels(self):
-        """Class labels (int64 [N]; float32 [N, D] if dataset.json holds vectors), or None."""
+        """int64 [N] class indices (float32 [N, D] if dataset.json holds vectors), or None."""
         if "dataset.json" in self._files:
             labels = json.loads(self._bytes("dataset.json")).get("labels")
             if labels is None:
@@ -246,12 +162,11 @@ class ImageFolder:
         folders = [n.split("/")[0] if "/" in n else None for n in self.names]
         if None in folders or len(set(folders)) < 2:
             return None
-        classes = sorted(set(folders))
-        return np.asarray([classes.index(d) for d in folders], dtype=np.int64)
+        return np.unique(folders, return_inverse=True)[1].astype(np.int64)   # index of the sorted folder name
 
 
 def load_cifar10(data_dir=DATA_DIR):
-    """The 50,000 CIFAR-10 training images (uint8 [50000, 3, 32, 32]) and their classes (int64 [50000])."""
+    """The 50,000 CIFAR-10 training images (uint8 [50000, 3, 32, 32]) and classes (int64 [50000])."""
     import torchvision
     try:
         dataset = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
@@ -259,8 +174,7 @@ def load_cifar10(data_dir=DATA_DIR):
         raise OSError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(error).__name__}); "
                       f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
                       f"into {data_dir!r}") from None
-    images = torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous()
-    return images, np.asarray(dataset.targets, dtype=np.int64)
+    return torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous(), np.asarray(dataset.targets, np.int64)
 
 
 # The built-in dataset: coloured shapes on dark backgrounds, one class per shape.
@@ -299,61 +213,49 @@ def make_shapes_dataset(n, resolution, seed=0, supersample=4):
 
 
 class TrainingSet:
-    """The training images in memory (decoded once) with one-hot labels; with xflip, index N + i is image i mirrored."""
+    """Training images in memory (uint8 [N, C, H, W], decoded once), one-hot labels [N, label_dim]
+    (label_dim 0: none) and class names; with xflip, index N + i is image i mirrored."""
 
-    def __init__(self, name, images, labels, xflip):
-        self.name = name
-        self.images = images                          # uint8 [N, C, H, W]
-        self.labels = labels                          # float32 [N, label_dim]; label_dim 0 = unconditional
-        self.xflip = xflip
-        self.resolution, self.channels, self.label_dim = images.shape[2], images.shape[1], labels.shape[1]
+    def __init__(self, name, images, labels, class_names, xflip):
+        self.name, self.images, self.labels, self.class_names, self.xflip = name, images, labels, class_names, xflip
+        self.channels, self.resolution, self.label_dim = images.shape[1], images.shape[2], labels.shape[1]
 
     def __len__(self):
         return len(self.images) * (2 if self.xflip else 1)
 
     def batch(self, indices):
-        n = len(self.images)
-        raw = indices % n
-        flip = (indices >= n).view(-1, 1, 1, 1)
+        raw, flip = indices % len(self.images), (indices >= len(self.images)).view(-1, 1, 1, 1)
         return torch.where(flip, self.images[raw].flip(3), self.images[raw]), self.labels[raw]
 
 
-def one_hot(labels):
-    """Integer class labels -> one-hot float rows; label vectors pass through."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        return torch.as_tensor(labels, dtype=torch.float32)
-    if labels.min() < 0:
-        raise ValueError("class labels must be non-negative integers")
-    return F.one_hot(torch.as_tensor(labels, dtype=torch.int64), int(labels.max()) + 1).to(torch.float32)
-
-
 def load_dataset(args):
-    """--data (cifar10 | shapes | folder/zip) -> TrainingSet, checked against the network it will feed."""
+    """--data (cifar10 | shapes | a folder/zip) -> TrainingSet, checked against the network it will feed."""
+    names = None
     if args.data == "cifar10":
-        images, labels = load_cifar10(args.data_dir)
-        name = "cifar10"
+        (images, labels), name, names = load_cifar10(args.data_dir), "cifar10", CIFAR10_CLASSES
     elif args.data == "shapes":
-        images, labels = make_shapes_dataset(4096, args.resolution or 16)
+        (images, labels), names = make_shapes_dataset(4096, args.resolution or 16), SHAPES
         name = f"shapes{images.shape[2]}"
     else:
-        if not os.path.exists(args.data):
-            raise FileNotFoundError(f"--data {args.data!r}: unknown dataset (not cifar10, shapes, "
-                                    f"or an existing folder/zip of images)")
         folder = ImageFolder(args.data)
         images, labels = folder.batch(range(len(folder))), folder.labels
         name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
-    n, c, h, w = images.shape
-    if h != w:
-        raise ValueError(f"images must be square, got {w}x{h}")
+    n, _, h, w = images.shape
+    levels = len(args.cres or ([1, 2, 3, 4] if args.arch == "adm" else [2, 2, 2]))
+    if h != w or h % 2 ** (levels - 1):
+        raise ValueError(f"the images are {w}x{h}; the {levels}-level U-Net needs square images whose size "
+                         f"is divisible by 2^{levels - 1}")
     if args.resolution is not None and h != args.resolution:
         raise ValueError(f"--resolution {args.resolution} but the images are {h}x{w}")
-    levels = len(args.cres or ([1, 2, 3, 4] if args.arch == "adm" else [2, 2, 2]))
-    if h % 2 ** (levels - 1):
-        raise ValueError(f"resolution {h} is not divisible by 2^{levels - 1} as the {levels}-level U-Net needs")
-    if args.cond and labels is None:
+    if not args.cond:
+        return TrainingSet(name, images, torch.zeros([n, 0]), [], args.xflip)
+    if labels is None:
         raise ValueError(f"--cond needs labels, and {args.data!r} has none (dataset.json or class sub-folders)")
-    return TrainingSet(name, images, one_hot(labels) if args.cond else torch.zeros([n, 0]), args.xflip)
+    if labels.ndim == 1 and labels.min() < 0:
+        raise ValueError(f"class labels must be non-negative integers; {args.data!r} has {labels.min()}")
+    onehot = torch.as_tensor(labels) if labels.ndim == 2 else F.one_hot(torch.as_tensor(labels)).to(torch.float32)
+    names = names or [f"class {k}" for k in range(onehot.shape[1])]
+    return TrainingSet(name, images, onehot, names, args.xflip)
 
 
 # ----------------------------------------------------------------------------
@@ -536,7 +438,7 @@ def resample(images, G_inv):
 
 
 # ----------------------------------------------------------------------------
-# Networks and losses in the official configuration vocabulary (train.py of NVlabs/edm).
+# The network and the loss, in the official configuration vocabulary (train.py of NVlabs/edm).
 
 ARCHS = {
     "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
@@ -551,25 +453,24 @@ PRECONDS = {"vp": ("VPPrecond", "VPLoss"), "ve": ("VEPrecond", "VELoss"), "edm":
 
 
 def network_config(args, data):
-    """(class_name, kwargs) exactly as the official constructors take them."""
+    """(class_name, kwargs) exactly as the official constructors take them (06's from_official_config)."""
     kwargs = dict(img_resolution=data.resolution, img_channels=data.channels, label_dim=data.label_dim,
                   use_fp16=False, **ARCHS[args.arch])   # mixed precision comes from autocast instead
-    if args.cbase is not None:
-        kwargs["model_channels"] = args.cbase
-    if args.cres is not None:
-        kwargs["channel_mult"] = args.cres
-    if args.blocks is not None:
-        kwargs["num_blocks"] = args.blocks
-    if args.attn is not None:
-        kwargs["attn_resolutions"] = args.attn
+    for option, name in (("cbase", "model_channels"), ("cres", "channel_mult"), ("blocks", "num_blocks"),
+                         ("attn", "attn_resolutions")):
+        if getattr(args, option) is not None:
+            kwargs[name] = getattr(args, option)
     if args.augment > 0:
         kwargs["augment_dim"] = len(AUGMENT_LABELS)
     kwargs["dropout"] = args.dropout
+    if args.label_dropout > 0:
+        kwargs["label_dropout"] = args.label_dropout   # 06's drop_labels: zero class vector with probability p
     return PRECONDS[args.precond][0], kwargs
 
 
 # ----------------------------------------------------------------------------
-# The two schedules of the loop.
+# The training loop (Sec. 5, Table 7): the EDM step at the top level of `train`; the
+# bookkeeping it calls (checkpoints, resume, ticks, previews) is in the next section.
 
 def learning_rate(cur_nimg, lr, rampup_mimg):
     """Linear warm-up from 0 to lr over the first rampup_mimg million images, then constant."""
@@ -594,37 +495,204 @@ def update_ema(ema, net, beta):
         p_ema.copy_(p_net.detach().lerp(p_ema, beta))     # beta * ema + (1 - beta) * net
 
 
+def sanitize_gradients(net):
+    """As the official loop: NaN/Inf entries are replaced, not allowed to poison Adam. Returns 'any found'."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    found = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any()
+    for g in grads:
+        torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+    return found
+
+
+def train(args, device=torch.device("cpu")):
+    """Train as Sec. 5 / Table 7 describe, writing into the run folder; returns (run_dir, kimg reached)."""
+    rank, world_size = common.get_rank(), common.get_world_size()
+    batch_gpu, num_rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    batch_rank = batch_gpu * num_rounds                              # images per rank per step
+    run_dir = args.outdir or os.path.join("out", "07_train_cifar10")
+
+    # Everything that can fail on bad input happens before the first file is written.
+    data = load_dataset(args)
+    resume = find_resume(args, run_dir)
+    class_name, net_kwargs = network_config(args, data)
+
+    # The network D (06 inside 05's preconditioning): the same initial weights on every rank, then
+    # per-rank random streams for noise levels, noise, dropout and augmentation.
+    torch.manual_seed(args.seed)
+    net = unet.from_official_config(class_name, net_kwargs).train().requires_grad_(True).to(device)
+    common.seed_all(derive_seed(args.seed, "rank", rank))
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)            # the averaged weights that get sampled
+    loss_fn = getattr(precond, PRECONDS[args.precond][1])()          # 05: Table 1's p(sigma) and lambda(sigma)
+    augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
+    augment_pipe = AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    stream = InfiniteSampler(len(data), args.seed, rank, world_size)
+    cur_nimg = 0
+    if resume is not None:
+        cur_nimg = restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args)
+    ddp, model, autocast = accelerate(net, args, device, world_size)
+    begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, num_rounds, device)
+
+    total_nimg = round(args.duration * 1e6)
+    stop_nimg = min(total_nimg, round(args.stop_kimg * 1e3)) if args.stop_kimg is not None else total_nimg
+    progress = Progress(run_dir, cur_nimg, total_nimg, device, rank == 0)
+    while cur_nimg < stop_nimg:
+        # One step on args.batch images: num_rounds micro-batches per rank, gradients averaged on the last.
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(num_rounds):
+            sync = world_size == 1 or round_idx == num_rounds - 1
+            with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                images, labels = data.batch(stream.next(batch_gpu))
+                y = images.to(device).to(torch.float32) / 127.5 - 1        # pixels in [-1, 1]
+                if device.type == "cuda":
+                    y = y.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    # Eq. 2, weighted as in Table 1 (05's loss): draw sigma ~ p_train (EDM: ln sigma ~
+                    # N(P_mean, P_std^2)), augment y, add n ~ N(0, sigma^2 I); per pixel the loss is
+                    # lambda(sigma) |D(y + n; sigma) - y|^2.
+                    loss = loss_fn(net=model, images=y, labels=labels.to(device), augment_pipe=augment_pipe)
+                progress.add_loss(loss)
+                scaler.scale(loss.sum() / batch_rank).backward()     # summed per image, averaged over the batch
+
+        # Adam with the learning rate ramped up linearly (Table 7).
+        lr = learning_rate(cur_nimg, args.lr, args.lr_rampup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.unscale_(optimizer)
+        progress.add_nonfinite(sanitize_gradients(net))
+        scaler.step(optimizer)
+        scaler.update()
+
+        # The exponential moving average of the weights, half-life in images.
+        update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema))
+        cur_nimg += args.batch
+
+        # Bookkeeping: a tick every --tick kimg; at every --snap kimg (and at the end) also a network
+        # snapshot, a preview grid and the training state to resume from.
+        progress.update(cur_nimg)
+        snap_due = cur_nimg >= stop_nimg or crossed(cur_nimg, args.batch, args.snap)
+        if snap_due or crossed(cur_nimg, args.batch, args.tick):
+            stats = progress.tick(cur_nimg, lr)
+            if snap_due:
+                stats["rank_digests"] = save_snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream,
+                                                      device, augment_generator, data)
+            progress.log(stats)
+    progress.close()
+    return run_dir, cur_nimg / 1e3
+
+
 # ----------------------------------------------------------------------------
-# Distributed helpers: with one process these are no-ops.
+# Machinery: none of it changes the maths above. The batch split, precision and DDP, the run
+# folder, ticks (stats.jsonl and the progress display), snapshots and previews, training
+# states and resume, rank digests.
 
-def init_distributed(device_name):
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs alone."""
-    if "RANK" not in os.environ:
-        return 0, 1, common.get_device(device_name)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() and device_name != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+def split_batch(batch, batch_gpu, world_size):
+    """--batch = processes x rounds x --batch-gpu. Returns (batch_gpu, rounds)."""
+    batch_rank = batch // world_size
+    batch_gpu = batch_gpu or batch_rank
+    if batch % world_size or batch_gpu > batch_rank or batch_rank % batch_gpu:
+        raise ValueError(f"--batch {batch} must be divisible by processes x --batch-gpu ({world_size} x {batch_gpu})")
+    return batch_gpu, batch_rank // batch_gpu
 
 
-def all_mean(sums):
-    """[sum, sum of squares, count] summed over ranks -> global mean and std."""
-    sums = sums.clone()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    total, squares, count = sums.tolist()
-    mean = total / max(count, 1)
-    return mean, math.sqrt(max(squares / max(count, 1) - mean ** 2, 0))
+def crossed(cur_nimg, step, kimg):
+    """Did the last step of `step` images cross a multiple of `kimg`?"""
+    interval = max(round(kimg * 1e3), 1)
+    return cur_nimg // interval > (cur_nimg - step) // interval
+
+
+def accelerate(net, args, device, world_size):
+    """(ddp, model, autocast): the DDP wrapper (or net), what the loss calls, and the autocast context."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32   # the paper: true fp32
+    torch.backends.cudnn.benchmark = True   # fastest kernels; bit-exact GPU resumes would need deterministic ones
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
+        if world_size > 1 else net
+    dtype = common.get_dtype(args.precision)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
+    return ddp, torch.compile(ddp) if args.compile else ddp, autocast
+
+
+def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device):
+    """Rank 0: training_options.json, reals.png (new runs) and one line saying what is trained."""
+    world_size = common.get_world_size()
+    os.makedirs(run_dir, exist_ok=True)
+    common.write_json(dict(vars(args), world_size=world_size, dataset=data.name, dataset_size=len(data),
+                           network=dict(class_name=class_name, kwargs=net_kwargs), batch_gpu=batch_gpu,
+                           accumulation_rounds=rounds), os.path.join(run_dir, "training_options.json"))
+    if resume is None:
+        save_labelled_grid(data.batch(torch.arange(64) % len(data))[0] / 127.5 - 1,
+                           os.path.join(run_dir, "reals.png"), f"{data.name}: training images 0-63")
+    print(f"{f'resuming {resume[1]} at {cur_nimg / 1e3:g} kimg' if resume else 'new run'} -> {run_dir}\n"
+          f"{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, "
+          f"{data.label_dim} classes; {class_name}/{net_kwargs['model_type']} {sum(p.numel() for p in net.parameters()):,}"
+          f" parameters; {world_size} process(es) on {device}, batch {args.batch} = {world_size} x {rounds} x "
+          f"{batch_gpu}", flush=True)
+
+
+class Progress:
+    """Per tick: loss mean/std over all ranks (summed on the device, no syncs in between), speed and
+    memory, one line of stats.jsonl; on a terminal a tqdm bar, otherwise one plain line per tick."""
+
+    def __init__(self, run_dir, cur_nimg, total_nimg, device, is_main):
+        self.path, self.device, self.is_main, self.total = os.path.join(run_dir, "stats.jsonl"), device, is_main, total_nimg
+        self.bar = tqdm.tqdm(total=total_nimg / 1e3, initial=cur_nimg / 1e3, file=sys.stdout, dynamic_ncols=True,
+                             bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]") \
+            if is_main and sys.stdout.isatty() else None
+        self.reset(cur_nimg)
+
+    def reset(self, cur_nimg):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)    # sum, sum of squares, count
+        self.nonfinite = torch.zeros([], device=self.device)
+        self.start_time, self.start_nimg = time.time(), cur_nimg
+
+    def add_loss(self, loss):
+        per_image = loss.detach().double().mean(dim=(1, 2, 3))
+        self.sums += torch.stack([per_image.sum(), per_image.square().sum(), per_image.new_tensor(len(per_image))])
+
+    def add_nonfinite(self, found):
+        self.nonfinite += found
+
+    def update(self, cur_nimg):
+        if self.bar is not None:
+            self.bar.update(min(cur_nimg, self.total) / 1e3 - self.bar.n)
+
+    def tick(self, cur_nimg, lr):
+        sums = self.sums.clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        total, squares, count = sums.tolist()
+        mean, seconds, nimg = total / count, time.time() - self.start_time, cur_nimg - self.start_nimg
+        memory = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20     # Linux reports KiB
+        return dict(kimg=cur_nimg / 1e3, loss_mean=mean, loss_std=math.sqrt(max(squares / count - mean ** 2, 0)),
+                    lr=lr, images_per_sec=nimg / seconds, sec_per_kimg=seconds / nimg * 1e3,
+                    nonfinite_grad_steps=int(self.nonfinite), memory_gb=memory, timestamp=time.time())
+
+    def log(self, stats):
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{stats['loss_mean']:.4f}", img_s=f"{stats['images_per_sec']:.0f}")
+            else:   # a log file: one short line per tick
+                print(f"kimg {stats['kimg']:8.3f}/{self.total / 1e3:g}  loss {stats['loss_mean']:.4f} +- "
+                      f"{stats['loss_std']:.4f}  lr {stats['lr']:.2e}  {stats['images_per_sec']:.0f} img/s  "
+                      f"{stats['memory_gb']:.2f} GB" + ("  snapshot" if "rank_digests" in stats else ""), flush=True)
+        self.reset(round(stats["kimg"] * 1e3))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def gather(obj):
     """Every rank's obj, in rank order (just [obj] without torchrun)."""
     if not torch.distributed.is_initialized():
         return [obj]
-    out = [None] * torch.distributed.get_world_size()
+    out = [None] * common.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
 
@@ -637,289 +705,257 @@ def weights_digest(module):
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------
-# Checkpoints: written to a temp file and renamed into place; the previous good one is kept.
+def save_snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream, device, augment_generator, data):
+    """Network snapshot + preview + training state. Returns every rank's weight digest (equal, or we stop)."""
+    digests = gather(weights_digest(net) + "/" + weights_digest(ema))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks disagree on the weights at {cur_nimg} images: {digests}")
+    rngs = gather(dict(torch=torch.get_rng_state(), augment=augment_generator.get_state(),
+                       cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
+    if common.get_rank() == 0:
+        kimg = f"{cur_nimg // 1000:06d}"
+        unet.save_network(ema, os.path.join(run_dir, f"network-snapshot-{kimg}.pt"))
+        save_preview(ema, os.path.join(run_dir, f"preview-{kimg}.png"), device, cur_nimg, data.class_names)
+        write_state(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                         scaler=scaler.state_dict(), cur_nimg=cur_nimg, stream_position=stream.position,
+                         rng=rngs, args=vars(args)), run_dir)
+    return digests
 
+
+# Training states: written to a temp file and renamed into place; the previous good one is kept.
 STATE, PREVIOUS = "training-state.pt", "training-state-prev.pt"
-
-
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_state(state, run_dir):
     """training-state.pt <- state; the old one becomes training-state-prev.pt only once the new one is complete."""
     tmp = os.path.join(run_dir, STATE + ".tmp")
-    atomic_save(state, tmp)                       # a crash here leaves both old files intact
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())                        # a crash before the renames leaves both old files intact
     if os.path.exists(os.path.join(run_dir, STATE)):
         os.replace(os.path.join(run_dir, STATE), os.path.join(run_dir, PREVIOUS))
     os.replace(tmp, os.path.join(run_dir, STATE))
 
 
 def read_state(path, fallback=None):
-    """torch.load a training state (weights-only safe); if it is unreadable, warn and try `fallback`."""
+    """(state, path) from torch.load (weights-only safe); if `path` is unreadable, warn and read `fallback`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True), path
-    except Exception as error:
+    except Exception as error:   # a truncated or damaged file can raise many kinds
         if fallback is None or not os.path.exists(fallback):
-            sys.exit(f"error: cannot read training state {path!r} ({type(error).__name__})")
-        print(f"warning: {path} is unreadable ({type(error).__name__}); resuming from the previous "
-              f"good state {fallback}", file=sys.stderr)
+            raise ValueError(f"cannot read training state {path!r} ({type(error).__name__}): it is damaged; "
+                             f"resume from another state or start a new --outdir") from None
+        print(f"warning: {path} is unreadable ({type(error).__name__}); resuming from the previous good state "
+              f"{fallback}", file=sys.stderr)
         return read_state(fallback)
 
 
 def find_resume(args, run_dir):
-    """The training state to continue from, or None to start fresh."""
+    """(state, path) to continue from, or None for a new run; the state must fit the options."""
     latest, previous = os.path.join(run_dir, STATE), os.path.join(run_dir, PREVIOUS)
-    if args.resume is None:
-        if os.path.exists(latest) or os.path.exists(previous):
-            sys.exit(f"error: {run_dir!r} already holds a training run; pass --resume auto to continue it "
-                     f"or choose another --outdir")
+    found = os.path.exists(latest) or os.path.exists(previous)
+    if args.resume is None and found:
+        raise ValueError(f"{run_dir!r} already holds a training run; pass --resume auto to continue it "
+                         f"or choose another --outdir")
+    if args.resume is None or (args.resume == "auto" and not found):
         return None
     if args.resume == "auto":
-        if os.path.exists(latest):
-            return read_state(latest, fallback=previous)
-        return read_state(previous) if os.path.exists(previous) else None
-    if not os.path.isfile(args.resume):
-        sys.exit(f"error: --resume {args.resume!r}: no such file")
-    return read_state(args.resume)
-
-
-def rng_state(device, augment_generator):
-    """Every random stream this rank uses, as tensors and plain numbers (torch.load weights_only-safe)."""
-    np_state = np.random.get_state()
-    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                 numpy=dict(key=torch.as_tensor(np_state[1].astype(np.int64)), pos=np_state[2],
-                            has_gauss=np_state[3], cached_gaussian=np_state[4]),
-                 augment=augment_generator.get_state() if augment_generator is not None else None)
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device, augment_generator):
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if augment_generator is not None:
-        augment_generator.set_state(state["augment"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def check_resumable(saved, args):
+        resume = read_state(latest, fallback=previous) if os.path.exists(latest) else read_state(previous)
+    elif os.path.isfile(args.resume):
+        resume = read_state(args.resume)
+    else:
+        raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
+    saved = resume[0]["args"]
     changed = sorted(k for k, v in vars(args).items() if k not in RESUMABLE and saved.get(k, v) != v)
     if changed:
-        sys.exit("error: cannot resume with different " + ", ".join(
+        raise ValueError("cannot resume with different " + ", ".join(
             f"--{k.replace('_', '-')} ({saved[k]} -> {getattr(args, k)})" for k in changed))
+    return resume
 
 
-# ----------------------------------------------------------------------------
-# Seeing progress: preview grids from fixed seeds, and stats.jsonl.
+def restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args):
+    """Load a training state into this rank's objects and random streams; returns the images seen."""
+    state, rank, world_size = resume[0], common.get_rank(), common.get_world_size()
+    net.load_state_dict(state["net"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    stream.position = state["stream_position"]
+    if len(state["rng"]) == world_size:
+        torch.set_rng_state(state["rng"][rank]["torch"])
+        augment_generator.set_state(state["rng"][rank]["augment"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
+    else:   # a different number of ranks cannot replay the old streams; fresh ones, still deterministic
+        print(f"warning: resuming {len(state['rng'])} ranks' run on {world_size}; random streams are re-seeded",
+              file=sys.stderr)
+        common.seed_all(derive_seed(args.seed, "rank", rank, state["cur_nimg"]))
+        augment_generator.manual_seed(derive_seed(args.seed, "augment", rank, state["cur_nimg"]))
+    return state["cur_nimg"]
 
+
+# Previews: 8x8 samples from fixed seeds, enlarged (nearest neighbour) and labelled.
 PREVIEW_SEEDS = range(64)
 
 
 @torch.no_grad()
-def save_preview(ema, path, device):
-    """8x8 samples from seeds 0..63 (row r: class r mod label_dim) with the deterministic EDM sampler."""
+def save_preview(ema, path, device, cur_nimg, class_names):
+    """Seeds 0..63 (row r: class r mod label_dim) through 04's deterministic sampler (18 steps, 35 NFE)."""
     rnd = common.StackedRandomGenerator(device, PREVIEW_SEEDS)
     latents = rnd.randn([len(PREVIEW_SEEDS), ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
-    labels = None
-    if ema.label_dim:
-        rows = torch.arange(len(PREVIEW_SEEDS), device=device) // 8
-        labels = F.one_hot(rows % ema.label_dim, ema.label_dim).to(torch.float32)
+    classes = torch.arange(len(PREVIEW_SEEDS), device=device) // 8 % max(ema.label_dim, 1)
+    labels = F.one_hot(classes, ema.label_dim).to(torch.float32) if ema.label_dim else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         images = sampler.edm_sampler(ema, latents, labels, randn_like=rnd.randn_like)   # the global RNG is untouched
-    common.save_grid(images.to(torch.float32).cpu(), path, nrow=8)
+    save_labelled_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
+                       [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
 
 
-def memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux reports KiB
-
-
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def save_labelled_grid(x, path, title, row_labels=None, ncol=8, min_width=512):
+    """x [N, C, H, W] in [-1, 1] as a titled grid, each pixel an integer-sized block, >= min_width px wide."""
+    from matplotlib.figure import Figure
+    images = F.pad(common.to_uint8(x).permute(0, 3, 1, 2), [1, 0, 1, 0], value=255)   # 1-px white gaps
+    n, c, h, w = images.shape
+    grid = images.reshape(n // ncol, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // ncol * h, ncol * w, c)
+    zoom = math.ceil(min_width / (ncol * w))
+    fig = Figure(figsize=(ncol * w * zoom / 100 + 1.3, n // ncol * h * zoom / 100 + 0.5), dpi=100)
+    ax = fig.add_axes([1.2 / fig.get_figwidth(), 0.05 / fig.get_figheight(),
+                       ncol * w * zoom / 100 / fig.get_figwidth(), n // ncol * h * zoom / 100 / fig.get_figheight()])
+    ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_title(title, fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks([(r + 0.5) * h for r in range(len(row_labels or []))], row_labels or [])
+    ax.tick_params(length=0, labelsize=10)
+    fig.savefig(path)
 
 
 # ----------------------------------------------------------------------------
-# The training run.
+# Command line.
+
+def int_list(allow_empty):
+    """An argparse type for '2,2,2': positive integers ('' = none, where allowed)."""
+    def parse(text):
+        values = [int(v) for v in text.split(",") if v.strip()] if text.replace(",", "").strip().isdigit() or \
+            not text.replace(",", "").strip() else None
+        if values is None or (not values and not allow_empty) or 0 in values:
+            raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+        return values
+    parse.__name__ = "list"
+    return parse
+
+
+def usage_error(message):
+    sys.exit(f"error: {message}")
+
+
+def build_parser(preset):
+    """The parser, with `preset`'s values as defaults so that --help shows what would run."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False, epilog=f"Defaults shown: --preset {preset}." if preset
+                                     else "Defaults shown: no preset (the paper's CIFAR-10 values).")
+    parser.error = usage_error   # one line instead of argparse's usage dump
+    d = dict(DEFAULTS, **PRESETS.get(preset, {}))
+    kimg, probability = common.number(float, low=0.001), common.number(float, 0, 1)   # kimg: one image at least
+    flag = dict(action=argparse.BooleanOptionalAction)   # --x / --no-x
+
+    def add(option, help, shown=None, **kwargs):
+        value = d[option[2:].replace("-", "_")]
+        shown = shown if value is None else ",".join(map(str, value)) if isinstance(value, list) else value
+        parser.add_argument(option, default=value, help=f"{help} (default: {shown})", **kwargs)
+
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=preset, help="paper setup to start from; "
+                        "flags override its values (default: tiny if neither --preset nor --data is given)")
+    add("--data", "cifar10 | shapes | a folder or .zip of images", "required")
+    parser.add_argument("--data-dir", default=DATA_DIR, help=f"where CIFAR-10 is found or downloaded to (default: {DATA_DIR})")
+    add("--resolution", "size of the shapes; for image data, a check", "16 for shapes", type=common.number(int, low=4))
+    add("--cond", "class-conditional (labels from dataset.json or class sub-folders)", **flag)
+    add("--xflip", "add an x-flipped copy of every image", **flag)
+    add("--arch", "network of chapter 06", choices=["ddpmpp", "ncsnpp", "adm"])
+    add("--precond", "preconditioning and loss of chapter 05 (Table 1)", choices=["vp", "ve", "edm"])
+    add("--cbase", "channel multiplier", "128; adm 192", type=common.number(int, low=1))
+    add("--cres", "channels per resolution, e.g. 2,2,2", "2,2,2; adm 1,2,3,4", type=int_list(False))
+    add("--blocks", "residual blocks per resolution", "4; adm 3", type=common.number(int, low=1))
+    add("--attn", "resolutions with self-attention ('' = none)", "16; adm 32,16,8", type=int_list(True))
+    add("--dropout", "dropout probability", type=probability)
+    add("--augment", "augmentation probability p (App. F.2; 0 = off)", type=probability)
+    add("--label-dropout", "probability of dropping the class of a training image (classifier-free "
+        "guidance; needs --cond)", type=probability)
+    add("--duration", "training length, Mimg", type=common.number(float, low=1e-6))
+    add("--batch", "total batch size over all processes", type=common.number(int, low=1))
+    add("--batch-gpu", "images per process and round; more rounds = gradient accumulation", "all at once",
+        type=common.number(int, low=1))
+    add("--lr", "Adam learning rate", type=common.number(float, low=0))
+    add("--lr-rampup", "learning-rate ramp-up, Mimg", type=common.number(float, low=0))
+    add("--ema", "EMA half-life, Mimg", type=common.number(float, low=0))
+    add("--precision", "autocast dtype", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--tf32", **flag, default=False, help="allow TF32 matmuls (default: off, as the paper)")
+    parser.add_argument("--compile", **flag, default=False, help="torch.compile the network (default: off)")
+    add("--tick", "interval of progress lines and stats.jsonl, kimg", type=kimg)
+    add("--snap", "interval of snapshots, previews and training states, kimg", type=kimg)
+    parser.add_argument("--resume", help="auto (continue the run in --outdir if there is one) or a "
+                        "training-state .pt (default: a new run)")
+    parser.add_argument("--stop-kimg", type=kimg, help="save and stop after this many kimg; the schedules still "
+                        "follow --duration (for job time limits; default: run to --duration)")
+    parser.add_argument("--outdir", help="the run folder: snapshots, previews, training states, stats "
+                        "(default: out/07_train_cifar10)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto; under torchrun "
+                        "each process takes the GPU of its LOCAL_RANK)")
+    parser.add_argument("--seed", type=common.number(int, low=0), default=0,
+                        help="seed of the initial weights, the data order and every random stream (default: 0)")
+    return parser
+
+
+def parse_args(argv=None):
+    """Find --preset (and --data) first, then parse everything with that preset's defaults."""
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.error = usage_error
+    first.add_argument("--preset", choices=sorted(PRESETS))
+    first.add_argument("--data")
+    known, _ = first.parse_known_args(argv)
+    parser = build_parser(known.preset or ("tiny" if known.data is None else None))   # plain command: the demo
+    args = parser.parse_args(argv)
+    if args.data is None:
+        parser.error(f"--preset {args.preset} needs --data (cifar10, shapes, or a folder/zip of images)")
+    if args.label_dropout > 0 and not args.cond:
+        parser.error("--label-dropout needs --cond: only class labels can be dropped")
+    return args
+
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, device = init_distributed(args.device)
     try:
-        train(args, rank, world_size, device)
+        rank, _, device = common.init_distributed(args.device)
+        run_dir, kimg = train(args, device)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
-    except torch.cuda.OutOfMemoryError:
-        sys.exit(f"error: out of GPU memory; lower --batch-gpu (gradient accumulation keeps --batch {args.batch})")
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        sys.exit(f"error: out of memory; lower --batch-gpu (gradient accumulation keeps --batch {args.batch})")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if rank == 0:
+        conclude(args, run_dir, kimg)
 
 
-def train(args, rank, world_size, device):
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
-    batch_gpu, num_rounds = check_args(args, world_size)
-    batch_rank = batch_gpu * num_rounds                     # images per rank per step
-
-    # Everything that can fail on bad input happens before the first file is written.
-    data = load_dataset(args)
-    run_dir = args.outdir or os.path.join("out", "07_train_cifar10")
-    resume = find_resume(args, run_dir)
-    if resume is not None:
-        state, resume_path = resume
-        check_resumable(state["args"], args)
-    class_name, net_kwargs = network_config(args, data)
-
-    # Precision policy: TF32 off unless asked (the paper trained in true fp32); autocast for bf16/fp16.
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
-    torch.backends.cudnn.benchmark = True   # fastest kernels; bit-exact GPU resumes would need deterministic ones
-    amp_dtype = common.get_dtype(args.precision)
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.precision != "fp32")
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-
-    # Same initial weights on every rank (seed), then per-rank streams for noise, dropout and augmentation.
-    torch.manual_seed(args.seed)
-    net = unet.from_official_config(class_name, net_kwargs).train().requires_grad_(True).to(device)
-    common.seed_all(derive_seed(args.seed, "rank", rank))
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    loss_fn = getattr(precond, PRECONDS[args.precond][1])()
-    augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
-    augment_pipe = AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
-        if world_size > 1 else net
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    stream = InfiniteSampler(len(data), args.seed, rank, world_size)
-    cur_nimg = 0
-
-    if resume is not None:
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        cur_nimg, stream.position = state["cur_nimg"], state["stream_position"]
-        if len(state["rng"]) == world_size:
-            set_rng_state(state["rng"][rank], device, augment_generator)
-        else:   # a different number of ranks cannot replay the old streams; fresh ones, still deterministic
-            print(f"warning: resuming {len(state['rng'])} ranks' run on {world_size}; random streams are re-seeded",
-                  file=sys.stderr)
-            common.seed_all(derive_seed(args.seed, "rank", rank, cur_nimg))
-            augment_generator.manual_seed(derive_seed(args.seed, "augment", rank, cur_nimg))
-        del state
-    model = torch.compile(ddp) if args.compile else ddp
-
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        write_json(dict(vars(args), world_size=world_size, dataset=data.name, dataset_size=len(data),
-                        network=dict(class_name=class_name, kwargs=net_kwargs), batch_gpu=batch_gpu,
-                        accumulation_rounds=num_rounds), os.path.join(run_dir, "training_options.json"))
-        if resume is None:
-            common.save_grid(data.batch(torch.arange(64) % len(data))[0].float() / 127.5 - 1,
-                             os.path.join(run_dir, "reals.png"), nrow=8)
-        start = f"resuming {resume_path} at {cur_nimg / 1e3:.1f} kimg" if resume else "new run"
-        log(f"{start} -> {run_dir}\n{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, "
-            f"{data.label_dim} classes; {class_name}/{net_kwargs['model_type']} "
-            f"{sum(p.numel() for p in net.parameters()):,} parameters; {world_size} process(es) on {device}, "
-            f"batch {args.batch} = {world_size} x {num_rounds} x {batch_gpu}")
-
-    total_nimg = int(args.duration * 1e6)
-    stop_nimg = min(total_nimg, int(args.stop_kimg * 1e3)) if args.stop_kimg is not None else total_nimg
-    next_tick = (cur_nimg // int(args.tick * 1e3) + 1) * int(args.tick * 1e3)
-    next_snap = (cur_nimg // int(args.snap * 1e3) + 1) * int(args.snap * 1e3)
-    bar = tqdm.tqdm(total=total_nimg / 1e3, initial=cur_nimg / 1e3, disable=not is_main, dynamic_ncols=True,
-                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
-    new_tick = lambda: (torch.zeros(3, dtype=torch.float64, device=device), torch.zeros([], device=device),
-                        time.time(), cur_nimg)
-    tick_losses, tick_nonfinite, tick_start, tick_nimg = new_tick()   # sums stay on the device: no syncs
-    stats_path = os.path.join(run_dir, "stats.jsonl")
-
-    while cur_nimg < stop_nimg:
-        # One optimizer step: num_rounds micro-batches per rank, gradients averaged over ranks on the last.
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_rounds):
-            last = round_idx == num_rounds - 1
-            with (ddp.no_sync() if world_size > 1 and not last else contextlib.nullcontext()):
-                images, labels = data.batch(stream.next(batch_gpu))
-                images = images.to(device).to(torch.float32) / 127.5 - 1
-                labels = labels.to(device)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    loss = loss_fn(net=model, images=images, labels=labels, augment_pipe=augment_pipe)
-                per_image = loss.detach().double().mean(dim=(1, 2, 3))
-                tick_losses += torch.stack([per_image.sum(), per_image.square().sum(),
-                                            per_image.new_tensor(len(per_image))])
-                scaler.scale(loss.sum() / batch_rank).backward()   # summed per image, averaged over the batch
-
-        lr = learning_rate(cur_nimg, args.lr, args.lr_rampup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.unscale_(optimizer)
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        tick_nonfinite += torch.stack([(~torch.isfinite(g)).any() for g in grads]).any()
-        for g in grads:   # as the official loop: a rare NaN/Inf entry is neutralised, not allowed to poison Adam
-            torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
-        scaler.step(optimizer)
-        scaler.update()
-        update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema))
-        cur_nimg += args.batch
-        bar.update(min(cur_nimg, total_nimg) / 1e3 - bar.n)
-
-        done = cur_nimg >= stop_nimg
-        snap_due = cur_nimg >= next_snap or done
-        if cur_nimg >= next_tick or snap_due:
-            next_tick = (cur_nimg // int(args.tick * 1e3) + 1) * int(args.tick * 1e3)
-            loss_mean, loss_std = all_mean(tick_losses)
-            seconds = time.time() - tick_start
-            stats = dict(kimg=cur_nimg / 1e3, loss_mean=loss_mean, loss_std=loss_std, lr=lr,
-                         images_per_sec=(cur_nimg - tick_nimg) / seconds,
-                         sec_per_kimg=seconds / (cur_nimg - tick_nimg) * 1e3,
-                         nonfinite_grad_steps=int(tick_nonfinite), memory_gb=memory_gb(device), timestamp=time.time())
-            bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{stats['images_per_sec']:.0f}")
-            if snap_due:
-                next_snap = (cur_nimg // int(args.snap * 1e3) + 1) * int(args.snap * 1e3)
-                stats["rank_digests"] = snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream,
-                                                 device, augment_generator, is_main)
-            if is_main:
-                with open(stats_path, "a") as f:
-                    f.write(json.dumps(stats) + "\n")
-            tick_losses, tick_nonfinite, tick_start, tick_nimg = new_tick()
-    bar.close()
-    log(f"{'finished' if cur_nimg >= total_nimg else 'stopped'} at {cur_nimg / 1e3:.1f} kimg; outputs in {run_dir}")
-
-
-def snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream, device, augment_generator, is_main):
-    """Network snapshot + preview + training state. Returns every rank's weight digest (equal, or we stop)."""
-    digests = gather(weights_digest(net) + "/" + weights_digest(ema))
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"ranks disagree on the weights at {cur_nimg} images: {digests}")
-    rngs = gather(rng_state(device, augment_generator))
-    if is_main:
-        kimg = f"{cur_nimg // 1000:06d}"
-        unet.save_network(ema, os.path.join(run_dir, f"network-snapshot-{kimg}.pt"))
-        save_preview(ema, os.path.join(run_dir, f"preview-{kimg}.png"), device)
-        write_state(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                         scaler=scaler.state_dict(), cur_nimg=cur_nimg, stream_position=stream.position,
-                         rng=rngs, args=vars(args)), run_dir)
-    return digests
+def conclude(args, run_dir, kimg):
+    """Which files to open, what they show, and the next command."""
+    last = lambda pattern: (sorted(glob.glob(os.path.join(run_dir, pattern))) or ["(none)"])[-1]
+    snapshot, preview = last("network-snapshot-*.pt"), last("preview-*.png")
+    print(f"\n{'finished' if kimg >= args.duration * 1e3 else 'stopped (continue: --resume auto)'} at {kimg:g} "
+          f"kimg. Open {preview} and compare it with {os.path.join(run_dir, 'reals.png')}.\n"
+          f"Next, images from the last snapshot (chapter 08):\n"
+          f"  python 08_evaluate_fid.py generate --network {snapshot}\n\n"
+          f"What this shows (files in {run_dir}):\n"
+          f"  reals.png              64 training images: what the samples should come to look like\n"
+          f"  preview-*.png          the EMA network's samples from the same 64 seeds at every snapshot"
+          f"{' (one class per row)' if args.cond else ''}:\n"
+          f"                         noise, then blobs, then the data's shapes -- Eq. 2's loss with Table 1's\n"
+          f"                         weighting and Table 7's schedule at work (Sec. 5)\n"
+          f"  network-snapshot-*.pt  EMA weights + network configuration; 06's load_network and 08 read them\n"
+          f"  training-state.pt      all it takes to continue bit for bit (--resume auto); -prev is the one before\n"
+          f"  training_options.json  this run's options, dataset and network configuration\n"
+          f"  stats.jsonl            one line per tick: loss mean and std, learning rate, images/s, memory")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ def make_folder(tmp_path, sizes=((8, 8),), garbage=False):
 
 
 BAD = {
-    "unknown dataset": (lambda p: ["--data", str(p / "nowhere")], "unknown dataset"),
+    "unknown dataset": (lambda p: ["--data", str(p / "nowhere")], "no such folder"),
     "unknown arch": (lambda p: ["--arch", "vit"], "invalid choice"),
     "cond without labels": (lambda p: ["--data", make_folder(p), "--cond"], "--cond needs labels"),
     "batch not divisible": (lambda p: ["--batch", "16", "--batch-gpu", "5"], "divisible"),
