@@ -122,19 +122,18 @@ def test_sampler_calls_the_guide_only_inside_the_interval(m, sampler):
     guide, main = Recording(mix.widened(2)), Recording(mix)
     lo, hi = 0.2, 3.0
     labels = torch.eye(3, dtype=torch.float64)[[0, 2]]
-    out = sampler(m.GuidedDenoiser(main, guide, 2, (lo, hi)), torch.randn(2, 2, dtype=torch.float64), labels,
-                  num_steps=12)
+    latents = torch.randn(2, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out = sampler(m.GuidedDenoiser(main, guide, 2, (lo, hi)), latents, labels, num_steps=12)
     inside = [float(s) for s in main.sigmas if lo <= s <= hi]
     assert [float(s) for s in guide.sigmas] == inside and 0 < len(inside) < len(main.sigmas)
-    # Outside the interval the sampler saw D_main: with the interval empty of sampler sigmas it is unguided.
-    empty = sampler(m.GuidedDenoiser(mix, guide, 2, (81, 90)), torch.ones(2, 2, dtype=torch.float64), labels,
-                    num_steps=12)
-    assert torch.equal(empty, sampler(mix, torch.ones(2, 2, dtype=torch.float64), labels, num_steps=12))
-    assert out.shape == (2, 2)
+    assert not torch.equal(out, sampler(mix, latents, labels, num_steps=12))       # guidance did act
+    # With no sampler sigma inside the interval, the result is the unguided one, bit for bit.
+    empty = sampler(m.GuidedDenoiser(mix, guide, 2, (81, 90)), latents, labels, num_steps=12)
+    assert torch.equal(empty, sampler(mix, latents, labels, num_steps=12))
 
 
 def test_fast_solvers_take_the_wrapper_as_denoise(m, sampler, load):
-    """09's solvers call denoise(x, sigma) with a [batch] sigma: guided Heun there is 04's Algorithm 2 at S_churn = 0."""
+    """09's solvers call denoise(x, sigma) with a [batch] sigma: guided Heun there is 04's Algorithm 2, S_churn = 0."""
     fast = load("09_fast_samplers")
     mix = small_mixture(m)
     labels = torch.eye(3, dtype=torch.float64)[[0, 1, 2, 1]]
@@ -234,9 +233,10 @@ def test_denoiser_is_x_plus_sigma2_times_the_score(m, label):
     mix = small_mixture(m)
     labels = None if label is None else torch.eye(3, dtype=torch.float64)[[label] * 8]
     for sigma in (0.02, 0.4, 3.0):
-        x = (torch.randn(8, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 1.2).requires_grad_()
-        (score,) = torch.autograd.grad(mix.log_density(x, labels, sigma).sum(), x)
-        torch.testing.assert_close(mix(x.detach(), sigma, labels), x.detach() + sigma ** 2 * score, rtol=1e-10, atol=1e-12)
+        x = torch.randn(8, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 1.2
+        (score,) = torch.autograd.grad(mix.log_density(x.requires_grad_(), labels, sigma).sum(), x)
+        torch.testing.assert_close(mix(x.detach(), sigma, labels), x.detach() + sigma ** 2 * score,
+                                   rtol=1e-10, atol=1e-12)
 
 
 def test_log_density_integrates_to_one_per_class(m):
@@ -266,7 +266,8 @@ def test_denoiser_is_the_posterior_mean_by_monte_carlo(m):
 
 
 def test_samples_have_the_class_moments(m):
-    """Mean and covariance of each class's samples: sum_k pi_k mu_k / P(c) and sum_k pi_k (mu_k mu_k^T + s_k^2 I) / P(c) - mean mean^T."""
+    """Each class's sample mean and covariance: sum_k pi_k mu_k / P(c) and
+    sum_k pi_k (mu_k mu_k^T + s_k^2 I) / P(c) - mean mean^T (sums over the class's components)."""
     mix = small_mixture(m)
     n = 40000
     classes = torch.tensor([0, 1, 2]).repeat(n)
