@@ -19,33 +19,42 @@ protocol of the paper and of the official generate.py/fid.py is followed exactly
      unbiased (n - 1) covariance.
   5. Three seed sets, 0-49999, 50000-99999, 100000-149999; the paper reports the minimum.
 
-Subcommands (each has --help):
+Built from: 04 (edm_sampler, Algorithm 2), 03 (ablation_sampler), 06 (load_network:
+official pickles and 07's snapshots) and 07 (ImageFolder, load_cifar10: the one image reader).
 
-  generate  PNGs named {seed:06d}.png with the EDM sampler (Algorithm 2) or the
-            ablation sampler of chapter 03; works under torchrun.
-  ref       reference statistics (mu, sigma) of a dataset -> .npz
-  calc      FID of a folder/zip of images against a reference .npz
-  fid       the whole protocol in one command: generate straight into statistics
-            (the same images `generate` would write), three seed sets, JSON result
+Subcommands (each has --help; every option belongs to exactly one subcommand):
+
   demo      (default) Frechet distance on Gaussians with known FID: how the estimate
             is biased by the number of images, and why the paper uses 50k and min-of-3.
+            --seed --outdir --device
+  generate  PNGs {seed:06d}.png with the EDM sampler (Algorithm 2) or chapter 03's
+            ablation sampler, into out/08_evaluate_fid/images/; works under torchrun.
+            --network --seeds --subdirs --outdir --class --batch --steps --sigma_min ... --device
+  ref       reference statistics (mu, sigma) of a dataset -> .npz
+            --data --data-dir --dest --detector --batch --device
+  calc      FID of a folder/zip of images against a reference .npz
+            --images --ref -n/--num --seed --detector --batch --device
+  fid       the whole protocol in one command: generate straight into statistics
+            (the same images `generate` would write), three seed sets, JSON result
+            --network --ref -n/--num --repeats --outdir --detector --class --batch --steps ... --device
 
 Examples:
 
   python 08_evaluate_fid.py                                     # the demo, a few seconds
+  python 08_evaluate_fid.py generate --network <07 run>/network-snapshot-000064.pt --seeds 0-63
   torchrun --standalone --nproc_per_node=8 08_evaluate_fid.py fid \\
       --network edm-cifar10-32x32-cond-vp.pkl \\
       --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
 """
 
+import argparse
+import inspect
 import io
-import json
 import os
 import pickle
 import re
 import sys
 import time
-import urllib.error
 import urllib.parse
 import warnings
 import zipfile
@@ -53,10 +62,14 @@ import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tqdm
 from torchvision.models import inception as tv_inception
 
 import common
+
+schedules = common.load("03_heun_and_schedules")   # ablation_sampler: the paper's Sec. 3-4 samplers
+sampling = common.load("04_stochastic_sampler")    # edm_sampler: Algorithm 2
+networks = common.load("06_unet")                  # load_network: official pickles and 07's snapshots
+training = common.load("07_train_cifar10")         # ImageFolder, load_cifar10, DATA_DIR: the one image reader
 
 # ----------------------------------------------------------------------------
 # 1. The Frechet distance between two Gaussians, in float64.
@@ -121,7 +134,7 @@ class FeatureStats:
         """(mu, sigma) as float64 numpy arrays; sigma with the unbiased 1/(n-1)."""
         n = self.n.item()
         if n < 2:
-            raise SystemExit(f"error: need at least 2 images for a covariance, got {int(n)}")
+            raise ValueError(f"need at least 2 images for a covariance, got {int(n)}")
         mu = self.sum / n
         sigma = (self.sum_outer - n * torch.outer(mu, mu)) / (n - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
@@ -130,17 +143,24 @@ class FeatureStats:
 # ----------------------------------------------------------------------------
 # 3. The feature detector: Inception-v3 pool features (2048-d) as FID defines them.
 #
-# Two published ports of the TF graph `inception-2015-12-05` (2015) exist:
-#   * NVIDIA's TorchScript port, used by the official EDM/StyleGAN fid code. It takes
-#     uint8 NCHW images of any size and resizes them to 299x299 itself. Numbers made with it
-#     are comparable with the paper. The official fid.py downloads it as a pickle
-#     ("nvidia-pkl"); NVIDIA published the same port earlier as a TorchScript
-#     archive (.pt, used by StyleGAN2-ADA's metrics and by clean-fid), which is what we
-#     download: torch.jit.load reads it without unpickling arbitrary Python objects.
+# FID is defined by the TF graph `inception-2015-12-05` (2015). It takes images in
+# [0, 255] of any size and starts with
+#   * a bilinear resize to 299x299 in TF 1.x's convention: output pixel j samples the
+#     input at coordinate j * in_size / 299 (no half-pixel centres; the last row and
+#     column repeat where the coordinate runs past the image), then
+#   * (x - 128) / 128, which maps [0, 255] to [-1, 0.99].
+# Two published ports of the graph exist:
+#   * NVIDIA's TorchScript port, used by the official EDM/StyleGAN fid code, does both
+#     steps itself on uint8 NCHW input. Numbers made with it are comparable with the paper.
+#     The official fid.py downloads it as a pickle ("nvidia-pkl"); NVIDIA published the
+#     same port earlier as a TorchScript archive (.pt, used by StyleGAN2-ADA's metrics and
+#     by clean-fid), which is what we download: torch.jit.load reads it without
+#     unpickling arbitrary Python objects.
 #   * pytorch-fid's state dict for torchvision's inception_v3. TF's graph differs from
-#     torchvision's in its pooling (average pools ignore the padding; the last block
-#     max-pools) and has 1008 classes; patched below. Its bilinear resize to 299 differs
-#     slightly from TF's, so its FIDs are close to, but not exactly, the paper's.
+#     torchvision's in its pooling (3x3 average pools divide by the pixels inside the
+#     image, not 9; the last block max-pools) and has 1008 classes; patched below, and we
+#     apply the graph's own resize and scaling (tf_preprocess) rather than pytorch-fid's
+#     torch-style resize, which moves every sample point by up to half an input pixel.
 
 DETECTORS = {
     "nvidia": "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
@@ -149,6 +169,7 @@ DETECTORS = {
     "pytorch-fid": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
 }
 FEATURE_DIM = 2048
+INCEPTION_SIZE = 299
 
 
 def cache_dir():
@@ -157,20 +178,33 @@ def cache_dir():
 
 
 def fetch(url, what):
-    """Path of a URL's file in the cache, downloading it on first use; offline -> one clear line."""
+    """Path of a URL's file in the cache, downloading it on first use."""
     path = os.path.join(cache_dir(), os.path.basename(urllib.parse.urlparse(url).path))
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            torch.hub.download_url_to_file(url, path, progress=get_rank() == 0)
-        except (urllib.error.URLError, OSError) as e:
-            raise SystemExit(f"error: cannot download {what} from {url} ({e}); "
-                             f"download it elsewhere and put it at {path} (or pass its path)")
+            torch.hub.download_url_to_file(url, path, progress=common.get_rank() == 0)
+        except OSError as e:  # urllib's URLError is an OSError
+            raise OSError(f"cannot download {what} from {url} ({e}); "
+                          f"download it elsewhere and put it at {path} (or pass its path)") from None
     return path
 
 
+def tf_preprocess(images):
+    """uint8 [N, C, H, W] -> float32 [N, C, 299, 299] in [-1, 1), as the TF graph's first ops compute it."""
+    n, c, h, w = images.shape
+    # Sample points j * in/299 in pixel units, written as grid_sample's [-1, 1] coordinates
+    # (align_corners=False: pixel p covers [p, p + 1), so its centre p is at (2p + 1)/in - 1).
+    j = torch.arange(INCEPTION_SIZE, dtype=torch.float64, device=images.device)
+    gx = (2 * j * w / INCEPTION_SIZE + 1) / w - 1
+    gy = (2 * j * h / INCEPTION_SIZE + 1) / h - 1
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1).float().expand(n, -1, -1, -1)
+    x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (x - 128) / 128
+
+
 def _tf_pool(x, use_max=False):
-    # TF's 3x3 average pool ignores the zero padding when averaging (count_include_pad=False);
+    # TF's 3x3 average pool divides by the number of pixels inside the image (count_include_pad=False);
     # the last block of the 2015 graph max-pools instead.
     if use_max:
         return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
@@ -223,7 +257,7 @@ def tf_inception_v3():
 
 
 class TorchvisionDetector(torch.nn.Module):
-    """pytorch-fid's weights in torchvision's Inception: uint8 NCHW -> [N, 2048] pool features."""
+    """pytorch-fid's weights in the TF graph's layout: uint8 NCHW -> [N, 2048] pool features."""
     feature_dim = FEATURE_DIM
 
     def __init__(self, state_dict):
@@ -234,8 +268,7 @@ class TorchvisionDetector(torch.nn.Module):
         self.eval()
 
     def forward(self, images):
-        x = F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net(2 * x - 1)  # the graph expects [-1, 1]
+        return self.net(tf_preprocess(images))
 
 
 class NvidiaDetector(torch.nn.Module):
@@ -298,7 +331,7 @@ def _torchscript_in_pickle(path):
         elif isinstance(obj, Inert):
             todo += [getattr(obj, "args", None), getattr(obj, "state", None)]
     if not found:
-        raise SystemExit(f"error: {path} holds no TorchScript network that can be read without executing code "
+        raise ValueError(f"{path} holds no TorchScript network that can be read without executing code "
                          f"stored in the pickle; use the TorchScript file {DETECTORS['nvidia']} instead")
     return load_torchscript(io.BytesIO(found[0]))
 
@@ -306,7 +339,8 @@ def _torchscript_in_pickle(path):
 def open_detector_file(path):
     """A detector from a local file: TorchScript (.pt), pytorch-fid state dict (.pth) or NVIDIA's .pkl."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: detector file not found: {path}")
+        raise FileNotFoundError(f"detector file not found: {path}; pass nvidia, nvidia-pkl, pytorch-fid "
+                                f"or the path of a downloaded detector")
     try:
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"  # TorchScript archives and new-style torch.save files are zips
@@ -315,16 +349,14 @@ def open_detector_file(path):
         if path.endswith(".pkl"):
             return NvidiaDetector(_torchscript_in_pickle(path))
         return TorchvisionDetector(torch.load(path, map_location="cpu", weights_only=True))
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: cannot read detector {path}: {str(e).splitlines()[0]}")
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read detector {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                         f"is it a complete download of one of {', '.join(DETECTORS)}?") from None
 
 
 def load_detector(spec, device):
     """`nvidia` (default, the paper's), `nvidia-pkl`, `pytorch-fid`, or a local file path."""
-    if spec in DETECTORS:
-        path = fetch(DETECTORS[spec], f"the Inception detector ({spec})")
-    else:
-        path = spec
+    path = fetch(DETECTORS[spec], f"the Inception detector ({spec})") if spec in DETECTORS else spec
     return open_detector_file(path).to(device)
 
 
@@ -337,74 +369,27 @@ def features_of(detector, images):
 
 
 # ----------------------------------------------------------------------------
-# 4. Reading images: a folder or zip of images (the official dataset-tool layout,
-# searched recursively, in sorted order), and CIFAR-10 through torchvision.
+# 4. Image sets: a folder or zip of images through 07's ImageFolder (the official
+# dataset-tool layout, searched recursively, sorted), or CIFAR-10's training set.
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+class TensorImages:
+    """uint8 images [N, C, H, W] held in memory (CIFAR-10), with ImageFolder's `len` and `batch`."""
 
-
-class ImageFiles:
-    """The images of a folder or .zip as uint8 CHW arrays; all must share one shape."""
-
-    def __init__(self, path):
-        self.path = path
-        if os.path.isdir(path):
-            names = [os.path.relpath(os.path.join(root, f), path) for root, _, files in os.walk(path) for f in files]
-            self.zip = None
-        elif path.lower().endswith(".zip") and os.path.isfile(path):
-            self.zip = zipfile.ZipFile(path)
-            names = self.zip.namelist()
-        else:
-            raise SystemExit(f"error: {path} is neither a folder nor a .zip of images")
-        self.names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
-        self.shape = None
-        self.shape = self.read(0).shape if self.names else None  # every later image must match the first
+    def __init__(self, images):
+        self.images = images
 
     def __len__(self):
-        return len(self.names)
-
-    def read(self, i):
-        import PIL.Image
-        name = self.names[i]
-        with (self.zip.open(name) if self.zip else open(os.path.join(self.path, name), "rb")) as f:
-            image = PIL.Image.open(f)
-            if image.mode not in ("L", "RGB"):
-                raise SystemExit(f"error: {name} has mode {image.mode}; FID needs greyscale or RGB images")
-            array = np.array(image)
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        if self.shape is not None and array.shape != self.shape:
-            raise SystemExit(f"error: {name} is {array.shape[1]}x{array.shape[2]} with {array.shape[0]} channel(s), "
-                             f"but the first image is {self.shape[1]}x{self.shape[2]} with {self.shape[0]}")
-        return array
+        return len(self.images)
 
     def batch(self, indices):
-        return torch.from_numpy(np.stack([self.read(int(i)) for i in indices]))
-
-
-class ArrayImages:
-    """An in-memory uint8 NHWC array (e.g. CIFAR-10's 50,000 training images) with the ImageFiles interface."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def __len__(self):
-        return len(self.array)
-
-    def batch(self, indices):
-        return torch.from_numpy(self.array[np.asarray(indices)]).permute(0, 3, 1, 2)
-
-
-def cifar10_train(data_dir):
-    import torchvision
-    try:
-        return ArrayImages(torchvision.datasets.CIFAR10(data_dir, train=True, download=True).data)
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
-        raise SystemExit(f"error: cannot download CIFAR-10 ({e}); put cifar-10-python.tar.gz from "
-                         f"https://www.cs.toronto.edu/~kriz/cifar.html into {data_dir}")
+        return self.images[torch.as_tensor(indices, dtype=torch.long)]
 
 
 def open_images(spec, data_dir):
-    return cifar10_train(data_dir) if spec == "cifar10" else ImageFiles(spec)
+    """`cifar10` (the 50,000 training images, looked for in data_dir) or a folder/.zip of images."""
+    if spec == "cifar10":
+        return TensorImages(training.load_cifar10(data_dir)[0])
+    return training.ImageFolder(spec)
 
 
 def random_subset(n_total, num, seed):
@@ -417,29 +402,11 @@ def random_subset(n_total, num, seed):
 
 
 # ----------------------------------------------------------------------------
-# 5. Distributed helpers: plain `python` is one rank; `torchrun` sets WORLD_SIZE.
-
-def init_distributed(device_name):
-    """Join the torchrun group if there is one; returns this rank's device."""
-    device = common.get_device(device_name)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def get_rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def get_world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
+# 5. Ranks and progress: plain `python` is one rank; under torchrun each rank takes
+# every world_size-th batch, and rank 0 reports.
 
 def print0(*args):
-    if get_rank() == 0:
+    if common.get_rank() == 0:
         print(*args, flush=True)
 
 
@@ -448,19 +415,36 @@ def rank_batches(items, batch_size):
 
     Every rank gets the same number of batches (some possibly empty), so collective calls line up.
     """
-    world = get_world_size()
+    world = common.get_world_size()
     num_batches = ((len(items) - 1) // (batch_size * world) + 1) * world
-    return torch.as_tensor(items).tensor_split(num_batches)[get_rank()::world]
+    return torch.as_tensor(items).tensor_split(num_batches)[common.get_rank()::world]
 
 
 def rank0_first(fn, *args):
     """Run fn on rank 0 first (it downloads into the cache), then on the others."""
-    if get_rank() != 0:
+    if common.get_rank() != 0:
         torch.distributed.barrier()
     result = fn(*args)
-    if get_rank() == 0 and torch.distributed.is_initialized():
+    if common.get_rank() == 0 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return result
+
+
+def progress(batches, what, lines=10):
+    """Iterate over `batches`; rank 0 shows a tqdm bar on a terminal, else about `lines` plain lines
+    (so that `... > log.txt` gives a readable log rather than one long line of bar redraws)."""
+    if common.get_rank() != 0:
+        yield from batches
+    elif sys.stdout.isatty():
+        import tqdm
+        yield from tqdm.tqdm(batches, desc=what, unit="batch", dynamic_ncols=True)
+    else:
+        total, start = len(batches), time.time()
+        every = max(1, -(-total // lines))
+        for i, batch in enumerate(batches, 1):
+            yield batch
+            if i % every == 0 or i == total:
+                print(f"  {what}: batch {i}/{total}, {time.time() - start:.1f} s", flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -472,27 +456,40 @@ def parse_seeds(text):
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
-            raise SystemExit(f"error: bad seed list {text!r}; use e.g. 0-49999 or 0,5,7-9")
+            raise ValueError(f"bad seed list {text!r}; use e.g. 0-49999 or 0,5,7-9")
         seeds += range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1)
     return seeds
 
 
+EDM_OPTIONS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")
 ABLATION_OPTIONS = ("solver", "discretization", "schedule", "scaling")
 
 
-def sampler_settings(args):
-    """The sampler options given on the command line (None = the sampler's default)."""
-    names = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise") + ABLATION_OPTIONS
-    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+def sampler_from_args(args):
+    """(sampler, options) for the sampler options given on the command line.
+
+    The one place where command-line options become a sampler call: generate and fid both
+    pass the result to generate_batch as `sampler=sampler, **options`. Options left out
+    are the sampler's own defaults; any ablation option selects chapter 03's ablation_sampler.
+    """
+    options = {k: getattr(args, k) for k in EDM_OPTIONS + ABLATION_OPTIONS if getattr(args, k) is not None}
+    for name in ("sigma_min", "sigma_max", "rho"):
+        if options.get(name, 1) <= 0:
+            raise ValueError(f"--{name} must be positive, got {options[name]}")
+    if options.get("sigma_min", 0) >= options.get("sigma_max", float("inf")):
+        raise ValueError(f"--sigma_min {options['sigma_min']} must be below --sigma_max {options['sigma_max']}")
+    sampler = schedules.ablation_sampler if any(k in options for k in ABLATION_OPTIONS) else sampling.edm_sampler
+    return sampler, options
 
 
-def nfe(settings):
+def nfe(sampler, options):
     """Network evaluations per image: Heun spends 2 per step except the last (Sec. 3), Euler 1."""
-    steps = settings.get("num_steps", 18)
-    return steps if settings.get("solver") == "euler" else 2 * steps - 1
+    defaults = {k: p.default for k, p in inspect.signature(sampler).parameters.items()}
+    steps = options.get("num_steps", defaults["num_steps"])
+    return steps if options.get("solver", defaults.get("solver")) == "euler" else 2 * steps - 1
 
 
-def generate_batch(net, seeds, device, class_idx=None, **sampler_kwargs):
+def generate_batch(net, seeds, device, class_idx=None, sampler=sampling.edm_sampler, **options):
     """uint8 images [N, C, H, W] for the given seeds, each depending on its own seed only.
 
     As in the official generate.py, each seed's generator first draws the latents, then
@@ -506,26 +503,30 @@ def generate_batch(net, seeds, device, class_idx=None, **sampler_kwargs):
         if class_idx is not None:
             class_labels = torch.zeros_like(class_labels)
             class_labels[:, class_idx] = 1
-    if any(k in sampler_kwargs for k in ABLATION_OPTIONS):
-        sampler = common.load("03_heun_and_schedules").ablation_sampler
-    else:
-        sampler = common.load("04_stochastic_sampler").edm_sampler
     with torch.no_grad():
-        x = sampler(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+        x = sampler(net, latents, class_labels, randn_like=rnd.randn_like, **options)
     return common.to_uint8(x).permute(0, 3, 1, 2)
 
 
 def load_net(path, device):
-    """A network from 06's load_network (official pickles or this project's snapshots); errors in one line."""
+    """A network from 06's load_network (official pickles or this project's snapshots)."""
     if not re.match(r"https?://", path) and not os.path.isfile(path):
-        raise SystemExit(f"error: network file not found: {path}")
+        raise FileNotFoundError(f"network file not found: {path}; pass an official .pkl (path or URL) "
+                                f"or a 07 snapshot (<run>/network-snapshot-*.pt)")
     try:
-        net = common.load("06_unet").load_network(path)  # also downloads official URLs into a cache
-    except SystemExit:
-        raise
-    except Exception as e:  # a corrupt or foreign file can fail in many ways; say which file and why
-        raise SystemExit(f"error: cannot load network {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        net = networks.load_network(path)  # also downloads official URLs into a cache
+    except (ValueError, OSError):
+        raise                   # 06's own messages name the file and what is wrong with it
+    except Exception as e:      # e.g. an unsafe or foreign pickle; name the file and the reason
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot load network {path} ({type(e).__name__}: {reason}); pass an official "
+                         f".pkl or a 07 snapshot") from None
     return net.eval().requires_grad_(False).to(device)
+
+
+def check_class(net, class_idx):
+    if class_idx is not None and not (net.label_dim and class_idx < net.label_dim):
+        raise ValueError(f"--class {class_idx} but the network has {net.label_dim} classes")
 
 
 def png_path(outdir, seed, subdirs):
@@ -533,12 +534,12 @@ def png_path(outdir, seed, subdirs):
     return os.path.join(folder, f"{seed:06d}.png")
 
 
-def generate_pngs(net, seeds, outdir, batch_size, device, subdirs=False, class_idx=None, **sampler_kwargs):
-    """Write {seed:06d}.png for this rank's share of the seeds."""
-    for batch_seeds in tqdm.tqdm(rank_batches(seeds, batch_size), unit="batch", disable=get_rank() != 0):
+def generate_pngs(net, seeds, outdir, batch_size, device, subdirs=False, class_idx=None, **sampler_call):
+    """Write {seed:06d}.png for this rank's share of the seeds (sampler_call: sampler=..., its options)."""
+    for batch_seeds in progress(rank_batches(seeds, batch_size), "generate"):
         if len(batch_seeds) == 0:
             continue
-        images = generate_batch(net, batch_seeds.tolist(), device, class_idx, **sampler_kwargs)
+        images = generate_batch(net, batch_seeds.tolist(), device, class_idx, **sampler_call)
         for seed, image in zip(batch_seeds.tolist(), images.permute(0, 2, 3, 1)):
             path = png_path(outdir, seed, subdirs)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -548,12 +549,12 @@ def generate_pngs(net, seeds, outdir, batch_size, device, subdirs=False, class_i
 # ----------------------------------------------------------------------------
 # 7. Statistics of generated images (no PNGs written) and of image sets.
 
-def generated_stats(net, seeds, detector, batch_size, device, class_idx=None, **sampler_kwargs):
+def generated_stats(net, seeds, detector, batch_size, device, class_idx=None, **sampler_call):
     """(mu, sigma) of the detector features of the images `generate` would write for these seeds."""
     stats = FeatureStats(detector.feature_dim, device)
-    for batch_seeds in tqdm.tqdm(rank_batches(seeds, batch_size), unit="batch", disable=get_rank() != 0):
+    for batch_seeds in progress(rank_batches(seeds, batch_size), "generate + features"):
         if len(batch_seeds):
-            images = generate_batch(net, batch_seeds.tolist(), device, class_idx, **sampler_kwargs)
+            images = generate_batch(net, batch_seeds.tolist(), device, class_idx, **sampler_call)
             stats.update(features_of(detector, images.to(device)))
     stats.all_reduce()
     return stats.mean_cov()
@@ -562,7 +563,7 @@ def generated_stats(net, seeds, detector, batch_size, device, class_idx=None, **
 def image_stats(images, indices, detector, batch_size, device):
     """(mu, sigma) of the detector features of images[indices], split across ranks."""
     stats = FeatureStats(detector.feature_dim, device)
-    for batch in tqdm.tqdm(rank_batches(indices, batch_size), unit="batch", disable=get_rank() != 0):
+    for batch in progress(rank_batches(indices, batch_size), "features"):
         if len(batch):
             stats.update(features_of(detector, images.batch(batch).to(device)))
     stats.all_reduce()
@@ -573,112 +574,111 @@ def load_ref(spec, feature_dim):
     """Reference statistics from an .npz path or URL (e.g. the official fid-refs), checked."""
     path = fetch(spec, "the reference statistics") if re.match(r"https?://", spec) else spec
     if not os.path.isfile(path):
-        raise SystemExit(f"error: reference statistics not found: {path}")
+        raise FileNotFoundError(f"reference statistics not found: {path}; make them with the `ref` "
+                                f"subcommand or pass an official fid-refs .npz (path or URL)")
     try:
         with np.load(path) as data:
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise SystemExit(f"error: {path} is not a reference .npz with arrays 'mu' and 'sigma' ({e})")
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} is not a reference .npz with arrays 'mu' and 'sigma' ({e})") from None
     if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
-        raise SystemExit(f"error: reference {path} has {mu.shape[0]}-d statistics but the detector gives "
+        raise ValueError(f"reference {path} has {mu.shape[0] if mu.ndim else 0}-d statistics but the detector gives "
                          f"{feature_dim}-d features; it was made with a different detector")
     return mu, sigma
 
 
-def write_json(obj, path):
-    """Atomic write: a reader never sees a half-written result."""
+def save_ref(mu, sigma, path):
+    """Write reference statistics atomically (a reader never sees half a file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, mu=mu, sigma=sigma)
     os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
-# 8. Subcommands.
+# 8. Subcommands. Each checks everything it reads (network, detector, reference,
+# images) before it writes anything.
 
 def cmd_generate(args):
-    device = init_distributed(args.device)
+    _, _, device = common.init_distributed(args.device)
     seeds = parse_seeds(args.seeds)
+    sampler, options = sampler_from_args(args)
     net = rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
-    outdir = common.out_dir(__file__, args.outdir)
-    print0(f"Generating {len(seeds)} images into {outdir} ({nfe(sampler_settings(args))} NFE per image)...")
-    generate_pngs(net, seeds, outdir, args.batch, device, args.subdirs, args.class_idx, **sampler_settings(args))
-    print0("Done.")
+    outdir = common.out_dir(__file__, args.outdir or os.path.join("out", "08_evaluate_fid", "images"))
+    print0(f"Generating {len(seeds)} images into {outdir} ({sampler.__name__}, {nfe(sampler, options)} NFE per image)...")
+    generate_pngs(net, seeds, outdir, args.batch, device, args.subdirs, args.class_idx, sampler=sampler, **options)
+    print0(f"Done: {len(seeds)} PNGs in {outdir}. Their FID: `08_evaluate_fid.py calc --images {outdir} "
+           f"--ref <ref.npz> -n {len(seeds)}` (the paper's protocol needs 50,000: `fid`).")
 
 
 def cmd_ref(args):
-    device = init_distributed(args.device)
+    _, _, device = common.init_distributed(args.device)
     images = rank0_first(open_images, args.data, args.data_dir)  # rank 0 downloads CIFAR-10 alone
     if len(images) < 2:
-        raise SystemExit(f"error: found {len(images)} images in {args.data}; need at least 2")
+        raise ValueError(f"found {len(images)} image in {args.data}; need at least 2 for a covariance")
     detector = rank0_first(load_detector, args.detector, device)
     print0(f"Computing statistics of {len(images)} images from {args.data}...")
     mu, sigma = image_stats(images, np.arange(len(images)), detector, args.batch, device)
-    if get_rank() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.dest)), exist_ok=True)
-        tmp = args.dest + ".tmp.npz"
-        np.savez(tmp, mu=mu, sigma=sigma)
-        os.replace(tmp, args.dest)
+    if common.get_rank() == 0:
+        save_ref(mu, sigma, args.dest)
         print(f"Saved reference statistics to {args.dest}")
 
 
 def cmd_calc(args):
-    device = init_distributed(args.device)
-    images = ImageFiles(args.images)
+    _, _, device = common.init_distributed(args.device)
+    images = training.ImageFolder(args.images)
     if len(images) < args.num:
-        raise SystemExit(f"error: found {len(images)} images in {args.images}, but --num is {args.num}")
+        raise ValueError(f"found {len(images)} images in {args.images}, but --num is {args.num}; "
+                         f"generate more or pass a smaller -n")
     detector = rank0_first(load_detector, args.detector, device)
     ref = load_ref(args.ref, detector.feature_dim)
     print0(f"Computing statistics of {args.num} of the {len(images)} images in {args.images}...")
     mu, sigma = image_stats(images, random_subset(len(images), args.num, args.seed), detector, args.batch, device)
-    if get_rank() == 0:
+    if common.get_rank() == 0:
         print(f"FID {frechet_distance(mu, sigma, *ref):g}")
 
 
 def cmd_fid(args):
-    device = init_distributed(args.device)
+    _, _, device = common.init_distributed(args.device)
+    sampler, options = sampler_from_args(args)
     net = rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
     detector = rank0_first(load_detector, args.detector, device)
     ref = load_ref(args.ref, detector.feature_dim)
-    settings = sampler_settings(args)
     start, result = time.time(), {"fid": [], "seeds": []}
     for k in range(args.repeats):
         seeds = list(range(k * args.num, (k + 1) * args.num))
-        print0(f"Seeds {seeds[0]}-{seeds[-1]}: generating {args.num} images into statistics ({nfe(settings)} NFE each)...")
-        mu, sigma = generated_stats(net, seeds, detector, args.batch, device, args.class_idx, **settings)
+        print0(f"Seeds {seeds[0]}-{seeds[-1]}: generating {args.num} images into statistics "
+               f"({nfe(sampler, options)} NFE each)...")
+        mu, sigma = generated_stats(net, seeds, detector, args.batch, device, args.class_idx, sampler=sampler, **options)
         result["fid"].append(frechet_distance(mu, sigma, *ref))
         result["seeds"].append(f"{seeds[0]}-{seeds[-1]}")
         print0(f"  FID {result['fid'][-1]:g}")
-    sampler = "ablation_sampler" if any(k in settings for k in ABLATION_OPTIONS) else "edm_sampler"
-    result.update(fid_min=min(result["fid"]), nfe=nfe(settings), class_idx=args.class_idx,
-                  sampler={"function": sampler, "options": settings},  # options not listed: the function's defaults
+    result.update(fid_min=min(result["fid"]), nfe=nfe(sampler, options), class_idx=args.class_idx,
+                  sampler={"function": sampler.__name__, "options": options},  # options not listed: the defaults
                   num_images=args.num, network=os.path.abspath(args.network), ref=args.ref, detector=args.detector,
-                  gpus=get_world_size(), seconds=round(time.time() - start, 1))
-    if get_rank() == 0:
+                  gpus=common.get_world_size(), seconds=round(time.time() - start, 1))
+    if common.get_rank() == 0:
         path = os.path.join(common.out_dir(__file__, args.outdir), "fid.json")
-        write_json(result, path)
+        common.write_json(result, path)
         print(f"FID min of {args.repeats}: {result['fid_min']:g}   (result in {path})")
-
-
-def check_class(net, class_idx):
-    if class_idx is not None and not (net.label_dim and 0 <= class_idx < net.label_dim):
-        raise SystemExit(f"error: --class {class_idx} but the network has {net.label_dim} classes")
 
 
 # ----------------------------------------------------------------------------
 # 9. The demo: Frechet distance on Gaussian "features" whose true FID is known.
 #
 # FID is estimated from n images, and the estimate is biased upward (even two sets
-# drawn from the same distribution give FID > 0) by roughly tr(S)/n-sized terms. That
+# drawn from the same distribution give FID > 0) by terms that shrink like 1/n. That
 # is why FIDs are only comparable at the same n (50k) and why the paper repeats the
 # measurement with three seed sets and reports the minimum.
 
 def demo(args):
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     common.seed_all(args.seed)
+    device = common.get_device(args.device)
     outdir = common.out_dir(__file__, args.outdir)
     d = 64
     g = torch.Generator().manual_seed(args.seed)
@@ -688,113 +688,176 @@ def demo(args):
     sigma_r = q @ torch.diag(lam) @ q.T
     sigma_g = q @ torch.diag(lam * 1.1) @ q.T                                    # generator: 10% too much variance
     true_fid = float(mu_shift.square().sum() + (lam.sqrt() - (1.1 * lam).sqrt()).square().sum())
-    print(f"{d}-d Gaussian features; closed-form FID(generator, real) = {true_fid:.5f}")
+    print(f"{d}-d Gaussian 'features'; the generator's mean is off by 0.05 and its variance 10% too large.")
+    print(f"Closed-form FID(generator, real) = {true_fid:.5f}; each estimate below uses n samples "
+          f"against the exact real statistics.")
 
-    def sample_stats(cov, mean, n):
-        x = torch.randn(n, d, generator=g, dtype=torch.float64) @ psd_factor(cov).T + mean
-        s = FeatureStats(d)
+    factors = {"real": psd_factor(sigma_r), "gen": psd_factor(sigma_g)}
+
+    def sample_stats(which, mean, n):
+        x = torch.randn(n, d, generator=g, dtype=torch.float64) @ factors[which].T + mean
+        s = FeatureStats(d, device)
         s.update(x)
         return s.mean_cov()
 
     ns = [500, 1000, 2000, 5000, 10000, 20000, 50000]
     rows = []
-    print(f"{'n':>6} {'FID(real vs real)':>18} {'FID(gen vs real) x3':>28} {'min':>8}")
+    print(f"{'n':>6} {'FID(real vs real)':>18} {'n x bias':>9} {'FID(gen vs real), 3 seed sets':>31} {'min':>8}")
     for n in ns:
-        # Against the exact real statistics, so all of the bias comes from the n generated samples.
-        same = frechet_distance(*sample_stats(sigma_r, 0, n), np.zeros(d), sigma_r)
-        three = [frechet_distance(*sample_stats(sigma_g, mu_shift, n), np.zeros(d), sigma_r) for _ in range(3)]
+        same = frechet_distance(*sample_stats("real", 0, n), np.zeros(d), sigma_r)
+        three = [frechet_distance(*sample_stats("gen", mu_shift, n), np.zeros(d), sigma_r) for _ in range(3)]
         rows.append((n, same, three))
-        print(f"{n:6d} {same:18.5f} {' '.join(f'{v:8.5f}' for v in three):>28} {min(three):8.5f}")
+        print(f"{n:6d} {same:18.5f} {n * same:9.1f} {' '.join(f'{v:9.5f}' for v in three):>31} {min(three):8.5f}")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.loglog(ns, [r[1] for r in rows], "o-", label="same distribution (true FID 0)")
-    for i in range(3):
-        ax.loglog(ns, [r[2][i] for r in rows], ".", color="C1", label="generator, 3 seed sets" if i == 0 else None)
-    ax.axhline(true_fid, color="C1", ls="--", label=f"generator, true FID {true_fid:.3f}")
-    ax.set_xlabel("number of images n")
-    ax.set_ylabel("FID estimate")
-    ax.set_title("FID is biased by finite n: compare only at n = 50k")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     path = os.path.join(outdir, "fid_vs_n.png")
+    plot_fid_vs_n(plt, ns, rows, true_fid, path)
+    spread = max(rows[-1][2]) - min(rows[-1][2])
+    print(f"\nWhat this shows ({path}):")
+    print(f"  * Blue: two samples of the SAME distribution still score FID > 0, and that bias falls like 1/n "
+          f"(n x bias stays near {rows[-1][1] * rows[-1][0]:.0f}; dotted guide).")
+    print(f"  * Orange: the generator's estimates sit above its true FID {true_fid:.3f} (dashed line) by about the "
+          f"same bias; at n = 50k the three seed sets differ by only {spread:.4f}.")
+    print("  * So FIDs are comparable only at equal n: the paper's FIDs (Table 2) all use 50,000 images, and each is"
+          " the minimum over 3 seed sets (official README) to damp the remaining noise.")
+    print("Next: measure a network the same way, e.g. a 07 snapshot:")
+    print("  python 08_evaluate_fid.py generate --network <run>/network-snapshot-XXXXXX.pt --seeds 0-63   # PNGs")
+    print("  python 08_evaluate_fid.py fid --network <snapshot or official .pkl> --ref <ref.npz>         # FID, 3 x 50k")
+
+
+def plot_fid_vs_n(plt, ns, rows, true_fid, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    same = np.array([r[1] for r in rows])
+    ax.loglog(ns, same, "o-", color="C0", label="same distribution (true FID 0)")
+    c = same[-1] * ns[-1]
+    ax.loglog(ns, [c / n for n in ns], ":", color="C0", lw=1, label=f"{c:.0f} / n")
+    for i in range(3):
+        ax.loglog(ns, [r[2][i] for r in rows], "s", ms=4, color="C1", alpha=0.8,
+                  label="generator, 3 seed sets" if i == 0 else None)
+    ax.axhline(true_fid, color="C1", ls="--", label=f"generator, true FID {true_fid:.3f}")
+    ax.set_xticks(ns, [f"{n // 1000}k" if n >= 1000 else str(n) for n in ns])
+    ax.minorticks_off()
+    ax.set_xlabel("number of images n")
+    ax.set_ylabel("FID estimate (64-d Gaussian features)")
+    ax.set_title("FID is biased upward by ~1/n: compare only at equal n (50k)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------
-# Command line.
+# Command line: one parser per subcommand, each with exactly its own options.
+
+TORCHRUN_NUM = "under torchrun write -n, as torchrun mistakes --num for its --numa-binding"
+
+
+def add_device(p):
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto; under torchrun "
+                   "each rank takes the GPU of its LOCAL_RANK)")
+
+
+def add_network(p):
+    p.add_argument("--network", required=True, help="an official .pkl (path or URL) or a 07 snapshot "
+                   "(<run>/network-snapshot-*.pt)")
+    p.add_argument("--class", dest="class_idx", metavar="LABEL", type=common.number(int, 0), default=None,
+                   help="class label for every image (default: random per seed)")
+    p.add_argument("--batch", type=common.number(int, 1), default=64, help="maximum batch size per GPU (default: 64)")
+
+
+def add_sampler_options(p):
+    """Algorithm 2's options (edm_sampler) and the ablation options that switch to 03's ablation_sampler."""
+    g = p.add_argument_group("sampler (defaults: the sampler's own, Algorithm 2 with 18 steps)")
+    g.add_argument("--steps", dest="num_steps", metavar="N", type=common.number(int, 2), default=None, help="sampling steps N")
+    for name in ("sigma_min", "sigma_max", "rho"):
+        g.add_argument(f"--{name}", type=common.number(float, 0), default=None, help="Eq. 5 (must be > 0)")
+    for name in ("S_churn", "S_min", "S_max", "S_noise"):
+        g.add_argument(f"--{name}", type=common.number(float, 0), default=None, help="Algorithm 2 stochasticity")
+    g.add_argument("--solver", choices=["euler", "heun"], help="ablation: ODE solver (chapter 03)")
+    g.add_argument("--disc", dest="discretization", choices=["vp", "ve", "iddpm", "edm"], help="ablation: time steps")
+    g.add_argument("--schedule", choices=["vp", "ve", "linear"], help="ablation: sigma(t)")
+    g.add_argument("--scaling", choices=["vp", "none"], help="ablation: s(t)")
+
+
+def add_detector(p):
+    p.add_argument("--detector", default="nvidia", help="nvidia (default; the paper's numbers), nvidia-pkl, "
+                   "pytorch-fid, or a local .pt/.pth/.pkl file")
+    p.add_argument("--batch", type=common.number(int, 1), default=64, help="maximum batch size per GPU (default: 64)")
+
 
 def build_parser():
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    shared = common.base_parser(__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name, help_text, fn):
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[shared], conflict_handler="resolve")
-        p.set_defaults(fn=fn)
+    def add(name, fn, text):
+        p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
+        p.set_defaults(run=fn)
         return p
 
-    def sampler_options(p):
-        p.add_argument("--network", required=True, help="an official .pkl (path or URL) or a snapshot of this project")
-        p.add_argument("--class", dest="class_idx", type=int, default=None, help="class label (default: random per seed)")
-        p.add_argument("--batch", type=int, default=64, help="maximum batch size per GPU (default: 64)")
-        p.add_argument("--steps", dest="num_steps", type=int, default=None, help="sampling steps N (default: 18)")
-        for name in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise"):
-            p.add_argument(f"--{name}", type=float, default=None, help="Algorithm 2 / ablation sampler option")
-        p.add_argument("--solver", choices=["euler", "heun"], help="ablation: ODE solver (chapter 03)")
-        p.add_argument("--disc", dest="discretization", choices=["vp", "ve", "iddpm", "edm"], help="ablation: time steps")
-        p.add_argument("--schedule", choices=["vp", "ve", "linear"], help="ablation: sigma(t)")
-        p.add_argument("--scaling", choices=["vp", "none"], help="ablation: s(t)")
+    p = add("demo", demo, "Frechet distance on Gaussians with known FID (the default; a few seconds).")
+    p.add_argument("--seed", type=common.number(int, 0), default=0, help="random seed (default: 0)")
+    p.add_argument("--outdir", default=None, help="where the figure goes (default: out/08_evaluate_fid/)")
+    add_device(p)
 
-    def detector_option(p):
-        p.add_argument("--detector", default="nvidia",
-                       help="nvidia (default; the paper's numbers), nvidia-pkl, pytorch-fid, or a local .pt/.pth/.pkl file")
-        p.add_argument("--batch", type=int, default=64, help="maximum batch size per GPU (default: 64)")
-
-    p = add("generate", "Generate {seed:06d}.png images (the images depend on the seeds only).", cmd_generate)
-    sampler_options(p)
+    p = add("generate", cmd_generate, "Generate {seed:06d}.png images (each depends on its seed only).")
     p.add_argument("--seeds", default="0-63", help="e.g. 0-49999 or 0,5,7-9 (default: 0-63)")
     p.add_argument("--subdirs", action="store_true", help="one subfolder per 1000 seeds")
-    p.add_argument("--outdir", default=None, help="where the PNGs go (default: out/08_evaluate_fid/)")
+    p.add_argument("--outdir", default=None, help="where the PNGs go (default: out/08_evaluate_fid/images/)")
+    add_network(p)
+    add_sampler_options(p)
+    add_device(p)
 
-    p = add("ref", "Reference statistics (mu, sigma) of a dataset.", cmd_ref)
-    p.add_argument("--data", required=True, help="cifar10 (training set via torchvision), or a folder/.zip of images")
-    p.add_argument("--data-dir", default="data", help="where torchvision keeps CIFAR-10 (default: data)")
+    p = add("ref", cmd_ref, "Reference statistics (mu, sigma) of a dataset, written to an .npz.")
+    p.add_argument("--data", required=True, help="cifar10 (the training set), or a folder/.zip of images")
+    p.add_argument("--data-dir", default=training.DATA_DIR,
+                   help=f"where cifar-10-python.tar.gz is looked for / downloaded (default: {training.DATA_DIR})")
     p.add_argument("--dest", required=True, help="output .npz")
-    detector_option(p)
+    add_detector(p)
+    add_device(p)
 
-    p = add("calc", "FID of a folder/.zip of images against reference statistics.", cmd_calc)
+    p = add("calc", cmd_calc, "FID of a folder/.zip of images against reference statistics.")
     p.add_argument("--images", required=True, help="folder or .zip of images")
     p.add_argument("--ref", required=True, help="reference .npz (path or URL)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random subset when there are more than --num images")
-    p.add_argument("-n", "--num", type=int, default=50000, help="images to use; error if fewer, seeded subset if more "
-                   "(default: 50000; under torchrun write -n, as torchrun mistakes --num for its --numa-binding)")
-    detector_option(p)
+    p.add_argument("-n", "--num", type=common.number(int, 2), default=50000,
+                   help=f"images to use; error if fewer, seeded subset if more (default: 50000; {TORCHRUN_NUM})")
+    p.add_argument("--seed", type=common.number(int, 0), default=0,
+                   help="seed of the random subset when there are more than --num images (default: 0)")
+    add_detector(p)
+    add_device(p)
 
-    p = add("fid", "The paper's protocol: FID of --repeats seed sets of --num images each, and the minimum.", cmd_fid)
-    sampler_options(p)
+    p = add("fid", cmd_fid, "The paper's protocol: FID of --repeats seed sets of --num images each, and the minimum.")
     p.add_argument("--ref", required=True, help="reference .npz (path or URL)")
-    p.add_argument("-n", "--num", type=int, default=50000, help="images per seed set (default: 50000; under "
-                   "torchrun write -n, as torchrun mistakes --num for its --numa-binding)")
-    p.add_argument("--repeats", type=int, default=3, help="seed sets 0..num-1, num..2num-1, ... (default: 3)")
+    p.add_argument("-n", "--num", type=common.number(int, 2), default=50000,
+                   help=f"images per seed set (default: 50000; {TORCHRUN_NUM})")
+    p.add_argument("--repeats", type=common.number(int, 1), default=3,
+                   help="seed sets 0..num-1, num..2num-1, ... (default: 3)")
     p.add_argument("--outdir", default=None, help="where fid.json goes (default: out/08_evaluate_fid/)")
-    p.add_argument("--detector", default="nvidia",
-                   help="nvidia (default; the paper's numbers), nvidia-pkl, pytorch-fid, or a local .pt/.pth/.pkl file")
-
-    add("demo", "Frechet distance on Gaussians with known FID (the default).", demo)
+    p.add_argument("--detector", default="nvidia", help="nvidia (default; the paper's numbers), nvidia-pkl, "
+                   "pytorch-fid, or a local .pt/.pth/.pkl file")
+    add_network(p)
+    add_sampler_options(p)
+    add_device(p)
     return parser
 
 
+def parse_args(argv=None):
+    """Parse the command line; no subcommand (or only options) means the demo."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "demo")
+    return build_parser().parse_args(argv)
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv if argv else ["demo"])
-    for name, flag, least in [("batch", "--batch", 1), ("num", "--num", 2), ("repeats", "--repeats", 1), ("num_steps", "--steps", 1)]:
-        if getattr(args, name, None) is not None and getattr(args, name) < least:
-            raise SystemExit(f"error: {flag} must be at least {least}")
-    args.fn(args)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    args = parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

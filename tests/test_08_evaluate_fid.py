@@ -122,7 +122,7 @@ def test_parse_seeds(fid):
     assert fid.parse_seeds("0,5,7-9") == [0, 5, 7, 8, 9]
     assert len(fid.parse_seeds("0-49999")) == 50000
     for bad in ["5-3", "a", "1,,2", "-1"]:
-        with pytest.raises(SystemExit):
+        with pytest.raises(ValueError, match="bad seed list"):
             fid.parse_seeds(bad)
 
 
@@ -182,7 +182,7 @@ def test_detector_pickle_never_runs_code(fid, tmp_path):
 
     with open(tmp_path / "nojit.pkl", "wb") as f:
         pickle.dump({"evil": Evil()}, f)
-    with pytest.raises(SystemExit, match="inception-2015-12-05.pt"):
+    with pytest.raises(ValueError, match="inception-2015-12-05.pt"):
         fid.open_detector_file(str(tmp_path / "nojit.pkl"))
     assert not marker.exists()
 
@@ -199,13 +199,18 @@ def test_torchvision_detector_from_state_dict(fid, tmp_path):
 
 
 def test_missing_detector_and_bad_reference(fid, tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         fid.open_detector_file(str(tmp_path / "nope.pt"))
+    (tmp_path / "truncated.pt").write_bytes(b"\x80\x02 not a state dict")
+    with pytest.raises(ValueError, match="cannot read detector"):
+        fid.open_detector_file(str(tmp_path / "truncated.pt"))
+    with pytest.raises(FileNotFoundError, match="reference statistics not found"):
+        fid.load_ref(str(tmp_path / "nope.npz"), 2048)
     np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
-    with pytest.raises(SystemExit, match="64-d"):
+    with pytest.raises(ValueError, match="64-d"):
         fid.load_ref(str(tmp_path / "ref.npz"), 2048)
     np.savez(tmp_path / "bad.npz", mean=np.zeros(4))
-    with pytest.raises(SystemExit, match="'mu' and 'sigma'"):
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
         fid.load_ref(str(tmp_path / "bad.npz"), 4)
 
 
@@ -229,8 +234,13 @@ class StandInDetector(torch.nn.Module):
 def tiny_network(load, tmp_path_factory):
     """A real `07_train_cifar10.py --preset tiny` model (class-conditional 16x16 shapes), trained 1 kimg."""
     outdir = tmp_path_factory.mktemp("tiny_run")
-    load("07_train_cifar10").main(["--preset", "tiny", "--duration", "0.001", "--outdir", str(outdir),
-                                   "--device", "cpu"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # module fixtures start before the per-test one_thread fixture
+    try:
+        load("07_train_cifar10").main(["--preset", "tiny", "--duration", "0.001", "--outdir", str(outdir),
+                                       "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
     (snapshot,) = sorted(outdir.glob("network-snapshot-*.pt"))
     return str(snapshot)
 
@@ -283,7 +293,7 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
     # Its statistics equal those of the PNGs `generate` wrote, read back from disk.
     net = fid.load_net(tiny_network, "cpu")
     mu_g, sigma_g = fid.generated_stats(net, list(range(8)), detector, 3, "cpu", num_steps=4, S_churn=10.0)
-    mu_c, sigma_c = fid.image_stats(fid.ImageFiles(pngs[8]), np.arange(8), detector, 5, "cpu")
+    mu_c, sigma_c = fid.image_stats(fid.training.ImageFolder(pngs[8]), np.arange(8), detector, 5, "cpu")
     np.testing.assert_allclose(mu_g, mu_c, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(sigma_g, sigma_c, rtol=1e-10, atol=1e-15)
     assert result["fid"][0] == pytest.approx(fid.frechet_distance(mu_c, sigma_c, *ref), rel=1e-10)
@@ -292,20 +302,65 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
     run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 8)
     printed = float(capsys.readouterr().out.split("FID")[-1])
     assert printed == pytest.approx(result["fid"][0], rel=1e-5)
+
+    # More images than --num: the official seeded subset, and --seed picks which.
+    run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "-n", 5, "--seed", 1)
+    printed = float(capsys.readouterr().out.split("FID")[-1])
+    subset = fid.random_subset(8, 5, 1)
+    assert list(subset) != list(fid.random_subset(8, 5, 0))
+    mu_s, sigma_s = fid.image_stats(fid.training.ImageFolder(pngs[8]), subset, detector, 5, "cpu")
+    assert printed == pytest.approx(fid.frechet_distance(mu_s, sigma_s, *ref), rel=1e-5)
     with pytest.raises(SystemExit, match="found 8 images"):
         run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 9)
 
 
-def test_bad_network_and_images(fid, tiny_network, tmp_path):
+def test_sampler_options_select_the_sampler_and_its_nfe(fid, tiny_network):
+    parser = fid.build_parser()
+    args = parser.parse_args(["generate", "--network", "x", "--steps", "5", "--S_churn", "2"])
+    sampler, options = fid.sampler_from_args(args)
+    assert sampler is fid.sampling.edm_sampler and options == {"num_steps": 5, "S_churn": 2.0}
+    assert fid.nfe(sampler, options) == 9
+    args = parser.parse_args(["fid", "--network", "x", "--ref", "r", "--solver", "euler", "--disc", "vp"])
+    sampler, options = fid.sampler_from_args(args)
+    assert sampler is fid.schedules.ablation_sampler and options == {"solver": "euler", "discretization": "vp"}
+    assert fid.nfe(sampler, options) == 18
+    assert fid.nfe(fid.sampling.edm_sampler, {}) == 35                  # Table 2's 35 NFE
+    for bad in (["--rho", "0"], ["--sigma_min", "2", "--sigma_max", "1"]):
+        with pytest.raises(ValueError, match="--rho|--sigma_min"):
+            fid.sampler_from_args(parser.parse_args(["generate", "--network", "x"] + bad))
+
+    # generate_batch calls the chosen sampler with the seeds' noise: the ablation sampler with EDM
+    # settings and Heun is Algorithm 2, and gives the same images as edm_sampler.
+    net = fid.load_net(tiny_network, "cpu")
+    a = fid.generate_batch(net, [3, 4], "cpu", None, fid.sampling.edm_sampler, num_steps=3)
+    b = fid.generate_batch(net, [3, 4], "cpu", None, fid.schedules.ablation_sampler, num_steps=3, solver="heun")
+    assert a.dtype == torch.uint8 and torch.equal(a, b)
+
+
+def test_bad_network_and_class_raise(fid, tiny_network, tmp_path):
     (tmp_path / "corrupt.pkl").write_bytes(b"\x80\x04 not a pickle")
-    with pytest.raises(SystemExit, match="cannot load network"):
-        run(fid, "generate", "--network", tmp_path / "corrupt.pkl", "--seeds", "0", "--outdir", tmp_path)
+    with pytest.raises(ValueError, match="corrupt.pkl: truncated or corrupt"):
+        fid.load_net(str(tmp_path / "corrupt.pkl"), "cpu")
+    with open(tmp_path / "unsafe.pkl", "wb") as f:                 # names a global a checkpoint never needs
+        pickle.dump({"ema": os.system}, f)
+    with pytest.raises(ValueError, match="unsafe.pkl"):
+        fid.load_net(str(tmp_path / "unsafe.pkl"), "cpu")
+    with pytest.raises(FileNotFoundError, match="network file not found"):
+        fid.load_net(str(tmp_path / "nope.pkl"), "cpu")
+    net = fid.load_net(tiny_network, "cpu")
+    fid.check_class(net, net.label_dim - 1)
+    with pytest.raises(ValueError, match=f"--class {net.label_dim} but the network has {net.label_dim} classes"):
+        fid.check_class(net, net.label_dim)
     with pytest.raises(SystemExit, match="--class 7"):
         run(fid, "generate", "--network", tiny_network, "--class", 7, "--seeds", "0", "--outdir", tmp_path)
-    import PIL.Image
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    PIL.Image.new("RGB", (8, 8)).save(folder / "a.png")
-    PIL.Image.new("RGB", (16, 16)).save(folder / "b.png")
-    with pytest.raises(SystemExit, match="b.png is 16x16"):
-        fid.ImageFiles(str(folder)).batch([0, 1])
+
+
+def test_generate_writes_pngs_to_the_images_folder_by_default(fid, tiny_network, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run(fid, "generate", "--network", tiny_network, "--seeds", "5,9", "--steps", 2, "--batch", 1)
+    assert sorted(os.listdir(tmp_path / "out" / "08_evaluate_fid" / "images")) == ["000005.png", "000009.png"]
+    assert os.listdir(tmp_path / "out" / "08_evaluate_fid") == ["images"]          # figures live one level up
+    out = capsys.readouterr().out
+    # Not a terminal: one plain line per batch group, no progress-bar redraws.
+    assert "generate: batch 1/2" in out and "generate: batch 2/2" in out and "\r" not in out
+    assert "calc --images" in out                                                  # says what to do next
