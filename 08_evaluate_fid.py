@@ -714,7 +714,7 @@ def demo(args):
     spread = max(rows[-1][2]) - min(rows[-1][2])
     print(f"\nWhat this shows ({path}):")
     print(f"  * Blue: two samples of the SAME distribution still score FID > 0, and that bias falls like 1/n "
-          f"(n x bias stays near {rows[-1][1] * rows[-1][0]:.0f}; dotted guide).")
+          f"(n x bias stays near {rows[-1][1] * rows[-1][0]:.0f}; grey guide).")
     print(f"  * Orange: the generator's estimates sit above its true FID {true_fid:.3f} (dashed line) by about the "
           f"same bias; at n = 50k the three seed sets differ by only {spread:.4f}.")
     print("  * So FIDs are comparable only at equal n: the paper's FIDs (Table 2) all use 50,000 images, and each is"
@@ -729,7 +729,7 @@ def plot_fid_vs_n(plt, ns, rows, true_fid, path):
     same = np.array([r[1] for r in rows])
     ax.loglog(ns, same, "o-", color="C0", label="same distribution (true FID 0)")
     c = same[-1] * ns[-1]
-    ax.loglog(ns, [c / n for n in ns], ":", color="C0", lw=1, label=f"{c:.0f} / n")
+    ax.loglog(ns, [c / n for n in ns], "-", color="0.75", lw=6, zorder=0, label=f"{c:.0f} / n (guide)")
     for i in range(3):
         ax.loglog(ns, [r[2][i] for r in rows], "s", ms=4, color="C1", alpha=0.8,
                   label="generator, 3 seed sets" if i == 0 else None)

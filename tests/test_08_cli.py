@@ -56,6 +56,12 @@ def test_each_subcommand_has_exactly_its_options(fid):
                                                               "linear", "none") for w in words), (name, words)
 
 
+def test_no_subcommand_means_the_demo(fid):
+    assert fid.parse_args([]).run is fid.demo
+    args = fid.parse_args(["--seed", "3", "--outdir", "X"])
+    assert args.run is fid.demo and args.seed == 3 and args.outdir == "X"
+
+
 @pytest.mark.parametrize("argv, complaint", [
     (["generate", "--network", "n.pkl", "--seed", "3"], "unrecognized arguments: --seed 3"),   # not --seeds 3
     (["demo", "5"], "unrecognized arguments: 5"),
