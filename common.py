@@ -157,7 +157,7 @@ def number(kind=int, low=None, high=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if (low is not None and value < low) or (high is not None and value > high):
+        if value != value or (low is not None and value < low) or (high is not None and value > high):
             bounds = f"in [{low}, {high}]" if low is not None and high is not None else \
                 f">= {low}" if low is not None else f"<= {high}"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
