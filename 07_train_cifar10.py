@@ -1,30 +1,22 @@
 """07 -- Training: the paper's recipe for CIFAR-10 (and ImageNet-64, and your own images).
 
-Chapter 05 gave the loss (Eq. 2, weighted as in Table 1) and chapter 06 the networks; this file is
-the rest of Sec. 5 and Appendix F. It reads in that order: what is trained (the presets), the data,
-the non-leaking augmentation, the network and loss, the training loop; then the machinery a real
-run needs (checkpoints, resume, ticks, previews) and the command line.
-
-  * Data: CIFAR-10 (via torchvision), a folder or zip of images (`ImageFolder`, which 08 reads
-    images with too; labels from dataset.json or class sub-folders), or built-in coloured shapes.
-  * Non-leaking augmentation (Sec. 5, App. F.2): with probability p an image is flipped, scaled,
-    rotated, stretched and shifted before noise is added, and the network is told what was done
-    (9 "augment labels"); sampling with labels = 0 then gives un-augmented images.
-  * The loop (Table 7): Adam (0.9, 0.999, 1e-8), the learning rate ramped up over 10 Mimg, an EMA
-    of the weights with a half-life counted in images. `--label-dropout p` (not in the paper; 0 in
-    every preset) trains one network with and without its class, as classifier-free guidance needs.
-  * Scale: one process, or one per GPU under torchrun (DDP; gloo on CPUs); `--batch-gpu` turns the
-    rest of a process's share into gradient accumulation; mixed precision via autocast.
-  * Checkpoints you cannot lose: every `--snap` kimg a network snapshot (06 and 08 read it), a
-    labelled preview grid and the full training state, written atomically with the previous one
-    kept; `--resume auto` continues bit for bit as if never stopped.
+Chapter 05 gave the loss (Eq. 2, weighted as in Table 1) and 06 the networks; this is the rest of Sec. 5
+and Appendix F, in this order: what is trained (presets), the data, the non-leaking augmentation
+(App. F.2: the network is told how each image was flipped, scaled, rotated, stretched or shifted, so
+sampling with augment labels 0 gives un-augmented images), the network and loss, the training loop
+(Table 7: Adam, a learning-rate ramp-up, an EMA whose half-life is counted in images); then the
+machinery: checkpoints written atomically from which `--resume auto` continues bit for bit, ticks,
+labelled preview grids, torchrun (DDP; gloo on CPUs), gradient accumulation, autocast. `ImageFolder`
+(a folder or zip of images, labels from dataset.json or class sub-folders) is also 08's image reader.
+`--label-dropout p` (not in the paper; 0 in every preset) trains one network both with and without
+its class, as classifier-free guidance needs.
 
 Presets (explicit flags override their values; `--preset X --help` lists them):
-  cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg,
-              dropout 0.13, augment p = 0.12   [FID 1.79 conditional, 1.97 unconditional]
+  cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13,
+              augment p = 0.12   [FID 1.79 conditional, 1.97 unconditional]
   imagenet64  ADM, class-conditional, 2500 Mimg, batch 4096, lr 1e-4, EMA 50 Mimg, dropout 0.10, fp16
-  tiny        the default: a 0.3M-parameter DDPM++ on 16x16 coloured shapes, 64 kimg in about three
-              minutes on a 2-core CPU; its preview grids show the shapes forming
+  tiny        the default: a 0.3M-parameter DDPM++ on 16x16 coloured shapes, 64 kimg in about three minutes
+              on a 2-core CPU; its preview grids show the shapes forming
 
 Examples:
   python 07_train_cifar10.py > log.txt    # = --preset tiny; the log ends with which files to open
@@ -61,20 +53,18 @@ sampler = common.load("04_stochastic_sampler")
 # ----------------------------------------------------------------------------
 # What is trained: the paper's setups (Table 7). Explicit flags win over a preset.
 
+# Without a preset: Table 7's CIFAR-10 column (the official train.py defaults).
 DEFAULTS = dict(data=None, resolution=None, cond=False, xflip=False, arch="ddpmpp", precond="edm", cbase=None,
                 cres=None, blocks=None, attn=None, dropout=0.13, augment=0.12, label_dropout=0, duration=200,
                 batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, precision="fp32", tick=50, snap=2500)
 PRESETS = {
-    # Table 7, CIFAR-10 column (train.py defaults of the official code).
-    "cifar10": dict(data="cifar10", arch="ddpmpp", precond="edm", duration=200, batch=512, lr=1e-3,
-                    ema=0.5, dropout=0.13, augment=0.12, lr_rampup=10, precision="fp32", tick=50, snap=2500),
+    "cifar10": dict(data="cifar10"),
     # Table 7, ImageNet-64 column: class-conditional ADM, fp16 mixed precision, no augmentation.
-    "imagenet64": dict(data=None, cond=True, arch="adm", precond="edm", duration=2500, batch=4096, lr=1e-4,
-                       ema=50, dropout=0.10, augment=0, lr_rampup=10, precision="fp16", tick=200, snap=10000),
+    "imagenet64": dict(cond=True, arch="adm", duration=2500, batch=4096, lr=1e-4, ema=50, dropout=0.10, augment=0,
+                       precision="fp16", tick=200, snap=10000),
     # A few CPU-minutes: 16x16 shapes, a 0.3M-parameter DDPM++ (2000 steps of 32); short ramp-ups to match.
-    "tiny": dict(data="shapes", resolution=16, cond=True, arch="ddpmpp", precond="edm", cbase=16, cres=[1, 2, 2],
-                 blocks=1, attn=[], duration=0.064, batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0,
-                 lr_rampup=0.01, precision="fp32", tick=4, snap=16),
+    "tiny": dict(data="shapes", resolution=16, cond=True, cbase=16, cres=[1, 2, 2], blocks=1, attn=[], duration=0.064,
+                 batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0, lr_rampup=0.01, tick=4, snap=16),
 }
 # Options that may differ between a run and its resumption (they do not change the maths).
 RESUMABLE = {"duration", "stop_kimg", "tick", "snap", "outdir", "resume", "device", "compile", "batch_gpu",
@@ -93,9 +83,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 class ImageFolder:
     """The images of a folder or .zip (recursive, sorted by relative name), decoded only when read.
 
-    `read(i)` gives uint8 [C, H, W] (C = 1 greyscale or 3 RGB), and every image must have the first
-    one's shape. `labels` come from dataset.json (the official dataset-tool layout:
-    {"labels": [["00000/img00000000.png", 6], ...]}), else from one sub-folder per class, else None.
+    `read(i)` gives uint8 [C, H, W] (C = 1 greyscale or 3 RGB); every image must have the first one's
+    shape. `labels` come from dataset.json (the official dataset-tool layout: {"labels":
+    [["00000/img00000000.png", 6], ...]}), else from one sub-folder per class, else None.
     """
 
     def __init__(self, path):
@@ -148,17 +138,14 @@ class ImageFolder:
 
     @property
     def labels(self):
-        """int64 [N] class indices (float32 [N, D] if dataset.json holds vectors), or None."""
+        """int64 [N] class indices, or None."""
         if "dataset.json" in self._files:
             labels = json.loads(self._bytes("dataset.json")).get("labels")
-            if labels is None:
-                return None
-            labels = dict(labels)
+            labels = dict(labels) if labels is not None else {}
             missing = [n for n in self.names if n not in labels]
-            if missing:
+            if labels and missing:
                 raise ValueError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}")
-            labels = np.asarray([labels[n] for n in self.names])
-            return labels.astype(np.int64 if labels.ndim == 1 else np.float32)
+            return np.asarray([labels[n] for n in self.names], np.int64) if labels else None
         folders = [n.split("/")[0] if "/" in n else None for n in self.names]
         if None in folders or len(set(folders)) < 2:
             return None
@@ -230,7 +217,6 @@ class TrainingSet:
 
 def load_dataset(args):
     """--data (cifar10 | shapes | a folder/zip) -> TrainingSet, checked against the network it will feed."""
-    names = None
     if args.data == "cifar10":
         (images, labels), name, names = load_cifar10(args.data_dir), "cifar10", CIFAR10_CLASSES
     elif args.data == "shapes":
@@ -238,24 +224,19 @@ def load_dataset(args):
         name = f"shapes{images.shape[2]}"
     else:
         folder = ImageFolder(args.data)
-        images, labels = folder.batch(range(len(folder))), folder.labels
+        images, labels, names = folder.batch(range(len(folder))), folder.labels, None
         name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
     n, _, h, w = images.shape
     levels = len(args.cres or ([1, 2, 3, 4] if args.arch == "adm" else [2, 2, 2]))
-    if h != w or h % 2 ** (levels - 1):
-        raise ValueError(f"the images are {w}x{h}; the {levels}-level U-Net needs square images whose size "
-                         f"is divisible by 2^{levels - 1}")
-    if args.resolution is not None and h != args.resolution:
-        raise ValueError(f"--resolution {args.resolution} but the images are {h}x{w}")
-    if not args.cond:
-        return TrainingSet(name, images, torch.zeros([n, 0]), [], args.xflip)
-    if labels is None:
+    if h != w or h % 2 ** (levels - 1) or h != (args.resolution or h):
+        raise ValueError(f"the images are {w}x{h}, but the {levels}-level U-Net needs square images with a size "
+                         f"divisible by 2^{levels - 1}" + f" and equal to --resolution {args.resolution}" * bool(args.resolution))
+    if args.cond and labels is None:
         raise ValueError(f"--cond needs labels, and {args.data!r} has none (dataset.json or class sub-folders)")
-    if labels.ndim == 1 and labels.min() < 0:
+    if args.cond and labels.min() < 0:
         raise ValueError(f"class labels must be non-negative integers; {args.data!r} has {labels.min()}")
-    onehot = torch.as_tensor(labels) if labels.ndim == 2 else F.one_hot(torch.as_tensor(labels)).to(torch.float32)
-    names = names or [f"class {k}" for k in range(onehot.shape[1])]
-    return TrainingSet(name, images, onehot, names, args.xflip)
+    onehot = F.one_hot(torch.as_tensor(labels)).to(torch.float32) if args.cond else torch.zeros([n, 0])
+    return TrainingSet(name, images, onehot, names or [f"class {k}" for k in range(onehot.shape[1])], args.xflip)
 
 
 # ----------------------------------------------------------------------------
@@ -455,16 +436,15 @@ PRECONDS = {"vp": ("VPPrecond", "VPLoss"), "ve": ("VEPrecond", "VELoss"), "edm":
 def network_config(args, data):
     """(class_name, kwargs) exactly as the official constructors take them (06's from_official_config)."""
     kwargs = dict(img_resolution=data.resolution, img_channels=data.channels, label_dim=data.label_dim,
-                  use_fp16=False, **ARCHS[args.arch])   # mixed precision comes from autocast instead
-    for option, name in (("cbase", "model_channels"), ("cres", "channel_mult"), ("blocks", "num_blocks"),
-                         ("attn", "attn_resolutions")):
+                  use_fp16=False, **ARCHS[args.arch], dropout=args.dropout)   # mixed precision: autocast instead
+    for option, name in [("cbase", "model_channels"), ("cres", "channel_mult"), ("blocks", "num_blocks"),
+                         ("attn", "attn_resolutions")]:
         if getattr(args, option) is not None:
             kwargs[name] = getattr(args, option)
     if args.augment > 0:
         kwargs["augment_dim"] = len(AUGMENT_LABELS)
-    kwargs["dropout"] = args.dropout
     if args.label_dropout > 0:
-        kwargs["label_dropout"] = args.label_dropout   # 06's drop_labels: zero class vector with probability p
+        kwargs["label_dropout"] = args.label_dropout    # 06's drop_labels: a zero class vector with probability p
     return PRECONDS[args.precond][0], kwargs
 
 
@@ -478,11 +458,8 @@ def learning_rate(cur_nimg, lr, rampup_mimg):
 
 
 def ema_beta(cur_nimg, batch_size, halflife_mimg, rampup_ratio=0.05):
-    """Per-step EMA decay: the average forgets half its weight every `halflife` images.
-
-    Early on the half-life is capped at rampup_ratio x images seen, so the average is
-    not dominated by the random initial weights.
-    """
+    """Per-step EMA decay: the average forgets half its weight every `halflife` images. Early on the
+    half-life is capped at rampup_ratio x images seen, so the random initial weights fade fast."""
     halflife_nimg = halflife_mimg * 1e6
     if rampup_ratio is not None:
         halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
@@ -505,10 +482,9 @@ def sanitize_gradients(net):
 
 
 def train(args, device=torch.device("cpu")):
-    """Train as Sec. 5 / Table 7 describe, writing into the run folder; returns (run_dir, kimg reached)."""
+    """Train as Sec. 5 and Table 7 describe, writing into the run folder. Returns (run folder, kimg done)."""
     rank, world_size = common.get_rank(), common.get_world_size()
-    batch_gpu, num_rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    batch_rank = batch_gpu * num_rounds                              # images per rank per step
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     run_dir = args.outdir or os.path.join("out", "07_train_cifar10")
 
     # Everything that can fail on bad input happens before the first file is written.
@@ -521,8 +497,7 @@ def train(args, device=torch.device("cpu")):
     torch.manual_seed(args.seed)
     net = unet.from_official_config(class_name, net_kwargs).train().requires_grad_(True).to(device)
     common.seed_all(derive_seed(args.seed, "rank", rank))
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
     ema = copy.deepcopy(net).eval().requires_grad_(False)            # the averaged weights that get sampled
     loss_fn = getattr(precond, PRECONDS[args.precond][1])()          # 05: Table 1's p(sigma) and lambda(sigma)
     augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
@@ -530,32 +505,29 @@ def train(args, device=torch.device("cpu")):
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     stream = InfiniteSampler(len(data), args.seed, rank, world_size)
-    cur_nimg = 0
-    if resume is not None:
-        cur_nimg = restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args)
+    cur_nimg = restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args) if resume else 0
     ddp, model, autocast = accelerate(net, args, device, world_size)
-    begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, num_rounds, device)
+    if rank == 0:
+        begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device)
 
     total_nimg = round(args.duration * 1e6)
-    stop_nimg = min(total_nimg, round(args.stop_kimg * 1e3)) if args.stop_kimg is not None else total_nimg
-    progress = Progress(run_dir, cur_nimg, total_nimg, device, rank == 0)
+    stop_nimg = min(total_nimg, round(args.stop_kimg * 1e3)) if args.stop_kimg else total_nimg
+    progress = Progress(run_dir, cur_nimg, total_nimg, device)
     while cur_nimg < stop_nimg:
-        # One step on args.batch images: num_rounds micro-batches per rank, gradients averaged on the last.
+        # One step on args.batch images: `rounds` micro-batches per rank, gradients averaged over ranks on the last.
         optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_rounds):
-            sync = world_size == 1 or round_idx == num_rounds - 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()):
+        for round_idx in range(rounds):
+            with (ddp.no_sync() if world_size > 1 and round_idx < rounds - 1 else contextlib.nullcontext()):
                 images, labels = data.batch(stream.next(batch_gpu))
                 y = images.to(device).to(torch.float32) / 127.5 - 1        # pixels in [-1, 1]
-                if device.type == "cuda":
-                    y = y.contiguous(memory_format=torch.channels_last)
+                y = y.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else y
                 with autocast():
                     # Eq. 2, weighted as in Table 1 (05's loss): draw sigma ~ p_train (EDM: ln sigma ~
                     # N(P_mean, P_std^2)), augment y, add n ~ N(0, sigma^2 I); per pixel the loss is
                     # lambda(sigma) |D(y + n; sigma) - y|^2.
                     loss = loss_fn(net=model, images=y, labels=labels.to(device), augment_pipe=augment_pipe)
                 progress.add_loss(loss)
-                scaler.scale(loss.sum() / batch_rank).backward()     # summed per image, averaged over the batch
+                scaler.scale(loss.sum() / (batch_gpu * rounds)).backward()   # summed per image, mean over the batch
 
         # Adam with the learning rate ramped up linearly (Table 7).
         lr = learning_rate(cur_nimg, args.lr, args.lr_rampup)
@@ -566,11 +538,11 @@ def train(args, device=torch.device("cpu")):
         scaler.step(optimizer)
         scaler.update()
 
-        # The exponential moving average of the weights, half-life in images.
+        # The exponential moving average of the weights, its half-life counted in images.
         update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema))
         cur_nimg += args.batch
 
-        # Bookkeeping: a tick every --tick kimg; at every --snap kimg (and at the end) also a network
+        # Bookkeeping: a tick every --tick kimg; every --snap kimg and at the end also a network
         # snapshot, a preview grid and the training state to resume from.
         progress.update(cur_nimg)
         snap_due = cur_nimg >= stop_nimg or crossed(cur_nimg, args.batch, args.snap)
@@ -585,9 +557,9 @@ def train(args, device=torch.device("cpu")):
 
 
 # ----------------------------------------------------------------------------
-# Machinery: none of it changes the maths above. The batch split, precision and DDP, the run
-# folder, ticks (stats.jsonl and the progress display), snapshots and previews, training
-# states and resume, rank digests.
+# Machinery (none of it changes the maths above): the batch split, precision and DDP, the run
+# folder, ticks (stats.jsonl and the progress display), snapshots with rank digests and
+# previews, training states and resume.
 
 def split_batch(batch, batch_gpu, world_size):
     """--batch = processes x rounds x --batch-gpu. Returns (batch_gpu, rounds)."""
@@ -611,12 +583,12 @@ def accelerate(net, args, device, world_size):
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else net
     dtype = common.get_dtype(args.precision)
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
-    return ddp, torch.compile(ddp) if args.compile else ddp, autocast
+    return ddp, torch.compile(ddp) if args.compile else ddp, \
+        lambda: torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
 
 
 def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device):
-    """Rank 0: training_options.json, reals.png (new runs) and one line saying what is trained."""
+    """training_options.json, reals.png (new runs) and one line saying what is trained."""
     world_size = common.get_world_size()
     os.makedirs(run_dir, exist_ok=True)
     common.write_json(dict(vars(args), world_size=world_size, dataset=data.name, dataset_size=len(data),
@@ -626,21 +598,21 @@ def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg
         save_labelled_grid(data.batch(torch.arange(64) % len(data))[0] / 127.5 - 1,
                            os.path.join(run_dir, "reals.png"), f"{data.name}: training images 0-63")
     print(f"{f'resuming {resume[1]} at {cur_nimg / 1e3:g} kimg' if resume else 'new run'} -> {run_dir}\n"
-          f"{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, "
-          f"{data.label_dim} classes; {class_name}/{net_kwargs['model_type']} {sum(p.numel() for p in net.parameters()):,}"
-          f" parameters; {world_size} process(es) on {device}, batch {args.batch} = {world_size} x {rounds} x "
-          f"{batch_gpu}", flush=True)
+          f"{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, {data.label_dim} "
+          f"classes; {class_name}/{net_kwargs['model_type']} {sum(p.numel() for p in net.parameters()):,} parameters; "
+          f"{world_size} process(es) on {device}, batch {args.batch} = {world_size} x {rounds} x {batch_gpu}", flush=True)
 
 
 class Progress:
     """Per tick: loss mean/std over all ranks (summed on the device, no syncs in between), speed and
     memory, one line of stats.jsonl; on a terminal a tqdm bar, otherwise one plain line per tick."""
 
-    def __init__(self, run_dir, cur_nimg, total_nimg, device, is_main):
-        self.path, self.device, self.is_main, self.total = os.path.join(run_dir, "stats.jsonl"), device, is_main, total_nimg
+    def __init__(self, run_dir, cur_nimg, total_nimg, device):
+        self.path, self.device, self.total = os.path.join(run_dir, "stats.jsonl"), device, total_nimg
+        self.is_main = common.get_rank() == 0
         self.bar = tqdm.tqdm(total=total_nimg / 1e3, initial=cur_nimg / 1e3, file=sys.stdout, dynamic_ncols=True,
                              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]") \
-            if is_main and sys.stdout.isatty() else None
+            if self.is_main and sys.stdout.isatty() else None
         self.reset(cur_nimg)
 
     def reset(self, cur_nimg):
@@ -665,11 +637,11 @@ class Progress:
             torch.distributed.all_reduce(sums)
         total, squares, count = sums.tolist()
         mean, seconds, nimg = total / count, time.time() - self.start_time, cur_nimg - self.start_nimg
-        memory = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20     # Linux reports KiB
+        memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux reports KiB
         return dict(kimg=cur_nimg / 1e3, loss_mean=mean, loss_std=math.sqrt(max(squares / count - mean ** 2, 0)),
                     lr=lr, images_per_sec=nimg / seconds, sec_per_kimg=seconds / nimg * 1e3,
-                    nonfinite_grad_steps=int(self.nonfinite), memory_gb=memory, timestamp=time.time())
+                    nonfinite_grad_steps=int(self.nonfinite), memory_gb=memory / 2 ** 30, timestamp=time.time())
 
     def log(self, stats):
         if self.is_main:
@@ -680,7 +652,7 @@ class Progress:
             else:   # a log file: one short line per tick
                 print(f"kimg {stats['kimg']:8.3f}/{self.total / 1e3:g}  loss {stats['loss_mean']:.4f} +- "
                       f"{stats['loss_std']:.4f}  lr {stats['lr']:.2e}  {stats['images_per_sec']:.0f} img/s  "
-                      f"{stats['memory_gb']:.2f} GB" + ("  snapshot" if "rank_digests" in stats else ""), flush=True)
+                      f"{stats['memory_gb']:.2f} GB" + "  snapshot" * ("rank_digests" in stats), flush=True)
         self.reset(round(stats["kimg"] * 1e3))
 
     def close(self):
@@ -697,17 +669,10 @@ def gather(obj):
     return out
 
 
-def weights_digest(module):
-    """A hash of every parameter's bytes: ranks in sync have equal digests."""
-    h = hashlib.sha1()
-    for p in module.parameters():
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def save_snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream, device, augment_generator, data):
     """Network snapshot + preview + training state. Returns every rank's weight digest (equal, or we stop)."""
-    digests = gather(weights_digest(net) + "/" + weights_digest(ema))
+    digest = lambda module: hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters()))
+    digests = gather(digest(net).hexdigest() + "/" + digest(ema).hexdigest())
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks disagree on the weights at {cur_nimg} images: {digests}")
     rngs = gather(dict(torch=torch.get_rng_state(), augment=augment_generator.get_state(),
@@ -739,7 +704,7 @@ def write_state(state, run_dir):
 
 
 def read_state(path, fallback=None):
-    """(state, path) from torch.load (weights-only safe); if `path` is unreadable, warn and read `fallback`."""
+    """(state, path) via torch.load (weights-only safe); if `path` is unreadable, warn and read `fallback`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True), path
     except Exception as error:   # a truncated or damaged file can raise many kinds
@@ -777,10 +742,8 @@ def find_resume(args, run_dir):
 def restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args):
     """Load a training state into this rank's objects and random streams; returns the images seen."""
     state, rank, world_size = resume[0], common.get_rank(), common.get_world_size()
-    net.load_state_dict(state["net"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    for module, key in [(net, "net"), (ema, "ema"), (optimizer, "optimizer"), (scaler, "scaler")]:
+        module.load_state_dict(state[key])
     stream.position = state["stream_position"]
     if len(state["rng"]) == world_size:
         torch.set_rng_state(state["rng"][rank]["torch"])
@@ -815,13 +778,13 @@ def save_preview(ema, path, device, cur_nimg, class_names):
 def save_labelled_grid(x, path, title, row_labels=None, ncol=8, min_width=512):
     """x [N, C, H, W] in [-1, 1] as a titled grid, each pixel an integer-sized block, >= min_width px wide."""
     from matplotlib.figure import Figure
-    images = F.pad(common.to_uint8(x).permute(0, 3, 1, 2), [1, 0, 1, 0], value=255)   # 1-px white gaps
+    images = F.pad(common.to_uint8(x).permute(0, 3, 1, 2), [1, 0, 1, 0], value=255)   # 1-pixel white gaps
     n, c, h, w = images.shape
     grid = images.reshape(n // ncol, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // ncol * h, ncol * w, c)
-    zoom = math.ceil(min_width / (ncol * w))
-    fig = Figure(figsize=(ncol * w * zoom / 100 + 1.3, n // ncol * h * zoom / 100 + 0.5), dpi=100)
+    inches = [size * math.ceil(min_width / (ncol * w)) / 100 for size in grid.shape[1::-1]]   # at 100 dpi
+    fig = Figure(figsize=(inches[0] + 1.3, inches[1] + 0.5), dpi=100)
     ax = fig.add_axes([1.2 / fig.get_figwidth(), 0.05 / fig.get_figheight(),
-                       ncol * w * zoom / 100 / fig.get_figwidth(), n // ncol * h * zoom / 100 / fig.get_figheight()])
+                       inches[0] / fig.get_figwidth(), inches[1] / fig.get_figheight()])
     ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_title(title, fontsize=11)
     ax.set_xticks([])
@@ -836,25 +799,19 @@ def save_labelled_grid(x, path, title, row_labels=None, ncol=8, min_width=512):
 def int_list(allow_empty):
     """An argparse type for '2,2,2': positive integers ('' = none, where allowed)."""
     def parse(text):
-        values = [int(v) for v in text.split(",") if v.strip()] if text.replace(",", "").strip().isdigit() or \
-            not text.replace(",", "").strip() else None
-        if values is None or (not values and not allow_empty) or 0 in values:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not all(v.isdigit() and int(v) > 0 for v in values) or not (values or allow_empty):
             raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-        return values
+        return [int(v) for v in values]
     parse.__name__ = "list"
     return parse
-
-
-def usage_error(message):
-    sys.exit(f"error: {message}")
 
 
 def build_parser(preset):
     """The parser, with `preset`'s values as defaults so that --help shows what would run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False, epilog=f"Defaults shown: --preset {preset}." if preset
-                                     else "Defaults shown: no preset (the paper's CIFAR-10 values).")
-    parser.error = usage_error   # one line instead of argparse's usage dump
+                                     else "Defaults shown: no preset (Table 7's CIFAR-10 values).")
     d = dict(DEFAULTS, **PRESETS.get(preset, {}))
     kimg, probability = common.number(float, low=0.001), common.number(float, 0, 1)   # kimg: one image at least
     flag = dict(action=argparse.BooleanOptionalAction)   # --x / --no-x
@@ -879,8 +836,8 @@ def build_parser(preset):
     add("--attn", "resolutions with self-attention ('' = none)", "16; adm 32,16,8", type=int_list(True))
     add("--dropout", "dropout probability", type=probability)
     add("--augment", "augmentation probability p (App. F.2; 0 = off)", type=probability)
-    add("--label-dropout", "probability of dropping the class of a training image (classifier-free "
-        "guidance; needs --cond)", type=probability)
+    add("--label-dropout", "probability of dropping a training image's class (for classifier-free guidance; "
+        "needs --cond)", type=probability)
     add("--duration", "training length, Mimg", type=common.number(float, low=1e-6))
     add("--batch", "total batch size over all processes", type=common.number(int, low=1))
     add("--batch-gpu", "images per process and round; more rounds = gradient accumulation", "all at once",
@@ -909,11 +866,12 @@ def build_parser(preset):
 def parse_args(argv=None):
     """Find --preset (and --data) first, then parse everything with that preset's defaults."""
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    first.error = usage_error
     first.add_argument("--preset", choices=sorted(PRESETS))
     first.add_argument("--data")
+    first.error = usage_error = lambda message: sys.exit(f"error: {message}")   # one line, not a usage dump
     known, _ = first.parse_known_args(argv)
     parser = build_parser(known.preset or ("tiny" if known.data is None else None))   # plain command: the demo
+    parser.error = usage_error
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error(f"--preset {args.preset} needs --data (cifar10, shapes, or a folder/zip of images)")
@@ -941,17 +899,16 @@ def main(argv=None):
 def conclude(args, run_dir, kimg):
     """Which files to open, what they show, and the next command."""
     last = lambda pattern: (sorted(glob.glob(os.path.join(run_dir, pattern))) or ["(none)"])[-1]
-    snapshot, preview = last("network-snapshot-*.pt"), last("preview-*.png")
-    print(f"\n{'finished' if kimg >= args.duration * 1e3 else 'stopped (continue: --resume auto)'} at {kimg:g} "
-          f"kimg. Open {preview} and compare it with {os.path.join(run_dir, 'reals.png')}.\n"
+    print(f"\n{'finished' if kimg >= args.duration * 1e3 else 'stopped (continue: --resume auto)'} at {kimg:g} kimg. "
+          f"Open {last('preview-*.png')} and compare it with {os.path.join(run_dir, 'reals.png')}.\n"
           f"Next, images from the last snapshot (chapter 08):\n"
-          f"  python 08_evaluate_fid.py generate --network {snapshot}\n\n"
+          f"  python 08_evaluate_fid.py generate --network {last('network-snapshot-*.pt')}\n\n"
           f"What this shows (files in {run_dir}):\n"
           f"  reals.png              64 training images: what the samples should come to look like\n"
           f"  preview-*.png          the EMA network's samples from the same 64 seeds at every snapshot"
-          f"{' (one class per row)' if args.cond else ''}:\n"
-          f"                         noise, then blobs, then the data's shapes -- Eq. 2's loss with Table 1's\n"
-          f"                         weighting and Table 7's schedule at work (Sec. 5)\n"
+          f"{' (one class per row)' if args.cond else ''}: noise,\n"
+          f"                         then blobs, then the data's shapes -- Eq. 2's loss with Table 1's weighting\n"
+          f"                         and Table 7's schedule at work (Sec. 5)\n"
           f"  network-snapshot-*.pt  EMA weights + network configuration; 06's load_network and 08 read them\n"
           f"  training-state.pt      all it takes to continue bit for bit (--resume auto); -prev is the one before\n"
           f"  training_options.json  this run's options, dataset and network configuration\n"

@@ -147,7 +147,7 @@ def test_built_in_shapes_are_labelled_and_deterministic(T):
 # ----------------------------------------------------------------------------
 # Training runs (in-process; a few seconds each).
 
-def test_tiny_run_loss_falls_and_the_snapshot_loads_and_samples(T, load, tmp_path):
+def test_tiny_run_loss_falls_and_the_snapshot_loads_and_samples(T, load, tmp_path, one_thread):
     out = tmp_path / "run"
     run(T, out, "--duration", 0.0016, "--tick", 0.4, "--snap", 1)
     lines = stats(out)
@@ -180,7 +180,7 @@ def assert_same_training_state(a, b):
     assert (a["cur_nimg"], a["stream_position"]) == (b["cur_nimg"], b["stream_position"])
 
 
-def test_stop_and_resume_equals_the_uninterrupted_run_bit_for_bit(T, tmp_path, capsys):
+def test_stop_and_resume_equals_the_uninterrupted_run_bit_for_bit(T, tmp_path, capsys, one_thread):
     run(T, tmp_path / "a", *RESUME, "--snap", 1)                     # snapshots do not perturb training
     reference = state(tmp_path / "a" / "training-state.pt")
     assert reference["cur_nimg"] == 128
@@ -257,7 +257,7 @@ def test_bad_input_exits_with_one_line_and_writes_nothing(T, tmp_path, case):
     assert not out.exists()
 
 
-def test_an_existing_run_is_never_overwritten(T, tmp_path):
+def test_an_existing_run_is_never_overwritten(T, tmp_path, one_thread):
     out = tmp_path / "run"
     run(T, out, "--duration", 0.000032, "--snap", 1)
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
