@@ -1,5 +1,8 @@
 """04: Algorithm 2 line by line, its equality with the ablation sampler, per-seed determinism, the SDE."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,3 +165,52 @@ def test_sde_step_moments(m):
     m.sde_sampler(net, latents, randn_like=torch.ones_like, num_steps=3)
     assert torch.allclose(net.calls[1][0] - mean, torch.tensor([math.sqrt(2 * t0 * (t0 - t1))], dtype=torch.float64),
                           rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# Eq. 5's deliberate twin, the demo's claims, the command line.
+
+def test_edm_sigma_steps_is_the_twin_of_chapter_03(m, load):
+    """04 carries Eq. 5 itself (so that 04 + common.py is all Algorithm 2 needs); it must stay 03's Eq. 5."""
+    home = load("03_heun_and_schedules").edm_sigma_steps
+    for args in [(18,), (64,), (7, 0.01, 20, 3), (2, 0.002, 80, 7)]:
+        assert torch.equal(m.edm_sigma_steps(*args), home(*args))
+
+
+def test_demo_claims_hold_at_reduced_size(m, one_thread):
+    """The "What this shows" block, on 2048 samples and N = 24 (the demo: 8192 and 64)."""
+    r = m.measure(samples=2048, steps=24, seed=0)
+    at = lambda name, S_noise, S_churn: r["sweep"][(name, S_noise)][m.CHURNS.index(S_churn)]  # noqa: E731
+    # The imperfect D: churn lowers W1 and re-widens the too narrow modes; S_noise > 1 lowers W1 further.
+    assert at("imperfect D", 1.0, 0)[0] > at("imperfect D", 1.0, 10)[0] > at("imperfect D", 1.02, 10)[0]
+    assert at("imperfect D", 1.0, 0)[2] < 0.2 < at("imperfect D", 1.0, 10)[2] < 0.25
+    # The exact D: the ODE is within the noise floor of fresh data; S_noise > 1 at full churn widens the modes.
+    assert at("exact D", 1.0, 0)[0] < r["floor"][2]
+    assert abs(at("exact D", 1.0, 0)[2] - 0.25) < 0.01 and at("exact D", 1.02, 80)[2] > 0.26
+    # Euler-Maruyama corrects the imperfect D too, but its steps widen the exact D's modes.
+    assert r["sde"]["imperfect D"][0] < at("imperfect D", 1.0, 0)[0]
+    assert r["sde"]["exact D"][2] > 0.26
+
+
+def test_demo_writes_figures_and_conclusion(m, tmp_path, capsys, one_thread):
+    m.main(["--samples", "256", "--steps", "4", "--device", "cpu", "--outdir", str(tmp_path)])
+    assert {f.name for f in tmp_path.iterdir()} == {"w1_vs_churn.png", "histograms.png"}
+    out = capsys.readouterr().out
+    assert "What this shows" in out and "w1_vs_churn.png" in out and "histograms.png" in out
+
+
+BAD_INPUTS = [["--samples", "1"], ["--steps", "0"], ["--eps", "-0.1"], ["--steps", "many"], ["--step", "8"],
+              ["--frobnicate"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    """Each bad input: a non-zero exit, exactly one "error:" line, no traceback, nothing written."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "04_stochastic_sampler.py")
+    runs = [subprocess.Popen([sys.executable, script, "--outdir", str(tmp_path / "out"), *bad], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for bad in BAD_INPUTS]
+    for bad, run in zip(BAD_INPUTS, runs):
+        out, err = run.communicate(timeout=120)
+        assert run.returncode != 0, bad
+        assert sum("error:" in line for line in (out + err).splitlines()) == 1, (bad, err)
+        assert "Traceback" not in err, (bad, err)
+    assert not (tmp_path / "out").exists()
