@@ -309,13 +309,53 @@ def test_save_network_roundtrip_and_atomicity(unet, tmp_path, monkeypatch):
     assert_matches_reference(denoise(unet.load_network(str(path)), inputs), ref)
 
 
-def test_command_line_errors(unet, tmp_path, monkeypatch):
-    bad = tmp_path / "bad.pkl"
-    bad.write_bytes(b"\x80\x04not a pickle")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "06_unet.py"), "--load", str(bad)],
-                            capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot read")
-    monkeypatch.setattr(sys, "argv", ["06_unet.py", "--batch", "0", "--outdir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="error: --batch"):
-        unet.main()
+def test_load_errors_are_exceptions(unet, tmp_path):
+    """Library errors raise (main() turns them into one line): a missing file, an inconsistent snapshot."""
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        unet.load_network(str(tmp_path / "missing.pkl"))
+    class_name, config, _, _, _ = read_reference("ddpmpp_vp_uncond")
+    net = unet.from_official_config(class_name, config)
+    unet.save_network(net, str(tmp_path / "ours.pt"))
+    data = torch.load(tmp_path / "ours.pt", weights_only=True)
+    data["kwargs"]["model_channels"] = 32                      # the weights no longer fit the configuration
+    torch.save(data, tmp_path / "mismatch.pt")
+    with pytest.raises(ValueError, match="inconsistent"):
+        unet.load_network(str(tmp_path / "mismatch.pt"))
+    assert issubclass(unet.UnsafePickleError, ValueError)     # a refused pickle is a bad file like any other
+
+
+def test_demo_claims_hold_at_reduced_size(unet):
+    """What this shows: most FLOPs at the highest resolutions and in the decoder -- here on the paper's
+    ladders with a quarter / a third of the channels (the shares hardly depend on the width)."""
+    for name, width, top in [("cifar10_ddpmpp_cond", 32, ["32x32"]), ("imagenet64_adm_cond", 64, ["64x64", "32x32"])]:
+        class_name, kwargs = unet.PAPER_CONFIGS[name]
+        kwargs = dict(kwargs, model_channels=width)
+        params, flops, blocks = unet.size_and_flops(class_name, kwargs)
+        shares = unet.flops_shares(blocks)
+        assert sum(blocks.values()) == pytest.approx(flops, rel=0.01)   # the blocks account for the network
+        assert shares["dec"] > 0.6
+        assert sum(shares[res] for res in top) > 0.65
+        assert shares[top[0]] > max(v for k, v in shares.items() if k not in top + ["dec"])
+
+
+def bad_inputs(tmp_path):
+    corrupt = tmp_path / "corrupt.pkl"
+    corrupt.write_bytes(b"\x80\x04not a pickle")
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"ema": os.system}))
+    cases = [["--batch", "0"], ["--iters", "-1"], ["--batch", "four"], ["--bat", "2"], ["--configs", "cifar100"],
+             ["--load", str(tmp_path / "missing.pkl")], ["--load", str(corrupt)], ["--load", str(evil)]]
+    return cases + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    """Each bad input: a non-zero exit, exactly one "error:" line, no traceback, nothing written."""
+    cases = bad_inputs(tmp_path)
+    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "06_unet.py"), "--outdir", str(tmp_path / "out"), *bad],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for bad in cases]
+    for bad, run in zip(cases, runs):
+        out, err = run.communicate(timeout=120)
+        assert run.returncode != 0, bad
+        assert sum("error:" in line for line in (out + err).splitlines()) == 1, (bad, err)
+        assert "Traceback" not in err, (bad, err)
+    assert not (tmp_path / "out").exists()
