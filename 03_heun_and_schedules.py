@@ -26,23 +26,31 @@ numbers can be compared one for one with the official generate.py. With solver='
 discretization='edm', schedule='linear', scaling='none' it is exactly chapter 04's EDM sampler.
 
 The demo measures what the paper measures with FID, but exactly: with the *ideal* denoiser
-(a 1-D Gaussian mixture, and the ideal denoiser of a finite set of images -- the softmax-
-weighted average of the training images), the only error left is the solver's truncation
-error, which we compare against a many-step Heun reference. On the finite image set the ODE
-carries each latent to one training image, so a truncation error shows up as landing on a
-*different* image; the tables count how often that happens.
+(the 1-D Gaussian mixture of chapter 01, and chapter 02's `FiniteSetDenoiser` of a finite set
+of small images -- the softmax-weighted average of the training images), the only error left
+is the solver's truncation error, which we compare against a many-step Heun reference. On the
+finite image set the ODE carries each latent to one training image, so a truncation error
+shows up as landing on a *different* image; the tables count how often that happens.
 
-What the demo finds (default settings): on images, Heun on the EDM ODE sends 2% of the
-samples to another image at 31 NFE and none at 63, where Euler still misplaces 8% and 3%;
-the paper's Fig. 2 ladders reproduce (VP: original sampler 13% at 31 NFE -> 8% with Heun and
-Eq. 5 -> 2% with sigma(t) = t, s = 1; VE at 63 NFE: 18% -> 5% -> 0%). Heun needs 15 (images)
-to 31 (toy) NFE before it beats Euler: with fewer, its steps are too long and it overshoots
-(badly so in VE's coordinates). On the 1-D toy Heun is ~15x more accurate than Euler at
-127 NFE, but there the four discretizations are within a factor ~2 of one another, and
-rho = 5..10 beat rho = 1..3 (on images rho = 3..10 tie within the counting noise of 128
-samples; the paper picks rho = 7 on FID). The local error of each step peaks
-around sigma ~ 1-10, where the toy's modes and the images' basins separate; below that, the
-finite-set ODE is exactly linear and Heun makes no error at all.
+What the demo finds (default settings; numbers from its output):
+
+* Heun beats Euler at equal NFE once its steps are short enough: on images from 15 NFE (EDM
+  steps at 31 NFE: 2.3 % of samples on another image vs 7.8 %; at 7 NFE Heun's 4 steps are
+  too long and it loses, 71.9 vs 45.3 %); on the 1-D toy from 63 NFE on every discretization,
+  and at 127 NFE Heun is 16x more accurate (its error falls 4.5x per doubling, Euler's 1.9x).
+* The paper's Fig. 2 ladders reproduce: VP at 31 NFE, original sampler 13.3 % -> Heun and
+  Eq. 5 7.8 % -> sigma(t) = t, s = 1 2.3 %; VE at 63 NFE 18.0 % -> 4.7 % -> 0.0 %.
+* Heun on iDDPM steps loses to Euler at every NFE (50.8 vs 14.8 % at 31 NFE). The cause is the
+  table's first step: spaced evenly in the index j, it jumps 80.2 -> 8.63 (r = sigma_0 /
+  sigma_1 = 9.3). One Heun step works out to x_0/r + (1 - 1/r) D_0 + (r - 1)/2 (D_1 - D_0),
+  while the exact ODE moves x toward D_1 by at most (1 - 1/r): past r = 2 Heun extrapolates
+  the change of the denoiser (weight 4.15 vs at most 0.89 here). That one step alone sends
+  49.2 % of samples to another image; splitting it in two (+2 NFE) brings the run to 10.9 %.
+  EDM's first step has r = 1.45.
+* The local error of each step peaks around sigma ~ 1-10, where the toy's modes and the
+  images' basins separate; below that the finite-set ODE is a straight line and Heun makes no
+  error at all. On the toy rho = 5..10 beat rho = 1..3 (rho = 7: 2.6e-2, rho = 2: 1.4e-1); on
+  images rho = 3..10 tie within the counting noise of 128 samples; the paper picks rho = 7 on FID.
 
 Run:  python 03_heun_and_schedules.py     (about 35 s on 2 CPU cores; figures in out/03_heun_and_schedules/)
 """
@@ -215,58 +223,15 @@ def ablation_sampler(
 
 
 # ----------------------------------------------------------------------------
-# Ground truth for images: the ideal denoiser of a finite training set.
+# Ground truth for images, from chapter 02: the ideal denoiser of a finite set of small shape images.
+# (Named here too, as schedules.FiniteSetDenoiser and schedules.shape_images, for the later chapters.)
 
-class FiniteSetDenoiser:
-    """D(x; sigma) = sum_k softmax_k(-|x - y_k|^2 / (2 sigma^2)) y_k: E[y | x] when y is uniform over the set.
-
-    This is the exact minimiser of the denoising loss (Eq. 2) on a finite dataset -- what a
-    network of unlimited capacity would learn. Its ODE carries every latent to one of the
-    training images, so it measures a sampler's numerical error on real image-shaped data.
-    """
-
-    def __init__(self, images):
-        self.images = images.to(torch.float64)
-        self.flat = self.images.flatten(1)                     # [K, D]
-        self.half_sq_norms = 0.5 * (self.flat ** 2).sum(1)     # |y_k|^2 / 2
-
-    def __call__(self, x, sigma, class_labels=None):
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1)
-        # -|x - y|^2 / (2 sigma^2) up to a per-row constant: (x . y - |y|^2 / 2) / sigma^2.
-        logits = (x.flatten(1).to(torch.float64) @ self.flat.T - self.half_sq_norms) / sigma ** 2
-        return (torch.softmax(logits, dim=1) @ self.flat).reshape(x.shape)
-
-    def nearest(self, x):
-        """Index of the training image closest to each x."""
-        return torch.cdist(x.flatten(1).to(torch.float64), self.flat).argmin(dim=1)
-
-
-def shape_images(n, resolution=16, generator=None):
-    """n small RGB images in [-1, 1]: a soft disc or square of one colour on a vertical gradient."""
-    g = generator
-    coords = (torch.arange(resolution, dtype=torch.float64) + 0.5) / resolution
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    images = []
-    for _ in range(n):
-        top, bottom, color = (torch.rand(3, 3, generator=g, dtype=torch.float64) * 2 - 1).unbind(0)
-        background = top[:, None, None] * (1 - yy) + bottom[:, None, None] * yy
-        cx, cy, r = (torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([0.6, 0.6, 0.2]) +
-                     torch.tensor([0.2, 0.2, 0.12])).tolist()
-        if torch.rand(1, generator=g) < 0.5:
-            dist = ((xx - cx) ** 2 + (yy - cy) ** 2).sqrt()
-        else:
-            dist = torch.maximum((xx - cx).abs(), (yy - cy).abs())
-        mask = torch.sigmoid((r - dist) * resolution * 2)       # anti-aliased edge
-        images.append(background * (1 - mask) + color[:, None, None] * mask)
-    return torch.stack(images)
+FiniteSetDenoiser = ode.FiniteSetDenoiser
+shape_images = ode.shape_images
 
 
 # ----------------------------------------------------------------------------
 # Measurements.
-
-def rms(a, b):
-    return float(((a - b) ** 2).mean().sqrt())
-
 
 def reference(net, latents, sigma_max, num_steps=256):
     """Near-exact ODE endpoint from x = sigma_max * latents: many Heun steps of the EDM ODE (rho = 7)."""
@@ -278,7 +243,7 @@ def wrong_image_percent(net):
     return lambda x, ref: 100 * float((net.nearest(x) != net.nearest(ref)).double().mean())
 
 
-def error_vs_nfe(net, latents, configs, heun_steps, metric=rms, reference_steps=256):
+def error_vs_nfe(net, latents, configs, heun_steps, metric=ode.rms, reference_steps=256):
     """{config name: [(NFE, metric(sample, reference from the same first noise level))]}.
 
     Euler runs 2N - 1 steps and Heun N steps, so both spend exactly the same NFE.
@@ -297,23 +262,43 @@ def error_vs_nfe(net, latents, configs, heun_steps, metric=rms, reference_steps=
     return results
 
 
-def local_errors(net, latents, sigmas, substeps=16):
-    """Error of one Heun step from the exact ODE state at each sigma_i to sigma_{i+1} (sigma_N = 0).
+def local_errors(net, latents, sigmas):
+    """RMS error of one Heun step (EDM ODE) from the exact state at each sigma_i to sigma_{i+1} (sigma_N = 0)."""
+    f = ode.EDM()
+    exact = ode.exact_states(net, latents.to(torch.float64) * sigmas[0], sigmas, substeps=16)
+    return [ode.rms(heun(net, exact[i], sigmas[i:i + 2], f), exact[i + 1]) for i in range(len(sigmas) - 1)]
 
-    The exact states come from a Heun run with `substeps` geometric sub-steps inside every
-    interval (the last interval goes down to sigma_{N-1} / 1000 before its final jump to 0).
+
+def heun_step_weights(r):
+    """Weights of one Heun step of the EDM ODE from sigma_0 to sigma_1 = sigma_0 / r, on D_0 and D_1 - D_0.
+
+    With d = (x - D) / sigma (Eq. 4 for sigma(t) = t, s = 1) the step works out to
+        x_1 = x_0 / r + (1 - 1/r) D_0 + (r - 1)/2 (D_1 - D_0),    D_0 = D(x_0; sigma_0), D_1 = D(x'; sigma_1).
+    The exact ODE gives x_1 = x_0 / r + (an average of D over the step with positive weights summing to
+    1 - 1/r), so it can move x toward D_1 by at most (1 - 1/r) (D_1 - D_0). Heun's weight (r - 1)/2
+    exceeds that once r > 2: a step that more than halves sigma extrapolates the change of D.
+    """
+    return 1 - 1 / r, (r - 1) / 2
+
+
+def first_step_study(net, latents, discretization, num_steps, reference_steps=128):
+    """The first Heun step of a discretization on the finite image set, and how much of the damage it does.
+
+    Returns sigma_0, sigma_1 and % of samples landing on another image than the reference for: the first
+    step alone (one Heun step, then the exact ODE), the whole run, and the run with the first step split in
+    two at the geometric mean (one Heun step more, +2 NFE).
     """
     f = ode.EDM()
-    x = latents.to(torch.float64) * sigmas[0]
-    exact = [x]
-    for i in range(len(sigmas) - 1):
-        lo = sigmas[i + 1] if sigmas[i + 1] > 0 else sigmas[i] / 1000
-        fine = torch.logspace(math.log10(sigmas[i]), math.log10(lo), substeps + 1, dtype=torch.float64)
-        if sigmas[i + 1] == 0:
-            fine = torch.cat([fine, torch.zeros(1, dtype=torch.float64)])
-        x = heun(net, x, fine, f)
-        exact.append(x)
-    return [rms(heun(net, exact[i], sigmas[i:i + 2], f), exact[i + 1]) for i in range(len(sigmas) - 1)]
+    zero = torch.zeros(1, dtype=torch.float64, device=latents.device)
+    sigmas = torch.cat([sigma_steps(discretization, num_steps, *default_sigma_range(discretization)).to(zero), zero])
+    wrong = wrong_image_percent(net)
+    ref = reference(net, latents, float(sigmas[0]), reference_steps)
+    x1 = heun(net, latents * sigmas[0], sigmas[:2], f)
+    split = torch.cat([sigmas[:1], (sigmas[0] * sigmas[1]).sqrt()[None], sigmas[1:]])
+    return dict(sigma_0=float(sigmas[0]), sigma_1=float(sigmas[1]),
+                first_step_only=wrong(reference(net, x1 / sigmas[1], float(sigmas[1]), reference_steps), ref),
+                whole_run=wrong(heun(net, latents * sigmas[0], sigmas, f), ref),
+                first_step_split=wrong(heun(net, latents * sigmas[0], split, f), ref))
 
 
 # ----------------------------------------------------------------------------
@@ -321,15 +306,18 @@ def local_errors(net, latents, sigmas, substeps=16):
 
 def plot_discretizations(num_steps, file):
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for disc in ("vp", "ve", "iddpm", "edm"):
         s = sigma_steps(disc, num_steps, *default_sigma_range(disc))
         ax.semilogy(range(num_steps), s.numpy(), "o-", ms=3, label=disc)
     for rho in (1, 3):
         ax.semilogy(range(num_steps), edm_sigma_steps(num_steps, rho=rho).numpy(), "--", lw=1, label=f"edm, rho={rho}")
-    ax.set_xlabel("step i")
-    ax.set_ylabel("sigma_i")
-    ax.set_title(f"Time discretizations, N = {num_steps} (defaults of Table 1)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("step index i")
+    ax.set_ylabel("noise level sigma_i (log scale)")
+    ax.set_title(f"Table 1 discretizations, N = {num_steps}: iDDPM's first step\n"
+                 f"jumps 80 -> {float(iddpm_sigma_steps(num_steps, 0.002, 81)[1]):.1f}; "
+                 f"rho = 7 spends its steps at low sigma", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
@@ -338,18 +326,19 @@ def plot_discretizations(num_steps, file):
 
 def plot_error_vs_nfe(panels, file, ylabel, log=True):
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), squeeze=False)
     for ax, (title, results) in zip(axes[0], panels.items()):
         for name, points in results.items():
             nfe, err = zip(*points)
             ax.plot(nfe, err, "o-" if "heun" in name or "EDM" in name else "s--", ms=4, label=name)
         ax.set_xscale("log")
         ax.set_xticks(nfe, [str(n) for n in nfe])
+        ax.minorticks_off()                      # log-axis minor labels ("3x10^1") would collide with these
         ax.set_yscale("log" if log else "linear")
-        ax.set_xlabel("NFE")
+        ax.set_xlabel("NFE (network evaluations per sample; equal for Euler and Heun)")
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, ncol=2 if len(results) > 5 else 1, loc="lower left" if log else "upper right")
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
@@ -360,13 +349,43 @@ def plot_local_errors(panels, file):
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels.items()):
         for rho, (sigmas, errors) in curves.items():
-            ax.loglog(sigmas, errors, "o-", ms=3, label=f"rho = {rho}")
-        ax.set_xlabel("sigma_i at the start of the step")
-        ax.set_ylabel("local error of one Heun step (RMS)")
-        ax.set_title(title)
+            ax.loglog(sigmas, [max(e, 1e-17) for e in errors], "o-", ms=3, label=f"rho = {rho}")
+        ax.set_xlabel("noise level sigma_i at the start of the step")
+        ax.set_ylabel("RMS error of one Heun step (data units)")
+        ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
+    fig.suptitle("Where Eq. 5's steps err: local error of each of N = 18 Heun steps, by rho "
+                 "(exact steps drawn at 1e-17)", fontsize=10)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def plot_samples(rows, reference_ids, net, file):
+    """A labelled grid: one row per sampler, one column per latent; a red frame marks a sample that landed
+    on another training image than the reference (first row)."""
+    import matplotlib.pyplot as plt
+    ncol = len(reference_ids)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.1 * ncol + 2.6, 1.15 * len(rows) + 0.6), squeeze=False)
+    for r, (label, x) in enumerate(rows.items()):
+        ids = net.nearest(x).cpu()
+        pictures = common.to_uint8(x.float())
+        for c in range(ncol):
+            ax = axes[r, c]
+            ax.imshow(pictures[c].numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            wrong = bool(ids[c] != reference_ids[c])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("red" if wrong else "0.8")
+                spine.set_linewidth(3 if wrong else 0.5)
+            if r == 0:
+                ax.set_title(f"latent {c + 1}", fontsize=8)
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle("Where each sampler carries the same 8 latents (red frame: another image than the reference)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
     plt.close(fig)
 
 
@@ -397,8 +416,9 @@ def parse_args(argv=None):
     parser = common.base_parser(__doc__)
     positive = common.number(int, low=1)
     parser.add_argument("--points", type=positive, default=1024, help="1-D toy latents (default: 1024)")
-    parser.add_argument("--images", type=positive, default=256, help="size of the finite image set (default: 256)")
-    parser.add_argument("--latents", type=positive, default=128,
+    parser.add_argument("--images", type=common.number(int, low=2), default=256,
+                        help="size of the finite image set (default: 256)")
+    parser.add_argument("--latents", type=common.number(int, low=8), default=128,
                         help="image latents per configuration (default: 128)")
     parser.add_argument("--local-latents", type=positive, default=32,
                         help="latents for the per-step local error study (default: 32)")
@@ -430,23 +450,45 @@ def demo(args):
     ladder = error_vs_nfe(image_net, image_latents, LADDER, heun_steps[:4], wrong, reference_steps=128)
     print_table("1-D toy: RMS error vs a 256-step Heun reference (sigma(t) = t, s = 1)", grid_toy)
     print_table("Images: % of samples landing on another training image than a 128-step Heun reference "
-                "(sigma(t) = t, s = 1)",
-                grid_img, ".1f")
+                "(sigma(t) = t, s = 1)", grid_img, ".1f")
+
+    # Why Heun on iDDPM steps does worse than Euler: its first step (heun_step_weights).
+    studies = {(disc, n): first_step_study(image_net, image_latents, disc, n) for disc, n in
+               (("iddpm", 16), ("iddpm", 32), ("edm", 16))}
+    print(f"\nWhy Heun on iDDPM steps loses to Euler there: the first step. One Heun step from sigma_0 to "
+          f"sigma_1 = sigma_0 / r\nmoves x toward D(sigma_1) with weight (r - 1)/2, the exact ODE by at most "
+          f"1 - 1/r: past r = 2 Heun extrapolates.")
+    print(f"{'Heun steps (NFE)':<22}{'sigma_0 -> sigma_1':>20}{'r':>6}{'(r-1)/2':>9}{'1-1/r':>7}"
+          f"{'% on another image:':>22}{'1st step':>10}{'whole run':>11}{'1st split':>11}")
+    for (disc, n), s in studies.items():
+        r = s["sigma_0"] / s["sigma_1"]
+        ode_weight, heun_weight = heun_step_weights(r)
+        print(f"{disc + f', {n} ({2 * n - 1})':<22}{s['sigma_0']:>9.2f} -> {s['sigma_1']:<7.2f}{r:>6.1f}"
+              f"{heun_weight:>9.2f}{ode_weight:>7.2f}{'':>22}{s['first_step_only']:>10.1f}{s['whole_run']:>11.1f}"
+              f"{s['first_step_split']:>11.1f}")
+    euler_iddpm = dict(grid_img["euler, iddpm steps"])
+    print(f"(Euler on iDDPM steps at 31 NFE: {euler_iddpm[31]:.1f} %; its first step, 80.2 -> "
+          f"{float(iddpm_sigma_steps(31, 0.002, 81)[1]):.1f}, only moves toward D(sigma_0), which it weights "
+          f"1 - 1/r.)")
+
     print_table("Images, the paper's Fig. 2 ladders: % landing on another image", ladder, ".1f")
-    plot_error_vs_nfe({"1-D toy: RMS error vs reference": grid_toy}, f"{outdir}/error_vs_nfe_toy.png", "RMS error")
-    plot_error_vs_nfe({"images: solver x discretization": grid_img, "images: Fig. 2 ladders": ladder},
-                      f"{outdir}/error_vs_nfe_images.png", "% samples on another image", log=False)
+    plot_error_vs_nfe({"1-D toy: from 63 NFE Heun beats Euler on every discretization": grid_toy},
+                      f"{outdir}/error_vs_nfe_toy.png", "RMS error vs exact ODE solution (data units)")
+    plot_error_vs_nfe({"Images: Heun beats Euler from 15 NFE, except on iDDPM steps": grid_img,
+                       "Images, Fig. 2 ladders: at 63 NFE each change helps": ladder},
+                      f"{outdir}/error_vs_nfe_images.png", "% of samples on another image than the reference",
+                      log=False)
 
     # (2) Local truncation error per step vs sigma, for several rho (Eq. 5), N = 18.
     rhos = (1, 2, 3, 5, 7, 10)
-    local = {"1-D toy": {}, "images": {}}
+    local, toy_global = {"1-D toy": {}, "images": {}}, {}
     print(f"\nEq. 5 with N = 18 Heun steps (35 NFE) and several rho: the worst single step, and the endpoint error")
     print(f"{'rho':>5}{'toy: worst local':>18}{'at sigma':>10}{'toy: global':>13}"
           f"{'img: worst local':>18}{'at sigma':>10}{'img: % wrong':>14}")
     for rho in rhos:
         sigmas = torch.cat([edm_sigma_steps(18, rho=rho), torch.zeros(1, dtype=torch.float64)]).to(device)
         row = ""
-        for title, net, lat, metric in (("1-D toy", toy, toy_latents, rms),
+        for title, net, lat, metric in (("1-D toy", toy, toy_latents, ode.rms),
                                         ("images", image_net, image_latents, wrong)):
             err = np.array(local_errors(net, lat[:args.local_latents], sigmas))
             local[title][rho] = (sigmas[:-1].cpu().numpy(), err)
@@ -455,20 +497,60 @@ def demo(args):
             row += f"{err[worst]:>18.2e}{float(sigmas[worst]):>10.3f}"
             ref = reference(net, lat, 80.0, 256 if net is toy else 128)
             row += f"{metric(x, ref):>13.2e}" if net is toy else f"{metric(x, ref):>14.1f}"
+            if net is toy:
+                toy_global[rho] = metric(x, ref)
         print(f"{rho:>5}{row}")
     plot_local_errors(local, f"{outdir}/local_error_vs_sigma.png")
 
-    # (3) Look at it: training images, the reference samples, and three samplers at 15 NFE.
-    rows = [images[:8]]
-    for kwargs, steps in ((dict(solver="heun"), 64), (dict(solver="heun"), 8), (dict(solver="euler"), 15),
-                          (LADDER["VP orig (euler, vp, vp/vp)"], 15)):
-        rows.append(ablation_sampler(image_net, image_latents[:8], num_steps=steps, **kwargs))
-    grid = torch.cat(rows).float().repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)   # 4x pixels, to see
-    common.save_grid(grid, f"{outdir}/samples.png", nrow=8)
-    print(f"\nsamples.png rows: training images | Heun 64 steps (the reference) | at 15 NFE: Heun 8 steps | "
-          f"Euler 15 steps (EDM ODE) | original VP sampler")
-    print(f"figures in {outdir}/  ({time.time() - start:.1f} s)")
+    # (3) Look at it: where the samplers of the tables carry the same 8 latents.
+    latents8 = image_latents[:8]
+    rows = {"reference\n(Heun, 64 steps,\n127 NFE)": ablation_sampler(image_net, latents8, num_steps=64),
+            "Heun, EDM steps\n15 NFE": ablation_sampler(image_net, latents8, num_steps=8),
+            "Euler, EDM steps\n15 NFE": ablation_sampler(image_net, latents8, num_steps=15, solver="euler"),
+            "original VP sampler\n15 NFE": ablation_sampler(image_net, latents8, num_steps=15,
+                                                            **LADDER["VP orig (euler, vp, vp/vp)"]),
+            "Heun, iDDPM steps\n31 NFE": ablation_sampler(image_net, latents8, num_steps=16, discretization="iddpm"),
+            "Euler, iDDPM steps\n31 NFE": ablation_sampler(image_net, latents8, num_steps=31, solver="euler",
+                                                           discretization="iddpm")}
+    plot_samples(rows, image_net.nearest(next(iter(rows.values()))).cpu(), image_net, f"{outdir}/samples.png")
 
+    def at(results, name, nfe):
+        return dict(results[name])[nfe]
+    heun_toy, euler_toy = (at(grid_toy, f"{solver}, edm steps", 63) / at(grid_toy, f"{solver}, edm steps", 127)
+                           for solver in ("heun", "euler"))
+    img = {(solver, disc, nfe): at(grid_img, f"{solver}, {disc} steps", nfe)
+           for solver in ("heun", "euler") for disc in ("edm", "iddpm") for nfe in (7, 31)}
+    iddpm16, edm16 = studies[("iddpm", 16)], studies[("edm", 16)]
+    r_iddpm, r_edm = iddpm16["sigma_0"] / iddpm16["sigma_1"], edm16["sigma_0"] / edm16["sigma_1"]
+    vp_orig, vp_heun, edm = (at(ladder, name, 31) for name in LADDER if "VE" not in name)
+    nfes = [nfe for nfe, _ in grid_img["heun, iddpm steps"]]
+    iddpm_losses = sum(at(grid_img, "heun, iddpm steps", n) > at(grid_img, "euler, iddpm steps", n) for n in nfes)
+    print(f"""
+What this shows (figures in {outdir}/, {time.time() - start:.0f} s)
+  discretizations.png     the four noise-level sequences of Table 1 at N = 18 (and Eq. 5 with rho = 1, 3).
+  error_vs_nfe_toy.png    1-D toy, every solver x discretization at equal NFE. On EDM steps from 63 to 127 NFE
+                          Heun's error falls {heun_toy:.1f}x (second order), Euler's {euler_toy:.1f}x; at 127 NFE Heun \
+is {at(grid_toy, "euler, edm steps", 127) / at(grid_toy, "heun, edm steps", 127):.0f}x
+                          more accurate (Sec. 3, Algorithm 1).
+  error_vs_nfe_images.png left: on images Heun on EDM steps misplaces {img["heun", "edm", 31]:.1f} % of samples at \
+31 NFE, Euler
+                          {img["euler", "edm", 31]:.1f} %; at 7 NFE Heun loses ({img["heun", "edm", 7]:.1f} vs \
+{img["euler", "edm", 7]:.1f} %): its 4 steps are too long. Heun on iDDPM
+                          steps loses at {iddpm_losses} of {len(nfes)} NFE ({img["heun", "iddpm", 31]:.1f} vs \
+{img["euler", "iddpm", 31]:.1f} % at 31): the table's first step
+                          {iddpm16["sigma_0"]:.1f} -> {iddpm16["sigma_1"]:.2f} (r = {r_iddpm:.1f}) alone sends \
+{iddpm16["first_step_only"]:.1f} % elsewhere, because Heun extrapolates
+                          the change of D once r > 2; split in two it gives {iddpm16["first_step_split"]:.1f} % \
+(EDM's first step: r = {r_edm:.2f}).
+                          Right: the paper's Fig. 2 ladders at 31 NFE -- the original VP sampler misplaces \
+{vp_orig:.1f} %,
+                          with Heun & Eq. 5 {vp_heun:.1f} %, then with sigma(t) = t, s = 1 {edm:.1f} % (Sec. 3, Fig. 2).
+  local_error_vs_sigma.png  the error of each Heun step peaks at sigma ~ 1 - 10, where the toy's modes and the
+                          images' basins separate; on images every step below sigma ~ 0.5 is exact. On the toy
+                          rho = 7 ends {toy_global[7]:.1e} from the exact solution, rho = 2 {toy_global[2]:.1e}, \
+rho = 1 {toy_global[1]:.1e} (App. D.1).
+  samples.png             the same 8 latents through six samplers; red frames mark samples that ended on
+                          another image than the reference (top row).""")
 
 def main(argv=None):
     args = parse_args(argv)

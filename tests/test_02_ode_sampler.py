@@ -105,6 +105,55 @@ def test_exact_denoiser_sampling_recovers_the_mixture(ode, load):
         assert abs(float((x > 0).double().mean()) - 0.7) < 0.03, f.name
 
 
+def test_finite_set_denoiser_is_the_posterior_mean(ode):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
+    net = ode.FiniteSetDenoiser(images)
+    x = torch.randn(4, 1, 2, 2, generator=g, dtype=torch.float64)
+    for sigma in (0.3, 1.0, 4.0):
+        # Brute force: Gaussian likelihood of x under each image, normalised, then the weighted mean.
+        lik = torch.stack([torch.exp(-((x - y) ** 2).sum((1, 2, 3)) / (2 * sigma ** 2)) for y in images], 1)
+        w = lik / lik.sum(1, keepdim=True)
+        expected = torch.einsum("bk,kchw->bchw", w, images)
+        assert torch.allclose(net(x, torch.tensor(sigma, dtype=torch.float64)), expected, rtol=1e-10)
+    near = images[[3, 1]] + 1e-3
+    assert torch.allclose(net(near, torch.tensor(0.01, dtype=torch.float64)), images[[3, 1]], atol=1e-12)
+    assert torch.equal(net.nearest(near), torch.tensor([3, 1]))
+
+def test_demo_claims_images_favour_edm_coordinates_the_toy_favours_vp(ode, load, one_thread):
+    """The demo's conclusions, at reduced size (64 images, 32 latents, 512 toy points)."""
+    toy = load("01_toy_1d")
+    vp, edm = ode.VP(), ode.EDM()
+    g = torch.Generator().manual_seed(0)
+    images = ode.shape_images(64, generator=g)
+    net = ode.FiniteSetDenoiser(images)
+    latents = torch.randn(32, *images.shape[1:], generator=g, dtype=torch.float64)
+
+    # Images: EDM's coordinates give Euler fewer samples on the wrong image, at every step count.
+    wrong = lambda x, ref: 100 * float((net.nearest(x) != net.nearest(ref)).double().mean())  # noqa: E731
+    img = ode.euler_errors(net, latents, toy.noise_levels, [8, 16, 32], [vp, edm], {"wrong": wrong},
+                           reference_steps=512)
+    assert all(e <= v for v, e in zip(img["VP"]["wrong"], img["EDM"]["wrong"])), img
+    assert sum(img["EDM"]["wrong"]) < sum(img["VP"]["wrong"]), img
+
+    # Curvature measured directly: below sigma = 0.5 (every latent has picked its image) EDM's steps are exact.
+    sigmas = toy.noise_levels(32)
+    local = ode.local_euler_errors(net, latents[:8], sigmas, [vp, edm])
+    low = [i for i, s in enumerate(sigmas[:-1].tolist()) if s < 0.5]
+    assert max(local["EDM"][i] for i in low) < 1e-12 < 1e-5 < min(local["VP"][i] for i in low), local
+
+    # The 1-D toy, the surprising case: VP's coordinates give the smaller error ...
+    mix = toy.default_mixture()
+    points = torch.randn(512, 1, generator=g, dtype=torch.float64)
+    err = ode.euler_errors(mix, points, toy.noise_levels, [16, 64, 256], [vp, edm], {"mean": ode.mean_abs_error},
+                           reference_steps=1024)
+    assert all(v < e for v, e in zip(err["VP"]["mean"], err["EDM"]["mean"])), err
+    # ... as on Gaussian data, where VP's trajectories are constant (Euler exact) for unit variance.
+    assert ode.gaussian_euler_error(1.0, 32, vp, toy.noise_levels) < 1e-12
+    assert ode.gaussian_euler_error(1.0, 32, edm, toy.noise_levels) > 1e-2
+    assert 2 * ode.gaussian_euler_error(0.5, 32, vp, toy.noise_levels) < ode.gaussian_euler_error(0.5, 32, edm,
+                                                                                                   toy.noise_levels)
+
 def _assert_one_line_errors(script, bad_argvs, tmp_path):
     """Each argv must end in exactly one `error:` line, a non-zero exit and no traceback (run in parallel)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

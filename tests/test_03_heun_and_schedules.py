@@ -184,7 +184,7 @@ def test_every_combination_converges(m, toy, one_thread):
         sigma0 = float(m.sigma_steps(disc, 8, *m.default_sigma_range(disc))[0])
         if sigma0 not in references:
             references[sigma0] = m.ablation_sampler(mix, latents, num_steps=256, sigma_min=0.002, sigma_max=sigma0)
-        errors = [m.rms(m.ablation_sampler(mix, latents, num_steps=n, solver=solver, discretization=disc,
+        errors = [m.ode.rms(m.ablation_sampler(mix, latents, num_steps=n, solver=solver, discretization=disc,
                                            schedule=schedule, scaling=scaling), references[sigma0])
                   for n in ((32, 128) if solver == "heun" else (64, 256))]
         if not errors[1] < errors[0] / (3 if solver == "heun" else 2):
@@ -201,22 +201,6 @@ def test_network_range_and_rounding_are_honoured(m):
     assert all(abs(s / grid - round(s / grid)) < 1e-9 for s in net.sigmas)
 
 
-def test_finite_set_denoiser_is_the_posterior_mean(m):
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(5, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
-    net = m.FiniteSetDenoiser(images)
-    x = torch.randn(4, 1, 2, 2, generator=g, dtype=torch.float64)
-    for sigma in (0.3, 1.0, 4.0):
-        # Brute force: Gaussian likelihood of x under each image, normalised, then the weighted mean.
-        lik = torch.stack([torch.exp(-((x - y) ** 2).sum((1, 2, 3)) / (2 * sigma ** 2)) for y in images], 1)
-        w = lik / lik.sum(1, keepdim=True)
-        expected = torch.einsum("bk,kchw->bchw", w, images)
-        assert torch.allclose(net(x, torch.tensor(sigma, dtype=torch.float64)), expected, rtol=1e-10)
-    near = images[[3, 1]] + 1e-3
-    assert torch.allclose(net(near, torch.tensor(0.01, dtype=torch.float64)), images[[3, 1]], atol=1e-12)
-    assert torch.equal(net.nearest(near), torch.tensor([3, 1]))
-
-
 def test_ablation_sampler_lands_on_training_images(m):
     """The exact ODE of a finite set ends on training images; 18 Heun steps already get there."""
     g = torch.Generator().manual_seed(1)
@@ -227,6 +211,41 @@ def test_ablation_sampler_lands_on_training_images(m):
     x = m.ablation_sampler(net, latents)
     assert torch.allclose(x, images[net.nearest(x)], atol=1e-6)
 
+
+def test_heun_step_weights_are_one_heun_step(m):
+    """One Heun step of the EDM ODE is x_0/r + (1 - 1/r) D_0 + (r - 1)/2 (D_1 - D_0), r = sigma_0 / sigma_1."""
+    g = torch.Generator().manual_seed(2)
+    net = m.FiniteSetDenoiser(m.shape_images(16, resolution=4, generator=g))
+    x0 = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) * 8
+    for s0, s1 in ((80.0, 8.63), (8.0, 5.0)):
+        D0 = net(x0, s0)
+        D1 = net(x0 + (s1 - s0) * (x0 - D0) / s0, s1)           # D at the Euler prediction (Algorithm 1, line 5)
+        w_ode, w_heun = m.heun_step_weights(s0 / s1)
+        expected = x0 * s1 / s0 + w_ode * D0 + w_heun * (D1 - D0)
+        x1 = m.heun(net, x0, torch.tensor([s0, s1], dtype=torch.float64), m.ode.EDM())
+        assert torch.allclose(x1, expected, rtol=1e-12, atol=1e-12)
+    assert m.heun_step_weights(2.0) == (0.5, 0.5)             # Heun starts extrapolating at r = 2
+
+
+def test_demo_claims_heun_vs_euler_on_images(m, one_thread):
+    """The demo's conclusions on the image set, at reduced size (64 images, 32 latents)."""
+    g = torch.Generator().manual_seed(0)
+    net = m.FiniteSetDenoiser(m.shape_images(64, generator=g))
+    latents = torch.randn(32, 3, 16, 16, generator=g, dtype=torch.float64)
+    configs = {name: kwargs for name, kwargs in m.SOLVER_GRID.items() if kwargs["discretization"] in ("edm", "iddpm")}
+    grid = {name: dict(points) for name, points in
+            m.error_vs_nfe(net, latents, configs, [8, 16], m.wrong_image_percent(net), reference_steps=128).items()}
+    # Heun beats Euler at equal NFE on EDM steps ...
+    assert grid["heun, edm steps"][15] < grid["euler, edm steps"][15], grid
+    assert grid["heun, edm steps"][15] + grid["heun, edm steps"][31] < \
+        grid["euler, edm steps"][15] + grid["euler, edm steps"][31], grid
+    # ... but not on iDDPM steps, because of the first step: r > 9, it alone does most of the damage,
+    # and splitting it in two at least halves the damage.
+    assert grid["heun, iddpm steps"][31] > grid["euler, iddpm steps"][31], grid
+    study = m.first_step_study(net, latents, "iddpm", 16)
+    assert study["sigma_0"] / study["sigma_1"] > 9, study
+    assert study["first_step_only"] >= 0.8 * study["whole_run"] > 0, study
+    assert study["first_step_split"] < study["whole_run"] / 2, study
 
 def _assert_one_line_errors(script, bad_argvs, tmp_path):
     """Each argv must end in exactly one `error:` line, a non-zero exit and no traceback (run in parallel)."""
