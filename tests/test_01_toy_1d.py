@@ -98,6 +98,23 @@ def test_forward_paths_have_variance_sigma_squared(mix):
     torch.testing.assert_close(paths.var(0), t ** 2, rtol=0.05, atol=1e-3)
 
 
+def test_demo_claims_flow_lines_never_cross_and_exact_d_recovers_the_data(mix, one_thread):
+    """The demo's conclusions at reduced size (10k samples; the learned MLP is tested below)."""
+    t = torch.linspace(3, 0, 301, dtype=torch.float64)
+    flow = toy.ode_sample(mix, torch.linspace(-3.5, 3.5, 29, dtype=torch.float64), t)
+    assert torch.all(flow.diff(dim=1) > 0)          # deterministic flow lines keep their order: they never cross
+    assert 15 <= int((flow[-1] > 0).sum()) <= 25     # and end in both modes, more of them in the heavier one
+    g = torch.Generator().manual_seed(4)
+    steps = toy.noise_levels(256)
+    truth = mix.sample(10_000, g)
+    x_T = torch.randn(10_000, 1, generator=g, dtype=torch.float64) * steps[0]
+    results = toy.generate({"exact": mix}, x_T, steps, seed=5)
+    assert set(results) == {"ODE, exact D", "SDE, exact D"}
+    for name, samples in results.items():
+        assert toy.wasserstein1(truth, samples) < W1_BOUND, name
+        assert abs(toy.mode_weight(samples) - 0.7) < 0.02, name
+
+
 @pytest.mark.slow
 def test_learned_mlp_beats_the_best_linear_denoiser(mix):
     # The demo's training budget; evaluated where the ideal denoiser is far from linear.
