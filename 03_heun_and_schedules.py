@@ -52,7 +52,7 @@ What the demo finds (default settings; numbers from its output):
   error at all. On the toy rho = 5..10 beat rho = 1..3 (rho = 7: 2.6e-2, rho = 2: 1.4e-1); on
   images rho = 3..10 tie within the counting noise of 128 samples; the paper picks rho = 7 on FID.
 
-Run:  python 03_heun_and_schedules.py     (about 35 s on 2 CPU cores; figures in out/03_heun_and_schedules/)
+Run:  python 03_heun_and_schedules.py     (about 40 s on 2 CPU cores; figures in out/03_heun_and_schedules/)
 """
 
 import math
