@@ -105,6 +105,15 @@ def test_exact_denoiser_sampling_recovers_the_mixture(ode, load):
         assert abs(float((x > 0).double().mean()) - 0.7) < 0.03, f.name
 
 
+def test_exact_states_follow_the_closed_form_trajectory(ode, load):
+    """The demo's 'exact' trajectory (Richardson-extrapolated Euler per interval) against the Gaussian closed form,
+    on the demo's grid: within 1e-6, far below the local errors it measures (>= 1e-4 where they matter)."""
+    x0 = torch.linspace(-2, 2, 9, dtype=torch.float64) * 80
+    sigmas = load("01_toy_1d").noise_levels(32)
+    states = ode.exact_states(gaussian_denoiser, x0, sigmas)
+    for sigma, x in zip(sigmas, states):
+        assert torch.allclose(x, exact_unscaled(x0, sigmas[0], sigma), rtol=0, atol=1e-6), float(sigma)
+
 def test_finite_set_denoiser_is_the_posterior_mean(ode):
     g = torch.Generator().manual_seed(0)
     images = torch.rand(5, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
