@@ -21,34 +21,42 @@ protocol of the paper and of the official generate.py/fid.py is followed exactly
 
 Built from: 04 (edm_sampler, Algorithm 2), 03 (ablation_sampler), 06 (load_network:
 official pickles and 07's snapshots) and 07 (ImageFolder, load_cifar10: the one image reader).
+The command line also offers two later chapters (loaded only when it runs): 09's fast solvers
+(--solver, --nfe, --sigma-steps) and 10's guidance (--guidance, --guide-network, --guidance-interval).
 
 Subcommands (each has --help; every option belongs to exactly one subcommand):
 
   demo      (default) Frechet distance on Gaussians with known FID: how the estimate
             is biased by the number of images, and why the paper uses 50k and min-of-3.
             --seed --outdir --device
-  generate  PNGs {seed:06d}.png with the EDM sampler (Algorithm 2) or chapter 03's
-            ablation sampler, into out/08_evaluate_fid/images/; works under torchrun.
-            --network --seeds --subdirs --outdir --class --batch --steps --sigma_min ... --device
+  generate  PNGs {seed:06d}.png with the EDM sampler (Algorithm 2), chapter 09's fast solvers or
+            chapter 03's ablation sampler, guided or not (chapter 10), into
+            out/08_evaluate_fid/images/; works under torchrun.
+            --network --seeds --subdirs --outdir --class --batch --solver --steps/--nfe
+            --sigma-steps --sigma_min ... --guidance --guide-network --guidance-interval --device
   ref       reference statistics (mu, sigma) of a dataset -> .npz
             --data --data-dir --dest --detector --batch --device
   calc      FID of a folder/zip of images against a reference .npz
             --images --ref -n/--num --seed --detector --batch --device
   fid       the whole protocol in one command: generate straight into statistics
             (the same images `generate` would write), three seed sets, JSON result
-            --network --ref -n/--num --repeats --outdir --detector --class --batch --steps ... --device
+            (fid.json: FIDs, solver, sigma steps, measured NFE, guidance, ...)
+            --network --ref -n/--num --repeats --outdir --detector --class --batch and
+            generate's sampler and guidance options --device
 
 Examples:
 
   python 08_evaluate_fid.py                                     # the demo, a few seconds
   python 08_evaluate_fid.py generate --network <07 run>/network-snapshot-000064.pt --seeds 0-63
+  python 08_evaluate_fid.py generate --network <snapshot> --solver ipndm --nfe 10       # 09: 10 NFE
+  python 08_evaluate_fid.py generate --network <snapshot> --guidance 2 \\
+      --guide-network <earlier snapshot>                                                  # 10: autoguidance
   torchrun --standalone --nproc_per_node=8 08_evaluate_fid.py fid \\
       --network edm-cifar10-32x32-cond-vp.pkl \\
       --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
 """
 
 import argparse
-import inspect
 import io
 import os
 import pickle
@@ -461,32 +469,27 @@ def parse_seeds(text):
     return seeds
 
 
-EDM_OPTIONS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")
-ABLATION_OPTIONS = ("solver", "discretization", "schedule", "scaling")
+class EvaluationCounter:
+    """Wraps a network (or a guided denoiser) and counts the images that go through it: NFE measured, not computed.
 
-
-def sampler_from_args(args):
-    """(sampler, options) for the sampler options given on the command line.
-
-    The one place where command-line options become a sampler call: generate and fid both
-    pass the result to generate_batch as `sampler=sampler, **options`. Options left out
-    are the sampler's own defaults; any ablation option selects chapter 03's ablation_sampler.
+    `evaluations` sums the batch size of every call, so evaluations / images generated is the NFE
+    per image whatever the batch sizes. The attributes samplers read (sigma_min, round_sigma,
+    label_dim, ...) are the wrapped network's.
     """
-    options = {k: getattr(args, k) for k in EDM_OPTIONS + ABLATION_OPTIONS if getattr(args, k) is not None}
-    for name in ("sigma_min", "sigma_max", "rho"):
-        if options.get(name, 1) <= 0:
-            raise ValueError(f"--{name} must be positive, got {options[name]}")
-    if options.get("sigma_min", 0) >= options.get("sigma_max", float("inf")):
-        raise ValueError(f"--sigma_min {options['sigma_min']} must be below --sigma_max {options['sigma_max']}")
-    sampler = schedules.ablation_sampler if any(k in options for k in ABLATION_OPTIONS) else sampling.edm_sampler
-    return sampler, options
 
+    def __init__(self, net):
+        self.net, self.evaluations = net, 0
 
-def nfe(sampler, options):
-    """Network evaluations per image: Heun spends 2 per step except the last (Sec. 3), Euler 1."""
-    defaults = {k: p.default for k, p in inspect.signature(sampler).parameters.items()}
-    steps = options.get("num_steps", defaults["num_steps"])
-    return steps if options.get("solver", defaults.get("solver")) == "euler" else 2 * steps - 1
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.evaluations += x.shape[0]
+        return self.net(x, sigma, class_labels)
+
+    def per_image(self, images):
+        n = self.evaluations / images
+        return int(n) if n.is_integer() else n
 
 
 def generate_batch(net, seeds, device, class_idx=None, sampler=sampling.edm_sampler, **options):
@@ -596,7 +599,142 @@ def save_ref(mu, sigma, path):
 
 
 # ----------------------------------------------------------------------------
-# 8. Subcommands. Each checks everything it reads (network, detector, reference,
+# 8. From command-line options to a sampler and a denoiser. Chapters 09 (fast solvers)
+# and 10 (guidance) come after this one, so the library above never loads them; these
+# command-line helpers do, inside the functions that need them (the house rule lets the
+# command line use later chapters).
+#
+# Three samplers, all called by generate_batch as `sampler(net, latents, class_labels,
+# randn_like, **options)`:
+#   * the default, and --solver heun: 04's edm_sampler (Algorithm 2, --S_churn etc.), 18 steps = 35 NFE;
+#   * --disc/--schedule/--scaling: 03's ablation_sampler (Sec. 3 ablations), --solver euler or heun;
+#   * any other --solver, or --sigma-steps: 09's deterministic solvers on their authors' sigma steps.
+# --nfe N is the budget for every one of them (09's steps_for_nfe: Heun 2n - 1, the others n).
+
+EDM_OPTIONS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")
+CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise")
+ABLATION_OPTIONS = ("discretization", "schedule", "scaling")
+SIGMA_STEP_KINDS = ("edm", "logsnr", "time_uniform")            # 09's sigma_steps(kind=...)
+DEFAULT_RHO = {"edm": 7.0, "time_uniform": 1.0}                # Eq. 5's rho; rho = 1: uniform in VP's t
+
+
+def sampler_from_args(args):
+    """(sampler, options) for the sampler options given on the command line.
+
+    The one place where command-line options become a sampler call: generate and fid both
+    pass the result to generate_batch as `sampler=sampler, **options`. For 04's and 03's
+    samplers, options left out are the sampler's own defaults; for 09's solvers every
+    setting is resolved here (solver, sigma-step kind, steps, rho), so fid.json names them.
+    """
+    fast = common.load("09_fast_samplers")  # a later chapter: its NFE rule and solvers serve the command line only
+    options = {k: getattr(args, k) for k in EDM_OPTIONS + ABLATION_OPTIONS if getattr(args, k) is not None}
+    for name in ("sigma_min", "sigma_max", "rho"):
+        if options.get(name, 1) <= 0:
+            raise ValueError(f"--{name} must be positive, got {options[name]}")
+    if options.get("sigma_min", 0) >= options.get("sigma_max", float("inf")):
+        raise ValueError(f"--sigma_min {options['sigma_min']} must be below --sigma_max {options['sigma_max']}")
+    solver = args.solver or "heun"
+    if args.nfe is not None:
+        options["num_steps"] = fast.steps_for_nfe(solver, args.nfe)
+
+    if any(k in options for k in ABLATION_OPTIONS):
+        if solver not in ("euler", "heun"):
+            raise ValueError(f"--disc/--schedule/--scaling run chapter 03's ablation sampler, whose --solver is "
+                             f"euler or heun, not {solver}")
+        if args.sigma_steps:
+            raise ValueError("--sigma-steps chooses the steps of 09's solvers; the ablation sampler's are --disc")
+        return schedules.ablation_sampler, dict(options, **({"solver": args.solver} if args.solver else {}))
+    if solver == "heun" and args.sigma_steps is None:
+        return sampling.edm_sampler, options
+
+    churn = [k for k in CHURN_OPTIONS if k in options]
+    if churn:
+        raise ValueError(f"--{churn[0]} is Algorithm 2's churn (04's sampler: --solver heun without --sigma-steps); "
+                         f"09's {solver} is deterministic")
+    kind = args.sigma_steps or fast.SOLVERS[solver].schedule
+    if kind == "logsnr" and "rho" in options:
+        raise ValueError("--rho shapes the edm and time_uniform sigma steps; logsnr steps are uniform in log sigma")
+    options.update(solver=solver, sigma_steps=kind, num_steps=options.get("num_steps", 18))
+    if kind != "logsnr":
+        options.setdefault("rho", DEFAULT_RHO[kind])
+    return solver_sampler, options
+
+
+def solver_sampler(net, latents, class_labels=None, randn_like=None, solver="heun", sigma_steps="edm",
+                   num_steps=18, sigma_min=0.002, sigma_max=80, rho=7.0):
+    """Chapter 09's `solver` on `num_steps` intervals of its `sigma_steps` kind: float64 samples at sigma = 0.
+
+    Called like 04's edm_sampler: unit-variance `latents`, the noise range clamped to the
+    network's, the levels rounded to those the network supports (as 04 does). The solvers
+    draw no noise, so `randn_like` is unused and each image depends on its seed only.
+    """
+    fast = common.load("09_fast_samplers")  # a later chapter: only the command line runs its solvers
+    sigma_min = max(sigma_min, getattr(net, "sigma_min", 0))
+    sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
+    round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
+    sigmas = fast.sigma_steps(num_steps, sigma_min, sigma_max, sigma_steps, rho).to(latents.device)
+    sigmas = torch.cat([round_sigma(sigmas[:-1]).to(sigmas.dtype), sigmas[-1:]])     # the last level stays 0
+
+    def denoise(x, sigma):                               # 09's denoise(x, sigma): D in float64
+        return net(x, sigma, class_labels).to(torch.float64)
+
+    return fast.SOLVERS[solver].sample(denoise, latents.to(torch.float64) * sigmas[0], sigmas)
+
+
+def solver_and_steps(sampler, options):
+    """(solver, sigma-step kind) that `sampler` runs with `options`, as fid.json records them."""
+    if sampler is solver_sampler:
+        return options["solver"], options["sigma_steps"]
+    if sampler is schedules.ablation_sampler:          # its defaults: Heun on EDM's steps
+        return options.get("solver", "heun"), options.get("discretization", "edm")
+    return "heun", "edm"                               # Algorithm 2 on Eq. 5's steps
+
+
+def denoiser_from_args(args, net, device):
+    """(denoiser, counters, settings): the denoiser the sampler calls -- `net`, or `net` guided as
+    --guidance, --guide-network and --guidance-interval say (chapter 10) -- with an EvaluationCounter
+    on each network (so that the guide's evaluations are counted too) and the settings for fid.json.
+    """
+    main = EvaluationCounter(net)
+    settings = dict(w=args.guidance, method="none", guide_network=None, interval=None)
+    if args.guidance == 1 and args.guide_network is None and args.guidance_interval is None:
+        return main, [main], settings
+    guidance = common.load("10_guidance")  # a later chapter: only the command line guides
+    interval = None if args.guidance_interval is None else guidance.parse_interval(args.guidance_interval)
+    if args.guide_network is None:                                   # CFG: the same network without its class
+        counters, guide = [main], None
+        settings.update(method="cfg")
+    else:                                                            # autoguidance: a weaker network of the task
+        guide = EvaluationCounter(rank0_first(load_net, args.guide_network, device))
+        check_same_task(net, guide, args.guide_network)
+        counters = [main, guide]
+        settings.update(method="autoguidance", guide_network=os.path.abspath(args.guide_network))
+    settings.update(interval=None if interval is None else list(interval))
+    return guidance.guided(main, args.guidance, guide, interval), counters, settings
+
+
+def check_same_task(net, guide, path):
+    """Autoguidance needs a guide for the same images and classes as the main network."""
+    shape = lambda n: f"{n.img_resolution}x{n.img_resolution}x{n.img_channels} with {n.label_dim} classes"
+    if shape(guide) != shape(net):
+        raise ValueError(f"guide network {path} makes {shape(guide)} images, the main network {shape(net)}; "
+                         f"autoguidance needs a (weaker) network of the same task")
+
+
+def describe(sampler, options, guidance):
+    """One line for the log: the sampler, its options, the guidance."""
+    solver, kind = solver_and_steps(sampler, options)
+    settings = "".join(f", {k}={v}" for k, v in options.items() if k not in ("solver", "sigma_steps"))
+    line = f"{sampler.__name__}: {solver} on {kind} steps{settings}; "
+    if guidance["method"] == "none":
+        return line + "no guidance"
+    by = "CFG" if guidance["method"] == "cfg" else f"autoguidance by {guidance['guide_network']}"
+    where = "" if guidance["interval"] is None else " for sigma in [{:g}, {:g}]".format(*guidance["interval"])
+    return line + f"{by}, w = {guidance['w']:g}{where}"
+
+
+# ----------------------------------------------------------------------------
+# 9. Subcommands. Each checks everything it reads (network, detector, reference,
 # images) before it writes anything.
 
 def cmd_generate(args):
@@ -605,11 +743,20 @@ def cmd_generate(args):
     sampler, options = sampler_from_args(args)
     net = rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
+    denoiser, counters, guidance = denoiser_from_args(args, net, device)
     outdir = common.out_dir(__file__, args.outdir or os.path.join("out", "08_evaluate_fid", "images"))
-    print0(f"Generating {len(seeds)} images into {outdir} ({sampler.__name__}, {nfe(sampler, options)} NFE per image)...")
-    generate_pngs(net, seeds, outdir, args.batch, device, args.subdirs, args.class_idx, sampler=sampler, **options)
-    print0(f"Done: {len(seeds)} PNGs in {outdir}. Their FID: `08_evaluate_fid.py calc --images {outdir} "
-           f"--ref <ref.npz> -n {len(seeds)}` (the paper's protocol needs 50,000: `fid`).")
+    print0(f"Generating {len(seeds)} images into {outdir} ({describe(sampler, options, guidance)})...")
+    counter = EvaluationCounter(denoiser)
+    generate_pngs(counter, seeds, outdir, args.batch, device, args.subdirs, args.class_idx, sampler=sampler, **options)
+    images = rank_images(seeds, args.batch)
+    print0(f"Done: {len(seeds)} PNGs in {outdir}, {counter.per_image(images)} NFE per image (measured; "
+           f"{sum(c.per_image(images) for c in counters)} network evaluations). Their FID: `08_evaluate_fid.py "
+           f"calc --images {outdir} --ref <ref.npz> -n {len(seeds)}` (the paper's protocol needs 50,000: `fid`).")
+
+
+def rank_images(seeds, batch_size):
+    """How many of the seeds this rank generates."""
+    return sum(len(batch) for batch in rank_batches(seeds, batch_size))
 
 
 def cmd_ref(args):
@@ -644,18 +791,25 @@ def cmd_fid(args):
     sampler, options = sampler_from_args(args)
     net = rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
+    denoiser, counters, guidance = denoiser_from_args(args, net, device)
     detector = rank0_first(load_detector, args.detector, device)
     ref = load_ref(args.ref, detector.feature_dim)
-    start, result = time.time(), {"fid": [], "seeds": []}
+    counter = EvaluationCounter(denoiser)              # the sampler's calls: NFE as the paper counts it
+    start, result, images = time.time(), {"fid": [], "seeds": []}, 0
+    print0(describe(sampler, options, guidance))
     for k in range(args.repeats):
         seeds = list(range(k * args.num, (k + 1) * args.num))
-        print0(f"Seeds {seeds[0]}-{seeds[-1]}: generating {args.num} images into statistics "
-               f"({nfe(sampler, options)} NFE each)...")
-        mu, sigma = generated_stats(net, seeds, detector, args.batch, device, args.class_idx, sampler=sampler, **options)
+        print0(f"Seeds {seeds[0]}-{seeds[-1]}: generating {args.num} images into statistics...")
+        mu, sigma = generated_stats(counter, seeds, detector, args.batch, device, args.class_idx,
+                                    sampler=sampler, **options)
+        images += rank_images(seeds, args.batch)
         result["fid"].append(frechet_distance(mu, sigma, *ref))
         result["seeds"].append(f"{seeds[0]}-{seeds[-1]}")
-        print0(f"  FID {result['fid'][-1]:g}")
-    result.update(fid_min=min(result["fid"]), nfe=nfe(sampler, options), class_idx=args.class_idx,
+        print0(f"  FID {result['fid'][-1]:g}   ({counter.per_image(images)} NFE per image, measured)")
+    solver, kind = solver_and_steps(sampler, options)
+    result.update(fid_min=min(result["fid"]), solver=solver, sigma_steps=kind, nfe=counter.per_image(images),
+                  network_evaluations=sum(c.per_image(images) for c in counters), guidance=guidance,
+                  class_idx=args.class_idx,
                   sampler={"function": sampler.__name__, "options": options},  # options not listed: the defaults
                   num_images=args.num, network=os.path.abspath(args.network), ref=args.ref, detector=args.detector,
                   gpus=common.get_world_size(), seconds=round(time.time() - start, 1))
@@ -666,7 +820,7 @@ def cmd_fid(args):
 
 
 # ----------------------------------------------------------------------------
-# 9. The demo: Frechet distance on Gaussian "features" whose true FID is known.
+# 10. The demo: Frechet distance on Gaussian "features" whose true FID is known.
 #
 # FID is estimated from n images, and the estimate is biased upward (even two sets
 # drawn from the same distribution give FID > 0) by terms that shrink like 1/n. That
@@ -766,17 +920,37 @@ def add_network(p):
 
 
 def add_sampler_options(p):
-    """Algorithm 2's options (edm_sampler) and the ablation options that switch to 03's ablation_sampler."""
-    g = p.add_argument_group("sampler (defaults: the sampler's own, Algorithm 2 with 18 steps)")
-    g.add_argument("--steps", dest="num_steps", metavar="N", type=common.number(int, 2), default=None, help="sampling steps N")
+    """The solver and its budget (04's Algorithm 2 by default, 09's solvers, 03's ablation sampler) and guidance (10)."""
+    solvers = common.load("09_fast_samplers").SOLVERS  # a later chapter: the command line offers its solvers
+    g = p.add_argument_group("sampler (default: 04's Algorithm 2, Heun on Eq. 5's steps, 18 steps = 35 NFE)")
+    g.add_argument("--solver", choices=list(solvers), help="heun: 04's Algorithm 2 (with --S_churn ...; with "
+                   "--sigma-steps: 09's Heun); the others: chapter 09's deterministic solvers on their authors' "
+                   "sigma steps; with --disc/--schedule/--scaling: 03's ablation sampler, euler or heun")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--steps", dest="num_steps", metavar="N", type=common.number(int, 2), default=None,
+                        help="sampling steps N (default: 18)")
+    budget.add_argument("--nfe", metavar="N", type=common.number(int, 1), default=None,
+                        help="network evaluations per image instead of --steps: N = 2 steps - 1 for heun "
+                        "(odd), N = steps for the others")
+    g.add_argument("--sigma-steps", choices=SIGMA_STEP_KINDS, help="09's step kinds: edm (Eq. 5, rho = 7), logsnr "
+                   "(uniform in log sigma), time_uniform (uniform in VP's t^(1/rho), rho = 1) (default: the "
+                   "solver's own: logsnr for dpmpp2m/dpmpp3m, else edm)")
     for name in ("sigma_min", "sigma_max", "rho"):
-        g.add_argument(f"--{name}", type=common.number(float, 0), default=None, help="Eq. 5 (must be > 0)")
-    for name in ("S_churn", "S_min", "S_max", "S_noise"):
+        g.add_argument(f"--{name}", type=common.number(float, 0), default=None, help="Eq. 5 (must be > 0)"
+                       + ("; also the exponent of time_uniform steps" if name == "rho" else ""))
+    for name in CHURN_OPTIONS:
         g.add_argument(f"--{name}", type=common.number(float, 0), default=None, help="Algorithm 2 stochasticity")
-    g.add_argument("--solver", choices=["euler", "heun"], help="ablation: ODE solver (chapter 03)")
     g.add_argument("--disc", dest="discretization", choices=["vp", "ve", "iddpm", "edm"], help="ablation: time steps")
     g.add_argument("--schedule", choices=["vp", "ve", "linear"], help="ablation: sigma(t)")
     g.add_argument("--scaling", choices=["vp", "none"], help="ablation: s(t)")
+
+    g = p.add_argument_group("guidance (chapter 10; default: none)")
+    g.add_argument("--guidance", metavar="W", type=common.number(float, 0), default=1.0,
+                   help="guidance weight w: D_w = D_guide + w (D_main - D_guide) (default: 1 = off)")
+    g.add_argument("--guide-network", metavar="PATH", help="autoguidance: a weaker network of the same task (e.g. "
+                   "an earlier snapshot); without it, classifier-free guidance on --network's own zero-class "
+                   "output (needs a class-conditional network, best one trained with 07 --label-dropout)")
+    g.add_argument("--guidance-interval", metavar="LO,HI", help="guide only for sigma in [LO, HI] (default: all sigma)")
 
 
 def add_detector(p):

@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "08_evaluate_fid.py")
 
 SAMPLER = {"--steps", "--sigma_min", "--sigma_max", "--rho", "--S_churn", "--S_min", "--S_max", "--S_noise",
-           "--solver", "--disc", "--schedule", "--scaling"}
+           "--solver", "--disc", "--schedule", "--scaling", "--nfe", "--sigma-steps",
+           "--guidance", "--guide-network", "--guidance-interval"}
 NETWORK = {"--network", "--class", "--batch"}
 OPTIONS = {
     "demo": {"--seed", "--outdir", "--device"},
@@ -52,8 +53,9 @@ def test_each_subcommand_has_exactly_its_options(fid):
         assert [a.dest for a in p._actions if not a.option_strings] == [], f"{name} has positionals"
         # The usage line holds the command, options and their metavars only (no stray 'seed' etc.).
         words = re.findall(r"[\w-]+", p.format_usage().split(name, 1)[1])
-        assert all(w.startswith("-") or w.isupper() or w in ("euler", "heun", "vp", "ve", "iddpm", "edm",
-                                                              "linear", "none") for w in words), (name, words)
+        choices = {"euler", "heun", "dpmpp2m", "dpmpp3m", "ipndm", "vp", "ve", "iddpm", "edm", "linear", "none",
+                   "logsnr", "time_uniform"}
+        assert all(w.startswith("-") or w.isupper() or w in choices for w in words), (name, words)
 
 
 def test_no_subcommand_means_the_demo(fid):
@@ -169,3 +171,16 @@ def test_bad_inputs_end_in_one_error_line_and_keep_earlier_output(tmp_path):
         assert cases[name][1] in error_lines[0], f"{name}: {error_lines[0]}"
     assert snapshot(t / "run") == before
     assert not os.path.exists(t / "out"), "a failing run wrote into the default output folder"
+
+
+@pytest.mark.slow   # a fresh Python process importing torch and 08's chapters
+def test_solver_choices_are_09s_and_the_library_loads_no_later_chapter(fid, load):
+    generate = subparsers(fid.build_parser())["generate"]
+    (solver,) = [a for a in generate._actions if "--solver" in a.option_strings]
+    assert list(solver.choices) == list(load("09_fast_samplers").SOLVERS)
+    # 09 and 10 come after 08: importing 08 (its library) must not load them; only its command line does.
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import common; common.load('08_evaluate_fid'); "
+            f"print(sorted(name for name in sys.modules if name[:3] in ('09_', '10_')))")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

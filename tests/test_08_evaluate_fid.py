@@ -314,27 +314,75 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
         run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 9)
 
 
-def test_sampler_options_select_the_sampler_and_its_nfe(fid, tiny_network):
+def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_network):
     parser = fid.build_parser()
-    args = parser.parse_args(["generate", "--network", "x", "--steps", "5", "--S_churn", "2"])
-    sampler, options = fid.sampler_from_args(args)
-    assert sampler is fid.sampling.edm_sampler and options == {"num_steps": 5, "S_churn": 2.0}
-    assert fid.nfe(sampler, options) == 9
-    args = parser.parse_args(["fid", "--network", "x", "--ref", "r", "--solver", "euler", "--disc", "vp"])
-    sampler, options = fid.sampler_from_args(args)
-    assert sampler is fid.schedules.ablation_sampler and options == {"solver": "euler", "discretization": "vp"}
-    assert fid.nfe(sampler, options) == 18
-    assert fid.nfe(fid.sampling.edm_sampler, {}) == 35                  # Table 2's 35 NFE
-    for bad in (["--rho", "0"], ["--sigma_min", "2", "--sigma_max", "1"]):
-        with pytest.raises(ValueError, match="--rho|--sigma_min"):
-            fid.sampler_from_args(parser.parse_args(["generate", "--network", "x"] + bad))
+    options_of = lambda *argv: fid.sampler_from_args(parser.parse_args(["generate", "--network", "x", *argv]))
+    net = fid.load_net(tiny_network, "cpu")
+
+    def measured_nfe(sampler, options):                  # network calls per image, counted on 2 images
+        counter = fid.EvaluationCounter(net)
+        fid.generate_batch(counter, [3, 4], "cpu", None, sampler, **options)
+        return counter.per_image(2)
+
+    # Each (options -> sampler, options) with its NFE: Heun 2n - 1 (Sec. 3), Euler and the multistep solvers n.
+    cases = [
+        ((), fid.sampling.edm_sampler, {}, 35),                                  # Table 2's 35 NFE
+        (("--steps", "5", "--S_churn", "2"), fid.sampling.edm_sampler, {"num_steps": 5, "S_churn": 2.0}, 9),
+        (("--solver", "heun", "--nfe", "7"), fid.sampling.edm_sampler, {"num_steps": 4}, 7),
+        (("--solver", "euler", "--disc", "vp", "--nfe", "6"), fid.schedules.ablation_sampler,
+         {"solver": "euler", "discretization": "vp", "num_steps": 6}, 6),
+        (("--disc", "ve", "--steps", "3"), fid.schedules.ablation_sampler, {"discretization": "ve", "num_steps": 3}, 5),
+        (("--solver", "ipndm", "--nfe", "10"), fid.solver_sampler,
+         {"solver": "ipndm", "sigma_steps": "edm", "num_steps": 10, "rho": 7.0}, 10),
+        (("--solver", "dpmpp3m", "--steps", "6"), fid.solver_sampler,
+         {"solver": "dpmpp3m", "sigma_steps": "logsnr", "num_steps": 6}, 6),
+        (("--solver", "dpmpp2m", "--nfe", "5", "--sigma-steps", "time_uniform"), fid.solver_sampler,
+         {"solver": "dpmpp2m", "sigma_steps": "time_uniform", "num_steps": 5, "rho": 1.0}, 5),
+        (("--sigma-steps", "logsnr", "--nfe", "9"), fid.solver_sampler,       # Heun on other steps: 09's Heun
+         {"solver": "heun", "sigma_steps": "logsnr", "num_steps": 5}, 9),
+        (("--solver", "euler", "--steps", "4", "--rho", "3"), fid.solver_sampler,
+         {"solver": "euler", "sigma_steps": "edm", "num_steps": 4, "rho": 3.0}, 4),
+    ]
+    for argv, sampler, options, nfe in cases:
+        assert options_of(*argv) == (sampler, options), argv
+        if argv:                                         # the default's 35 NFE: counted in the fid test
+            assert measured_nfe(sampler, options) == nfe, argv
+
+    for bad, complaint in [(["--rho", "0"], "--rho"), (["--sigma_min", "2", "--sigma_max", "1"], "--sigma_min"),
+                           (["--nfe", "10"], "odd"), (["--solver", "ipndm", "--nfe", "1"], "at least 2 NFE"),
+                           (["--solver", "ipndm", "--S_churn", "1"], "deterministic"),
+                           (["--solver", "dpmpp2m", "--rho", "2"], "logsnr"),
+                           (["--solver", "dpmpp3m", "--disc", "vp"], "euler or heun"),
+                           (["--sigma-steps", "edm", "--scaling", "vp"], "--disc")]:
+        with pytest.raises(ValueError, match=complaint):
+            options_of(*bad)
 
     # generate_batch calls the chosen sampler with the seeds' noise: the ablation sampler with EDM
     # settings and Heun is Algorithm 2, and gives the same images as edm_sampler.
-    net = fid.load_net(tiny_network, "cpu")
     a = fid.generate_batch(net, [3, 4], "cpu", None, fid.sampling.edm_sampler, num_steps=3)
     b = fid.generate_batch(net, [3, 4], "cpu", None, fid.schedules.ablation_sampler, num_steps=3, solver="heun")
     assert a.dtype == torch.uint8 and torch.equal(a, b)
+
+
+def test_solver_sampler_runs_09s_solvers_on_their_steps(fid, load, tiny_network):
+    # The same samples as 09's own entry point, sample(denoise, latents, solver, nfe), which picks
+    # each solver's schedule itself -- and on a chosen step kind, 09's sigma_steps with its rho.
+    fast = load("09_fast_samplers")
+    net = fid.load_net(tiny_network, "cpu")
+    latents = torch.randn([3, 3, 16, 16], generator=torch.Generator().manual_seed(1))
+    labels = torch.eye(4)[[0, 2, 3]]
+    denoise = lambda x, sigma: net(x, sigma, labels).to(torch.float64)
+    parser = fid.build_parser()
+    for solver, nfe in [("ipndm", 10), ("dpmpp3m", 6), ("heun", 7)]:
+        _, options = fid.sampler_from_args(parser.parse_args(["generate", "--network", "x", "--solver", solver,
+                                                              "--nfe", str(nfe), "--sigma-steps",
+                                                              fast.SOLVERS[solver].schedule]))
+        want, count = fast.sample(denoise, latents, solver, nfe)
+        assert count == nfe and torch.equal(fid.solver_sampler(net, latents, labels, **options), want), solver
+    sigmas = fast.sigma_steps(5, 0.002, 80.0, "time_uniform", 1.0)
+    want = fast.sample_dpmpp_2m(denoise, latents.to(torch.float64) * sigmas[0], sigmas)
+    got = fid.solver_sampler(net, latents, labels, solver="dpmpp2m", sigma_steps="time_uniform", num_steps=5, rho=1.0)
+    assert torch.equal(got, want)
 
 
 def test_bad_network_and_class_raise(fid, tiny_network, tmp_path):
@@ -364,3 +412,147 @@ def test_generate_writes_pngs_to_the_images_folder_by_default(fid, tiny_network,
     # Not a terminal: one plain line per batch group, no progress-bar redraws.
     assert "generate: batch 1/2" in out and "generate: batch 2/2" in out and "\r" not in out
     assert "calc --images" in out                                                  # says what to do next
+
+
+# ----------------------------------------------------------------------------
+# Chapter 09's solvers and chapter 10's guidance from the command line, end to end.
+
+@pytest.fixture(scope="module")
+def other_networks(load, tiny_network, tmp_path_factory):
+    """(guide, unconditional): the tiny network with every weight shrunk by 10% (a different network
+    of the same task, for autoguidance) and an unconditional network of the same architecture."""
+    unet = load("06_unet")
+    data = torch.load(tiny_network, map_location="cpu", weights_only=True)
+    folder = tmp_path_factory.mktemp("other_networks")
+    guide = unet.from_official_config(data["class_name"], data["kwargs"])
+    guide.load_state_dict(data["state_dict"])
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.mul_(0.9)
+    torch.manual_seed(0)
+    uncond = unet.from_official_config(data["class_name"], {**data["kwargs"], "label_dim": 0})
+    paths = str(folder / "guide.pt"), str(folder / "uncond.pt")
+    unet.save_network(guide, paths[0])
+    unet.save_network(uncond, paths[1])
+    return paths
+
+
+def generated(fid, network, outdir, *options, batch=8, seeds="0-7"):
+    """The images `generate` writes for the seeds, as [H, W, C] arrays in seed order."""
+    run(fid, "generate", "--network", network, "--seeds", seeds, "--batch", batch, "--outdir", outdir, *options)
+    return read_pngs(outdir)[1]
+
+
+def same_images(a, b):
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_fast_solver_generation_depends_on_seed_only(fid, tiny_network, tmp_path):
+    images8 = generated(fid, tiny_network, tmp_path / "b8", "--solver", "ipndm", "--nfe", 10, batch=8)
+    images3 = generated(fid, tiny_network, tmp_path / "b3", "--solver", "ipndm", "--nfe", 10, batch=3)
+    assert len(images8) == 8 and images8[0].shape == (16, 16, 3)
+    assert same_images(images8, images3)
+    assert len({a.tobytes() for a in images8}) == 8
+
+
+def test_default_generation_is_algorithm_2_with_18_steps(fid, tiny_network, tmp_path):
+    # What the official generate.py does per seed: latents, then the class, then Algorithm 2's churn noise.
+    common = fid.common
+    seeds = [0, 1, 2]
+    net = fid.load_net(tiny_network, "cpu")
+    rnd = common.StackedRandomGenerator("cpu", seeds)
+    latents = rnd.randn([3, 3, 16, 16])
+    labels = torch.eye(4)[rnd.randint(4, size=[3])]
+    want = common.to_uint8(fid.sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=18))
+    default = generated(fid, tiny_network, tmp_path / "default", seeds="0-2")
+    assert same_images(default, list(want.numpy()))
+    assert same_images(generated(fid, tiny_network, tmp_path / "heun35", "--solver", "heun", "--nfe", 35,
+                                 seeds="0-2"), default)
+
+
+def test_guidance_is_seed_only_and_exactly_unguided_where_it_must_be(fid, tiny_network, other_networks, tmp_path):
+    guide, _ = other_networks
+    quick = ("--nfe", 7)
+    unguided = generated(fid, tiny_network, tmp_path / "unguided", *quick)
+    cfg8 = generated(fid, tiny_network, tmp_path / "cfg8", *quick, "--guidance", 2)
+    cfg3 = generated(fid, tiny_network, tmp_path / "cfg3", *quick, "--guidance", 2, batch=3)
+    assert same_images(cfg8, cfg3) and not same_images(cfg8, unguided)
+    auto8 = generated(fid, tiny_network, tmp_path / "auto8", "--solver", "dpmpp2m", "--nfe", 6,
+                      "--guidance", 2, "--guide-network", guide)
+    auto3 = generated(fid, tiny_network, tmp_path / "auto3", "--solver", "dpmpp2m", "--nfe", 6,
+                      "--guidance", 2, "--guide-network", guide, batch=3)
+    assert same_images(auto8, auto3)
+    assert not same_images(auto8, generated(fid, tiny_network, tmp_path / "dpm", "--solver", "dpmpp2m", "--nfe", 6))
+
+    # w = 1 is D_main, also with the guidance machinery switched on (an interval, a guide network) ...
+    for k, options in enumerate([("--guidance", 1), ("--guidance", 1, "--guidance-interval", "0,100"),
+                                 ("--guidance", 1, "--guide-network", guide)]):
+        assert same_images(generated(fid, tiny_network, tmp_path / f"w1_{k}", *quick, *options), unguided), options
+    # ... and a guide equal to the main network gives D_main for every w.
+    for w in (0, 3):
+        assert same_images(generated(fid, tiny_network, tmp_path / f"self{w}", *quick, "--guidance", w,
+                                     "--guide-network", tiny_network), unguided), w
+
+
+def test_fid_records_solver_steps_measured_nfe_and_guidance(fid, tiny_network, other_networks, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.setattr(fid, "load_detector", lambda spec, device: StandInDetector())
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(6), sigma=np.eye(6))
+    guide, _ = other_networks
+
+    def fid_json(*options):
+        out = tmp_path / f"run{len(os.listdir(tmp_path))}"
+        run(fid, "fid", "--network", tiny_network, "--ref", tmp_path / "ref.npz", "-n", 4, "--repeats", 2,
+            "--batch", 3, "--outdir", out, *options)
+        return json.loads((out / "fid.json").read_text())
+
+    # Eq. 5 with N = 5, rho = 7 (Heun, 9 NFE): which levels lie in a guidance interval [0.5, 5]?
+    t = [(80 ** (1 / 7) + i / 4 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(5)]
+    inside = sum(0.5 <= t_i <= 5 for t_i in t) + sum(0.5 <= t_i <= 5 for t_i in t[1:])   # Euler + Heun's 2nd call
+    assert inside == 2
+    no_guidance = {"w": 1.0, "method": "none", "guide_network": None, "interval": None}
+    cases = [
+        ((), ("heun", "edm", 35, 35), no_guidance),
+        (("--solver", "ipndm", "--nfe", 10), ("ipndm", "edm", 10, 10), no_guidance),
+        (("--solver", "dpmpp2m", "--nfe", 6, "--sigma-steps", "time_uniform"), ("dpmpp2m", "time_uniform", 6, 6),
+         no_guidance),
+        (("--solver", "euler", "--disc", "vp", "--nfe", 8), ("euler", "vp", 8, 8), no_guidance),
+        # CFG evaluates the network twice per call inside the interval: measured, not assumed.
+        (("--nfe", 9, "--guidance", 2, "--guidance-interval", "0.5,5"), ("heun", "edm", 9, 9 + inside),
+         {"w": 2.0, "method": "cfg", "guide_network": None, "interval": [0.5, 5.0]}),
+        (("--solver", "dpmpp3m", "--nfe", 5, "--guidance", 1.5, "--guide-network", guide),
+         ("dpmpp3m", "logsnr", 5, 10),
+         {"w": 1.5, "method": "autoguidance", "guide_network": os.path.abspath(guide), "interval": None}),
+    ]
+    for options, (solver, kind, nfe, evaluations), guidance in cases:
+        result = fid_json(*options)
+        assert (result["solver"], result["sigma_steps"], result["nfe"], result["network_evaluations"]) == \
+            (solver, kind, nfe, evaluations), options
+        assert result["guidance"] == guidance and result["seeds"] == ["0-3", "4-7"], options
+
+
+@pytest.mark.parametrize("options, complaint", [
+    (["--nfe", "0"], "argument --nfe: must be >= 1, got 0"),
+    (["--nfe", "10"], "the budget must be odd and >= 3, got 10"),
+    (["--solver", "heun", "--nfe", "4"], "the budget must be odd"),
+    (["--solver", "ipndm", "--nfe", "1"], "ipndm needs at least 2 NFE"),
+    (["--steps", "4", "--nfe", "7"], "argument --nfe: not allowed with argument --steps"),
+    (["--guidance", "nan"], "argument --guidance: must be >= 0, got nan"),
+    (["--guidance", "2", "--guidance-interval", "3,1"], "0 <= LO <= HI"),
+    (["--guidance", "2", "--guidance-interval", "0.3"], "two numbers LO,HI"),
+    (["--guidance", "2", "--network", "UNCOND"], "class-conditional"),
+    (["--guidance", "2", "--guide-network", "UNCOND"], "same task"),
+    (["--solver", "dpmpp2m", "--S_churn", "5"], "deterministic"),
+])
+def test_bad_solver_and_guidance_options_are_one_error_line(fid, tiny_network, other_networks, options, complaint,
+                                                            tmp_path, capsys):
+    options = [other_networks[1] if o == "UNCOND" else o for o in options]
+    network = [] if "--network" in options else ["--network", tiny_network]
+    for command in (["generate", "--seeds", "0-1", "--outdir", tmp_path / "images"],
+                    ["fid", "--ref", tmp_path / "ref.npz", "-n", 2, "--outdir", tmp_path / "result"]):
+        with pytest.raises(SystemExit) as exit:
+            run(fid, *command, *network, *options)
+        text = exit.value.code if isinstance(exit.value.code, str) else capsys.readouterr().err
+        error_lines = [line for line in text.splitlines() if "error:" in line]
+        assert len(error_lines) == 1 and complaint in error_lines[0], (command[0], text)
+    assert os.listdir(tmp_path) == []
