@@ -180,6 +180,15 @@ def sde_sample(D, x, t, generator=None):
 # ----------------------------------------------------------------------------
 # Learning a denoiser with the denoising loss (Eq. 2).
 
+def mlp(fan_in, fan_out, width=128, depth=3):
+    """The small MLP of the toy chapters: `depth` SiLU layers of `width` units, then a linear output."""
+    layers = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(fan_in, width), torch.nn.SiLU()]
+        fan_in = width
+    return torch.nn.Sequential(*layers, torch.nn.Linear(fan_in, fan_out))
+
+
 class MLPDenoiser(torch.nn.Module):
     """D_theta(x; sigma) = x - sigma * F_theta(x / sqrt(1 + sigma^2), ln(sigma) / 4).
 
@@ -190,14 +199,9 @@ class MLPDenoiser(torch.nn.Module):
     principled preconditioning (c_in, c_skip, c_out, c_noise).
     """
 
-    def __init__(self, width=128, depth=3):
+    def __init__(self):
         super().__init__()
-        layers, fan_in = [], 2
-        for _ in range(depth):
-            layers += [torch.nn.Linear(fan_in, width), torch.nn.SiLU()]
-            fan_in = width
-        layers.append(torch.nn.Linear(fan_in, 1))
-        self.net = torch.nn.Sequential(*layers)
+        self.net = mlp(2, 1)
 
     def forward(self, x, sigma, class_labels=None):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape)
@@ -205,35 +209,70 @@ class MLPDenoiser(torch.nn.Module):
         return x - sigma * self.net(features.float()).squeeze(-1).to(x.dtype)
 
 
+class ToyMLP(torch.nn.Module):
+    """F(x_in, noise_labels): the same MLP as a raw network for points [N, C], called like chapter 06's
+    U-Nets, for chapter 05 to wrap in each preconditioning of its Table 1.
+
+    The noise label enters through the sinusoidal embedding (frequencies 1 ... 1/10000) that DDPM++
+    and ADM use, so one network serves every c_noise convention, from ln(sigma)/4 in [-1.6, 1.1] to a
+    DDPM timestep in [0, 999] (a raw input that large would swamp the MLP).
+    """
+
+    def __init__(self, in_channels=1, out_channels=1, noise_channels=32, max_positions=10000):
+        super().__init__()
+        half = noise_channels // 2
+        self.register_buffer("freqs", (1 / max_positions) ** (torch.arange(half) / half), persistent=False)
+        self.net = mlp(in_channels + noise_channels, out_channels)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        angles = noise_labels.to(torch.float32)[:, None] * self.freqs[None, :]
+        emb = torch.cat([angles.cos(), angles.sin()], dim=1).expand(x.shape[0], -1)
+        return self.net(torch.cat([x.to(torch.float32), emb], dim=1)).to(x.dtype)
+
+
 def sample_sigma(n, generator=None, P_mean=-1.2, P_std=1.2):
     """Training noise levels: ln(sigma) ~ N(P_mean, P_std^2), EDM's choice (Table 1)."""
     return (P_mean + P_std * torch.randn(n, 1, generator=generator, dtype=torch.float64)).exp()
 
 
-def denoising_loss(D, y, sigma, n):
-    """Eq. 2: E || D(y + n; sigma) - y ||^2 for given data y, noise levels sigma and unit noise n."""
-    return ((D(y + sigma * n, sigma) - y) ** 2).mean()
+def denoising_error(D, y, sigma, n):
+    """The squared error inside Eq. 2, |D(y + sigma n; sigma) - y|^2, for given data y [N, 1], noise
+    levels sigma and unit noise n; its mean over y ~ p_data, sigma, n is the denoising loss."""
+    return (D(y + sigma * n, sigma) - y) ** 2
 
 
-def train_mlp(mix, steps=3000, batch=1024, lr=3e-3, seed=0, device="cpu", log_every=500):
-    """Fit an MLPDenoiser to the mixture with Adam on fresh samples every step."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = MLPDenoiser().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def toy_loss(D, y):
+    """Eq. 2 with sigma ~ sample_sigma and fresh noise, per sample (the call convention of chapter 05's losses)."""
+    sigma = sample_sigma(len(y)).to(y.device, y.dtype)
+    return denoising_error(D, y, sigma, torch.randn_like(y))
+
+
+def train_toy(D, mix, loss_fn, steps, batch, lr, seed, device="cpu", log_every=0):
+    """Adam with a cosine-decayed learning rate, fresh samples of `mix` every step, minimizing the mean of
+    loss_fn(D, y). Returns D in eval mode and the loss of every step. Chapter 05 trains with it too."""
+    torch.manual_seed(seed)                     # the noise the loss draws
+    g = torch.Generator().manual_seed(seed)     # the data
+    D.train().to(device)
+    opt = torch.optim.Adam(D.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    history = []
     for step in range(steps):
-        y = mix.sample(batch, g).to(device)
-        sigma = sample_sigma(batch, g).to(device)
-        n = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device)
-        loss = denoising_loss(model, y, sigma, n)
+        y = mix.sample(batch, g).to(device, torch.float32)
+        loss = loss_fn(D, y).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
+        history.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"  step {step:5d}  loss {loss.item():.4f}")
-    return model.eval()
+    return D.eval(), history
+
+
+def train_mlp(mix, steps=3000, batch=1024, lr=3e-3, seed=0, device="cpu", log_every=500):
+    """An MLPDenoiser fitted to the mixture with the denoising loss (toy_loss)."""
+    torch.manual_seed(seed)                     # the initial weights
+    return train_toy(MLPDenoiser(), mix, toy_loss, steps, batch, lr, seed, device, log_every)[0]
 
 
 # ----------------------------------------------------------------------------

@@ -126,9 +126,9 @@ def test_learned_mlp_beats_the_best_linear_denoiser(mix):
     mean, var = y.mean(), y.var()
     linear = lambda x, s: mean + var / (var + s ** 2) * (x - mean)  # noqa: E731  (Wiener filter)
     with torch.no_grad():
-        exact = toy.denoising_loss(mix, y, sigma, n)
-        excess_mlp = toy.denoising_loss(model, y, sigma, n) - exact
-        excess_linear = toy.denoising_loss(linear, y, sigma, n) - exact
+        exact = toy.denoising_error(mix, y, sigma, n).mean()
+        excess_mlp = toy.denoising_error(model, y, sigma, n).mean() - exact
+        excess_linear = toy.denoising_error(linear, y, sigma, n).mean() - exact
     assert excess_linear > 0.03  # the baseline is genuinely worse than the ideal denoiser
     assert excess_mlp < 0.2 * excess_linear
 
