@@ -643,7 +643,9 @@ def sampler_from_args(args):
                              f"euler or heun, not {solver}")
         if args.sigma_steps:
             raise ValueError("--sigma-steps chooses the steps of 09's solvers; the ablation sampler's are --disc")
-        return schedules.ablation_sampler, dict(options, **({"solver": args.solver} if args.solver else {}))
+        if args.solver:
+            options["solver"] = args.solver
+        return schedules.ablation_sampler, options
     if solver == "heun" and args.sigma_steps is None:
         return sampling.edm_sampler, options
 
@@ -695,22 +697,22 @@ def denoiser_from_args(args, net, device):
     --guidance, --guide-network and --guidance-interval say (chapter 10) -- with an EvaluationCounter
     on each network (so that the guide's evaluations are counted too) and the settings for fid.json.
     """
-    main = EvaluationCounter(net)
+    main_net = EvaluationCounter(net)
     settings = dict(w=args.guidance, method="none", guide_network=None, interval=None)
     if args.guidance == 1 and args.guide_network is None and args.guidance_interval is None:
-        return main, [main], settings
+        return main_net, [main_net], settings
     guidance = common.load("10_guidance")  # a later chapter: only the command line guides
     interval = None if args.guidance_interval is None else guidance.parse_interval(args.guidance_interval)
     if args.guide_network is None:                                   # CFG: the same network without its class
-        counters, guide = [main], None
+        counters, guide = [main_net], None
         settings.update(method="cfg")
     else:                                                            # autoguidance: a weaker network of the task
         guide = EvaluationCounter(rank0_first(load_net, args.guide_network, device))
         check_same_task(net, guide, args.guide_network)
-        counters = [main, guide]
+        counters = [main_net, guide]
         settings.update(method="autoguidance", guide_network=os.path.abspath(args.guide_network))
     settings.update(interval=None if interval is None else list(interval))
-    return guidance.guided(main, args.guidance, guide, interval), counters, settings
+    return guidance.guided(main_net, args.guidance, guide, interval), counters, settings
 
 
 def check_same_task(net, guide, path):
