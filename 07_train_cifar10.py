@@ -230,7 +230,8 @@ def load_dataset(args):
     levels = len(args.cres or ([1, 2, 3, 4] if args.arch == "adm" else [2, 2, 2]))
     if h != w or h % 2 ** (levels - 1) or h != (args.resolution or h):
         raise ValueError(f"the images are {w}x{h}, but the {levels}-level U-Net needs square images with a size "
-                         f"divisible by 2^{levels - 1}" + f" and equal to --resolution {args.resolution}" * bool(args.resolution))
+                         f"divisible by 2^{levels - 1}" + f" and equal to --resolution {args.resolution}" *
+                         bool(args.resolution))
     if args.cond and labels is None:
         raise ValueError(f"--cond needs labels, and {args.data!r} has none (dataset.json or class sub-folders)")
     if args.cond and labels.min() < 0:
@@ -600,7 +601,8 @@ def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg
     print(f"{f'resuming {resume[1]} at {cur_nimg / 1e3:g} kimg' if resume else 'new run'} -> {run_dir}\n"
           f"{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, {data.label_dim} "
           f"classes; {class_name}/{net_kwargs['model_type']} {sum(p.numel() for p in net.parameters()):,} parameters; "
-          f"{world_size} process(es) on {device}, batch {args.batch} = {world_size} x {rounds} x {batch_gpu}", flush=True)
+          f"{world_size} process(es) on {device}, batch {args.batch} = {world_size} x {rounds} x {batch_gpu}",
+          flush=True)
 
 
 class Progress:
@@ -782,8 +784,9 @@ def save_labelled_grid(x, path, title, row_labels=None, ncol=8, min_width=512):
     n, c, h, w = images.shape
     grid = images.reshape(n // ncol, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // ncol * h, ncol * w, c)
     inches = [size * math.ceil(min_width / (ncol * w)) / 100 for size in grid.shape[1::-1]]   # at 100 dpi
-    fig = Figure(figsize=(inches[0] + 1.3, inches[1] + 0.5), dpi=100)
-    ax = fig.add_axes([1.2 / fig.get_figwidth(), 0.05 / fig.get_figheight(),
+    left = 1.2 if row_labels else 0.1                                # room for the row labels
+    fig = Figure(figsize=(inches[0] + left + 0.1, inches[1] + 0.5), dpi=100)
+    ax = fig.add_axes([left / fig.get_figwidth(), 0.05 / fig.get_figheight(),
                        inches[0] / fig.get_figwidth(), inches[1] / fig.get_figheight()])
     ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_title(title, fontsize=11)
@@ -824,7 +827,8 @@ def build_parser(preset):
     parser.add_argument("--preset", choices=sorted(PRESETS), default=preset, help="paper setup to start from; "
                         "flags override its values (default: tiny if neither --preset nor --data is given)")
     add("--data", "cifar10 | shapes | a folder or .zip of images", "required")
-    parser.add_argument("--data-dir", default=DATA_DIR, help=f"where CIFAR-10 is found or downloaded to (default: {DATA_DIR})")
+    parser.add_argument("--data-dir", default=DATA_DIR, help=f"where CIFAR-10 is found or downloaded to "
+                        f"(default: {DATA_DIR})")
     add("--resolution", "size of the shapes; for image data, a check", "16 for shapes", type=common.number(int, low=4))
     add("--cond", "class-conditional (labels from dataset.json or class sub-folders)", **flag)
     add("--xflip", "add an x-flipped copy of every image", **flag)
