@@ -6,7 +6,7 @@
 * Seeding, and `StackedRandomGenerator`: one torch.Generator per seed, so that the
   latents and noise of each sample depend only on its own seed and never on which
   other seeds share its batch (the behaviour of the official generate.py).
-* Image output exactly as the official code writes PNGs: x in [-1, 1] becomes
+* Image output exactly as the official code writes PNGs (and titled, labelled sample grids): x in [-1, 1] becomes
   (x * 127.5 + 128) clipped to [0, 255] and truncated to uint8.
 * Device / precision selection, a shared argparse base (with range-checked numbers),
   the output directory `out/<script name>/`, atomic JSON files, and joining a torchrun
@@ -110,17 +110,28 @@ def save_png(image, path):
     PIL.Image.fromarray(array).save(path)
 
 
-def save_grid(x, path, nrow=None):
-    """Save a batch [N, C, H, W] in [-1, 1] as one PNG grid with `nrow` images per row."""
-    images = to_uint8(x)
-    n, h, w, c = images.shape
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    ncol = int(np.ceil(n / nrow))
-    grid = torch.zeros(ncol * h, nrow * w, c, dtype=torch.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
-    save_png(grid, path)
+def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512):
+    """Save a batch [N, C, H, W] in [-1, 1] as a titled grid of `ncol` columns (N divisible by ncol).
+
+    Each pixel becomes an integer-sized block (nearest neighbour), so tiny images stay sharp and the
+    grid is at least `min_width` pixels wide; `row_labels` name the rows (kimg, w, NFE, class...).
+    """
+    import torch.nn.functional as F
+    from matplotlib.figure import Figure
+    images = F.pad(to_uint8(x).permute(0, 3, 1, 2), [1, 0, 1, 0], value=255)   # 1-pixel white gaps
+    n, c, h, w = images.shape
+    grid = images.reshape(n // ncol, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // ncol * h, ncol * w, c)
+    inches = [size * int(np.ceil(min_width / (ncol * w))) / 100 for size in grid.shape[1::-1]]   # at 100 dpi
+    left = 1.2 if row_labels else 0.1                                # room for the row labels
+    fig = Figure(figsize=(inches[0] + left + 0.1, inches[1] + 0.5), dpi=100)
+    ax = fig.add_axes([left / fig.get_figwidth(), 0.05 / fig.get_figheight(),
+                       inches[0] / fig.get_figwidth(), inches[1] / fig.get_figheight()])
+    ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_title(title, fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks([(r + 0.5) * h for r in range(len(row_labels or []))], row_labels or [])
+    ax.tick_params(length=0, labelsize=10)
+    fig.savefig(path)
 
 
 # ----------------------------------------------------------------------------
@@ -220,3 +231,12 @@ def get_rank():
 
 def get_world_size():
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def gather(obj):
+    """Every rank's `obj` (any picklable value), in rank order; just [obj] without torchrun."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
