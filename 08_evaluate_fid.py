@@ -750,10 +750,11 @@ def cmd_generate(args):
     print0(f"Generating {len(seeds)} images into {outdir} ({describe(sampler, options, guidance)})...")
     counter = EvaluationCounter(denoiser)
     generate_pngs(counter, seeds, outdir, args.batch, device, args.subdirs, args.class_idx, sampler=sampler, **options)
-    images = rank_images(seeds, args.batch)
-    print0(f"Done: {len(seeds)} PNGs in {outdir}, {counter.per_image(images)} NFE per image (measured; "
-           f"{sum(c.per_image(images) for c in counters)} network evaluations). Their FID: `08_evaluate_fid.py "
-           f"calc --images {outdir} --ref <ref.npz> -n {len(seeds)}` (the paper's protocol needs 50,000: `fid`).")
+    if common.get_rank() == 0:      # rank 0 always has images (other ranks may have none): its count is the NFE
+        images = rank_images(seeds, args.batch)
+        print(f"Done: {len(seeds)} PNGs in {outdir}, {counter.per_image(images)} NFE per image (measured; "
+              f"{sum(c.per_image(images) for c in counters)} network evaluations). Their FID: `08_evaluate_fid.py "
+              f"calc --images {outdir} --ref <ref.npz> -n {len(seeds)}` (the paper's protocol needs 50,000: `fid`).")
 
 
 def rank_images(seeds, batch_size):
@@ -807,18 +808,19 @@ def cmd_fid(args):
         images += rank_images(seeds, args.batch)
         result["fid"].append(frechet_distance(mu, sigma, *ref))
         result["seeds"].append(f"{seeds[0]}-{seeds[-1]}")
-        print0(f"  FID {result['fid'][-1]:g}   ({counter.per_image(images)} NFE per image, measured)")
-    solver, kind = solver_and_steps(sampler, options)
-    result.update(fid_min=min(result["fid"]), solver=solver, sigma_steps=kind, nfe=counter.per_image(images),
-                  network_evaluations=sum(c.per_image(images) for c in counters), guidance=guidance,
-                  class_idx=args.class_idx,
-                  sampler={"function": sampler.__name__, "options": options},  # options not listed: the defaults
-                  num_images=args.num, network=os.path.abspath(args.network), ref=args.ref, detector=args.detector,
-                  gpus=common.get_world_size(), seconds=round(time.time() - start, 1))
-    if common.get_rank() == 0:
+        print0(f"  FID {result['fid'][-1]:g}")
+    if common.get_rank() == 0:      # rank 0 always has images (other ranks may have none): its count is the NFE
+        solver, kind = solver_and_steps(sampler, options)
+        result.update(fid_min=min(result["fid"]), solver=solver, sigma_steps=kind, nfe=counter.per_image(images),
+                      network_evaluations=sum(c.per_image(images) for c in counters), guidance=guidance,
+                      class_idx=args.class_idx,
+                      sampler={"function": sampler.__name__, "options": options},  # options not listed: defaults
+                      num_images=args.num, network=os.path.abspath(args.network), ref=args.ref,
+                      detector=args.detector, gpus=common.get_world_size(), seconds=round(time.time() - start, 1))
         path = os.path.join(common.out_dir(__file__, args.outdir), "fid.json")
         common.write_json(result, path)
-        print(f"FID min of {args.repeats}: {result['fid_min']:g}   (result in {path})")
+        print(f"FID min of {args.repeats}: {result['fid_min']:g} at {result['nfe']} NFE per image, measured "
+              f"({result['network_evaluations']} network evaluations); result in {path}")
 
 
 # ----------------------------------------------------------------------------
