@@ -43,23 +43,26 @@ state-dict keys are `model.*` (and `u` for iDDPM) exactly as in the official
 checkpoints; their float32/float64 handling follows the official implementation,
 so a checkpoint gives the same outputs to float32 rounding.
 
-Run `python 05_preconditioning.py` (about 1.5 minutes on one CPU core): it prints the
-unit-variance property numerically, plots c_skip/c_out/c_in/c_noise against sigma
-(scalings.png), trains one small MLP on chapter 01's 1-D toy under each preconditioning
-and loss with the same budget (two seeds), and compares the loss and the distance to the
-exact denoiser per noise level (loss_per_sigma.png) and sample quality (W1, with chapter
-04's EDM sampler; samples.png).
+Run `python 05_preconditioning.py` (about 2 minutes on 2 CPU cores): it prints what the four
+preconditionings do to the network's input and to its errors, plots c_skip/c_out/c_in/c_noise
+against sigma (scalings.png), trains chapter 01's small MLP under each preconditioning and loss
+with the same budget (two seeds), and compares them on ONE metric -- the distance to the exact
+denoiser D* per noise level, weighted as EDM weights (loss_per_sigma.png) -- and by their
+samples (chapter 04's EDM sampler; samples.png). Its "What this shows" explains each figure.
 
-What it shows on the toy (data std 0.95, used as sigma_data): EDM's input and target have
-unit variance at every sigma, VE's input variance grows like sigma^2 (VP and iDDPM assume
-unit-std data, nearly true here). After training, EDM's denoiser is about 10x closer to the
-exact one (lambda_EDM E|D - D*|^2 averaged over sigma: 0.018 vs 0.17-0.81), mostly because
-the 1/sigma^2 losses barely train sigma > 5 and c_out = sigma amplifies what is left; it is
-also closest at low and mid sigma. Its samples have the lowest mean W1 (0.018 vs 0.023 for
-VP, 0.029 iDDPM, 0.040 VE), but the gap to VP is within the seed-to-seed spread: in 1-D the
-probability-flow ODE shrinks errors made at high sigma, so they cost little in samples.
+What it shows on the toy (data std 0.95, used as sigma_data; default run): lambda c_out^2 = 1
+for all four, so that column of Table 1 does not separate them; c_in and |c_out| do (VE's input
+variance is 6393 at sigma = 80; |c_out| is 80 there for VP/VE/iDDPM, 0.95 for EDM). EDM's
+denoiser is the closest to D* in every range of sigma (0.018 vs 0.17-0.81), above sigma = 5 by
+10x although VP spends 43 % of its training samples there and EDM 1 %. Its samples are not
+clearly better than VP's: W1 to the data moves with the latents alone (the exact D* itself is
+0.032 away with the demo's latents), and against D*'s samples from the same latents EDM and VP
+overlap (0.021 vs 0.023), ahead of iDDPM (0.026) and VE (0.037); splicing D* into the sampler
+shows why -- in 1-D the samples are decided at sigma <= 5, where both are close to D*.
 """
 
+import math
+import sys
 import time
 
 import numpy as np
@@ -68,37 +71,41 @@ import torch
 import common
 
 # ----------------------------------------------------------------------------
-# Shared pieces of Table 1.
+# Noise levels of Table 1. Each is a deliberate twin of its home in an earlier chapter, carried
+# here so that this file and common.py are all the preconditioners and losses need.
 
 def vp_sigma(t, beta_d, beta_min):
-    """VP noise level at time t: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (Table 1)."""
+    """VP noise level at time t: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (Table 1).
+
+    Twin of 02's vp_schedule (its home). Written with exp(), as the official network and loss code
+    write it; 02 writes e ** (...), as the official sampler does. The two differ by a few units in
+    the last place of e^(...), which the cancellation in e^(...) - 1 at small t turns into up to 4e-12
+    relative in float64 (0.3 % in float32 near t = 2e-4; sigma(1) = 152.16698 here, 152.16696 there)."""
     t = torch.as_tensor(t)
     return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
 
 
 def vp_sigma_inv(sigma, beta_d, beta_min):
-    """The inverse t(sigma) of vp_sigma: solves the quadratic beta_d t^2 / 2 + beta_min t = ln(1 + sigma^2)."""
+    """The inverse t(sigma) of vp_sigma: solves beta_d t^2 / 2 + beta_min t = ln(1 + sigma^2).
+    Twin of 02's vp_schedule sigma_inv, the same arithmetic."""
     sigma = torch.as_tensor(sigma)
-    return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
-
-
-def iddpm_alpha_bar(j, M, C_2):
-    """iDDPM's cosine schedule alpha_bar_j = sin^2(pi/2 * j / (M (C_2 + 1))) (Table 1)."""
-    j = torch.as_tensor(j)
-    return (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
+    return ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
 
 
 def iddpm_u_table(M, C_1, C_2):
-    """The M+1 discrete noise levels u_0 > u_1 > ... > u_M = 0 of iDDPM (Table 1).
+    """The M+1 discrete noise levels u_0 > u_1 > ... > u_M = 0 of iDDPM (Table 1): from u_M = 0 backwards,
+    u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar_{j-1} / alpha_bar_j, C_1) - 1), alpha_bar_j = sin^2(pi/2 j / (M (C_2 + 1))).
 
-    Going backwards from u_M = 0: u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar_{j-1} / alpha_bar_j, C_1) - 1).
-    Computed in float32, step by step, as the official code does (the checkpoints'
-    noise labels are indices into exactly this table).
+    Twin of 03's iddpm_u (its home), the same arithmetic, but u is float32 here, as in the official
+    network code (its checkpoints store this table as the buffer `u`; they match it to 1e-6), where 03
+    keeps u in float64 as the official sampler does. alpha_bar is float32 in both, as official.
     """
-    u = torch.zeros(M + 1)
-    for j in range(M, 0, -1):
-        ratio = iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2)
-        u[j - 1] = ((u[j] ** 2 + 1) / ratio.clip(min=C_1) - 1).sqrt()
+    j = torch.arange(M + 1)
+    alpha_bar = torch.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2                 # float32, as official
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)                        # alpha_bar(j-1) / alpha_bar(j)
+    u = torch.zeros(M + 1)                                                        # float32, as official
+    for k in range(M, 0, -1):
+        u[k - 1] = ((u[k] * u[k] + 1) / ratio[k - 1] - 1).sqrt()
     return u
 
 
@@ -328,47 +335,21 @@ class EDMLoss:
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
 
-# ----------------------------------------------------------------------------
-# The demo's raw network: a small MLP with the official call convention.
-
-class ToyMLP(torch.nn.Module):
-    """F(x_in, noise_labels): a small MLP for points of shape [N, C], called like the U-Nets of chapter 06.
-
-    The noise label enters through the sinusoidal embedding (frequencies 1 ... 1/10000) that
-    DDPM++ and ADM use (NCSN++ uses random Fourier features instead), so the one network serves
-    all four c_noise conventions, from ln(sigma)/4 in [-1.6, 1.1] to a DDPM timestep in [0, 999].
-    """
-
-    def __init__(self, in_channels=1, out_channels=1, width=128, depth=3, noise_channels=32, max_positions=10000):
-        super().__init__()
-        half = noise_channels // 2
-        self.register_buffer("freqs", (1 / max_positions) ** (torch.arange(half) / half), persistent=False)
-        layers, fan_in = [], in_channels + noise_channels
-        for _ in range(depth):
-            layers += [torch.nn.Linear(fan_in, width), torch.nn.SiLU()]
-            fan_in = width
-        layers.append(torch.nn.Linear(fan_in, out_channels))
-        self.net = torch.nn.Sequential(*layers)
-
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
-        angles = noise_labels.to(torch.float32)[:, None] * self.freqs[None, :]
-        emb = torch.cat([angles.cos(), angles.sin()], dim=1).expand(x.shape[0], -1)
-        return self.net(torch.cat([x.to(torch.float32), emb], dim=1)).to(x.dtype)
-
-
-# ----------------------------------------------------------------------------
-# Demo: the same MLP, the same data, the same budget -- four preconditionings.
+# ============================================================================
+# Demo: chapter 01's small MLP, the same data, the same budget -- four preconditionings.
 
 NAMES = ["VP", "VE", "iDDPM", "EDM"]
 COLORS = {"VP": "tab:blue", "VE": "tab:orange", "iDDPM": "tab:green", "EDM": "tab:red"}
 STYLES = {"VP": "-", "VE": "--", "iDDPM": ":", "EDM": "-"}   # VP, VE, iDDPM coincide in several panels
+SPLIT = 5.0   # the noise level separating "high" from "low and mid" in the splicing experiment
 
 
-def make_setups(sigma_data, seed):
-    """{name: (preconditioned net, loss)} for the four columns of Table 1, nets starting from the same weights."""
+def make_setups(toy, sigma_data, seed):
+    """{name: (preconditioned net, loss)} for the four columns of Table 1, around chapter 01's ToyMLP,
+    all starting from the same weights."""
     def mlp(out_channels=1):
         torch.manual_seed(seed)
-        return ToyMLP(out_channels=out_channels)
+        return toy.ToyMLP(out_channels=out_channels)
     return {
         "VP": (VPPrecond(mlp(), 1, 1), VPLoss()),
         "VE": (VEPrecond(mlp(), 1, 1), VELoss()),
@@ -377,44 +358,35 @@ def make_setups(sigma_data, seed):
     }
 
 
-def variance_table(setups, y, sigmas, generator):
-    """Var of the network input c_in (y + n), of the effective target (y - c_skip (y + n)) / c_out (Eq. 8),
-    and the effective weight lambda c_out^2, at each sigma."""
+def scaling_table(setups, y, sigmas, generator):
+    """Per preconditioning and sigma: Var of the network input c_in (y + n), Var of the effective target
+    (y - c_skip (y + n)) / c_out of Eq. 8, and |c_out|, the factor by which an error of F enters D."""
     rows = []
-    for name, (net, loss_fn) in setups.items():
+    for name, (net, _) in setups.items():
         for sigma in sigmas:
             x = y + sigma * torch.randn(y.shape, generator=generator, dtype=y.dtype)
             c_skip, c_out, c_in, _ = net.scalings(sigma_column(sigma, y).to(y.dtype))
             target = (y - c_skip * x) / c_out
-            effective_weight = loss_fn.weight(torch.tensor(sigma, dtype=torch.float64)) * c_out[0, 0] ** 2
-            rows.append((name, sigma, float((c_in * x).var()), float(target.var()), float(effective_weight)))
+            rows.append((name, sigma, float((c_in * x).var()), float(target.var()), float(c_out.abs())))
     return rows
 
 
-def train(net, loss_fn, mix, steps, batch, lr, seed, device):
-    """Adam on fresh toy samples each step; returns the training loss per step."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    net.train().to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    history = []
-    for _ in range(steps):
-        y = mix.sample(batch, g).to(device, torch.float32)
-        loss = loss_fn(net, y).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        history.append(loss.item())
-    return net.eval(), history
+def training_sigmas(loss_fn, n):
+    """The sigmas a loss draws for n examples (its p_train), caught by a stand-in network."""
+    drawn = []
+
+    def catch(x, sigma, labels=None, augment_labels=None):
+        drawn.append(sigma.flatten())
+        return x
+    loss_fn(catch, torch.zeros(n, 1))
+    return torch.cat(drawn)
 
 
 @torch.no_grad()
 def loss_per_sigma(D, mix, sigmas, n, sigma_data, generator, device):
-    """At each sigma, with EDM's weighting lambda_EDM (the paper's Fig. 5a, in spirit):
-    the loss lambda E |D(y + n; sigma) - y|^2, and the part of it that training could still remove,
-    lambda E |D - D*|^2, where D* is the toy's exact denoiser (chapter 01)."""
+    """At each sigma, with EDM's weighting lambda_EDM for every model (one common metric; the paper's
+    Fig. 5a, in spirit): the loss lambda E |D(y + n; sigma) - y|^2, and the part of it that training
+    could still remove, lambda E |D - D*|^2, where D* is the toy's exact denoiser (chapter 01)."""
     losses, errors = [], []
     for sigma in sigmas:
         y = mix.sample(n, generator)
@@ -424,6 +396,56 @@ def loss_per_sigma(D, mix, sigmas, n, sigma_data, generator, device):
         losses.append(weight * float(((D_x - y) ** 2).mean()))
         errors.append(weight * float(((D_x - mix.denoise(x, sigma)) ** 2).mean()))
     return np.array(losses), np.array(errors)
+
+
+class Spliced:
+    """The trained D where `trained(sigma)` is true, the exact D* elsewhere: which noise levels' errors
+    reach the samples?"""
+
+    def __init__(self, net, exact, trained):
+        self.net, self.exact, self.trained = net, exact, trained
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.net(x, sigma) if self.trained(float(sigma)) else self.exact(x, sigma)
+
+
+def experiment(toy, mix, sigma_data, seeds, train_steps=2000, batch=512, lr=2e-3, samples=10000, num_steps=64,
+               device="cpu", log=print):
+    """Train every preconditioning once per seed and measure it: loss and error to D* per sigma (EDM
+    weighting), and W1 of its samples (chapter 04's EDM sampler) -- to the data, and to the samples the
+    exact D* makes from the same latents (`W1 paired`: the latents' luck cancels) -- also when only its
+    errors above SPLIT (`W1 high`) or at and below it (`W1 low`) reach the sampler.
+    Returns {metric: {name: [per seed]}} and what the figures need."""
+    edm_sampler = common.load("04_stochastic_sampler").edm_sampler
+    g = torch.Generator().manual_seed(seeds[0])
+    latents = torch.randn([samples, 1], generator=g, dtype=torch.float64)
+    truth = mix.sample(samples, g)
+    sigmas = np.logspace(np.log10(0.002), np.log10(80), 25)
+
+    def sample(D):
+        with torch.no_grad():
+            return edm_sampler(D, latents.to(device), num_steps=num_steps).cpu()
+    exact = sample(mix)
+    r = {k: {name: [] for name in NAMES} for k in ("loss", "error", "W1", "W1 paired", "W1 high", "W1 low")}
+    first = {}
+    for seed in seeds:
+        for name, (net, loss_fn) in make_setups(toy, sigma_data, seed).items():
+            t0 = time.time()
+            toy.train_toy(net, mix, loss_fn, train_steps, batch, lr, seed, device)
+            loss, error = loss_per_sigma(net, mix, sigmas, 4096, sigma_data, torch.Generator().manual_seed(1), device)
+            r["loss"][name].append(loss)
+            r["error"][name].append(error)
+            x = first.setdefault(name, sample(net)) if seed == seeds[0] else sample(net)
+            r["W1"][name].append(toy.wasserstein1(x, truth))
+            r["W1 paired"][name].append(toy.wasserstein1(x, exact))
+            r["W1 high"][name].append(toy.wasserstein1(sample(Spliced(net, mix, lambda s: s > SPLIT)), exact))
+            r["W1 low"][name].append(toy.wasserstein1(sample(Spliced(net, mix, lambda s: s <= SPLIT)), exact))
+            log(f"seed {seed} {name:6s}: W1 to the data {r['W1'][name][-1]:.4f}, to D*'s samples "
+                f"{r['W1 paired'][name][-1]:.4f}; distance to D* {error.mean():.4f}  ({time.time() - t0:.1f} s)")
+    r["W1 exact"] = toy.wasserstein1(exact, truth)
+    r["W1 data"] = toy.wasserstein1(mix.sample(samples, g), truth)
+    floor, _ = loss_per_sigma(mix, mix, sigmas, 4096, sigma_data, torch.Generator().manual_seed(1), "cpu")
+    return r, dict(sigmas=sigmas, floor=floor, first=first, truth=truth)
 
 
 def plot_scalings(setups, file):
@@ -438,38 +460,39 @@ def plot_scalings(setups, file):
             ax.plot(sigma, v, color=COLORS[name], ls=STYLES[name], lw=2, label=name)
     for ax, title in zip(axes, titles):
         ax.set_xscale("log")
-        ax.set_xlabel("sigma")
+        ax.set_xlabel("noise level sigma")
+        ax.set_ylabel(title.split(":")[0])
         ax.set_title(title)
         ax.legend(fontsize=8)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
-    fig.suptitle("Table 1: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)   "
-                 f"(sigma_data = {setups['EDM'][0].sigma_data:.2f})")
+    fig.suptitle("Table 1: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise). Only EDM keeps |c_out| (the gain on "
+                 f"F's errors) below sigma_data = {setups['EDM'][0].sigma_data:.2f} at high sigma")
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
 
 
-def plot_loss_per_sigma(sigmas, losses, errors, floor, sigma_draws, file):
+def plot_loss_per_sigma(r, info, draws, file):
     import matplotlib.pyplot as plt
+    sigmas = info["sigmas"]
     fig, (ax, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 10), sharex=True, gridspec_kw=dict(height_ratios=[2, 2, 1]))
-    for name in losses:
-        ax.plot(sigmas, losses[name], "o-", ms=3, color=COLORS[name], label=name)
-        ax2.plot(sigmas, errors[name], "o-", ms=3, color=COLORS[name], label=name)
-    ax.plot(sigmas, floor, "k--", lw=1.5, label="exact denoiser D* (irreducible)")
+    for name in NAMES:
+        ax.plot(sigmas, np.mean(r["loss"][name], axis=0), "o-", ms=3, color=COLORS[name], label=name)
+        ax2.plot(sigmas, np.mean(r["error"][name], axis=0), "o-", ms=3, color=COLORS[name], label=name)
+    ax.plot(sigmas, info["floor"], "k--", lw=1.5, label="exact denoiser D* (irreducible)")
     ax.set_yscale("log")
     ax.set_ylabel("lambda_EDM E |D - y|^2")
-    ax.set_title("Loss per noise level after training, all measured with EDM's weighting")
+    ax.set_title("Loss per noise level after training, every model measured with EDM's weighting")
     ax.legend(fontsize=8)
     ax2.set_yscale("log")
     ax2.set_ylabel("lambda_EDM E |D - D*|^2")
-    ax2.set_title("What is left to learn: distance to the exact denoiser")
-    for name, s in sigma_draws.items():
-        log_s = s.double().log().numpy()
-        density, edges = np.histogram(log_s, bins=60, range=(np.log(1e-3), np.log(200)), density=True)
+    ax2.set_title("What is left to learn: distance to the exact denoiser (lowest for EDM)")
+    for name, s in draws.items():
+        density, edges = np.histogram(s.double().log().numpy(), bins=60, range=(np.log(1e-3), np.log(200)), density=True)
         ax3.stairs(density, np.exp(edges), color=COLORS[name], lw=1.5, label=name)
     ax3.set_xscale("log")
-    ax3.set_xlabel("sigma")
+    ax3.set_xlabel("noise level sigma")
     ax3.set_ylabel("density of ln sigma")
     ax3.set_title("p_train: where each loss spends its training samples (Table 1)")
     ax3.legend(fontsize=8)
@@ -478,125 +501,151 @@ def plot_loss_per_sigma(sigmas, losses, errors, floor, sigma_draws, file):
     plt.close(fig)
 
 
-def plot_samples(mix, samples, w1, file):
-    """Histograms of the first seed's samples, and W1 per model (bars: mean over seeds; ticks: each seed)."""
+def plot_samples(mix, r, info, file):
+    """Histograms of the first seed's samples, and W1 per model (bars: mean over seeds; dots: each seed)."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(samples) + 1, figsize=(4 * len(samples) + 4, 3.5))
+    fig, axes = plt.subplots(1, len(NAMES) + 1, figsize=(4 * len(NAMES) + 6, 3.8),
+                             gridspec_kw=dict(width_ratios=[1] * len(NAMES) + [1.5]))
     bins = np.linspace(-2.5, 2.5, 101)
     grid = torch.linspace(-2.5, 2.5, 400, dtype=torch.float64)
-    for ax, (name, s) in zip(axes, samples.items()):
+    for ax, name in zip(axes, NAMES):
+        s = info["first"][name].flatten().numpy()   # density over all samples: mass outside the range shows as missing
         ax.plot(grid, mix.density(grid, 0.0), color="k", lw=1, label="p_data")
-        s = s.flatten().numpy()   # density over all samples, so mass outside the plotted range shows as missing
         ax.hist(s, bins=bins, weights=np.full(len(s), 1 / (len(s) * (bins[1] - bins[0]))), histtype="step",
                 color=COLORS[name], lw=1.5, label="generated")
-        ax.set_title(f"{name}, first seed: W1 = {w1[name][0]:.4f}")
+        ax.set_title(f"{name}, first seed: W1 {r['W1 paired'][name][0]:.4f} to D*'s samples", fontsize=10)
+        ax.set_xlabel("x (sample value)")
+    axes[0].set_ylabel("probability density")
     axes[0].legend(fontsize=8)
-    names = list(w1)
-    axes[-1].bar(names, [np.mean(w1[n]) for n in names], color=[COLORS.get(n, "0.5") for n in names])
-    for i, n in enumerate(names):
-        axes[-1].plot([i] * len(w1[n]), w1[n], "k_", ms=14)
-    axes[-1].set_yscale("log")
-    axes[-1].set_title("W1 to the data (lower is better)")
-    axes[-1].tick_params(axis="x", rotation=30)
+    ax, x = axes[-1], np.arange(len(NAMES))
+    for offset, key, label, alpha in [(-0.2, "W1", "to the data", 0.35), (0.2, "W1 paired", "to D*'s samples, same latents", 0.9)]:
+        ax.bar(x + offset, [np.mean(r[key][n]) for n in NAMES], width=0.4, color=[COLORS[n] for n in NAMES],
+               alpha=alpha, label=label)
+        for i, n in enumerate(NAMES):
+            ax.plot([i + offset] * len(r[key][n]), r[key][n], "k.", ms=6)
+    ax.axhline(r["W1 data"], color="k", ls="--", lw=1, label="data vs data")
+    ax.axhline(r["W1 exact"], color="0.4", ls=":", lw=1.5, label="exact D* to the data")
+    ax.set_xticks(x, NAMES)
+    ax.set_ylabel("Wasserstein-1 distance")
+    order = " < ".join(f"{n} {np.mean(r['W1 paired'][n]):.3f}" for n in sorted(NAMES, key=lambda n: np.mean(r["W1 paired"][n])))
+    ax.set_title(f"W1 to D*'s samples, means: {order}\n(bars: mean over seeds, dots: each seed)", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
 
 
-def training_sigmas(loss_fn, n):
-    """The sigmas a loss draws for n examples (its p_train), caught by a stand-in network."""
-    drawn = []
+def print_scalings(setups, y, generator):
+    """The variance table; returns {(name, sigma): (Var input, Var target, |c_out|)}."""
+    sigmas = [0.002, 0.1, 1.0, 10.0, 80.0]
+    rows = {(name, sigma): tuple(values) for name, sigma, *values in scaling_table(setups, y, sigmas, generator)}
+    print("Per noise level: Var of the network input c_in (y + n), Var of the effective target (Eq. 8), and |c_out|,")
+    print("the gain with which an error of F enters D (lambda c_out^2 = 1 in all four: no column needed).")
+    print(f"  {'sigma':>7s} " + "".join(f"{name + ': input / target / |c_out|':>34s}" for name in NAMES))
+    for sigma in sigmas:
+        print(f"  {sigma:7.3f} " + "".join("%34s" % ("%9.2f %7.3f %8.3f" % rows[(name, sigma)]) for name in NAMES))
+    return rows
 
-    def catch(x, sigma, labels=None, augment_labels=None):
-        drawn.append(sigma.flatten())
-        return x
-    loss_fn(catch, torch.zeros(n, 1))
-    return torch.cat(drawn)
+
+def print_results(r, info, draws, args, seeds, scalings, outdir):
+    """The measured table, then what the figures show, with this run's numbers."""
+    sigmas = info["sigmas"]
+    ranges = {"<0.05": sigmas < 0.05, "0.05..5": (sigmas >= 0.05) & (sigmas <= SPLIT), ">5": sigmas > SPLIT}
+    error = {name: np.mean(r["error"][name], axis=0) for name in NAMES}
+    mean = {k: {name: np.mean(r[k][name]) for name in NAMES} for k in ("W1", "W1 paired", "W1 high", "W1 low")}
+    share = {name: float((draws[name] > SPLIT).double().mean()) for name in NAMES}
+    print(f"\nSame MLP, {args.train_steps} steps x batch {args.batch}, seeds {seeds}; EDM sampler, {args.num_steps} steps, "
+          f"{args.samples} samples (means over seeds).")
+    print("Distance to D*: lambda_EDM E |D - D*|^2, one metric for every model, mean over log-spaced sigmas. W1 paired:")
+    print("to the samples the exact D* makes from the same latents; errors >5 / <=5 only: D* elsewhere.")
+    print(f"  {'':6s} {'p_train >5':>10s} {'distance to D*':>15s} " + "".join(f"{k:>9s}" for k in ranges) +
+          f" {'W1 to data':>11s} {'W1 paired':>10s} {'per seed':>14s} {'errors >5 only':>15s} {'<=5 only':>9s}")
+    for name in NAMES:
+        print(f"  {name:6s} {share[name]:10.0%} {error[name].mean():15.4f} "
+              + "".join(f"{error[name][m].mean():9.4f}" for m in ranges.values())
+              + f" {mean['W1'][name]:11.4f} {mean['W1 paired'][name]:10.4f} "
+              + f"{' '.join(f'{v:.4f}' for v in r['W1 paired'][name]):>14s} {mean['W1 high'][name]:15.4f} {mean['W1 low'][name]:9.4f}")
+    print(f"  exact D*: W1 to the data {r['W1 exact']:.4f} with these latents; two draws of data differ by {r['W1 data']:.4f}")
+
+    best_everywhere = all(min(NAMES, key=lambda n: error[n][m].mean()) == "EDM" for m in ranges.values())
+    edm, vp = r["W1 paired"]["EDM"], r["W1 paired"]["VP"]
+    if max(edm) >= min(vp) and max(vp) >= min(edm):
+        verdict = "about as close as VP's (their per-seed values overlap)"
+    else:
+        verdict = "closer than VP's" if mean["W1 paired"]["EDM"] < mean["W1 paired"]["VP"] else "further than VP's"
+    others = " and ".join(f"{n}'s ({mean['W1 paired'][n]:.4f})" for n in ("VE", "iDDPM")
+                          if mean["W1 paired"][n] > mean["W1 paired"]["EDM"])
+    ve_input, edm_gain, vp_gain = scalings[("VE", 80.0)][0], scalings[("EDM", 80.0)][2], scalings[("VP", 80.0)][2]
+    print(f"""
+What this shows
+  {outdir}/scalings.png  Table 1 as curves. lambda c_out^2 = 1 in all four, so Eq. 8 trains F on a
+    unit-variance target with unit weight at every sigma in each (first table); they differ in the input
+    (VE: variance {ve_input:.0f} at sigma = 80, which EDM's c_in keeps at 1) and in |c_out|, the gain on F's errors:
+    {vp_gain:.0f} at sigma = 80 for VP, VE and iDDPM, {edm_gain:.2f} for EDM, whose c_skip minimizes it (App. B.6).
+  {outdir}/loss_per_sigma.png  on one metric for all, EDM's denoiser is the closest to D* ({error['EDM'].mean():.4f}
+    vs {', '.join(f'{n} {error[n].mean():.4f}' for n in NAMES if n != 'EDM')}){', in every range of sigma' if best_everywhere else ''}; the gap is widest above
+    sigma = 5 ({error['EDM'][ranges['>5']].mean():.4f} vs VP {error['VP'][ranges['>5']].mean():.4f}), although VP spends {share['VP']:.0%} of its training samples there and EDM {share['EDM']:.0%}:
+    the gain |c_out|, not the sample count, decides (Sec. 5; the paper's Fig. 5a shows the loss per sigma).
+  {outdir}/samples.png  W1 to the data moves with the latents alone: the exact D* is {r['W1 exact']:.4f} away with
+    these (fresh data: {r['W1 data']:.4f}), so per-seed differences of ~0.01 there mean little. Against D*'s own
+    samples from the same latents (W1 paired), EDM's are {verdict}
+    {others + ' are further' if others else ''}.
+    Splicing shows where sample errors come from in 1-D: VP's errors above sigma = 5 alone cost
+    W1 {mean['W1 high']['VP']:.4f}, its errors at sigma <= 5 alone {mean['W1 low']['VP']:.4f}: the samples are decided at low and mid sigma,
+    where VP is within {error['VP'][ranges['0.05..5']].mean():.4f} of D* (EDM {error['EDM'][ranges['0.05..5']].mean():.4f}). The paper's FID gains from its
+    preconditioning and loss (Table 2, configs D and E) are measured on images; this toy shows the better
+    denoiser, not better samples than VP's.""")
 
 
-def main():
+def parse_args(argv=None):
     parser = common.base_parser(__doc__)
-    parser.add_argument("--train-steps", type=int, default=2000, help="Adam steps per model (default: 2000)")
-    parser.add_argument("--batch", type=int, default=512, help="training batch size (default: 512)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, cosine-decayed (default: 2e-3)")
-    parser.add_argument("--seeds", type=int, default=2, help="training runs per preconditioning (default: 2)")
-    parser.add_argument("--samples", type=int, default=10000, help="generated samples per model (default: 10000)")
-    parser.add_argument("--num-steps", type=int, default=64,
+    parser.add_argument("--train-steps", type=common.number(int, low=1), default=2000,
+                        help="Adam steps per model (default: 2000)")
+    parser.add_argument("--batch", type=common.number(int, low=2), default=512, help="training batch size (default: 512)")
+    parser.add_argument("--lr", type=common.number(float, low=1e-8, high=1), default=2e-3,
+                        help="Adam learning rate, cosine-decayed (default: 2e-3)")
+    parser.add_argument("--seeds", type=common.number(int, low=1), default=2,
+                        help="training runs per preconditioning (default: 2)")
+    parser.add_argument("--samples", type=common.number(int, low=2), default=10000,
+                        help="generated samples per model (default: 10000)")
+    parser.add_argument("--num-steps", type=common.number(int, low=2), default=64,
                         help="EDM sampler steps; 64 keeps its own error below the models' (default: 64)")
-    args = parser.parse_args()
-    if min(args.train_steps, args.seeds) < 1 or min(args.batch, args.samples, args.num_steps) < 2 or not args.lr > 0:
-        raise SystemExit("error: need --train-steps, --seeds >= 1; --batch, --samples, --num-steps >= 2; --lr > 0")
+    return parser.parse_args(argv)
+
+
+def demo(args):
     device = common.get_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)   # the MLP's matrices are too small to gain from threads; one avoids contention
     outdir = common.out_dir(__file__, args.outdir)
     common.seed_all(args.seed)
     toy = common.load("01_toy_1d")
-    edm_sampler = common.load("04_stochastic_sampler").edm_sampler
     mix = toy.default_mixture()
     g = torch.Generator().manual_seed(args.seed)
     sigma_data = float(mix.sample(1_000_000, g).std())
     seeds = [args.seed + k for k in range(args.seeds)]
     start = time.time()
 
-    # 1. Table 1 as curves, and EDM's unit-variance property in numbers.
-    setups = make_setups(sigma_data, seeds[0])
+    setups = make_setups(toy, sigma_data, seeds[0])
     plot_scalings(setups, f"{outdir}/scalings.png")
     print(f"Toy data std = {sigma_data:.4f} (used as EDM's sigma_data).")
-    print("Variance of the network input c_in (y + n), of the effective target (y - c_skip (y + n)) / c_out "
-          "(Eq. 8), and the effective weight lambda c_out^2:")
-    print(f"  {'':6s} {'sigma':>7s} {'Var input':>10s} {'Var target':>11s} {'lambda c_out^2':>15s}")
-    y = mix.sample(200_000, g)
-    for name, sigma, v_in, v_target, w in variance_table(setups, y, [0.002, 0.1, 1.0, 10.0, 80.0], g):
-        print(f"  {name:6s} {sigma:7.3f} {v_in:10.4f} {v_target:11.4f} {w:15.4f}")
-
-    # 2.-4. For each seed: the same MLP trained under each preconditioning + loss with the same budget,
-    # its loss per noise level (all measured with EDM's weighting, as in Fig. 5a), and its samples
-    # from chapter 04's deterministic EDM sampler (same latents for every model).
-    sigmas = np.logspace(np.log10(0.002), np.log10(80), 25)
-    floor, _ = loss_per_sigma(mix, mix, sigmas, 4096, sigma_data, torch.Generator().manual_seed(1), "cpu")
-    latents = torch.randn([args.samples, 1], generator=g, dtype=torch.float64)
-    truth = mix.sample(args.samples, g)
-    losses = {name: [] for name in NAMES}
-    errors = {name: [] for name in NAMES}
-    w1 = {name: [] for name in NAMES}
-    samples = {}
-    for seed in seeds:
-        for name, (net, loss_fn) in make_setups(sigma_data, seed).items():
-            t0 = time.time()
-            _, history = train(net, loss_fn, mix, args.train_steps, args.batch, args.lr, seed, device)
-            loss, error = loss_per_sigma(net, mix, sigmas, 4096, sigma_data, torch.Generator().manual_seed(1), device)
-            losses[name].append(loss)
-            errors[name].append(error)
-            with torch.no_grad():
-                x = edm_sampler(net, latents.to(device), num_steps=args.num_steps).cpu()
-            w1[name].append(toy.wasserstein1(x, truth))
-            samples.setdefault(name, x)
-            print(f"seed {seed} {name:6s}: trained {args.train_steps} steps, final loss "
-                  f"{np.mean(history[-100:]):.4f}, W1 {w1[name][-1]:.4f}  ({time.time() - t0:.1f} s)")
-    with torch.no_grad():
-        w1["exact D"] = [toy.wasserstein1(edm_sampler(mix, latents, num_steps=args.num_steps), truth)]
-    w1["data vs data"] = [toy.wasserstein1(mix.sample(args.samples, g), truth)]
-
-    losses = {name: np.mean(v, axis=0) for name, v in losses.items()}
-    errors = {name: np.mean(v, axis=0) for name, v in errors.items()}
+    scalings = print_scalings(setups, mix.sample(200_000, g), g)
     draws = {name: training_sigmas(loss_fn, 100_000) for name, (_, loss_fn) in setups.items()}
-    plot_loss_per_sigma(sigmas, losses, errors, floor, draws, f"{outdir}/loss_per_sigma.png")
-    plot_samples(mix, samples, w1, f"{outdir}/samples.png")
 
-    print(f"\nSame MLP, {args.train_steps} steps x batch {args.batch}, seeds {seeds}; "
-          f"EDM sampler, {args.num_steps} steps; W1 to {args.samples} data samples.")
-    print("Error: lambda_EDM E |D - D*|^2 to the exact denoiser D*, mean over log-spaced sigmas in each bucket.")
-    lo, mid, hi = sigmas < 0.05, (sigmas >= 0.05) & (sigmas <= 5), sigmas > 5
-    print(f"  {'':13s} {'W1 mean':>8s} {'W1 per seed':>20s} {'error, all':>12s} "
-          f"{'sigma<0.05':>11s} {'0.05..5':>9s} {'>5':>9s}")
-    for name, values in w1.items():
-        line = f"  {name:13s} {np.mean(values):8.4f} {' '.join(f'{v:.4f}' for v in values):>20s}"
-        if name in errors:
-            e = errors[name]
-            line += f" {e.mean():12.4f} {e[lo].mean():11.4f} {e[mid].mean():9.4f} {e[hi].mean():9.4f}"
-        print(line)
-    print(f"Figures in {outdir}/ ; total {time.time() - start:.0f} s")
+    r, info = experiment(toy, mix, sigma_data, seeds, args.train_steps, args.batch, args.lr, args.samples,
+                         args.num_steps, device)
+    plot_loss_per_sigma(r, info, draws, f"{outdir}/loss_per_sigma.png")
+    plot_samples(mix, r, info, f"{outdir}/samples.png")
+    print_results(r, info, draws, args, seeds, scalings, outdir)
+    print(f"({time.time() - start:.0f} s)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        demo(args)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
