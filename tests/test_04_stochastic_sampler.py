@@ -199,8 +199,7 @@ def test_demo_writes_figures_and_conclusion(m, tmp_path, capsys, one_thread):
     assert "What this shows" in out and "w1_vs_churn.png" in out and "histograms.png" in out
 
 
-BAD_INPUTS = [["--samples", "1"], ["--steps", "0"], ["--eps", "-0.1"], ["--steps", "many"], ["--step", "8"],
-              ["--frobnicate"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
+BAD_INPUTS = [["--samples", "1"], ["--eps", "-0.1"], ["--steps", "many"], ["--step", "8"], ["--frobnicate"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
 
 
 def test_command_line_errors_are_one_line(tmp_path):

@@ -343,7 +343,7 @@ def bad_inputs(tmp_path):
     corrupt.write_bytes(b"\x80\x04not a pickle")
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"ema": os.system}))
-    cases = [["--batch", "0"], ["--iters", "-1"], ["--batch", "four"], ["--bat", "2"], ["--configs", "cifar100"],
+    cases = [["--batch", "0"], ["--iters", "four"], ["--bat", "2"],
              ["--load", str(tmp_path / "missing.pkl")], ["--load", str(corrupt)], ["--load", str(evil)]]
     return cases + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
 
