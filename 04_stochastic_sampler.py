@@ -6,10 +6,9 @@ way down from sigma_max to 0. Eq. 6 adds a Langevin term to it,
     dx = -sigma_dot sigma grad log p dt  -  beta(t) sigma^2 grad log p dt  +  sqrt(2 beta(t)) sigma dw,     (Eq. 6)
          \\---- probability-flow ODE ---/    \\------- Langevin diffusion: replaces noise at rate beta -------/
 
-which leaves every marginal p(x; sigma) unchanged for any beta(t) >= 0. Song et al.'s reverse
-SDE is beta = sigma_dot / sigma, solved with Euler-Maruyama. Replacing old noise with fresh
-noise lets errors of earlier steps be forgotten -- but with an imperfect denoiser every
-replacement also adds a little of its own error. Algorithm 2 separates the two parts:
+which leaves every marginal p(x; sigma) unchanged for any beta(t) >= 0 (Song et al.'s reverse SDE:
+beta = sigma_dot / sigma, solved with Euler-Maruyama). Fresh noise lets errors of earlier steps be
+forgotten, but an imperfect denoiser adds its own at every replacement. Algorithm 2 splits the two:
 
     for i = 0 .. N-1:
         gamma_i = min(S_churn / N, sqrt(2) - 1) if t_i in [S_min, S_max] else 0
@@ -17,17 +16,13 @@ replacement also adds a little of its own error. Algorithm 2 separates the two p
         x_hat   = x_i + sqrt(t_hat^2 - t_i^2) S_noise eps            # ... by adding fresh noise
         x_{i+1} = one Heun step of the ODE from (x_hat, t_hat) to t_{i+1} (Euler if t_{i+1} = 0)
 
-S_churn sets the total amount of stochasticity, [S_min, S_max] where it acts, and S_noise
-slightly above 1 counteracts a denoiser that removes a bit too much noise. The paper samples
-its ImageNet-64 model with 256 steps, S_churn = 40, S_min = 0.05, S_max = 50, S_noise = 1.003
-(Table 5); CIFAR-10, FFHQ and AFHQ use S_churn = 0, the deterministic ODE with Heun's method.
-
-The demo samples chapter 01's 1-D toy with its exact denoiser and with one that removes too
-much noise (N = 64; Wasserstein-1 distance W1 to the data): the exact D needs no churn (ODE at
-the noise floor); for the imperfect D churn lowers W1 from 0.126 to 0.103 (S_churn = 10), 0.092
-with S_noise = 1.02, and re-widens its too narrow modes. Its "What this shows" says more.
+S_churn sets the total stochasticity, [S_min, S_max] where it acts; S_noise slightly above 1 counters a
+denoiser removing a bit too much noise. The paper's ImageNet-64 uses 256 steps, S_churn = 40, S_min = 0.05,
+S_max = 50, S_noise = 1.003 (Table 5); CIFAR-10, FFHQ and AFHQ use S_churn = 0: the ODE with Heun steps.
 
 Run:  python 04_stochastic_sampler.py      (about 10 s on 2 CPU cores; figures in out/04_stochastic_sampler/)
+It samples chapter 01's 1-D toy with the exact D and with one removing too much noise, and says what
+churn does to each (default run: Wasserstein-1 0.126 -> 0.103 at S_churn = 10, 0.092 with S_noise = 1.02).
 """
 
 import math
@@ -102,10 +97,9 @@ def edm_sampler(
 
 def sde_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
                 num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, beta=lambda t: 1 / t):
-    """Euler-Maruyama for Eq. 6 backwards in time, sigma(t) = t, score (D - x) / t^2 (Eq. 3): one NFE per
-    step dt = t_{i+1} - t_i < 0 moves x by (x - D)/t dt + beta(t) (D - x) |dt| + sqrt(2 beta(t) |dt|) t eps.
-    beta = 1/t (= sigma_dot/sigma) is Song et al.'s reverse SDE; beta = 0 is the ODE with Euler. The
-    last step, to t = 0, is the plain ODE step (it lands on D): noise added there could never be removed."""
+    """Euler-Maruyama for Eq. 6 backwards, sigma(t) = t, score (D - x) / t^2 (Eq. 3): one NFE per step dt < 0
+    moves x by (x - D)/t dt + beta(t) (D - x) |dt| + sqrt(2 beta(t) |dt|) t eps. beta = 1/t is Song et al.'s
+    reverse SDE, beta = 0 the ODE with Euler. The last step, to t = 0, is the ODE's: noise there would stay."""
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
     x = latents.to(torch.float64) * t_steps[0]
@@ -154,8 +148,7 @@ NOISES = [1.0, 1.007, 1.02]
 
 
 def measure(samples=8192, steps=64, eps=0.4, seed=0, device="cpu"):
-    """Everything the demo reports: (W1, right-mode weight, std) per denoiser, S_noise and S_churn
-    (`sweep`), Euler-Maruyama at the same NFE (`sde`), samples for the histograms, the noise floor."""
+    """(W1, right-mode weight, std) per denoiser, S_noise, S_churn; Euler-Maruyama at equal NFE; the noise floor."""
     toy = common.load("01_toy_1d")
     mix = toy.default_mixture()
     nets = {"exact D": mix, "imperfect D": OverDenoiser(mix, eps)}
@@ -184,10 +177,8 @@ def plot_churn(r, file):
         ax.axhspan(r["floor"][0], r["floor"][2], color="0.85", label="noise floor: data vs data, 5-95 %")
         ax.axhline(r["floor"][1], color="k", ls="--", lw=1, label="noise floor, median")
         ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlim(0, 90)
-        ax.set_ylim(0, None)
-        ax.set_xlabel("S_churn (0 = deterministic ODE)")
-        ax.set_ylabel("Wasserstein-1 distance to the data")
+        ax.set(xlim=(0, 90), ylim=(0, None), xlabel="S_churn (0 = deterministic ODE)",
+               ylabel="Wasserstein-1 distance to the data")
         ax.legend(fontsize=8)
     axes[0].set_title("Exact D: ODE and churn all within the noise floor", fontsize=10)
     axes[1].set_title("D removing too much noise: churn and S_noise > 1 help", fontsize=10)
@@ -203,8 +194,7 @@ def plot_histograms(r, file):
     for ax, (S_churn, samples) in zip(axes, r["hists"].items()):
         ax.hist(r["truth"].flatten().numpy(), bins=bins, density=True, color="0.8", label="data")
         ax.hist(samples.flatten().numpy(), bins=bins, density=True, histtype="step", lw=1.5, label="generated")
-        ax.set_title(f"imperfect D, S_churn = {S_churn}: mode std {samples[samples > 0].std():.3f}", fontsize=9)
-        ax.set_xlabel("x (sample value)")
+        ax.set(title=f"imperfect D, S_churn = {S_churn}: mode std {samples[samples > 0].std():.3f}", xlabel="x (sample value)")
     axes[0].set_ylabel("probability density")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Churn re-widens the modes an over-denoising D makes too narrow (data: {float(r['data'].stds[1]):.3f})")
@@ -227,31 +217,25 @@ def report(r, steps, eps, outdir):
     print(f"Std within the right mode (the toy's detail; data: {data_std:.3f}):")
     for name, S_noise in [("exact D", 1.0), ("exact D", 1.02), ("imperfect D", 1.0), ("imperfect D", 1.02)]:
         print(f"{f'{name}, S_noise = {S_noise}':<34}" + "".join(f"{row[2]:>8.3f}" for row in r["sweep"][(name, S_noise)]))
-    print(f"\nEuler-Maruyama SDE (beta = 1/t) vs the ODE at equal cost ({2 * steps - 1} NFE), W1 / right-mode weight / std:")
-    for name in ("exact D", "imperfect D"):
-        print(f"  {name:<12}" + "SDE %.4f / %.3f / %.3f" % r["sde"][name] + "    ODE %.4f / %.3f / %.3f" % at(name, 1.0, 0))
     print(f"""
 What this shows
-  {outdir}/w1_vs_churn.png  right: the D that removes too much noise is far off with the ODE (W1 {at('imperfect D', 1.0, 0)[0]:.4f});
-    churn lowers W1 to {at('imperfect D', 1.0, 10)[0]:.4f} at S_churn = 10 and S_noise = 1.02 to {at('imperfect D', 1.02, 10)[0]:.4f}: fresh noise lets the sampler
-    correct earlier errors, extra noise counters excessive denoising (Sec. 4, Fig. 4, Table 5). Left: the
-    exact D is at the grey noise floor with the ODE already (W1 {ode[0]:.4f}); churn has nothing to correct.
-  {outdir}/histograms.png  the imperfect D's modes: too narrow with the ODE (std {at('imperfect D', 1.0, 0)[2]:.3f}), re-widened by churn
-    ({at('imperfect D', 1.0, 10)[2]:.3f} at S_churn = 10, {at('imperfect D', 1.0, 80)[2]:.3f} at 80; data {data_std:.3f}).
-  The std table: S_noise > 1 pays only when D removes too much noise; with the exact D, S_noise = 1.02 at
-    S_churn = 80 makes the modes too wide ({at('exact D', 1.02, 80)[2]:.3f}). Euler-Maruyama is churn too (its Langevin term replaces
-    noise every step) and corrects the imperfect D (W1 {r['sde']['imperfect D'][0]:.4f}), but its first-order steps widen even
-    the exact D's modes (std {sde[2]:.3f}, W1 {sde[0]:.4f} vs the ODE's {ode[0]:.4f}); on images it needs far more NFE (Fig. 4).
-    This toy does not show the paper's "loss of detail" from excessive churn: up to the cap (S_churn = 27)
-    more churn only widens the modes further towards the data's.""")
+  {outdir}/w1_vs_churn.png  right: the D removing too much noise is far off with the ODE (W1 {at('imperfect D', 1.0, 0)[0]:.4f});
+    churn lowers W1 to {at('imperfect D', 1.0, 10)[0]:.4f} at S_churn = 10, S_noise = 1.02 to {at('imperfect D', 1.02, 10)[0]:.4f}: fresh noise corrects earlier
+    errors, extra noise counters excessive denoising (Sec. 4, Fig. 4, Table 5). Left: with the exact D the
+    ODE is already within the grey noise floor (W1 {ode[0]:.4f}); churn has nothing to correct.
+  {outdir}/histograms.png  the imperfect D's modes, too narrow with the ODE (std {at('imperfect D', 1.0, 0)[2]:.3f}), re-widened by
+    churn ({at('imperfect D', 1.0, 10)[2]:.3f} at S_churn = 10, {at('imperfect D', 1.0, 80)[2]:.3f} at 80; data {data_std:.3f}). With the exact D, S_noise = 1.02 at S_churn = 80
+    makes them too wide ({at('exact D', 1.02, 80)[2]:.3f}): S_noise > 1 pays only when D removes too much noise. Euler-Maruyama
+    ({2 * steps - 1} NFE) is churn too and corrects the imperfect D (W1 {r['sde']['imperfect D'][0]:.4f}), but its first-order steps widen
+    even the exact D's modes (std {sde[2]:.3f}, W1 {sde[0]:.4f} vs the ODE's {ode[0]:.4f}); on images it needs far more NFE (Fig. 4).
+    The paper's "loss of detail" from excessive churn does not show here: more churn only widens the modes.""")
 
 
 def parse_args(argv=None):
     parser = common.base_parser(__doc__)
     parser.add_argument("--samples", type=common.number(int, low=2), default=8192, help="samples per configuration (default: 8192)")
     parser.add_argument("--steps", type=common.number(int, low=2), default=64, help="sampler steps N (default: 64)")
-    parser.add_argument("--eps", type=common.number(float, 0, 10), default=0.4,
-                        help="how much too much noise the imperfect denoiser removes (default: 0.4)")
+    parser.add_argument("--eps", type=common.number(float, 0, 10), default=0.4, help="excess noise removed by the imperfect D (default: 0.4)")
     return parser.parse_args(argv)
 
 
