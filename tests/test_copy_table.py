@@ -1,0 +1,194 @@
+"""The README's promises about the files themselves.
+
+* Copy table: each row's files, copied alone into an empty folder, give what the row says
+  (a short program imports them there and uses the named code on a case with a known answer).
+* A chapter whose predecessor is missing fails at import, naming the file to copy.
+* Paper -> code index: every `file:name` the README maps an equation/algorithm/table to exists.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+
+# What every row's program starts with: the copied folder alone is on the path.
+PRELUDE = """
+import sys, math
+import torch
+import common
+
+class Gaussian:
+    '''Exact denoiser of N(0, s^2 I) data: D(x; sigma) = s^2 / (s^2 + sigma^2) x (a network stand-in).'''
+    sigma_min, sigma_max, s = 0.002, 80.0, 0.5
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+    def __call__(self, x, sigma, class_labels=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        return self.s ** 2 / (self.s ** 2 + sigma ** 2) * x
+
+def check_std(x, s=0.5, tol=0.05):
+    std = float(x.std())
+    assert abs(std - s) < tol, f"sample std {std:.4f}, expected {s}"
+"""
+
+# row key -> (files to copy, program using them). Each program checks a known answer.
+ROWS = {
+    "edm_sampler": (["04_stochastic_sampler.py"], """
+        m = common.load("04_stochastic_sampler")
+        torch.manual_seed(0)
+        latents = torch.randn(4000, 1, dtype=torch.float64)
+        x = m.edm_sampler(Gaussian(), latents, num_steps=18)   # Algorithm 2, deterministic setting
+        check_std(x)
+    """),
+    "ablation_sampler": (["03_heun_and_schedules.py", "02_ode_sampler.py"], """
+        m = common.load("03_heun_and_schedules")
+        torch.manual_seed(0)
+        latents = torch.randn(4000, 1, dtype=torch.float64)
+        for disc in ["vp", "ve", "iddpm", "edm"]:
+            x = m.ablation_sampler(Gaussian(), latents, num_steps=32, solver="heun", discretization=disc,
+                                   schedule="linear", scaling="none")
+            check_std(x)
+    """),
+    "preconditioning": (["05_preconditioning.py"], """
+        m = common.load("05_preconditioning")
+        class Zero(torch.nn.Module):   # F = 0: D = c_skip x, so the EDM loss at sigma is lambda c_skip-error
+            def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+                return torch.zeros_like(x)
+        net = m.EDMPrecond(Zero(), img_resolution=4, img_channels=1, label_dim=0)
+        sigma = torch.tensor([1.0])
+        x = torch.ones(1, 1, 4, 4)
+        c_skip = 0.5 ** 2 / (1.0 + 0.5 ** 2)                            # Table 1: sigma_data^2 / (sigma^2 + sigma_data^2)
+        assert torch.allclose(net(x, sigma), c_skip * x)
+        loss = m.EDMLoss()(net, torch.zeros(8, 1, 4, 4))
+        assert loss.shape == (8, 1, 4, 4) and torch.isfinite(loss).all()
+    """),
+    "networks": (["06_unet.py", "05_preconditioning.py"], """
+        m = common.load("06_unet")
+        torch.manual_seed(0)
+        net = m.from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3, label_dim=0,
+            model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[4], embedding_type="positional", encoder_type="standard", decoder_type="standard",
+            channel_mult_noise=1, resample_filter=[1, 1])).eval()
+        x = torch.randn(2, 3, 8, 8)
+        y = net(x, torch.tensor([0.5, 2.0]))
+        m.save_network(net, "net.pt")
+        again = m.load_network("net.pt")
+        assert torch.equal(again.eval()(x, torch.tensor([0.5, 2.0])), y), "snapshot round trip changed the output"
+    """),
+    "training": (["07_train_cifar10.py", "06_unet.py", "05_preconditioning.py", "04_stochastic_sampler.py"], """
+        import glob
+        torch.set_num_threads(1)
+        train = common.load("07_train_cifar10")
+        train.main(["--preset", "tiny", "--resolution", "8", "--cbase", "8", "--cres", "1,2", "--batch", "16",
+                    "--duration", "0.000064", "--snap", "1", "--outdir", "run", "--device", "cpu"])
+        (snapshot,) = glob.glob("run/network-snapshot-*.pt")
+        net = common.load("06_unet").load_network(snapshot)
+        x = common.load("04_stochastic_sampler").edm_sampler(net, torch.randn(2, 3, 8, 8), num_steps=4)
+        assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
+    """),
+    "generation_and_fid": (["08_evaluate_fid.py", "07_train_cifar10.py", "06_unet.py", "05_preconditioning.py",
+                            "04_stochastic_sampler.py", "03_heun_and_schedules.py", "02_ode_sampler.py",
+                            "09_fast_samplers.py"], """
+        import os
+        import numpy as np
+        fid = common.load("08_evaluate_fid")
+        a = np.random.RandomState(0).randn(500, 3)
+        s = fid.FeatureStats(3)
+        s.update(torch.as_tensor(a))
+        mu, cov = s.mean_cov()
+        assert abs(fid.frechet_distance(mu, cov, mu + 1.0, cov) - 3.0) < 1e-9   # |mu1 - mu2|^2 with equal covariances
+        torch.manual_seed(0)
+        net = common.load("06_unet").from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3,
+            label_dim=0, model_type="SongUNet", model_channels=8, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[], embedding_type="positional", encoder_type="standard", decoder_type="standard",
+            channel_mult_noise=1, resample_filter=[1, 1]))
+        common.load("06_unet").save_network(net, "net.pt")
+        fid.main(["generate", "--network", "net.pt", "--seeds", "0-2", "--steps", "3", "--outdir", "imgs",
+                  "--device", "cpu"])
+        assert sorted(os.listdir("imgs")) == ["000000.png", "000001.png", "000002.png"]
+    """),
+    "fast_samplers": (["09_fast_samplers.py"], """
+        m = common.load("09_fast_samplers")
+        torch.manual_seed(0)
+        sigmas = m.sigma_steps(10, 0.002, 80.0, kind="logsnr")
+        D = Gaussian()
+        x = m.sample_dpmpp_2m(lambda x, sigma: D(x, sigma), torch.randn(4000, 1, dtype=torch.float64) * 80.0, sigmas)
+        check_std(x)
+    """),
+    "guidance": (["10_guidance.py"], """
+        m = common.load("10_guidance")
+        D = Gaussian()
+        x = torch.randn(5, 1, dtype=torch.float64)
+        guided = m.GuidedDenoiser(D, D, w=3.0)
+        assert torch.equal(guided(x, torch.full([5], 2.0, dtype=torch.float64)), D(x, torch.full([5], 2.0)))
+    """),
+}
+
+
+def run_row(tmp_path, files, program):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in files + ["common.py"]:
+        shutil.copy(os.path.join(ROOT, name), folder / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(program)], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_copy_row_works_alone(tmp_path, row):
+    files, program = ROWS[row]
+    result = run_row(tmp_path, files, program)
+    assert result.returncode == 0, f"row {row!r} with only {files} + common.py:\n{result.stderr[-3000:]}"
+
+
+def test_missing_predecessor_fails_at_import_naming_the_file(tmp_path):
+    result = run_row(tmp_path, ["06_unet.py"], 'common.load("06_unet")')
+    assert result.returncode != 0
+    assert "05_preconditioning.py is missing" in result.stderr, result.stderr[-2000:]
+
+
+def readme_copy_table():
+    """Rows of the README's Copy table: (what, [files]) with files named like `04_stochastic_sampler.py`."""
+    text = open(README).read()
+    section = text.split("## Copy", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = line.split("|")
+        files = re.findall(r"`(\d\d_\w+\.py|common\.py)`", cells[2]) if len(cells) > 3 else []
+        if files:
+            rows.append((line, files))
+    return rows
+
+
+def test_readme_copy_table_matches_the_tested_rows():
+    """Every README row names exactly the files its test copies (plus common.py), and its line count is right."""
+    rows = readme_copy_table()
+    tested = {tuple(sorted(files + ["common.py"])) for files, _ in ROWS.values()}
+    for line, files in rows:
+        if tuple(sorted(files)) in tested:
+            count = sum(len(open(os.path.join(ROOT, f)).readlines()) for f in files)
+            assert re.search(rf"\b{count:,}\b|\b{count}\b", line), f"README row should state {count} lines: {line}"
+    assert tested <= {tuple(sorted(f)) for _, f in rows}, "a tested row is missing from the README's Copy table"
+
+
+def test_paper_index_names_exist():
+    """README's 'Paper -> code' table: every `NN_file.py:name` (name may be dotted) exists."""
+    sys.path.insert(0, ROOT)
+    import common
+    text = open(README).read()
+    section = text.split("## Paper", 1)[1].split("\n## ", 1)[0]
+    refs = re.findall(r"`(\d\d_\w+|common)\.py:([\w.]+)`", section)
+    assert len(refs) >= 12, "the paper -> code index should map every equation, algorithm and table"
+    for module_name, name in refs:
+        obj = common.load(module_name) if module_name != "common" else common
+        for part in name.split("."):
+            assert hasattr(obj, part), f"README names {module_name}.py:{name}, which does not exist"
+            obj = getattr(obj, part)
