@@ -528,7 +528,7 @@ def plot_samples(mix, r, info, file):
     ax.set_xticks(x, NAMES)
     ax.set_ylabel("Wasserstein-1 distance")
     order = " < ".join(f"{n} {np.mean(r['W1 paired'][n]):.3f}" for n in sorted(NAMES, key=lambda n: np.mean(r["W1 paired"][n])))
-    ax.set_title(f"W1 to D*'s samples, means: {order}\n(bars: mean over seeds, dots: each seed)", fontsize=10)
+    ax.set_title(f"W1 to D*'s samples (dark bars: mean, dots: seeds):\n{order}", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
@@ -588,8 +588,8 @@ What this shows
     the gain |c_out|, not the sample count, decides (Sec. 5; the paper's Fig. 5a shows the loss per sigma).
   {outdir}/samples.png  W1 to the data moves with the latents alone: the exact D* is {r['W1 exact']:.4f} away with
     these (fresh data: {r['W1 data']:.4f}), so per-seed differences of ~0.01 there mean little. Against D*'s own
-    samples from the same latents (W1 paired), EDM's are {verdict}
-    {others + ' are further' if others else ''}.
+    samples from the same latents (W1 paired), EDM's are {verdict}{';' if others else '.'}
+    {others + ' are further.' if others else ''}
     Splicing shows where sample errors come from in 1-D: VP's errors above sigma = 5 alone cost
     W1 {mean['W1 high']['VP']:.4f}, its errors at sigma <= 5 alone {mean['W1 low']['VP']:.4f}: the samples are decided at low and mid sigma,
     where VP is within {error['VP'][ranges['0.05..5']].mean():.4f} of D* (EDM {error['EDM'][ranges['0.05..5']].mean():.4f}). The paper's FID gains from its
