@@ -1,15 +1,13 @@
 """07 -- Training: the paper's recipe for CIFAR-10 (and ImageNet-64, and your own images).
 
-Chapter 05 gave the loss (Eq. 2, weighted as in Table 1) and 06 the networks; this is the rest of Sec. 5
-and Appendix F, in this order: what is trained (presets), the data, the non-leaking augmentation
-(App. F.2: the network is told how each image was flipped, scaled, rotated, stretched or shifted, so
-sampling with augment labels 0 gives un-augmented images), the network and loss, the training loop
-(Table 7: Adam, a learning-rate ramp-up, an EMA whose half-life is counted in images); then the
-machinery: checkpoints written atomically from which `--resume auto` continues bit for bit, ticks,
-labelled preview grids, torchrun (DDP; gloo on CPUs), gradient accumulation, autocast. `ImageFolder`
-(a folder or zip of images, labels from dataset.json or class sub-folders) is also 08's image reader.
-`--label-dropout p` (not in the paper; 0 in every preset) trains one network both with and without
-its class, as classifier-free guidance needs.
+Chapter 05 gave the loss (Eq. 2 weighted as in Table 1, with App. F.2's non-leaking augmentation) and 06
+the networks; this is the rest of Sec. 5 and Appendix F, top to bottom: what is trained (presets), the
+data, the network and loss, the training loop (Table 7: Adam, a learning-rate ramp-up, an EMA whose
+half-life is counted in images); then the machinery: training states written atomically from which
+`--resume auto` continues bit for bit, ticks, labelled previews, torchrun (DDP; gloo on CPUs), gradient
+accumulation, autocast. `ImageFolder` (a folder or zip of images; labels from dataset.json or class
+sub-folders) is also 08's image reader. `--label-dropout p` (not in the paper; 0 in every preset) trains
+one network both with and without its class, as classifier-free guidance needs.
 
 Presets (explicit flags override their values; `--preset X --help` lists them):
   cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13,
@@ -41,7 +39,6 @@ import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tqdm
 
 import common
 
@@ -66,9 +63,9 @@ PRESETS = {
     "tiny": dict(data="shapes", resolution=16, cond=True, cbase=16, cres=[1, 2, 2], blocks=1, attn=[], duration=0.064,
                  batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0, lr_rampup=0.01, tick=4, snap=16),
 }
-# Options that may differ between a run and its resumption (they do not change the maths).
-RESUMABLE = {"duration", "stop_kimg", "tick", "snap", "outdir", "resume", "device", "compile", "batch_gpu",
-             "data_dir", "preset"}
+# The run's own options (no setup changes them); the options a resumed run may change (not the maths).
+RUN_DEFAULTS = dict(tf32=False, resume=None, stop_kimg=None, outdir=None, device="auto", seed=0)
+RESUMABLE = {"duration", "stop_kimg", "tick", "snap", "outdir", "resume", "device", "batch_gpu", "data_dir", "preset"}
 
 
 # ----------------------------------------------------------------------------
@@ -89,7 +86,7 @@ class ImageFolder:
     """
 
     def __init__(self, path):
-        self.path, self._zip = path, None
+        self.path, self._zip, self.shape = path, None, None
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path!r}: no such folder or .zip of images")
         if os.path.isdir(path):
@@ -104,7 +101,6 @@ class ImageFolder:
         self.names = sorted(n for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
         if not self.names:
             raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {path!r}")
-        self.shape = None
         self.shape = self.read(0).shape                 # every later image must match the first
 
     def __len__(self):
@@ -140,8 +136,7 @@ class ImageFolder:
     def labels(self):
         """int64 [N] class indices, or None."""
         if "dataset.json" in self._files:
-            labels = json.loads(self._bytes("dataset.json")).get("labels")
-            labels = dict(labels) if labels is not None else {}
+            labels = dict(json.loads(self._bytes("dataset.json")).get("labels") or [])
             missing = [n for n in self.names if n not in labels]
             if labels and missing:
                 raise ValueError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}")
@@ -169,11 +164,8 @@ SHAPES = ["disc", "square", "triangle", "cross"]
 
 
 def make_shapes_dataset(n, resolution, seed=0, supersample=4):
-    """n procedurally drawn RGB images (uint8 [n, 3, R, R]) and their class (index into SHAPES).
-
-    Each shape has a random saturated colour, size and position; edges are anti-aliased
-    by drawing at `supersample` times the size and averaging down.
-    """
+    """n procedurally drawn RGB images (uint8 [n, 3, R, R]) and their class (index into SHAPES): a random saturated
+    colour, size and position each; edges anti-aliased by drawing `supersample` times larger and averaging down."""
     g = torch.Generator().manual_seed(seed)
     u = lambda *shape: torch.rand(*shape, generator=g)
     classes = torch.randint(len(SHAPES), [n], generator=g)
@@ -182,8 +174,7 @@ def make_shapes_dataset(n, resolution, seed=0, supersample=4):
     cy = resolution / 2 + (u(n, 1, 1) - 0.5) * (resolution - 2.6 * size)
     s = resolution * supersample
     coords = (torch.arange(s) + 0.5) / supersample
-    dx = coords.view(1, 1, s) - cx
-    dy = coords.view(1, s, 1) - cy
+    dx, dy = coords.view(1, 1, s) - cx, coords.view(1, s, 1) - cy
     masks = torch.stack([
         dx ** 2 + dy ** 2 <= size ** 2,                                                        # disc
         torch.maximum(dx.abs(), dy.abs()) <= 0.8 * size,                                       # square
@@ -192,8 +183,7 @@ def make_shapes_dataset(n, resolution, seed=0, supersample=4):
     ])[classes, torch.arange(n)].to(torch.float32)
     masks = F.avg_pool2d(masks[:, None], supersample)                      # [n, 1, R, R] coverage
     hue = u(n) * 6                                                          # saturated colour from a hue
-    colour = torch.stack([(hue - k).remainder(6).sub(3).abs().sub(1).clamp(0, 1) for k in (0, 4, 2)], 1)
-    colour = 0.35 + 0.65 * colour
+    colour = 0.35 + 0.65 * torch.stack([(hue - k).remainder(6).sub(3).abs().sub(1).clamp(0, 1) for k in (0, 4, 2)], 1)
     background = 0.05 + 0.15 * u(n, 1)                                      # dark grey
     images = masks * colour.view(n, 3, 1, 1) + (1 - masks) * background.view(n, 1, 1, 1)
     return (images * 255).round().to(torch.uint8), classes.numpy()
@@ -229,9 +219,8 @@ def load_dataset(args):
     n, _, h, w = images.shape
     levels = len(args.cres or ([1, 2, 3, 4] if args.arch == "adm" else [2, 2, 2]))
     if h != w or h % 2 ** (levels - 1) or h != (args.resolution or h):
-        raise ValueError(f"the images are {w}x{h}, but the {levels}-level U-Net needs square images with a size "
-                         f"divisible by 2^{levels - 1}" + f" and equal to --resolution {args.resolution}" *
-                         bool(args.resolution))
+        raise ValueError(f"the images are {w}x{h}; the {levels}-level U-Net needs square images, a size divisible by "
+                         f"2^{levels - 1}" + f" and equal to --resolution {args.resolution}" * bool(args.resolution))
     if args.cond and labels is None:
         raise ValueError(f"--cond needs labels, and {args.data!r} has none (dataset.json or class sub-folders)")
     if args.cond and labels.min() < 0:
@@ -245,11 +234,8 @@ def load_dataset(args):
 
 class InfiniteSampler:
     """Epoch e of the stream is a permutation drawn from (seed, e); rank r of R reads entries r, r+R, r+2R, ...
-
-    The whole state is `position` (entries consumed by all ranks together), so a
-    resumed run -- even one with a different number of ranks -- reads exactly the
-    images the uninterrupted run would have read.
-    """
+    Its whole state is `position` (entries read by all ranks together), so a resumed run -- even one with
+    a different number of ranks -- reads exactly the images the uninterrupted run would have read."""
 
     def __init__(self, size, seed, rank=0, num_ranks=1, position=0):
         self.size, self.seed, self.rank, self.num_ranks = size, seed, rank, num_ranks
@@ -265,14 +251,10 @@ class InfiniteSampler:
 
     def next(self, batch):
         """This rank's next `batch` indices; all ranks advance together by batch * num_ranks."""
-        stream = self.position + self.rank + self.num_ranks * torch.arange(batch)
+        stream = self.position + self.rank + self.num_ranks * torch.arange(batch)   # increasing: epochs in order
         self.position += batch * self.num_ranks
-        epochs, offsets = stream // self.size, stream % self.size
-        indices = torch.empty(batch, dtype=torch.int64)
-        for epoch in epochs.unique().tolist():
-            here = epochs == epoch
-            indices[here] = self.permutation(epoch)[offsets[here]]
-        return indices
+        epochs = stream // self.size
+        return torch.cat([self.permutation(e)[stream[epochs == e] % self.size] for e in epochs.unique().tolist()])
 
 
 def derive_seed(*parts):
@@ -282,153 +264,13 @@ def derive_seed(*parts):
 
 
 # ----------------------------------------------------------------------------
-# Non-leaking augmentation (Sec. 5, App. F.2), the transforms of the paper's CIFAR-10 runs.
-# Geometric maths (the padding, the 2x up/down-sampling with a symlet-6 low-pass, the
-# coordinate conventions) follow StyleGAN2-ADA's pipeline, which the official EDM code reuses.
-
-SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148]
-
-AUGMENT_LABELS = ["xflip", "yflip", "scale", "rotate_cos_minus_1", "rotate_sin",
-                  "aniso_w_cos", "aniso_w_sin", "translate_x", "translate_y"]
-
-
-def translate2d(tx, ty):
-    tx, ty = torch.as_tensor(tx, dtype=torch.float32), torch.as_tensor(ty, dtype=torch.float32)
-    o, z = torch.ones_like(tx), torch.zeros_like(tx)
-    return torch.stack([o, z, tx, z, o, ty, z, z, o], -1).reshape(*tx.shape, 3, 3)
-
-
-def scale2d(sx, sy):
-    sx, sy = torch.as_tensor(sx, dtype=torch.float32), torch.as_tensor(sy, dtype=torch.float32)
-    o, z = torch.ones_like(sx), torch.zeros_like(sx)
-    return torch.stack([sx, z, z, z, sy, z, z, z, o], -1).reshape(*sx.shape, 3, 3)
-
-
-def rotate2d(theta):
-    c, s = theta.cos(), theta.sin()
-    o, z = torch.ones_like(c), torch.zeros_like(c)
-    return torch.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(*c.shape, 3, 3)
-
-
-class AugmentPipe:
-    """Images in, (augmented images, 9 augment labels) out; each transform happens with probability p.
-
-    The keyword arguments are per-transform probability multipliers. The paper's
-    CIFAR-10 setting is the default: xflip=1e8 makes every image a fair coin flip
-    (an always-on 50% mirror), the others fire with probability p each. Labels are
-    in the official order (AUGMENT_LABELS), zero when a transform did not fire.
-    Random numbers come from `generator` (its state is part of a checkpoint).
-    """
-
-    def __init__(self, p, generator=None, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1,
-                 scale_std=0.2, aniso_std=0.2, aniso_rotate_prob=0.5, translate_frac_std=0.125):
-        self.p = p
-        self.generator = generator
-        self.xflip, self.yflip, self.scale, self.rotate_frac = xflip, yflip, scale, rotate_frac
-        self.aniso, self.translate_frac = aniso, translate_frac
-        self.scale_std, self.aniso_std = scale_std, aniso_std
-        self.aniso_rotate_prob, self.translate_frac_std = aniso_rotate_prob, translate_frac_std
-
-    def __call__(self, images):
-        N, C, H, W = images.shape
-        dev, g = images.device, self.generator
-        rand = lambda *shape: torch.rand(shape, device=dev, generator=g)
-        randn = lambda *shape: torch.randn(shape, device=dev, generator=g)
-        fires = lambda multiplier, *shape: rand(*shape) < multiplier * self.p
-        labels = []
-
-        # Pixel blits: exact mirror images, label 1 = mirrored.
-        for multiplier, dim in ((self.xflip, 3), (self.yflip, 2)):
-            w = torch.randint(2, [N, 1, 1, 1], device=dev, generator=g)
-            w = torch.where(fires(multiplier, N, 1, 1, 1), w, 0)
-            images = torch.where(w == 1, images.flip(dim), images)
-            labels.append(w)
-
-        # Geometric transforms, composed into one matrix G_inv that maps each output
-        # pixel (coordinates centred on the image) to where it samples the input.
-        G_inv = torch.eye(3, device=dev).expand(N, 3, 3)
-
-        w = randn(N)                                                     # isotropic scale 2^(w * std)
-        w = torch.where(fires(self.scale, N), w, 0)
-        s = (w * self.scale_std).exp2()
-        G_inv = G_inv @ scale2d(1 / s, 1 / s).to(dev)
-        labels.append(w)
-
-        w = (rand(N) * 2 - 1) * math.pi                                  # rotation by a uniform angle
-        w = torch.where(fires(self.rotate_frac, N), w, 0)
-        G_inv = G_inv @ rotate2d(w)
-        labels += [w.cos() - 1, w.sin()]
-
-        w, r = randn(N), (rand(N) * 2 - 1) * math.pi                     # stretch by 2^(w*std) along angle r
-        w = torch.where(fires(self.aniso, N), w, 0)
-        r = torch.where(rand(N) < self.aniso_rotate_prob, r, 0)
-        s = (w * self.aniso_std).exp2()
-        G_inv = G_inv @ rotate2d(-r) @ scale2d(1 / s, s).to(dev) @ rotate2d(r)
-        labels += [w * r.cos(), w * r.sin()]
-
-        w = randn(2, N)                                                  # shift by w * std * image size
-        w = torch.where(fires(self.translate_frac, 1, N), w, 0)
-        G_inv = G_inv @ translate2d(-w[0] * W * self.translate_frac_std, -w[1] * H * self.translate_frac_std).to(dev)
-        labels += [w[0], w[1]]
-
-        labels = torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)
-        moved = (labels[:, 2:] != 0).any(1)            # images with a geometric transform to resample
-        if moved.any():
-            images = images.clone()
-            images[moved] = resample(images[moved], G_inv[moved])
-        return images, labels
-
-
-def resample(images, G_inv):
-    """out(p) = in(G_inv p) for each image, band-limited: reflect-pad, 2x upsample, bilinear warp, 2x downsample."""
-    N, C, H, W = images.shape
-    dev, dtype = images.device, images.dtype
-    taps = torch.tensor(SYM6, dtype=dtype, device=dev)
-    extra = len(SYM6) // 4                     # border kept around the crop so filter tails stay outside it
-
-    # 1. Reflect-pad enough that every output pixel reads real (mirrored) content.
-    cx, cy = (W - 1) / 2, (H - 1) / 2
-    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]], device=dev)
-    reach = (G_inv @ corners)[:, :2].permute(1, 0, 2).flatten(1)            # [xy, N * 4]
-    margin = torch.cat([(-reach).amax(1), reach.amax(1)])                   # left, top, right, bottom
-    margin = margin + torch.tensor([2 * extra - cx, 2 * extra - cy] * 2, device=dev)
-    margin = margin.clamp(min=0).minimum(torch.tensor([W - 1, H - 1] * 2, device=dev))
-    x0, y0, x1, y1 = margin.ceil().to(torch.int64).tolist()
-    images = F.pad(images, [x0, x1, y0, y1], mode="reflect")
-    G_inv = translate2d((x0 - x1) / 2, (y0 - y1) / 2).to(dev) @ G_inv      # the padding moved the centre
-
-    # 2. Upsample 2x: zero insertion + low-pass, one axis at a time (a strided transposed conv).
-    kernel = taps.view(1, 1, 1, -1).repeat(C, 1, 1, 1)
-    images = F.conv_transpose2d(images, kernel, stride=(1, 2), padding=(0, 5), groups=C)
-    images = F.conv_transpose2d(images, kernel.transpose(2, 3), stride=(2, 1), padding=(5, 0), groups=C)
-    G_inv = scale2d(2, 2).to(dev) @ G_inv @ scale2d(0.5, 0.5).to(dev)
-    G_inv = translate2d(-0.5, -0.5).to(dev) @ G_inv @ translate2d(0.5, 0.5).to(dev)
-
-    # 3. Warp: affine_grid works in [-1, 1] coordinates of the output and input frames.
-    out_h, out_w = (H + 2 * extra) * 2, (W + 2 * extra) * 2
-    in_h, in_w = images.shape[2:]
-    G_inv = scale2d(2 / in_w, 2 / in_h).to(dev) @ G_inv @ scale2d(out_w / 2, out_h / 2).to(dev)
-    grid = F.affine_grid(G_inv[:, :2, :], [N, C, out_h, out_w], align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-    # 4. Downsample 2x with the same low-pass and crop back to H x W.
-    images = F.conv2d(images, kernel, stride=(1, 2), padding=(0, 5), groups=C)[:, :, :, extra:-extra]
-    images = F.conv2d(images, kernel.transpose(2, 3), stride=(2, 1), padding=(5, 0), groups=C)[:, :, extra:-extra, :]
-    return images
-
-
-# ----------------------------------------------------------------------------
 # The network and the loss, in the official configuration vocabulary (train.py of NVlabs/edm).
 
 ARCHS = {
-    "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
-                   decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1],
-                   model_channels=128, channel_mult=[2, 2, 2]),
-    "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual",
-                   decoder_type="standard", channel_mult_noise=2, resample_filter=[1, 3, 3, 1],
-                   model_channels=128, channel_mult=[2, 2, 2]),
+    "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
     "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
 }
 PRECONDS = {"vp": ("VPPrecond", "VPLoss"), "ve": ("VEPrecond", "VELoss"), "edm": ("EDMPrecond", "EDMLoss")}
@@ -438,12 +280,10 @@ def network_config(args, data):
     """(class_name, kwargs) exactly as the official constructors take them (06's from_official_config)."""
     kwargs = dict(img_resolution=data.resolution, img_channels=data.channels, label_dim=data.label_dim,
                   use_fp16=False, **ARCHS[args.arch], dropout=args.dropout)   # mixed precision: autocast instead
-    for option, name in [("cbase", "model_channels"), ("cres", "channel_mult"), ("blocks", "num_blocks"),
-                         ("attn", "attn_resolutions")]:
-        if getattr(args, option) is not None:
-            kwargs[name] = getattr(args, option)
+    chosen = dict(model_channels=args.cbase, channel_mult=args.cres, num_blocks=args.blocks, attn_resolutions=args.attn)
+    kwargs.update({name: value for name, value in chosen.items() if value is not None})   # else the arch's own
     if args.augment > 0:
-        kwargs["augment_dim"] = len(AUGMENT_LABELS)
+        kwargs["augment_dim"] = len(precond.AUGMENT_LABELS)
     if args.label_dropout > 0:
         kwargs["label_dropout"] = args.label_dropout    # 06's drop_labels: a zero class vector with probability p
     return PRECONDS[args.precond][0], kwargs
@@ -461,9 +301,7 @@ def learning_rate(cur_nimg, lr, rampup_mimg):
 def ema_beta(cur_nimg, batch_size, halflife_mimg, rampup_ratio=0.05):
     """Per-step EMA decay: the average forgets half its weight every `halflife` images. Early on the
     half-life is capped at rampup_ratio x images seen, so the random initial weights fade fast."""
-    halflife_nimg = halflife_mimg * 1e6
-    if rampup_ratio is not None:
-        halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
+    halflife_nimg = min(halflife_mimg * 1e6, cur_nimg * rampup_ratio)
     return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
 
 
@@ -502,12 +340,12 @@ def train(args, device=torch.device("cpu")):
     ema = copy.deepcopy(net).eval().requires_grad_(False)            # the averaged weights that get sampled
     loss_fn = getattr(precond, PRECONDS[args.precond][1])()          # 05: Table 1's p(sigma) and lambda(sigma)
     augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
-    augment_pipe = AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
+    augment_pipe = precond.AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     stream = InfiniteSampler(len(data), args.seed, rank, world_size)
     cur_nimg = restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args) if resume else 0
-    ddp, model, autocast = accelerate(net, args, device, world_size)
+    ddp, autocast = accelerate(net, args, device, world_size)
     if rank == 0:
         begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device)
 
@@ -526,7 +364,7 @@ def train(args, device=torch.device("cpu")):
                     # Eq. 2, weighted as in Table 1 (05's loss): draw sigma ~ p_train (EDM: ln sigma ~
                     # N(P_mean, P_std^2)), augment y, add n ~ N(0, sigma^2 I); per pixel the loss is
                     # lambda(sigma) |D(y + n; sigma) - y|^2.
-                    loss = loss_fn(net=model, images=y, labels=labels.to(device), augment_pipe=augment_pipe)
+                    loss = loss_fn(net=ddp, images=y, labels=labels.to(device), augment_pipe=augment_pipe)
                 progress.add_loss(loss)
                 scaler.scale(loss.sum() / (batch_gpu * rounds)).backward()   # summed per image, mean over the batch
 
@@ -535,7 +373,7 @@ def train(args, device=torch.device("cpu")):
         for group in optimizer.param_groups:
             group["lr"] = lr
         scaler.unscale_(optimizer)
-        progress.add_nonfinite(sanitize_gradients(net))
+        progress.nonfinite += sanitize_gradients(net)
         scaler.step(optimizer)
         scaler.update()
 
@@ -545,7 +383,6 @@ def train(args, device=torch.device("cpu")):
 
         # Bookkeeping: a tick every --tick kimg; every --snap kimg and at the end also a network
         # snapshot, a preview grid and the training state to resume from.
-        progress.update(cur_nimg)
         snap_due = cur_nimg >= stop_nimg or crossed(cur_nimg, args.batch, args.snap)
         if snap_due or crossed(cur_nimg, args.batch, args.tick):
             stats = progress.tick(cur_nimg, lr)
@@ -553,14 +390,12 @@ def train(args, device=torch.device("cpu")):
                 stats["rank_digests"] = save_snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream,
                                                       device, augment_generator, data)
             progress.log(stats)
-    progress.close()
     return run_dir, cur_nimg / 1e3
 
 
 # ----------------------------------------------------------------------------
-# Machinery (none of it changes the maths above): the batch split, precision and DDP, the run
-# folder, ticks (stats.jsonl and the progress display), snapshots with rank digests and
-# previews, training states and resume.
+# Machinery (none of it changes the maths above): the batch split, precision and DDP, the run folder,
+# ticks, snapshots with rank digests and previews, training states and resume.
 
 def split_batch(batch, batch_gpu, world_size):
     """--batch = processes x rounds x --batch-gpu. Returns (batch_gpu, rounds)."""
@@ -578,14 +413,13 @@ def crossed(cur_nimg, step, kimg):
 
 
 def accelerate(net, args, device, world_size):
-    """(ddp, model, autocast): the DDP wrapper (or net), what the loss calls, and the autocast context."""
+    """(ddp, autocast): the DDP wrapper of net (net itself in one process) and the autocast context."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32   # the paper: true fp32
     torch.backends.cudnn.benchmark = True   # fastest kernels; bit-exact GPU resumes would need deterministic ones
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else net
     dtype = common.get_dtype(args.precision)
-    return ddp, torch.compile(ddp) if args.compile else ddp, \
-        lambda: torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
+    return ddp, lambda: torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
 
 
 def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device):
@@ -596,25 +430,20 @@ def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg
                            network=dict(class_name=class_name, kwargs=net_kwargs), batch_gpu=batch_gpu,
                            accumulation_rounds=rounds), os.path.join(run_dir, "training_options.json"))
     if resume is None:
-        save_labelled_grid(data.batch(torch.arange(64) % len(data))[0] / 127.5 - 1,
-                           os.path.join(run_dir, "reals.png"), f"{data.name}: training images 0-63")
+        common.save_grid(data.batch(torch.arange(64) % len(data))[0] / 127.5 - 1,
+                         os.path.join(run_dir, "reals.png"), f"{data.name}: training images 0-63")
     print(f"{f'resuming {resume[1]} at {cur_nimg / 1e3:g} kimg' if resume else 'new run'} -> {run_dir}\n"
           f"{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, {data.label_dim} "
           f"classes; {class_name}/{net_kwargs['model_type']} {sum(p.numel() for p in net.parameters()):,} parameters; "
-          f"{world_size} process(es) on {device}, batch {args.batch} = {world_size} x {rounds} x {batch_gpu}",
-          flush=True)
+          f"{world_size} process(es) on {device}; batch {args.batch} = {world_size}x{rounds}x{batch_gpu}", flush=True)
 
 
 class Progress:
     """Per tick: loss mean/std over all ranks (summed on the device, no syncs in between), speed and
-    memory, one line of stats.jsonl; on a terminal a tqdm bar, otherwise one plain line per tick."""
+    memory; rank 0 appends them to stats.jsonl and prints one line."""
 
     def __init__(self, run_dir, cur_nimg, total_nimg, device):
         self.path, self.device, self.total = os.path.join(run_dir, "stats.jsonl"), device, total_nimg
-        self.is_main = common.get_rank() == 0
-        self.bar = tqdm.tqdm(total=total_nimg / 1e3, initial=cur_nimg / 1e3, file=sys.stdout, dynamic_ncols=True,
-                             bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]") \
-            if self.is_main and sys.stdout.isatty() else None
         self.reset(cur_nimg)
 
     def reset(self, cur_nimg):
@@ -625,13 +454,6 @@ class Progress:
     def add_loss(self, loss):
         per_image = loss.detach().double().mean(dim=(1, 2, 3))
         self.sums += torch.stack([per_image.sum(), per_image.square().sum(), per_image.new_tensor(len(per_image))])
-
-    def add_nonfinite(self, found):
-        self.nonfinite += found
-
-    def update(self, cur_nimg):
-        if self.bar is not None:
-            self.bar.update(min(cur_nimg, self.total) / 1e3 - self.bar.n)
 
     def tick(self, cur_nimg, lr):
         sums = self.sums.clone()
@@ -646,39 +468,23 @@ class Progress:
                     nonfinite_grad_steps=int(self.nonfinite), memory_gb=memory / 2 ** 30, timestamp=time.time())
 
     def log(self, stats):
-        if self.is_main:
+        if common.get_rank() == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{stats['loss_mean']:.4f}", img_s=f"{stats['images_per_sec']:.0f}")
-            else:   # a log file: one short line per tick
-                print(f"kimg {stats['kimg']:8.3f}/{self.total / 1e3:g}  loss {stats['loss_mean']:.4f} +- "
-                      f"{stats['loss_std']:.4f}  lr {stats['lr']:.2e}  {stats['images_per_sec']:.0f} img/s  "
-                      f"{stats['memory_gb']:.2f} GB" + "  snapshot" * ("rank_digests" in stats), flush=True)
+            print(f"kimg {stats['kimg']:8.3f}/{self.total / 1e3:g}  loss {stats['loss_mean']:.4f} +- "
+                  f"{stats['loss_std']:.4f}  lr {stats['lr']:.2e}  {stats['images_per_sec']:.0f} img/s  "
+                  f"{stats['memory_gb']:.2f} GB" + "  snapshot" * ("rank_digests" in stats), flush=True)
         self.reset(round(stats["kimg"] * 1e3))
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def gather(obj):
-    """Every rank's obj, in rank order (just [obj] without torchrun)."""
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out = [None] * common.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def save_snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream, device, augment_generator, data):
     """Network snapshot + preview + training state. Returns every rank's weight digest (equal, or we stop)."""
     digest = lambda module: hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters()))
-    digests = gather(digest(net).hexdigest() + "/" + digest(ema).hexdigest())
+    digests = common.gather(digest(net).hexdigest() + "/" + digest(ema).hexdigest())
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks disagree on the weights at {cur_nimg} images: {digests}")
-    rngs = gather(dict(torch=torch.get_rng_state(), augment=augment_generator.get_state(),
-                       cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
+    rngs = common.gather(dict(torch=torch.get_rng_state(), augment=augment_generator.get_state(),
+                              cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
     if common.get_rank() == 0:
         kimg = f"{cur_nimg // 1000:06d}"
         unet.save_network(ema, os.path.join(run_dir, f"network-snapshot-{kimg}.pt"))
@@ -760,40 +566,17 @@ def restore(resume, net, ema, optimizer, scaler, stream, device, augment_generat
     return state["cur_nimg"]
 
 
-# Previews: 8x8 samples from fixed seeds, enlarged (nearest neighbour) and labelled.
-PREVIEW_SEEDS = range(64)
-
-
 @torch.no_grad()
 def save_preview(ema, path, device, cur_nimg, class_names):
-    """Seeds 0..63 (row r: class r mod label_dim) through 04's deterministic sampler (18 steps, 35 NFE)."""
-    rnd = common.StackedRandomGenerator(device, PREVIEW_SEEDS)
-    latents = rnd.randn([len(PREVIEW_SEEDS), ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
-    classes = torch.arange(len(PREVIEW_SEEDS), device=device) // 8 % max(ema.label_dim, 1)
+    """Seeds 0..63 (row r: class r mod label_dim) through 04's deterministic sampler (18 steps, 35 NFE),
+    as an enlarged, labelled 8x8 grid."""
+    rnd = common.StackedRandomGenerator(device, range(64))
+    latents = rnd.randn([64, ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
+    classes = torch.arange(64, device=device) // 8 % max(ema.label_dim, 1)
     labels = F.one_hot(classes, ema.label_dim).to(torch.float32) if ema.label_dim else None
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        images = sampler.edm_sampler(ema, latents, labels, randn_like=rnd.randn_like)   # the global RNG is untouched
-    save_labelled_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
-                       [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
-
-
-def save_labelled_grid(x, path, title, row_labels=None, ncol=8, min_width=512):
-    """x [N, C, H, W] in [-1, 1] as a titled grid, each pixel an integer-sized block, >= min_width px wide."""
-    from matplotlib.figure import Figure
-    images = F.pad(common.to_uint8(x).permute(0, 3, 1, 2), [1, 0, 1, 0], value=255)   # 1-pixel white gaps
-    n, c, h, w = images.shape
-    grid = images.reshape(n // ncol, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // ncol * h, ncol * w, c)
-    inches = [size * math.ceil(min_width / (ncol * w)) / 100 for size in grid.shape[1::-1]]   # at 100 dpi
-    left = 1.2 if row_labels else 0.1                                # room for the row labels
-    fig = Figure(figsize=(inches[0] + left + 0.1, inches[1] + 0.5), dpi=100)
-    ax = fig.add_axes([left / fig.get_figwidth(), 0.05 / fig.get_figheight(),
-                       inches[0] / fig.get_figwidth(), inches[1] / fig.get_figheight()])
-    ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_title(title, fontsize=11)
-    ax.set_xticks([])
-    ax.set_yticks([(r + 0.5) * h for r in range(len(row_labels or []))], row_labels or [])
-    ax.tick_params(length=0, labelsize=10)
-    fig.savefig(path)
+    images = sampler.edm_sampler(ema, latents, labels, randn_like=rnd.randn_like)   # the training RNGs are untouched
+    common.save_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
+                     [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
 
 
 # ----------------------------------------------------------------------------
@@ -806,7 +589,6 @@ def int_list(allow_empty):
         if not all(v.isdigit() and int(v) > 0 for v in values) or not (values or allow_empty):
             raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
         return [int(v) for v in values]
-    parse.__name__ = "list"
     return parse
 
 
@@ -815,55 +597,49 @@ def build_parser(preset):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False, epilog=f"Defaults shown: --preset {preset}." if preset
                                      else "Defaults shown: no preset (Table 7's CIFAR-10 values).")
-    d = dict(DEFAULTS, **PRESETS.get(preset, {}))
+    d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=DATA_DIR, preset=preset)
     kimg, probability = common.number(float, low=0.001), common.number(float, 0, 1)   # kimg: one image at least
+    positive = common.number(int, low=1)
     flag = dict(action=argparse.BooleanOptionalAction)   # --x / --no-x
 
     def add(option, help, shown=None, **kwargs):
         value = d[option[2:].replace("-", "_")]
-        shown = shown if value is None else ",".join(map(str, value)) if isinstance(value, list) else value
+        shown = shown if value is None else ",".join(map(str, value)) or "none" if isinstance(value, list) else value
         parser.add_argument(option, default=value, help=f"{help} (default: {shown})", **kwargs)
 
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=preset, help="paper setup to start from; "
-                        "flags override its values (default: tiny if neither --preset nor --data is given)")
+    add("--preset", "paper setup to start from; flags override its values", "tiny if neither --preset nor --data "
+        "is given", choices=sorted(PRESETS))
     add("--data", "cifar10 | shapes | a folder or .zip of images", "required")
-    parser.add_argument("--data-dir", default=DATA_DIR, help=f"where CIFAR-10 is found or downloaded to "
-                        f"(default: {DATA_DIR})")
+    add("--data-dir", "where CIFAR-10 is found or downloaded to")
     add("--resolution", "size of the shapes; for image data, a check", "16 for shapes", type=common.number(int, low=4))
     add("--cond", "class-conditional (labels from dataset.json or class sub-folders)", **flag)
     add("--xflip", "add an x-flipped copy of every image", **flag)
     add("--arch", "network of chapter 06", choices=["ddpmpp", "ncsnpp", "adm"])
     add("--precond", "preconditioning and loss of chapter 05 (Table 1)", choices=["vp", "ve", "edm"])
-    add("--cbase", "channel multiplier", "128; adm 192", type=common.number(int, low=1))
+    add("--cbase", "channel multiplier", "128; adm 192", type=positive)
     add("--cres", "channels per resolution, e.g. 2,2,2", "2,2,2; adm 1,2,3,4", type=int_list(False))
-    add("--blocks", "residual blocks per resolution", "4; adm 3", type=common.number(int, low=1))
+    add("--blocks", "residual blocks per resolution", "4; adm 3", type=positive)
     add("--attn", "resolutions with self-attention ('' = none)", "16; adm 32,16,8", type=int_list(True))
     add("--dropout", "dropout probability", type=probability)
     add("--augment", "augmentation probability p (App. F.2; 0 = off)", type=probability)
     add("--label-dropout", "probability of dropping a training image's class (for classifier-free guidance; "
         "needs --cond)", type=probability)
     add("--duration", "training length, Mimg", type=common.number(float, low=1e-6))
-    add("--batch", "total batch size over all processes", type=common.number(int, low=1))
-    add("--batch-gpu", "images per process and round; more rounds = gradient accumulation", "all at once",
-        type=common.number(int, low=1))
+    add("--batch", "total batch size over all processes", type=positive)
+    add("--batch-gpu", "images per process and round; more rounds: gradient accumulation", "all", type=positive)
     add("--lr", "Adam learning rate", type=common.number(float, low=0))
     add("--lr-rampup", "learning-rate ramp-up, Mimg", type=common.number(float, low=0))
     add("--ema", "EMA half-life, Mimg", type=common.number(float, low=0))
     add("--precision", "autocast dtype", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--tf32", **flag, default=False, help="allow TF32 matmuls (default: off, as the paper)")
-    parser.add_argument("--compile", **flag, default=False, help="torch.compile the network (default: off)")
+    add("--tf32", "allow TF32 matmuls (the paper: off)", **flag)
     add("--tick", "interval of progress lines and stats.jsonl, kimg", type=kimg)
     add("--snap", "interval of snapshots, previews and training states, kimg", type=kimg)
-    parser.add_argument("--resume", help="auto (continue the run in --outdir if there is one) or a "
-                        "training-state .pt (default: a new run)")
-    parser.add_argument("--stop-kimg", type=kimg, help="save and stop after this many kimg; the schedules still "
-                        "follow --duration (for job time limits; default: run to --duration)")
-    parser.add_argument("--outdir", help="the run folder: snapshots, previews, training states, stats "
-                        "(default: out/07_train_cifar10)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto; under torchrun "
-                        "each process takes the GPU of its LOCAL_RANK)")
-    parser.add_argument("--seed", type=common.number(int, low=0), default=0,
-                        help="seed of the initial weights, the data order and every random stream (default: 0)")
+    add("--resume", "auto (continue the run in --outdir if there is one) or a training-state .pt", "a new run")
+    add("--stop-kimg", "save and stop after this many kimg; the schedules still follow --duration (for job time "
+        "limits)", "run to --duration", type=kimg)
+    add("--outdir", "the run folder: snapshots, previews, training states, stats", "out/07_train_cifar10")
+    add("--device", "cpu, cuda, ...; under torchrun each process takes the GPU of its LOCAL_RANK")
+    add("--seed", "seed of the initial weights, the data order and every random stream", type=common.number(int, low=0))
     return parser
 
 
@@ -889,6 +665,8 @@ def main(argv=None):
     try:
         rank, _, device = common.init_distributed(args.device)
         run_dir, kimg = train(args, device)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()   # every rank is done with the group before any rank closes its connections
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     except (torch.cuda.OutOfMemoryError, MemoryError):
@@ -910,9 +688,8 @@ def conclude(args, run_dir, kimg):
           f"What this shows (files in {run_dir}):\n"
           f"  reals.png              64 training images: what the samples should come to look like\n"
           f"  preview-*.png          the EMA network's samples from the same 64 seeds at every snapshot"
-          f"{' (one class per row)' if args.cond else ''}: noise,\n"
-          f"                         then blobs, then the data's shapes -- Eq. 2's loss with Table 1's weighting\n"
-          f"                         and Table 7's schedule at work (Sec. 5)\n"
+          f"{' (a class per row)' if args.cond else ''}: noise,\n                         then blobs, then the "
+          f"data's shapes -- Eq. 2's loss (Table 1's weighting) and Table 7's schedule at work\n"
           f"  network-snapshot-*.pt  EMA weights + network configuration; 06's load_network and 08 read them\n"
           f"  training-state.pt      all it takes to continue bit for bit (--resume auto); -prev is the one before\n"
           f"  training_options.json  this run's options, dataset and network configuration\n"

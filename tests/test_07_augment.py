@@ -1,4 +1,5 @@
-"""07's non-leaking augment pipe: identity at p = 0, labels that say what was done, official outputs."""
+"""The non-leaking augment pipe (05's AugmentPipe, which 07 trains with): identity at p = 0, labels that say
+what was done, official outputs."""
 import math
 import os
 
@@ -11,12 +12,12 @@ OFF = dict(xflip=0, yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=0)
 
 
 @pytest.fixture(scope="module")
-def T(load):
-    return load("07_train_cifar10")
+def P(load):
+    return load("05_preconditioning")
 
 
-def pipe(T, seed=0, p=1.0, **enable):
-    return T.AugmentPipe(p, torch.Generator().manual_seed(seed), **dict(OFF, **enable))
+def pipe(P, seed=0, p=1.0, **enable):
+    return P.AugmentPipe(p, torch.Generator().manual_seed(seed), **dict(OFF, **enable))
 
 
 def blob(n, size=32, centre=(0.0, 0.0), width=2.0):
@@ -41,27 +42,27 @@ def moments(images, radius=12):
     return mean, cov
 
 
-def test_p0_is_the_identity_with_zero_labels(T):
+def test_p0_is_the_identity_with_zero_labels(P):
     x = torch.rand(5, 3, 16, 16) * 2 - 1
-    y, labels = T.AugmentPipe(0.0, torch.Generator().manual_seed(0))(x)   # the paper's multipliers, p = 0
+    y, labels = P.AugmentPipe(0.0, torch.Generator().manual_seed(0))(x)   # the paper's multipliers, p = 0
     assert torch.equal(y, x)
     assert labels.shape == (5, 9) and torch.count_nonzero(labels) == 0
 
 
 @pytest.mark.parametrize("p,seed", [(0.5, 1), (1.0, 2)])
-def test_matches_the_official_augment_pipe(T, p, seed):
+def test_matches_the_official_augment_pipe(P, p, seed):
     """tests/data/07_augment_official.npz: NVlabs/edm training/augment.py, AugmentPipe(p, xflip=1e8, yflip=1,
     scale=1, rotate_frac=1, aniso=1, translate_frac=1) after torch.manual_seed(seed), CPU float32."""
     ref = np.load(os.path.join(HERE, "data", "07_augment_official.npz"))
-    y, labels = T.AugmentPipe(p, torch.Generator().manual_seed(seed))(torch.from_numpy(ref["images"]))
+    y, labels = P.AugmentPipe(p, torch.Generator().manual_seed(seed))(torch.from_numpy(ref["images"]))
     np.testing.assert_allclose(labels.numpy(), ref[f"p{p}_seed{seed}_labels"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(y.numpy(), ref[f"p{p}_seed{seed}_images"], rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("name,dim,column", [("xflip", 3, 0), ("yflip", 2, 1)])
-def test_flip_label_is_one_exactly_when_the_image_is_mirrored(T, name, dim, column):
+def test_flip_label_is_one_exactly_when_the_image_is_mirrored(P, name, dim, column):
     x = torch.rand(64, 3, 8, 8)
-    y, labels = pipe(T, **{name: 1})(x)
+    y, labels = pipe(P, **{name: 1})(x)
     flipped = labels[:, column] == 1
     assert 10 < flipped.sum() < 54                                   # a fair coin per image
     assert torch.equal(y[flipped], x[flipped].flip(dim))
@@ -69,18 +70,18 @@ def test_flip_label_is_one_exactly_when_the_image_is_mirrored(T, name, dim, colu
     assert torch.count_nonzero(labels[:, [c for c in range(9) if c != column]]) == 0
 
 
-def test_translation_label_is_the_shift_in_units_of_an_eighth_of_the_image(T):
+def test_translation_label_is_the_shift_in_units_of_an_eighth_of_the_image(P):
     x = blob(32)
-    y, labels = pipe(T, seed=3, translate_frac=1)(x)
+    y, labels = pipe(P, seed=3, translate_frac=1)(x)
     shift, _ = moments(y, radius=100)
     expected = labels[:, 7:9] * 32 * 0.125                          # std 0.125 x image size
     assert labels[:, 7:9].abs().max() > 0.5
     torch.testing.assert_close(shift, expected, atol=0.05, rtol=0.01)
 
 
-def test_scale_label_is_log2_of_the_magnification_over_its_std(T):
+def test_scale_label_is_log2_of_the_magnification_over_its_std(P):
     x = blob(32)
-    y, labels = pipe(T, seed=4, scale=1)(x)
+    y, labels = pipe(P, seed=4, scale=1)(x)
     _, cov = moments(y)
     _, cov0 = moments(x)
     s = 2 ** (0.2 * labels[:, 2])                                   # content magnified by s
@@ -88,10 +89,10 @@ def test_scale_label_is_log2_of_the_magnification_over_its_std(T):
     torch.testing.assert_close(cov[:, 1, 1] / cov0[:, 1, 1], s ** 2, rtol=0.02, atol=0)
 
 
-def test_rotation_labels_are_cos_minus_one_and_sin_of_the_angle(T):
+def test_rotation_labels_are_cos_minus_one_and_sin_of_the_angle(P):
     q = torch.tensor([5.0, 0.0])
     x = blob(64, centre=q.tolist(), width=1.5)
-    y, labels = pipe(T, seed=5, rotate_frac=1)(x)
+    y, labels = pipe(P, seed=5, rotate_frac=1)(x)
     c, s = labels[:, 3] + 1, labels[:, 4]
     torch.testing.assert_close(c ** 2 + s ** 2, torch.ones(64))
     assert (s.abs() > 0.5).sum() > 10
@@ -106,9 +107,9 @@ def test_rotation_labels_are_cos_minus_one_and_sin_of_the_angle(T):
     torch.testing.assert_close(lhs @ c0, rhs, atol=2e-3, rtol=0)
 
 
-def test_anisotropic_labels_give_the_stretch_and_its_axis(T):
+def test_anisotropic_labels_give_the_stretch_and_its_axis(P):
     x = blob(32)
-    y, labels = pipe(T, seed=6, aniso=1)(x)
+    y, labels = pipe(P, seed=6, aniso=1)(x)
     _, cov = moments(y)
     _, cov0 = moments(x)
     a, b = labels[:, 5], labels[:, 6]                                # w cos r, w sin r
@@ -127,9 +128,9 @@ def test_anisotropic_labels_give_the_stretch_and_its_axis(T):
     assert (torch.maximum(*errors)[w > 0.5] > 0.2).all()            # and the wrong reading would not fit
 
 
-def test_labels_are_zero_for_transforms_that_did_not_fire(T):
+def test_labels_are_zero_for_transforms_that_did_not_fire(P):
     x = blob(200)
-    _, labels = T.AugmentPipe(0.12, torch.Generator().manual_seed(7))(x)    # the paper's CIFAR-10 p
+    _, labels = P.AugmentPipe(0.12, torch.Generator().manual_seed(7))(x)    # the paper's CIFAR-10 p
     fired = (labels[:, 2:] != 0).float().mean(0)                     # scale, rot(2), aniso(2), translate(2)
     assert all(0.04 < f < 0.22 for f in fired[[0, 1, 5]].tolist()), fired
     assert 0.3 < labels[:, 0].float().mean() < 0.7                   # xflip=1e8: always a coin flip

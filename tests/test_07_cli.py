@@ -55,12 +55,14 @@ def damaged_run(tmp_path):
     return run, {f: (run / f).read_bytes() for f in os.listdir(run)}
 
 
-@pytest.mark.parametrize("case", ["missing path", "empty folder", "mixed sizes", "negative batch", "corrupt resume state"])
+@pytest.mark.parametrize("case", ["missing path", "empty folder", "mixed sizes", "negative batch",
+                                  "corrupt resume state"])
 def test_bad_input_is_one_error_line_and_the_run_folder_is_untouched(tmp_path, case):
     make_args, fragment = BAD[case]
     run, before = damaged_run(tmp_path)
     result = subprocess.run([sys.executable, SCRIPT] + SMALL + ["--outdir", str(run), "--resume", "auto"] +
-                            make_args(tmp_path), cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=300)
+                            make_args(tmp_path), cwd=str(tmp_path), env=ENV, capture_output=True, text=True,
+                            timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "Traceback" not in output and output.count("error:") == 1, output

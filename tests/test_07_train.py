@@ -1,4 +1,5 @@
-"""07's training loop: schedules, data, exact resume, fallback to the previous checkpoint, DDP, bad input."""
+"""07's training loop: schedules, data, exact resume, fallback to the previous checkpoint, bad input (torchrun:
+test_07_loop.py)."""
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ def test_ema_halflife_is_measured_in_images(T):
     beta = T.ema_beta(2e6, batch, halflife)
     assert beta ** (0.05 * 2e6 / batch) == pytest.approx(0.5, rel=1e-9)
     assert T.ema_beta(0, batch, halflife) == 0                     # step 0: the average is the net
-    assert T.ema_beta(2e6, batch, halflife, rampup_ratio=None) == pytest.approx(0.5 ** (batch / 5e5))
+    assert T.ema_beta(2e6, batch, halflife, rampup_ratio=1) == pytest.approx(0.5 ** (batch / 5e5))   # no cap
 
 
 def test_update_ema_is_the_convex_combination(T):
@@ -203,24 +204,6 @@ def test_stop_and_resume_equals_the_uninterrupted_run_bit_for_bit(T, tmp_path, c
     run(T, tmp_path / "c", *RESUME, "--resume", "auto")
     assert "warning:" in capsys.readouterr().err
     assert_same_training_state(state(tmp_path / "c" / "training-state.pt"), reference)
-
-
-@pytest.mark.slow
-def test_torchrun_two_ranks_on_gloo_end_with_identical_weights(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = tmp_path / "ddp"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             SCRIPT] + SMALL + ["--batch-gpu", "4", "--duration", "0.000096", "--snap", "0.048",
-                                                "--outdir", str(out)],
-                            env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    snapshots = [line for line in stats(out) if "rank_digests" in line]
-    assert len(snapshots) == 2
-    for line in snapshots:                      # every rank's hash of (net, EMA) at every snapshot
-        assert len(line["rank_digests"]) == 2 and len(set(line["rank_digests"])) == 1
-    with open(out / "training_options.json") as f:
-        options = json.load(f)
-    assert (options["world_size"], options["accumulation_rounds"]) == (2, 2)
 
 
 # ----------------------------------------------------------------------------
