@@ -339,7 +339,9 @@ def test_torchrun_two_ranks_on_gloo_end_with_identical_weights(ddp):
     assert len(snapshots) == 2
     for line in snapshots:                      # every rank's hash of (net, EMA) at every snapshot
         assert len(line["rank_digests"]) == 2 and len(set(line["rank_digests"])) == 1, line["rank_digests"]
-    assert (options["world_size"], options["accumulation_rounds"], options["batch_gpu"]) == (2, 2, DDP_GPU)
+    split = (options["world_size"], options["accumulation_rounds"], options["batch_gpu"])
+    assert split == (2, 2, DDP_GPU), f"--batch {DDP_BATCH} was split as ranks x rounds x batch-gpu = {split}, " \
+        f"not 2 x 2 x {DDP_GPU}"
 
 
 @pytest.mark.slow
