@@ -567,13 +567,13 @@ def network_grid(args, device):
         print(f"{label:<24}{float(change):>21.1f}{float(images.double().std()):>11.1f}")
     print(f"\nWhat this shows ({path})\n"
           f"  Columns: the same seeds (same starting noise), each with the class named above it; rows: growing w.\n"
-          f"  Look at each column going down. CFG (w > 1) pushes every image towards what makes its class\n"
-          f"  unlike the others (the zero-label output is the unconditional model): expect cleaner, more\n"
-          f"  typical, higher-contrast shapes and less variety, and at large w overshoot (saturated colours,\n"
-          f"  hard edges). Autoguidance extrapolates away from an earlier, weaker snapshot of the same run:\n"
-          f"  it should fix what the weaker model gets wrong (blobs, smears) without pushing classes apart.\n"
-          f"  The table above gives the size of each change; at 16x16 and a few CPU-minutes of training the\n"
-          f"  effects are small and partly noise: this is a picture of the mechanics, not a quality claim.")
+          f"  Look down each column. CFG (w > 1) extrapolates away from the network's own zero-class output (its\n"
+          f"  unconditional model, learnt with 07 --label-dropout): it pushes an image towards what sets its class\n"
+          f"  apart from the others; where the unguided image already has its class, that mostly shifts colour and\n"
+          f"  shading. Autoguidance extrapolates away from an earlier, weaker snapshot of the same run: it removes\n"
+          f"  what the weak model gets wrong (blur, haze), so edges sharpen and backgrounds clean up -- and too\n"
+          f"  large a w overshoots (exaggerated contrast, shapes distorted). The table gives the size of each change.\n"
+          f"  A 16x16 network trained for minutes shows the mechanics, not FID-level quality claims.")
     return rows
 
 
