@@ -173,7 +173,6 @@ def test_bad_inputs_end_in_one_error_line_and_keep_earlier_output(tmp_path):
     assert not os.path.exists(t / "out"), "a failing run wrote into the default output folder"
 
 
-@pytest.mark.slow   # a fresh Python process importing torch and 08's chapters
 def test_solver_choices_are_09s_and_the_library_loads_no_later_chapter(fid, load):
     generate = subparsers(fid.build_parser())["generate"]
     (solver,) = [a for a in generate._actions if "--solver" in a.option_strings]

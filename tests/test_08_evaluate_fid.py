@@ -470,7 +470,6 @@ def test_default_generation_is_algorithm_2_with_18_steps(fid, tiny_network, tmp_
                                  seeds="0-2"), default)
 
 
-@pytest.mark.slow   # ~20 s on a busy 2-core box: a dozen small generate runs
 def test_guidance_is_seed_only_and_exactly_unguided_where_it_must_be(fid, tiny_network, other_networks, tmp_path):
     guide, _ = other_networks
     quick = ("--nfe", 7)
@@ -495,7 +494,6 @@ def test_guidance_is_seed_only_and_exactly_unguided_where_it_must_be(fid, tiny_n
                                      "--guide-network", tiny_network), unguided), w
 
 
-@pytest.mark.slow   # ~25 s on a busy 2-core box: six fid runs of 2 x 4 images
 def test_fid_records_solver_steps_measured_nfe_and_guidance(fid, tiny_network, other_networks, tmp_path,
                                                             monkeypatch):
     monkeypatch.setattr(fid, "load_detector", lambda spec, device: StandInDetector())
