@@ -1,5 +1,6 @@
 """Shared pytest fixtures: every test imports the chapters through common.load."""
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures render off-screen in tests
@@ -26,3 +27,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _one_line_errors(script, bad_argvs, tmp_path):
+    """Run `script` once per argv (in parallel): each must end in exactly one `error:` line, a non-zero exit
+    and no traceback."""
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--outdir", str(tmp_path), *argv],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in bad_argvs]
+    for argv, proc in zip(bad_argvs, procs):
+        out, err = proc.communicate(timeout=120)
+        text = out + err
+        assert proc.returncode != 0, (argv, text)
+        assert sum("error:" in line for line in text.splitlines()) == 1, (argv, text)
+        assert "Traceback" not in text, (argv, text)
+
+
+@pytest.fixture
+def assert_one_line_errors():
+    """The chapters' bad-command-line check (see _one_line_errors)."""
+    return _one_line_errors

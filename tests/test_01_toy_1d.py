@@ -1,8 +1,5 @@
 """01_toy_1d: the closed forms against independent computations, and the samplers against the data."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -133,22 +130,8 @@ def test_learned_mlp_beats_the_best_linear_denoiser(mix):
     assert excess_mlp < 0.2 * excess_linear
 
 
-def _assert_one_line_errors(script, bad_argvs, tmp_path):
-    """Each argv must end in exactly one `error:` line, a non-zero exit and no traceback (run in parallel)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [subprocess.Popen([sys.executable, os.path.join(root, script), "--outdir", str(tmp_path), *argv],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for argv in bad_argvs]
-    for argv, proc in zip(bad_argvs, procs):
-        out, err = proc.communicate(timeout=120)
-        text = out + err
-        assert proc.returncode != 0, (argv, text)
-        assert sum("error:" in line for line in text.splitlines()) == 1, (argv, text)
-        assert "Traceback" not in text, (argv, text)
-
-
-def test_bad_command_lines_give_one_error_line(tmp_path):
+def test_bad_command_lines_give_one_error_line(tmp_path, assert_one_line_errors):
     bad = [["--samples", "-5"], ["--steps", "0"], ["--steps", "abc"], ["--bogus"], ["--sam", "10"]]
     if not torch.cuda.is_available():
         bad.append(["--device", "cuda"])
-    _assert_one_line_errors("01_toy_1d.py", bad, tmp_path)
+    assert_one_line_errors("01_toy_1d.py", bad, tmp_path)
