@@ -31,7 +31,6 @@ Run:  python 01_toy_1d.py            (about 30 s on 2 CPU cores; figures in out/
 """
 
 import math
-import sys
 import time
 
 import torch
@@ -376,9 +375,7 @@ def parse_args(argv=None):
 
 
 def demo(args):
-    device = common.get_device(args.device)
-    outdir = common.out_dir(__file__, args.outdir)
-    common.seed_all(args.seed)
+    device, outdir = common.start(__file__, args)
     g = torch.Generator().manual_seed(args.seed)
     mix = default_mixture()
     start = time.time()
@@ -441,11 +438,7 @@ draws differ by {floor:.4f}):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        demo(args)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    common.run(demo, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ Run:  python 02_ode_sampler.py      (about 40 s on 2 CPU cores; figures in out/0
 """
 
 import math
-import sys
 import time
 from typing import Callable, NamedTuple
 
@@ -429,10 +428,8 @@ def parse_args(argv=None):
 
 
 def demo(args):
-    device = common.get_device(args.device)
-    torch.set_num_threads(1)  # these small tensors run fastest without intra-op threads on a shared CPU
-    outdir = common.out_dir(__file__, args.outdir)
-    common.seed_all(args.seed)
+    device, outdir = common.start(__file__, args)
+    torch.set_num_threads(1)  # toy and 16x16 image tensors: intra-op threads cost more than they gain
     toy = common.load("01_toy_1d")
     mix = toy.default_mixture()
     formulations = [VP(), VE(), EDM()]
@@ -525,11 +522,7 @@ at 32 steps; std 1: {gauss[(1.0, 'VP')]:.0e} vs {gauss[(1.0, 'EDM')]:.0e}).
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        demo(args)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    common.run(demo, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,6 @@ Run:  python 03_heun_and_schedules.py     (about 40 s on 2 CPU cores; figures in
 """
 
 import math
-import sys
 import time
 
 import numpy as np
@@ -426,10 +425,8 @@ def parse_args(argv=None):
 
 
 def demo(args):
-    device = common.get_device(args.device)
-    torch.set_num_threads(1)  # these small tensors run fastest without intra-op threads on a shared CPU
-    outdir = common.out_dir(__file__, args.outdir)
-    common.seed_all(args.seed)
+    device, outdir = common.start(__file__, args)
+    torch.set_num_threads(1)  # small tensors run fastest without intra-op threads on a shared CPU
     g = torch.Generator().manual_seed(args.seed)
     start = time.time()
 
@@ -553,11 +550,7 @@ rho = 1 {toy_global[1]:.1e} (App. D.1).
                           another image than the reference (top row).""")
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        demo(args)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    common.run(demo, parse_args(argv))
 
 
 if __name__ == "__main__":

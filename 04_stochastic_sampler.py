@@ -26,7 +26,6 @@ churn does to each (default run: Wasserstein-1 0.126 -> 0.103 at S_churn = 10, 0
 """
 
 import math
-import sys
 
 import numpy as np
 import torch
@@ -239,19 +238,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        device = common.get_device(args.device)
-        torch.set_num_threads(1)  # 1-D toy tensors are far too small for intra-op threads to pay off
-        outdir = common.out_dir(__file__, args.outdir)
-        r = measure(args.samples, args.steps, args.eps, args.seed, device)
-        plot_churn(r, f"{outdir}/w1_vs_churn.png")
-        plot_histograms(r, f"{outdir}/histograms.png")
-        report(r, args.steps, args.eps, outdir)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+def demo(args):
+    device, outdir = common.start(__file__, args)
+    torch.set_num_threads(1)  # 1-D toy tensors are far too small for intra-op threads to pay off
+    r = measure(args.samples, args.steps, args.eps, args.seed, device)
+    plot_churn(r, f"{outdir}/w1_vs_churn.png")
+    plot_histograms(r, f"{outdir}/histograms.png")
+    report(r, args.steps, args.eps, outdir)
 
+
+def main(argv=None):
+    common.run(demo, parse_args(argv))
 
 if __name__ == "__main__":
     main()

@@ -65,7 +65,6 @@ shows why -- in 1-D the samples are decided at sigma <= 5, where both are close 
 """
 
 import math
-import sys
 import time
 
 import numpy as np
@@ -759,11 +758,9 @@ def parse_args(argv=None):
 
 
 def demo(args):
-    device = common.get_device(args.device)
+    device, outdir = common.start(__file__, args)
     if device.type == "cpu":
         torch.set_num_threads(1)   # the MLP's matrices are too small to gain from threads; one avoids contention
-    outdir = common.out_dir(__file__, args.outdir)
-    common.seed_all(args.seed)
     toy = common.load("01_toy_1d")
     mix = toy.default_mixture()
     g = torch.Generator().manual_seed(args.seed)
@@ -786,11 +783,7 @@ def demo(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        demo(args)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    common.run(demo, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,6 @@ import math
 import os
 import pickle
 import shutil
-import sys
 import time
 import urllib.request
 import warnings
@@ -869,11 +868,9 @@ def inspect_checkpoint(path):
 
 def benchmark(args):
     """The demo: size, FLOPs and (where timed) throughput of each paper network, and the FLOPs figure."""
-    device = common.get_device(args.device)
+    device, outdir = common.start(__file__, args)
     batch = args.batch if args.batch is not None else 1 if device.type == "cpu" else 64
     iters = args.iters if args.iters is not None else 1 if device.type == "cpu" else 20
-    outdir = common.out_dir(__file__, args.outdir)
-    common.seed_all(args.seed)
 
     print(f"device {device}, batch {batch}, {iters} timed step(s), precision {args.precision}"
           f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}")
@@ -927,16 +924,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        if args.load:
-            inspect_checkpoint(args.load)
-        else:
-            benchmark(args)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+def demo(args):
+    if args.load:
+        inspect_checkpoint(args.load)
+    else:
+        benchmark(args)
 
+
+def main(argv=None):
+    common.run(demo, parse_args(argv))
 
 if __name__ == "__main__":
     main()

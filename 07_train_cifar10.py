@@ -1,25 +1,23 @@
 """07 -- Training: the paper's recipe for CIFAR-10 (and ImageNet-64, and your own images).
 
-Chapter 05 gave the loss (Eq. 2 weighted as in Table 1, with App. F.2's non-leaking augmentation) and 06
-the networks; this is the rest of Sec. 5 and Appendix F, top to bottom: what is trained (presets), the
-data, the network and loss, the training loop (Table 7: Adam, a learning-rate ramp-up, an EMA whose
-half-life is counted in images); then the machinery: training states written atomically from which
-`--resume auto` continues bit for bit, ticks, labelled previews, torchrun (DDP; gloo on CPUs), gradient
-accumulation, autocast. `ImageFolder` (a folder or zip of images; labels from dataset.json or class
-sub-folders) is also 08's image reader. `--label-dropout p` (not in the paper; 0 in every preset) trains
-one network both with and without its class, as classifier-free guidance needs.
+Chapter 05 gave the loss (Eq. 2, Table 1, App. F.2's augmentation) and 06 the networks; this is the rest of
+Sec. 5 and App. F, top to bottom: what is trained (presets), the data, the network and loss, the loop (Table 7:
+Adam, a learning-rate ramp-up, an EMA whose half-life is counted in images); then the machinery: atomic training
+states that `--resume auto` continues bit for bit, ticks, labelled previews, torchrun (DDP; gloo on CPUs),
+gradient accumulation, autocast, --compile. `ImageFolder` (a folder or zip; labels from dataset.json or class
+sub-folders) is also 08's image reader. `--label-dropout p` (not in the paper; 0 in every preset) trains one
+network with and without its class, as classifier-free guidance needs.
 
 Presets (explicit flags override their values; `--preset X --help` lists them):
   cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13,
               augment p = 0.12   [FID 1.79 conditional, 1.97 unconditional]
   imagenet64  ADM, class-conditional, 2500 Mimg, batch 4096, lr 1e-4, EMA 50 Mimg, dropout 0.10, fp16
-  tiny        the default: a 0.3M-parameter DDPM++ on 16x16 coloured shapes, 64 kimg in about three minutes
-              on a 2-core CPU; its preview grids show the shapes forming
+  tiny        the default: a 0.3M-parameter DDPM++ learns 16x16 coloured shapes in 64 kimg (minutes on a CPU)
 
 Examples:
   python 07_train_cifar10.py > log.txt    # = --preset tiny; the log ends with which files to open
   torchrun --standalone --nproc_per_node=8 07_train_cifar10.py --preset cifar10 --cond --outdir runs/c10
-  python 07_train_cifar10.py --preset cifar10 --cond --resume auto --outdir runs/c10     # continue it
+  (the same command with --resume auto continues it)
 """
 
 import argparse
@@ -39,6 +37,7 @@ import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tqdm
 
 import common
 
@@ -64,8 +63,8 @@ PRESETS = {
                  batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0, lr_rampup=0.01, tick=4, snap=16),
 }
 # The run's own options (no setup changes them); the options a resumed run may change (not the maths).
-RUN_DEFAULTS = dict(tf32=False, resume=None, stop_kimg=None, outdir=None, device="auto", seed=0)
-RESUMABLE = {"duration", "stop_kimg", "tick", "snap", "outdir", "resume", "device", "batch_gpu", "data_dir", "preset"}
+RUN_DEFAULTS = dict(tf32=False, compile=False, resume=None, stop_kimg=None, outdir=None, device="auto", seed=0)
+RESUMABLE = set(RUN_DEFAULTS) - {"tf32", "seed"} | {"duration", "tick", "snap", "batch_gpu", "data_dir", "preset"}
 
 
 # ----------------------------------------------------------------------------
@@ -238,8 +237,7 @@ class InfiniteSampler:
     a different number of ranks -- reads exactly the images the uninterrupted run would have read."""
 
     def __init__(self, size, seed, rank=0, num_ranks=1, position=0):
-        self.size, self.seed, self.rank, self.num_ranks = size, seed, rank, num_ranks
-        self.position = position
+        self.size, self.seed, self.rank, self.num_ranks, self.position = size, seed, rank, num_ranks, position
         self._perms = {}
 
     def permutation(self, epoch):
@@ -259,8 +257,7 @@ class InfiniteSampler:
 
 def derive_seed(*parts):
     """An independent 63-bit seed for each (run seed, purpose, ...) tuple."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 # ----------------------------------------------------------------------------
@@ -390,6 +387,7 @@ def train(args, device=torch.device("cpu")):
                 stats["rank_digests"] = save_snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream,
                                                       device, augment_generator, data)
             progress.log(stats)
+    progress.bar.close()
     return run_dir, cur_nimg / 1e3
 
 
@@ -418,8 +416,8 @@ def accelerate(net, args, device, world_size):
     torch.backends.cudnn.benchmark = True   # fastest kernels; bit-exact GPU resumes would need deterministic ones
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else net
-    dtype = common.get_dtype(args.precision)
-    return ddp, lambda: torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
+    ddp = torch.compile(ddp) if args.compile else ddp     # the same weights: net, ema and snapshots are unchanged
+    return ddp, lambda: torch.autocast(device.type, common.get_dtype(args.precision), args.precision != "fp32")
 
 
 def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device):
@@ -439,11 +437,12 @@ def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg
 
 
 class Progress:
-    """Per tick: loss mean/std over all ranks (summed on the device, no syncs in between), speed and
-    memory; rank 0 appends them to stats.jsonl and prints one line."""
+    """Per tick (rank 0): loss mean/std over all ranks (summed on the device), speed, memory -> stats.jsonl, a line."""
 
     def __init__(self, run_dir, cur_nimg, total_nimg, device):
         self.path, self.device, self.total = os.path.join(run_dir, "stats.jsonl"), device, total_nimg
+        self.bar = tqdm.tqdm(total=total_nimg, initial=cur_nimg, unit="img", unit_scale=True, dynamic_ncols=True,
+                             disable=common.get_rank() != 0 or not sys.stderr.isatty())   # a bar on a terminal only
         self.reset(cur_nimg)
 
     def reset(self, cur_nimg):
@@ -453,6 +452,7 @@ class Progress:
 
     def add_loss(self, loss):
         per_image = loss.detach().double().mean(dim=(1, 2, 3))
+        self.bar.update(len(per_image) * common.get_world_size())
         self.sums += torch.stack([per_image.sum(), per_image.square().sum(), per_image.new_tensor(len(per_image))])
 
     def tick(self, cur_nimg, lr):
@@ -471,9 +471,10 @@ class Progress:
         if common.get_rank() == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
-            print(f"kimg {stats['kimg']:8.3f}/{self.total / 1e3:g}  loss {stats['loss_mean']:.4f} +- "
-                  f"{stats['loss_std']:.4f}  lr {stats['lr']:.2e}  {stats['images_per_sec']:.0f} img/s  "
-                  f"{stats['memory_gb']:.2f} GB" + "  snapshot" * ("rank_digests" in stats), flush=True)
+            tqdm.tqdm.write(f"kimg {stats['kimg']:8.3f}/{self.total / 1e3:g}  loss {stats['loss_mean']:.4f} +- "
+                            f"{stats['loss_std']:.4f}  lr {stats['lr']:.2e}  {stats['images_per_sec']:.0f} img/s  "
+                            f"{stats['memory_gb']:.2f} GB" + "  snapshot" * ("rank_digests" in stats))
+            sys.stdout.flush()   # tqdm.write: above the bar on a terminal; one plain line in a log file
         self.reset(round(stats["kimg"] * 1e3))
 
 
@@ -598,8 +599,7 @@ def build_parser(preset):
                                      allow_abbrev=False, epilog=f"Defaults shown: --preset {preset}." if preset
                                      else "Defaults shown: no preset (Table 7's CIFAR-10 values).")
     d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=DATA_DIR, preset=preset)
-    kimg, probability = common.number(float, low=0.001), common.number(float, 0, 1)   # kimg: one image at least
-    positive = common.number(int, low=1)
+    kimg, probability, positive = common.number(float, low=0.001), common.number(float, 0, 1), common.number(int, low=1)
     flag = dict(action=argparse.BooleanOptionalAction)   # --x / --no-x
 
     def add(option, help, shown=None, **kwargs):
@@ -632,6 +632,7 @@ def build_parser(preset):
     add("--ema", "EMA half-life, Mimg", type=common.number(float, low=0))
     add("--precision", "autocast dtype", choices=["fp32", "bf16", "fp16"])
     add("--tf32", "allow TF32 matmuls (the paper: off)", **flag)
+    add("--compile", "torch.compile the network for training (not the paper's; sampling stays eager)", **flag)
     add("--tick", "interval of progress lines and stats.jsonl, kimg", type=kimg)
     add("--snap", "interval of snapshots, previews and training states, kimg", type=kimg)
     add("--resume", "auto (continue the run in --outdir if there is one) or a training-state .pt", "a new run")
@@ -687,9 +688,8 @@ def conclude(args, run_dir, kimg):
           f"  python 08_evaluate_fid.py generate --network {last('network-snapshot-*.pt')}\n\n"
           f"What this shows (files in {run_dir}):\n"
           f"  reals.png              64 training images: what the samples should come to look like\n"
-          f"  preview-*.png          the EMA network's samples from the same 64 seeds at every snapshot"
-          f"{' (a class per row)' if args.cond else ''}: noise,\n                         then blobs, then the "
-          f"data's shapes -- Eq. 2's loss (Table 1's weighting) and Table 7's schedule at work\n"
+          f"  preview-*.png          EMA samples of seeds 0-63{' (a class per row)' * args.cond} at each snapshot: "
+          f"noise,\n{'':25}then blobs, then the data's shapes -- Eq. 2's loss and Table 7's schedule at work\n"
           f"  network-snapshot-*.pt  EMA weights + network configuration; 06's load_network and 08 read them\n"
           f"  training-state.pt      all it takes to continue bit for bit (--resume auto); -prev is the one before\n"
           f"  training_options.json  this run's options, dataset and network configuration\n"

@@ -68,6 +68,7 @@ import warnings
 import zipfile
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torchvision.models import inception as tv_inception
@@ -546,7 +547,7 @@ def generate_pngs(net, seeds, outdir, batch_size, device, subdirs=False, class_i
         for seed, image in zip(batch_seeds.tolist(), images.permute(0, 2, 3, 1)):
             path = png_path(outdir, seed, subdirs)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            common.save_png(image, path)
+            PIL.Image.fromarray(image.numpy().squeeze(2) if image.shape[2] == 1 else image.numpy()).save(path)
 
 
 # ----------------------------------------------------------------------------
@@ -835,9 +836,7 @@ def demo(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    common.seed_all(args.seed)
-    device = common.get_device(args.device)
-    outdir = common.out_dir(__file__, args.outdir)
+    device, outdir = common.start(__file__, args)
     d = 64
     g = torch.Generator().manual_seed(args.seed)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))  # a shared eigenbasis
@@ -1030,9 +1029,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        args.run(args)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+        common.run(args.run, args)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -114,7 +114,6 @@ Run:  python 09_fast_samplers.py     (figures in out/09_fast_samplers/). Measure
 import glob
 import math
 import os
-import sys
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -490,19 +489,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    common.run(demo, parse_args(argv))
 
 
-def run(args):
+def demo(args):
     if args.network is not None and not os.path.isfile(args.network):
         raise FileNotFoundError(f"--network {args.network!r}: no such file (a 07 network-snapshot-*.pt or an .pkl)")
-    device = common.get_device(args.device)
-    outdir = common.out_dir(__file__, args.outdir)
-    common.seed_all(args.seed)
+    device, outdir = common.start(__file__, args)
     start = time.time()
     cases = {"toy": ("(a) 1-D two-mode toy, exact denoiser", toy_case),
              "images": (f"(b) {args.images} images 32x32, exact denoiser", image_case),

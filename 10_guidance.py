@@ -76,7 +76,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 import torch
@@ -411,19 +410,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        interval = parse_interval(args.interval)
-        device = common.get_device(args.device)
-        if args.network is None and args.guide_network is not None:
-            raise ValueError("--guide-network guides --network; give both")
-        if args.network is not None:
-            network_grid(args, device)
-        else:
-            run(args, interval, device)
-    except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    common.run(demo, parse_args(argv))
 
+
+def demo(args):
+    interval = parse_interval(args.interval)
+    device = common.get_device(args.device)
+    if args.network is None and args.guide_network is not None:
+        raise ValueError("--guide-network guides --network; give both")
+    if args.network is not None:
+        network_grid(args, device)
+    else:
+        run(args, interval, device)
 
 def run(args, interval, device):
     torch.set_num_threads(1)    # [N, K] tensors of a 2-D toy: threads only add contention

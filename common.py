@@ -6,14 +6,14 @@
 * Seeding, and `StackedRandomGenerator`: one torch.Generator per seed, so that the
   latents and noise of each sample depend only on its own seed and never on which
   other seeds share its batch (the behaviour of the official generate.py).
-* Image output exactly as the official code writes PNGs (and titled, labelled sample grids): x in [-1, 1] becomes
-  (x * 127.5 + 128) clipped to [0, 255] and truncated to uint8.
-* Device / precision selection, a shared argparse base (with range-checked numbers),
-  the output directory `out/<script name>/`, atomic JSON files, and joining a torchrun
-  process group (07 trains and 08 generates under torchrun).
+* `to_uint8` quantizes as the official code does ((x * 127.5 + 128) clipped and truncated to
+  uint8); `save_grid` draws titled, labelled sample grids.
+* Device / precision selection, a shared argparse base (with range-checked numbers), a demo's
+  start (`start`: seed, device, output folder `out/<script name>/`), atomic JSON files, and
+  joining a torchrun process group (07 trains and 08 generates under torchrun).
 
-Errors: library code raises (ValueError for bad values, FileNotFoundError/OSError for
-paths); only each script's `main()` turns them into one `error: ...` line and exit 1.
+Errors: library code raises (ValueError for bad values, FileNotFoundError/OSError for paths);
+`run`, each script's `main()`, turns them into one `error: ...` line and exit 1.
 """
 
 import argparse
@@ -33,11 +33,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # Loading earlier chapters.
 
 def load(name):
-    """Import `<ROOT>/<name>.py` (e.g. "04_stochastic_sampler") once and return the module.
-
-    Modules are cached in sys.modules under their file name, so every chapter that
-    loads "05_preconditioning" gets the same module object (and the same classes).
-    """
+    """Import `<ROOT>/<name>.py` (e.g. "05_preconditioning") once, cached in sys.modules under its file
+    name, so every chapter that loads it gets the same module object (and the same classes)."""
     if name in sys.modules:
         return sys.modules[name]
     path = os.path.join(ROOT, name + ".py")
@@ -99,15 +96,6 @@ class StackedRandomGenerator:
 def to_uint8(x):
     """[N, C, H, W] float in [-1, 1] -> [N, H, W, C] uint8, as the official generate.py quantizes."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def save_png(image, path):
-    """Save one [H, W, C] uint8 image (C = 1 or 3) as PNG."""
-    import PIL.Image
-    array = image.numpy() if torch.is_tensor(image) else np.asarray(image)
-    if array.shape[2] == 1:
-        array = array[:, :, 0]
-    PIL.Image.fromarray(array).save(path)
 
 
 def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512):
@@ -188,6 +176,20 @@ def base_parser(doc, seed=0):
     parser.add_argument("--outdir", default=None, help="where figures go (default: out/<script name>/)")
     parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
     return parser
+
+
+def run(demo, args):
+    """A chapter's `main()`: run `demo(args)`; a ValueError or OSError becomes one `error:` line, exit 1."""
+    try:
+        demo(args)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+
+
+def start(script_file, args):
+    """A demo's first line: seed every RNG with --seed; return its device and its output folder (created)."""
+    seed_all(args.seed)
+    return get_device(args.device), out_dir(script_file, args.outdir)
 
 
 def out_dir(script_file, outdir=None):

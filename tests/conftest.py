@@ -1,4 +1,6 @@
 """Shared pytest fixtures: every test imports the chapters through common.load."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -29,18 +31,39 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _one_line_errors(script, bad_argvs, tmp_path):
-    """Run `script` once per argv (in parallel): each must end in exactly one `error:` line, a non-zero exit
-    and no traceback."""
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--outdir", str(tmp_path), *argv],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for argv in bad_argvs]
-    for argv, proc in zip(bad_argvs, procs):
-        out, err = proc.communicate(timeout=120)
-        text = out + err
-        assert proc.returncode != 0, (argv, text)
+def _run_in_process(script, argv, cwd):
+    """(exit status, printed text) of `script`'s main(argv), run in this process as its `__main__` would."""
+    module = common.load(os.path.splitext(script)[0])
+    out, threads, here = io.StringIO(), torch.get_num_threads(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            module.main([str(a) for a in argv])
+        status = 0
+    except SystemExit as exit:           # sys.exit("error: ...") prints its message; argparse printed its own
+        status = exit.code if isinstance(exit.code, int) else 1
+        out.write("" if exit.code is None or isinstance(exit.code, int) else f"{exit.code}\n")
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)   # a demo that failed late may have changed it
+    return status, out.getvalue()        # any other exception propagates: a traceback fails the test
+
+
+def _one_line_errors(script, bad_argvs, tmp_path, outdir=None, prefix=None):
+    """Each argv must end in exactly one `error:` line, a non-zero exit and no traceback. The first runs as a
+    real process (the script's `__main__` wiring); the others call its main(argv) in this process, which is
+    what that process runs, without importing torch once per case. `prefix` (default: --outdir `outdir` or
+    tmp_path) comes before each argv. Returns the printed text of each case, in order."""
+    outdir = ["--outdir", str(outdir or tmp_path)] if prefix is None else prefix
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *outdir, *map(str, bad_argvs[0])],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    results = [(proc.returncode, proc.stdout + proc.stderr)]
+    results += [_run_in_process(script, [*outdir, *argv], tmp_path) for argv in bad_argvs[1:]]
+    for argv, (status, text) in zip(bad_argvs, results):
+        assert status != 0, (argv, text)
         assert sum("error:" in line for line in text.splitlines()) == 1, (argv, text)
         assert "Traceback" not in text, (argv, text)
+    return [text for _, text in results]
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """04: Algorithm 2 line by line, its equality with the ablation sampler, per-seed determinism, the SDE."""
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -202,14 +200,7 @@ def test_demo_writes_figures_and_conclusion(m, tmp_path, capsys, one_thread):
 BAD_INPUTS = [["--samples", "1"], ["--eps", "-0.1"], ["--steps", "many"], ["--step", "8"], ["--frobnicate"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
 
 
-def test_command_line_errors_are_one_line(tmp_path):
+def test_command_line_errors_are_one_line(tmp_path, assert_one_line_errors):
     """Each bad input: a non-zero exit, exactly one "error:" line, no traceback, nothing written."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "04_stochastic_sampler.py")
-    runs = [subprocess.Popen([sys.executable, script, "--outdir", str(tmp_path / "out"), *bad], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for bad in BAD_INPUTS]
-    for bad, run in zip(BAD_INPUTS, runs):
-        out, err = run.communicate(timeout=120)
-        assert run.returncode != 0, bad
-        assert sum("error:" in line for line in (out + err).splitlines()) == 1, (bad, err)
-        assert "Traceback" not in err, (bad, err)
+    assert_one_line_errors("04_stochastic_sampler.py", BAD_INPUTS, tmp_path, outdir=tmp_path / "out")
     assert not (tmp_path / "out").exists()

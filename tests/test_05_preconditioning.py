@@ -1,8 +1,6 @@
 """Tests for 05_preconditioning.py against Table 1 written out independently here (float64 math)."""
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -300,15 +298,7 @@ def bad_inputs():
     return cases + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
 
 
-def test_command_line_errors_are_one_line(tmp_path):
+def test_command_line_errors_are_one_line(tmp_path, assert_one_line_errors):
     """Each bad input: a non-zero exit, exactly one "error:" line, no traceback, nothing written."""
-    cases = bad_inputs()
-    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "05_preconditioning.py"), "--outdir",
-                              str(tmp_path / "out"), *bad], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for bad in cases]
-    for bad, run in zip(cases, runs):
-        out, err = run.communicate(timeout=120)
-        assert run.returncode != 0, bad
-        assert sum("error:" in line for line in (out + err).splitlines()) == 1, (bad, err)
-        assert "Traceback" not in err, (bad, err)
+    assert_one_line_errors("05_preconditioning.py", bad_inputs(), tmp_path, outdir=tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import pickle
-import subprocess
 import sys
 import types
 
@@ -348,14 +347,7 @@ def bad_inputs(tmp_path):
     return cases + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
 
 
-def test_command_line_errors_are_one_line(tmp_path):
+def test_command_line_errors_are_one_line(tmp_path, assert_one_line_errors):
     """Each bad input: a non-zero exit, exactly one "error:" line, no traceback, nothing written."""
-    cases = bad_inputs(tmp_path)
-    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "06_unet.py"), "--outdir", str(tmp_path / "out"), *bad],
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for bad in cases]
-    for bad, run in zip(cases, runs):
-        out, err = run.communicate(timeout=120)
-        assert run.returncode != 0, bad
-        assert sum("error:" in line for line in (out + err).splitlines()) == 1, (bad, err)
-        assert "Traceback" not in err, (bad, err)
+    assert_one_line_errors("06_unet.py", bad_inputs(tmp_path), tmp_path, outdir=tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -131,8 +131,7 @@ def snapshot(folder):
             for r, _, files in os.walk(folder) for f in files}
 
 
-@pytest.mark.slow   # six fresh Python processes importing torch: ~10 s quiet, 20-60 s on a busy 2-core box
-def test_bad_inputs_end_in_one_error_line_and_keep_earlier_output(tmp_path):
+def test_bad_inputs_end_in_one_error_line_and_keep_earlier_output(tmp_path, assert_one_line_errors):
     t = tmp_path
     png(str(t / "mixed" / "a.png"), (8, 8))
     png(str(t / "mixed" / "b.png"), (16, 16))
@@ -158,17 +157,10 @@ def test_bad_inputs_end_in_one_error_line_and_keep_earlier_output(tmp_path):
         "corrupt checkpoint": (["fid", "--network", t / "corrupt-net.pt", "--ref", t / "ref.npz",
                                 "--outdir", t / "run", "--device", "cpu"], "corrupt-net.pt"),
     }
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    procs = {name: subprocess.Popen([sys.executable, SCRIPT] + [str(a) for a in argv], cwd=t, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (argv, _) in cases.items()}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode != 0, name
-        assert "Traceback" not in out + err, f"{name}:\n{err}"
-        error_lines = [line for line in (out + err).splitlines() if "error:" in line]
-        assert len(error_lines) == 1, f"{name}: {error_lines}"
-        assert cases[name][1] in error_lines[0], f"{name}: {error_lines[0]}"
+    texts = assert_one_line_errors("08_evaluate_fid.py", [argv for argv, _ in cases.values()], t, prefix=[])
+    for (name, (_, expected)), text in zip(cases.items(), texts):
+        error_line = next(line for line in text.splitlines() if "error:" in line)
+        assert expected in error_line, f"{name}: {error_line}"
     assert snapshot(t / "run") == before
     assert not os.path.exists(t / "out"), "a failing run wrote into the default output folder"
 
