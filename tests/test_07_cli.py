@@ -1,5 +1,6 @@
 """07 as a user meets it: bad input ends in one `error:` line and changes nothing; a log file stays readable;
 --help shows each preset's values; --label-dropout drops the class as often as asked."""
+import io
 import json
 import os
 import subprocess
@@ -101,6 +102,20 @@ def test_a_log_file_gets_one_short_line_per_tick_and_the_next_steps(tmp_path):
     assert f"Open {os.path.join('run', 'preview-000000.png')}" in text
     assert os.path.exists(tmp_path / snapshot)
     assert PIL.Image.open(tmp_path / "run" / "preview-000000.png").width >= 256   # enlarged for the eye
+
+
+def test_a_terminal_gets_a_progress_bar_and_the_tick_lines_stay_whole(T, tmp_path, monkeypatch, capsys, one_thread):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)        # tqdm draws on stderr when it is a terminal
+    T.main(SMALL + ["--duration", "0.000064", "--tick", "0.016", "--snap", "0.032", "--outdir", str(tmp_path / "run")])
+    bar = terminal.getvalue()
+    assert "%|" in bar and "64.0/64.0" in bar, bar       # a bar counting the images up to --duration
+    lines = capsys.readouterr().out.splitlines()
+    ticks = [line for line in lines if line.startswith("kimg ")]
+    assert len(ticks) == 4 and ticks[-1].startswith("kimg    0.064/0.064"), lines   # whole lines on stdout
 
 
 def test_help_gives_every_option_a_text_and_the_presets_defaults(T):

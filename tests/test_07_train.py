@@ -67,6 +67,15 @@ def test_update_ema_is_the_convex_combination(T):
         torch.testing.assert_close(e, x)
 
 
+def test_compile_wraps_the_trained_module_and_may_change_on_resume(T):
+    net = torch.nn.Linear(3, 2)
+    args = T.parse_args(["--compile", "--device", "cpu"])
+    ddp, autocast = T.accelerate(net, args, torch.device("cpu"), world_size=1)
+    assert ddp is not net and ddp._orig_mod is net      # compiled lazily: the weights are net's, snapshots unchanged
+    assert T.accelerate(net, T.parse_args([]), torch.device("cpu"), world_size=1)[0] is net
+    assert "compile" in T.RESUMABLE and "tf32" not in T.RESUMABLE and "seed" not in T.RESUMABLE
+
+
 def test_presets_are_the_papers_setups_and_flags_override_them(T):
     a = T.parse_args(["--preset", "cifar10", "--cond", "--lr", "2e-3"])
     # Table 7 (CIFAR-10): 200 Mimg, batch 512, lr 1e-3 (overridden here), EMA 0.5 Mimg, dropout 0.13, p_aug 0.12.
