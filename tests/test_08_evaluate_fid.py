@@ -3,6 +3,7 @@ seed lists, detector loading, and generation/FID end to end on a tiny network wi
 import json
 import os
 import pickle
+import types
 
 import numpy as np
 import pytest
@@ -334,6 +335,8 @@ def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_netwo
         (("--disc", "ve", "--steps", "3"), fid.schedules.ablation_sampler, {"discretization": "ve", "num_steps": 3}, 5),
         (("--solver", "ipndm", "--nfe", "10"), fid.solver_sampler,
          {"solver": "ipndm", "sigma_steps": "edm", "num_steps": 10, "rho": 7.0}, 10),
+        (("--solver", "ipndm",), fid.solver_sampler,                         # no --steps/--nfe: 18 steps, as 04's
+         {"solver": "ipndm", "sigma_steps": "edm", "num_steps": 18, "rho": 7.0}, 18),
         (("--solver", "dpmpp3m", "--steps", "6"), fid.solver_sampler,
          {"solver": "dpmpp3m", "sigma_steps": "logsnr", "num_steps": 6}, 6),
         (("--solver", "dpmpp2m", "--nfe", "5", "--sigma-steps", "time_uniform"), fid.solver_sampler,
@@ -362,6 +365,19 @@ def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_netwo
     a = fid.generate_batch(net, [3, 4], "cpu", None, fid.sampling.edm_sampler, num_steps=3)
     b = fid.generate_batch(net, [3, 4], "cpu", None, fid.schedules.ablation_sampler, num_steps=3, solver="heun")
     assert a.dtype == torch.uint8 and torch.equal(a, b)
+
+
+def test_class_conditions_every_seed_on_that_class(fid):
+    seen = []
+    def sampler(net, latents, class_labels, randn_like):   # records what generate_batch hands the sampler
+        seen.append(class_labels)
+        return torch.zeros_like(latents)
+    net = types.SimpleNamespace(img_channels=3, img_resolution=4, label_dim=5)
+    fid.generate_batch(net, [0, 1, 2, 3], "cpu", 3, sampler)
+    assert torch.equal(seen[-1], torch.eye(5)[[3, 3, 3, 3]]), "--class 3 must give every seed class 3"
+    fid.generate_batch(net, [0, 1, 2, 3], "cpu", None, sampler)   # no --class: each seed draws its own
+    drawn = seen[-1].argmax(1)
+    assert torch.equal(seen[-1], torch.eye(5)[drawn]) and len(set(drawn.tolist())) > 1
 
 
 def test_solver_sampler_runs_09s_solvers_on_their_steps(fid, load, tiny_network):
