@@ -1,6 +1,5 @@
 """04: Algorithm 2 line by line, its equality with the ablation sampler, per-seed determinism, the SDE."""
 import math
-import os
 
 import pytest
 import torch

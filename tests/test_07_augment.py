@@ -1,6 +1,5 @@
 """The non-leaking augment pipe (05's AugmentPipe, which 07 trains with): identity at p = 0, labels that say
 what was done, official outputs."""
-import math
 import os
 
 import numpy as np

@@ -132,27 +132,41 @@ ROWS = {
 }
 
 
-def run_row(tmp_path, files, program):
-    folder = tmp_path / "copy"
-    folder.mkdir()
+def start_row(folder, files, program):
+    """Copy `files` + common.py alone into `folder` and start `program` there (a process, not waited for)."""
     for name in files + ["common.py"]:
         shutil.copy(os.path.join(ROOT, name), folder / name)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(program)], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(program)], cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """Every row's program and the missing-predecessor case, started together (each process spends most of its
+    time importing torch, so they share the cores); finished(name) waits for one: (return code, stderr)."""
+    cases = dict(ROWS, missing_predecessor=(["06_unet.py"], 'common.load("06_unet")'))
+    procs = {name: start_row(tmp_path_factory.mktemp(name), files, program) for name, (files, program) in cases.items()}
+
+    def wait(name):
+        stderr = procs[name].communicate(timeout=300)[1]
+        return procs[name].returncode, stderr
+    yield wait
+    for proc in procs.values():
+        proc.kill()
+        proc.communicate()
 
 
 @pytest.mark.parametrize("row", list(ROWS))
-def test_copy_row_works_alone(tmp_path, row):
-    files, program = ROWS[row]
-    result = run_row(tmp_path, files, program)
-    assert result.returncode == 0, f"row {row!r} with only {files} + common.py:\n{result.stderr[-3000:]}"
+def test_copy_row_works_alone(finished, row):
+    returncode, stderr = finished(row)
+    assert returncode == 0, f"row {row!r} with only {ROWS[row][0]} + common.py:\n{stderr[-3000:]}"
 
 
-def test_missing_predecessor_fails_at_import_naming_the_file(tmp_path):
-    result = run_row(tmp_path, ["06_unet.py"], 'common.load("06_unet")')
-    assert result.returncode != 0
-    assert "05_preconditioning.py is missing" in result.stderr, result.stderr[-2000:]
+def test_missing_predecessor_fails_at_import_naming_the_file(finished):
+    returncode, stderr = finished("missing_predecessor")
+    assert returncode != 0
+    assert "05_preconditioning.py is missing" in stderr, stderr[-2000:]
 
 
 def readme_copy_table():
