@@ -47,7 +47,7 @@ stepping through the *same* noise levels, on two kinds of data with an exact den
 So EDM's straight trajectories are a property of data whose denoiser settles (finite sets,
 real images), not of every density. Chapter 03 adds Heun's method and the choice of time steps.
 
-Run:  python 02_ode_sampler.py      (about 40 s on 2 CPU cores; figures in out/02_ode_sampler/)
+Run:  python 02_ode_sampler.py      (about 30 s on 2 CPU cores; figures in out/02_ode_sampler/)
 """
 
 import math

@@ -46,7 +46,7 @@ so a checkpoint gives the same outputs to float32 rounding.
 The losses take an optional `augment_pipe`: App. F.2's non-leaking augmentation (`AugmentPipe`, the last
 library section) transforms y before the noise is added and tells the network which transform it sees.
 
-Run `python 05_preconditioning.py` (about 2 minutes on 2 CPU cores): it prints what the four
+Run `python 05_preconditioning.py` (about 90 s on 2 CPU cores): it prints what the four
 preconditionings do to the network's input and to its errors, plots c_skip/c_out/c_in/c_noise
 against sigma (scalings.png), trains chapter 01's small MLP under each preconditioning and loss
 with the same budget (two seeds), and compares them on ONE metric -- the distance to the exact
