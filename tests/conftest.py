@@ -21,6 +21,12 @@ def load():
     return common.load
 
 
+@pytest.fixture(scope="module")
+def fid(load):
+    """Chapter 08, for its three test files."""
+    return load("08_evaluate_fid")
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one intra-op thread: small tensors gain nothing from threads, and on a

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from test_03_heun_and_schedules import Counting
+
 
 @pytest.fixture(scope="module")
 def m(load):
@@ -38,16 +40,6 @@ def test_churn_in_scaled_coordinates_matches_the_closed_form(m, schedule, solver
         x = x * math.sqrt((1 + sigma_next ** 2) / (1 + sigma_hat ** 2))       # an exact step
     torch.testing.assert_close(out, x, rtol=1e-8, atol=0,
                                msg=lambda text: f"churn with schedule={schedule}, scaling=vp, {solver}\n{text}")
-
-
-class Counting:
-    def __init__(self, net, **attrs):
-        self.net, self.sigmas = net, []
-        self.__dict__.update(attrs)
-
-    def __call__(self, x, sigma, class_labels=None):
-        self.sigmas.append(float(sigma))
-        return self.net(x, sigma)
 
 
 def test_churned_noise_levels_are_rounded_by_the_network(m):

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from test_04_stochastic_sampler import Recording
+
 
 @pytest.fixture(scope="module")
 def m(load):
@@ -15,16 +17,6 @@ def m(load):
 
 def gaussian(x, sigma, class_labels=None):
     return 0.3 + 0.25 / (0.25 + sigma ** 2) * (x - 0.3)
-
-
-class Recording:
-    def __init__(self, net, **attrs):
-        self.net, self.calls = net, []
-        self.__dict__.update(attrs)
-
-    def __call__(self, x, sigma, class_labels=None):
-        self.calls.append((x.clone(), float(sigma)))
-        return self.net(x, sigma)
 
 
 def test_churn_interval_is_closed(m):

@@ -23,14 +23,7 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def fid(load):
-    return load("08_evaluate_fid")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def subparsers(parser):

@@ -10,16 +10,9 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def fid(load):
-    return load("08_evaluate_fid")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    # The 2048-d eigendecompositions slow down many-fold when their threads compete with other
-    # processes for the CPU cores (measured: 32 s vs 240 s for this file on a loaded 2-core box).
-    yield
+# The 2048-d eigendecompositions slow down many-fold when their threads compete with other
+# processes for the CPU cores (measured: 32 s vs 240 s for this file on a loaded 2-core box).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_orthogonal(d, seed):
