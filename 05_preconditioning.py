@@ -392,6 +392,12 @@ class AugmentPipe:
         self.aniso_rotate_prob, self.translate_frac_std = aniso_rotate_prob, translate_frac_std
 
     def __call__(self, images):
+        # Geometry in float32 whatever precision the caller trains in: 07 runs the loss (and so this) under
+        # autocast, which would otherwise compose the matrices and resample the pixels in bf16/fp16.
+        with torch.autocast(images.device.type, enabled=False):
+            return self.augment(images.to(torch.float32))
+
+    def augment(self, images):
         N, C, H, W = images.shape
         dev, g = images.device, self.generator
         rand = lambda *shape: torch.rand(shape, device=dev, generator=g)

@@ -133,3 +133,15 @@ def test_labels_are_zero_for_transforms_that_did_not_fire(P):
     fired = (labels[:, 2:] != 0).float().mean(0)                     # scale, rot(2), aniso(2), translate(2)
     assert all(0.04 < f < 0.22 for f in fired[[0, 1, 5]].tolist()), fired
     assert 0.3 < labels[:, 0].float().mean() < 0.7                   # xflip=1e8: always a coin flip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_augmentation_under_autocast_is_the_float32_augmentation(P, dtype):
+    # 07 runs the loss, and so the augment pipe, under autocast; the geometry must stay float32 there
+    # (it used to fail on its first resampled image: "Index put requires the source and destination dtypes match").
+    images = torch.randn(8, 3, 16, 16)
+    expected = pipe(P, seed=3, p=0.8, xflip=1, scale=1, rotate_frac=1, translate_frac=1)(images)
+    with torch.autocast("cpu", dtype=dtype):
+        got = pipe(P, seed=3, p=0.8, xflip=1, scale=1, rotate_frac=1, translate_frac=1)(images)
+    assert got[0].dtype == torch.float32 and (got[1][:, 2:] != 0).any(1).sum() >= 4
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
