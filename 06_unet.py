@@ -605,27 +605,50 @@ def load_network(path):
 
     Returns the preconditioned network on the CPU in eval mode. Nothing in the file is executed:
     official pickles go through RestrictedUnpickler, snapshots through torch.load(weights_only=True)."""
+    expected = "pass an official edm-*.pkl or a network-snapshot-*.pt that 07 wrote"
     with open_checkpoint(path) as f:
-        is_snapshot = f.read(2) == b"PK"  # a zip archive, as torch.save writes: our own snapshot
+        magic = f.read(2)
         f.seek(0)
+        is_snapshot = magic == b"PK"  # a zip archive, as torch.save writes: our own snapshot
+        if not is_snapshot and magic[:1] != b"\x80":   # pickles since protocol 2 start with PROTO (0x80)
+            raise ValueError(f"{path}: not a network file ({expected})")
         try:
             data = torch.load(f, map_location="cpu", weights_only=True) if is_snapshot else RestrictedUnpickler(f).load()
         except UnsafePickleError as e:
             raise UnsafePickleError(f"{path}: {e}") from None
-        except Exception as e:
-            raise ValueError(f"cannot read {path}: truncated or corrupt ({type(e).__name__}: {e})") from e
+        except Exception as e:   # torch's and pickle's own messages name their internals, not the problem
+            raise ValueError(f"cannot read {path}: truncated or corrupt ({type(e).__name__}); {expected}") from e
+    if is_snapshot and isinstance(data, dict) and "cur_nimg" in data and "ema" in data:
+        raise ValueError(f"{path}: a training state of 07 (for --resume), not a network; pass a "
+                         "network-snapshot-*.pt from the same run folder")
     if is_snapshot and (not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT):
-        raise ValueError(f"{path}: a torch.save file, but not a {SNAPSHOT_FORMAT} snapshot")
+        raise ValueError(f"{path}: a torch.save file, but not a {SNAPSHOT_FORMAT} snapshot; {expected}")
     if not is_snapshot and (not isinstance(data, dict) or "ema" not in data):
         raise ValueError(f"{path}: not an EDM network pickle (expected a dict with an 'ema' entry)")
     try:
         if not is_snapshot:
             return network_from_record(data["ema"]).eval()
         net = from_official_config(data["class_name"], data["kwargs"])
-        net.load_state_dict(data["state_dict"], strict=True)
+        load_weights(net, data["state_dict"])
         return net.eval()
-    except (KeyError, TypeError, RuntimeError) as e:   # missing entries, wrong arguments, wrong shapes
-        raise ValueError(f"{path}: the network in the file is inconsistent ({type(e).__name__}: {e})") from e
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:   # missing entries, wrong arguments or tensors
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: the network in the file is inconsistent ({message})") from e
+
+
+def load_weights(net, state_dict):
+    """net.load_state_dict(state_dict), refusing any missing, extra or misshapen tensor in one line.
+
+    A missing tensor would leave its layer at the random initialization and an extra one would be
+    ignored: either way the network would run and sample badly without a word."""
+    own = net.state_dict()
+    missing, extra = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+    misshapen = sorted(k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape)
+    problems = [f"{len(names)} {what} tensor(s), e.g. {', '.join(names[:2])}"
+                for what, names in (("missing", missing), ("unexpected", extra), ("misshapen", misshapen)) if names]
+    if problems:
+        raise ValueError("its weights do not fit its configuration: " + "; ".join(problems))
+    net.load_state_dict(state_dict, strict=True)
 
 
 def open_checkpoint(path):
@@ -747,7 +770,7 @@ def network_from_record(record):
     if record.state.get("_init_args"):
         raise ValueError("the network was constructed with positional arguments; expected keyword arguments only")
     net = from_official_config(record.class_name, dict(record.state["_init_kwargs"]))
-    net.load_state_dict(record_state_dict(record), strict=True)
+    load_weights(net, record_state_dict(record))
     return net
 
 

@@ -13,6 +13,7 @@ import sys
 import types
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -275,11 +276,60 @@ def test_corrupt_files_give_clear_errors(unet, tmp_path):
     official = official_style_pickle(net, class_name, config)
     unet.save_network(net, str(tmp_path / "ours.pt"))
     ours = (tmp_path / "ours.pt").read_bytes()
-    cases = {"official.pkl": official[: len(official) // 2], "ours.pt": ours[: len(ours) // 2], "noise.pkl": os.urandom(1000)}
+    cases = {"official.pkl": official[: len(official) // 2], "ours.pt": ours[: len(ours) // 2],
+             "noise.pkl": b"\x80\x04" + os.urandom(1000)}
     for file, data in cases.items():
         (tmp_path / file).write_bytes(data)
-        with pytest.raises(ValueError, match="truncated or corrupt"):
+        with pytest.raises(ValueError, match="truncated or corrupt") as error:
             unet.load_network(str(tmp_path / file))
+        assert len(str(error.value).splitlines()) == 1 and "network-snapshot-" in str(error.value)
+    # Not a network file at all (an image): said so, not reported as a damaged pickle.
+    PIL.Image.new("RGB", (4, 4)).save(tmp_path / "image.png")
+    with pytest.raises(ValueError, match=r"image.png: not a network file \(pass .*network-snapshot-"):
+        unet.load_network(str(tmp_path / "image.png"))
+    # 07's training state is a torch.save file too: name the file to pass instead.
+    torch.save(dict(net=net.state_dict(), ema=net.state_dict(), cur_nimg=0), tmp_path / "training-state.pt")
+    with pytest.raises(ValueError, match="training state of 07.*pass a network-snapshot-"):
+        unet.load_network(str(tmp_path / "training-state.pt"))
+
+
+@pytest.mark.parametrize("change", ["delete", "extra", "rename", "reshape"])
+def test_weights_that_do_not_fit_are_refused_in_one_line(unet, tmp_path, change):
+    """A snapshot or official pickle with a missing, extra, renamed or misshapen tensor must not load (a
+    non-strict load would leave a layer at its random initialization and sample badly without a word)."""
+    class_name, config, state, _, _ = read_reference("ddpmpp_vp_uncond")
+    net = unet.from_official_config(class_name, config)
+    unet.save_network(net, str(tmp_path / "ours.pt"))
+    data = torch.load(tmp_path / "ours.pt", weights_only=True)
+    sd = data["state_dict"]
+    name = next(k for k in sd if k.endswith("conv.weight"))
+    if change == "delete":
+        del sd[name]
+    elif change == "extra":
+        sd["model.extra.weight"] = torch.zeros(3)
+    elif change == "rename":
+        sd[name.replace("conv.weight", "conv2.weight")] = sd.pop(name)
+    else:
+        sd[name] = sd[name][:1]
+    torch.save(data, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="do not fit its configuration") as error:
+        unet.load_network(str(tmp_path / "bad.pt"))
+    assert len(str(error.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("change", ["delete", "extra"])
+def test_official_pickle_whose_weights_do_not_fit_is_refused(unet, tmp_path, change):
+    class_name, config, _, _, _ = read_reference("ddpmpp_vp_uncond")
+    net = unet.from_official_config(class_name, config)
+    conv = next(m for m in net.modules() if "weight" in m._parameters)
+    if change == "delete":
+        del conv._parameters["weight"]
+    else:
+        conv.register_buffer("stray", torch.zeros(2))
+    (tmp_path / "official.pkl").write_bytes(official_style_pickle(net, class_name, config))
+    with pytest.raises(ValueError, match="do not fit its configuration") as error:
+        unet.load_network(str(tmp_path / "official.pkl"))
+    assert len(str(error.value).splitlines()) == 1
 
 
 def test_save_network_roundtrip_and_atomicity(unet, tmp_path, monkeypatch):

@@ -144,6 +144,10 @@ def test_label_dropout_drops_the_class_as_often_as_asked(T, tmp_path, monkeypatc
     dropped = torch.cat(seen)
     assert len(dropped) == images
     assert abs(dropped.float().mean().item() - p) < 4 * (p * (1 - p) / images) ** 0.5   # 4 standard errors
+    # ... drawn per image, not once per batch (the rate above assumes independent images): in a batch of 16
+    # at p = 0.3 all images share one fate with probability 0.3^16 + 0.7^16 < 0.004.
+    mixed = sum(0 < batch.sum() < len(batch) for batch in seen)
+    assert mixed >= 0.9 * len(seen), f"only {mixed} of {len(seen)} batches had both dropped and kept labels"
     with open(tmp_path / "run" / "training_options.json") as f:
         options = json.load(f)
     assert options["label_dropout"] == p and options["network"]["kwargs"]["label_dropout"] == p

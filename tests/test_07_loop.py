@@ -268,6 +268,22 @@ def test_noise_is_standard_normal_times_sigma(one):
         f"(x - y) / sigma has mean {z.mean().item():.4f} and std {z.std().item():.4f}, not 0 and 1"
 
 
+def test_noise_sigma_and_augmentation_are_drawn_per_image_within_each_batch(one):
+    """Each image of a micro-batch draws its own sigma, noise and augmentation (drawn once per batch they would
+    still pass the rate tests above, which pool all images)."""
+    seen, _ = one
+    for call in seen["calls"]:
+        z = (call["x"] - call["y"]) / call["sigma"].view(-1, 1, 1, 1)
+        assert len(call["sigma"].unique()) == len(z), "images of one batch share a noise level"
+        assert not torch.isclose(z[0], z[1:]).all((1, 2, 3)).any(), "images of one batch share their noise"
+    fired = [call["augment_labels"] != 0 for call in seen["calls"]]
+    # At p = 0.5 over 16 images a transform fires for all or none with probability 2 x 0.5^16 (x-flip: a fair
+    # coin); y-flip (p/2 = 0.25) does so with probability 0.75^16 ~ 1 %.
+    for name, column in dict(xflip=0, yflip=1, scale=2, rotate=4, aniso=5, translate=7).items():
+        mixed = sum(0 < f[:, column].sum() < len(f) for f in fired)
+        assert mixed >= 0.9 * len(fired), f"{name}: only {mixed} of {len(fired)} batches had it fire for some images"
+
+
 def test_augmentation_rate_the_network_was_told_is_p(one):
     seen, _ = one
     labels = [call["augment_labels"] for call in seen["calls"]]
