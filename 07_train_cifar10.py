@@ -30,6 +30,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import sys
 import time
 import zipfile
@@ -321,7 +322,7 @@ def train(args, device=torch.device("cpu")):
     """Train as Sec. 5 and Table 7 describe, writing into the run folder. Returns (run folder, kimg done)."""
     rank, world_size = common.get_rank(), common.get_world_size()
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    run_dir = args.outdir or os.path.join("out", "07_train_cifar10")
+    run_dir = run_folder(args)
 
     # Everything that can fail on bad input happens before the first file is written.
     data = load_dataset(args)
@@ -662,12 +663,17 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
         rank, _, device = common.init_distributed(args.device)
         run_dir, kimg = train(args, device)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()   # every rank is done with the group before any rank closes its connections
+    except KeyboardInterrupt:
+        if common.get_rank() == 0:
+            print(interrupted(args, argv), file=sys.stderr)
+        sys.exit(130)                     # the shell's code for "ended by Ctrl-C"
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     except (torch.cuda.OutOfMemoryError, MemoryError):
@@ -677,6 +683,23 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
     if rank == 0:
         conclude(args, run_dir, kimg)
+
+
+def run_folder(args):
+    return args.outdir or os.path.join("out", "07_train_cifar10")
+
+
+def interrupted(args, argv):
+    """Ctrl-C: one line naming what is saved and the command that continues from it. (Nothing is lost: the
+    training state is replaced only once its successor is complete on disk.)"""
+    state = os.path.join(run_folder(args), STATE)
+    if not os.path.exists(state):
+        return f"interrupted before the first training state was saved in {run_folder(args)}; nothing to resume"
+    snapshots = sorted(glob.glob(os.path.join(run_folder(args), "network-snapshot-*.pt")))
+    at = f" (with {os.path.basename(snapshots[-1])})" if snapshots else ""
+    command = list(argv) + ([] if args.resume else ["--resume", "auto"])
+    return f"interrupted: the last saved state is {state}{at}; continue with: python {os.path.basename(__file__)} " \
+           + shlex.join(command)
 
 
 def conclude(args, run_dir, kimg):

@@ -3,8 +3,10 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import PIL.Image
@@ -154,3 +156,23 @@ def test_label_dropout_drops_the_class_as_often_as_asked(T, tmp_path, monkeypatc
     seen.clear()
     T.main(SMALL + ["--duration", "0.00016", "--outdir", str(tmp_path / "run0")])           # the default: never
     assert len(seen) == 10 and not torch.cat(seen).any()
+
+
+def test_ctrl_c_prints_one_line_with_the_saved_state_and_the_resume_command(tmp_path):
+    out = tmp_path / "run"
+    argv = SMALL + ["--duration", "1", "--tick", "0.016", "--snap", "0.016", "--outdir", str(out)]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=tmp_path, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not (out / "training-state.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    text = stdout + stderr
+    assert proc.returncode == 130 and "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if "interrupted" in line]
+    assert len(lines) == 1, text
+    assert f"the last saved state is {out / 'training-state.pt'}" in lines[0]
+    assert lines[0].endswith("--resume auto") and f"--outdir {out}" in lines[0], lines[0]
+    assert torch.load(out / "training-state.pt", weights_only=True)["cur_nimg"] > 0   # intact
