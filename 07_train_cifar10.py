@@ -53,7 +53,8 @@ sampler = common.load("04_stochastic_sampler")
 # Without a preset: Table 7's CIFAR-10 column (the official train.py defaults).
 DEFAULTS = dict(data=None, resolution=None, cond=False, xflip=False, arch="ddpmpp", precond="edm", cbase=None,
                 cres=None, blocks=None, attn=None, dropout=0.13, augment=0.12, label_dropout=0, duration=200,
-                batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, precision="fp32", tick=50, snap=2500)
+                batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, precision="fp32", tick=50, snap=2500,
+                sigma_data=0.5, P_mean=-1.2, P_std=1.2)   # EDM's data std and ln(sigma) ~ N(P_mean, P_std^2)
 PRESETS = {
     "cifar10": dict(data="cifar10"),
     # Table 7, ImageNet-64 column: class-conditional ADM, fp16 mixed precision, no augmentation.
@@ -284,7 +285,23 @@ def network_config(args, data):
         kwargs["augment_dim"] = len(precond.AUGMENT_LABELS)
     if args.label_dropout > 0:
         kwargs["label_dropout"] = args.label_dropout    # 06's drop_labels: a zero class vector with probability p
+    if args.precond == "edm":
+        kwargs["sigma_data"] = args.sigma_data          # in the snapshot's configuration: 08 samples with it too
     return PRECONDS[args.precond][0], kwargs
+
+
+def loss_function(args):
+    """05's loss of Table 1 for --precond; EDM's with this run's sigma_data, P_mean and P_std."""
+    if args.precond == "edm":
+        return precond.EDMLoss(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
+    return getattr(precond, PRECONDS[args.precond][1])()
+
+
+def data_std(data, max_images=10000):
+    """The data's per-pixel standard deviation in [-1, 1] (on up to max_images evenly spread images): EDM's
+    sigma_data, which c_skip, c_out and c_in need to give the network unit-variance inputs and targets (Sec. 5)."""
+    indices = torch.linspace(0, len(data) - 1, min(len(data), max_images)).round().long()
+    return (data.batch(indices)[0].to(torch.float64) / 127.5 - 1).std().item()
 
 
 # ----------------------------------------------------------------------------
@@ -336,7 +353,7 @@ def train(args, device=torch.device("cpu")):
     common.seed_all(derive_seed(args.seed, "rank", rank))
     net = net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
     ema = copy.deepcopy(net).eval().requires_grad_(False)            # the averaged weights that get sampled
-    loss_fn = getattr(precond, PRECONDS[args.precond][1])()          # 05: Table 1's p(sigma) and lambda(sigma)
+    loss_fn = loss_function(args)                                    # 05: Table 1's p(sigma) and lambda(sigma)
     augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
     augment_pipe = precond.AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -423,9 +440,10 @@ def accelerate(net, args, device, world_size):
 
 def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device):
     """training_options.json, reals.png (new runs) and one line saying what is trained."""
-    world_size = common.get_world_size()
+    world_size, measured_std = common.get_world_size(), data_std(data)
     os.makedirs(run_dir, exist_ok=True)
     common.write_json(dict(vars(args), world_size=world_size, dataset=data.name, dataset_size=len(data),
+                           data_std=measured_std,
                            network=dict(class_name=class_name, kwargs=net_kwargs), batch_gpu=batch_gpu,
                            accumulation_rounds=rounds), os.path.join(run_dir, "training_options.json"))
     if resume is None:
@@ -434,7 +452,13 @@ def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg
     print(f"{f'resuming {resume[1]} at {cur_nimg / 1e3:g} kimg' if resume else 'new run'} -> {run_dir}\n"
           f"{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, {data.label_dim} "
           f"classes; {class_name}/{net_kwargs['model_type']} {sum(p.numel() for p in net.parameters()):,} parameters; "
-          f"{world_size} process(es) on {device}; batch {args.batch} = {world_size}x{rounds}x{batch_gpu}", flush=True)
+          f"{world_size} process(es) on {device}; batch {args.batch} = {world_size}x{rounds}x{batch_gpu}\n"
+          f"data: per-pixel std {measured_std:.3f} in [-1, 1]" + (f"; sigma_data {args.sigma_data:g} in use"
+          if args.precond == "edm" else ""), flush=True)
+    if args.precond == "edm" and abs(measured_std / args.sigma_data - 1) > 0.25:
+        print(f"warning: the data's std {measured_std:.3f} differs from sigma_data {args.sigma_data:g} by more than "
+              f"25 %; pass --sigma-data {measured_std:.2f} so that the network's inputs and targets have unit "
+              f"variance (chapter 05)", file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -631,6 +655,10 @@ def build_parser(preset):
     add("--lr", "Adam learning rate", type=common.number(float, low=0))
     add("--lr-rampup", "learning-rate ramp-up, Mimg", type=common.number(float, low=0))
     add("--ema", "EMA half-life, Mimg", type=common.number(float, low=0))
+    add("--sigma-data", "EDM's data standard deviation (Table 1; 07 prints the measured one)",
+        type=common.number(float, low=1e-6))
+    add("--P-mean", "EDM's training noise levels: ln sigma ~ N(P_mean, P_std^2)", type=common.number(float))
+    add("--P-std", "(see --P-mean)", type=common.number(float, low=1e-6))
     add("--precision", "autocast dtype", choices=["fp32", "bf16", "fp16"])
     add("--tf32", "allow TF32 matmuls (the paper: off)", **flag)
     add("--compile", "torch.compile the network for training (not the paper's; sampling stays eager)", **flag)
@@ -659,6 +687,9 @@ def parse_args(argv=None):
         parser.error(f"--preset {args.preset} needs --data (cifar10, shapes, or a folder/zip of images)")
     if args.label_dropout > 0 and not args.cond:
         parser.error("--label-dropout needs --cond: only class labels can be dropped")
+    edm_constants = ("sigma_data", "P_mean", "P_std")
+    if args.precond != "edm" and any(getattr(args, k) != DEFAULTS[k] for k in edm_constants):
+        parser.error(f"--sigma-data, --P-mean and --P-std are EDM's constants; --precond {args.precond} has its own")
     return args
 
 
