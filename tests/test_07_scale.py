@@ -105,6 +105,22 @@ def test_a_cuda_runs_state_resumes_on_the_cpu_with_fresh_random_streams(T, tiny_
     assert stats(run)[-1]["kimg"] == 0.048 and np.isfinite(stats(run)[-1]["loss_mean"])
 
 
+def test_each_process_tells_nccl_its_local_gpu(monkeypatch):
+    # The second process of the second node (global rank 3): GPU 1 of its node, not GPU 3.
+    import common
+    joined = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.setdefault("set", device))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: joined.update(kw, backend=backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    for name, value in dict(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4").items():
+        monkeypatch.setenv(name, value)
+    rank, world_size, device = common.init_distributed("cuda")
+    assert (rank, world_size, device, joined["set"]) == (3, 4, torch.device("cuda", 1), torch.device("cuda", 1))
+    assert joined["backend"] == "nccl" and joined.get("device_id") == torch.device("cuda", 1), joined
+
+
 # ----------------------------------------------------------------------------
 # Several nodes: two torchrun launchers on this machine, one process each, meeting at a c10d rendezvous.
 
