@@ -14,6 +14,7 @@ skips too -- never a silent pass). Tolerances, all stated against the CPU's floa
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import PIL.Image
@@ -21,6 +22,9 @@ import pytest
 import torch
 
 from test_06_unet import REFERENCES, read_reference
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import standin_detector  # noqa: E402  (the FID chain's detector: tools/, shared with gpu_check.sh)
 
 
 @pytest.fixture
@@ -152,26 +156,13 @@ def test_generated_images_depend_on_the_seed_only_on_the_device(load, device, sn
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
-class Features(torch.nn.Module):
-    """A TorchScript stand-in for the Inception detector (uint8 images -> 2048 features): a fixed random
-    convolution, ReLU, 4x4 average pooling."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("w", torch.randn(128, 3, 3, 3, generator=torch.Generator().manual_seed(0)))
-
-    def forward(self, x, return_features: bool = False):
-        y = torch.nn.functional.conv2d(x.float() / 127.5 - 1, self.w, padding=1).relu()
-        return torch.nn.functional.adaptive_avg_pool2d(y, 4).flatten(1)
-
-
 def test_fid_chain_on_the_device_equals_the_cpu(load, device, tmp_path, capsys):
     fid = load("08_evaluate_fid")
     rng = np.random.default_rng(0)
     for i in range(40):
         PIL.Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
     detector = str(tmp_path / "det.pt")
-    torch.jit.save(torch.jit.script(Features()), detector)
+    standin_detector.save(detector)
     refs = {}
     for d in ("cpu", str(device)):
         dest = str(tmp_path / f"ref-{d.replace(':', '')}.npz")
