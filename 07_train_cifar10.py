@@ -4,9 +4,10 @@ Chapter 05 gave the loss (Eq. 2, Table 1, App. F.2's augmentation) and 06 the ne
 Sec. 5 and App. F, top to bottom: what is trained (presets), the data, the network and loss, the loop (Table 7:
 Adam, a learning-rate ramp-up, an EMA whose half-life is counted in images); then the machinery: atomic training
 states that `--resume auto` continues (bit for bit on CPUs; on GPUs see the README), ticks (with TFLOP/s and
-MFU), labelled previews, torchrun (DDP; gloo on CPUs; several nodes), gradient accumulation, autocast, --compile. `ImageFolder` (a folder or zip; labels from dataset.json or class
-sub-folders) is also 08's image reader. `--label-dropout p` (not in the paper; 0 in every preset) trains one
-network with and without its class, as classifier-free guidance needs.
+MFU), labelled previews, torchrun (DDP; gloo on CPUs; several nodes), gradient accumulation, autocast, --compile.
+`ImageFolder` (a folder or zip; labels from dataset.json or class sub-folders) is also 08's image reader.
+`--label-dropout p` (not in the paper; 0 in every preset) trains one network with and without its class, as
+classifier-free guidance needs.
 
 Presets (explicit flags override their values; `--preset X --help` lists them):
   cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13,
@@ -63,7 +64,8 @@ PRESETS = {
                  batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0, lr_rampup=0.01, tick=4, snap=16),
 }
 # The run's own options (no setup changes them); the options a resumed run may change (not the maths).
-RUN_DEFAULTS = dict(tf32=False, compile=False, channels_last=False, resume=None, stop_kimg=None, outdir=None, device="auto", seed=0)
+RUN_DEFAULTS = dict(tf32=False, compile=False, channels_last=False, resume=None, stop_kimg=None, outdir=None,
+                    device="auto", seed=0)
 RESUMABLE = set(RUN_DEFAULTS) - {"tf32", "seed"} | {"duration", "tick", "snap", "batch_gpu", "data_dir", "preset"}
 
 
@@ -747,7 +749,7 @@ def conclude(args, run_dir, kimg):
           f"  preview-*.png          EMA samples of seeds 0-63{' (a class per row)' * args.cond} at each snapshot: "
           f"noise,\n{'':25}then blobs, then the data's shapes -- Eq. 2's loss and Table 7's schedule at work\n"
           f"  network-snapshot-*.pt  EMA weights + network configuration; 06's load_network and 08 read them\n"
-          f"  training-state.pt      all it takes to continue (--resume auto; bit for bit on a CPU); -prev is the one before\n"
+          f"  training-state.pt      what --resume auto continues from (bit for bit on a CPU); -prev: the one before\n"
           f"  training_options.json  this run's options, dataset and network configuration\n"
           f"  stats.jsonl            one line per tick: loss mean and std, learning rate, images/s, TFLOP/s, memory")
 

@@ -111,7 +111,8 @@ def test_each_process_tells_nccl_its_local_gpu(monkeypatch):
     joined = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.setdefault("set", device))
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: joined.update(kw, backend=backend))
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: joined.update(kw, backend=backend))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
     for name, value in dict(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4").items():

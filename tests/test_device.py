@@ -60,7 +60,8 @@ def test_networks_reproduce_the_official_outputs_on_the_device(load, fp32, name)
 def test_edm_loss_draws_p_train_and_its_gradient_matches_the_cpu(load, fp32):
     precond = load("05_preconditioning")
     loss_fn = precond.EDMLoss()
-    # The draws, closed form: with D(x) = x the loss is lambda(sigma) sigma^2 z^2, z ~ N(0, 1), ln sigma ~ N(-1.2, 1.2^2).
+    # The draws, closed form: with D(x) = x the loss is lambda(sigma) sigma^2 z^2, z ~ N(0, 1), and
+    # ln sigma ~ N(-1.2, 1.2^2).
     images = torch.zeros(20000, 1, 2, 2, device=fp32)
     seen = {}
     identity = lambda x, sigma, labels, augment_labels=None: seen.setdefault("sigma", sigma) * 0 + x

@@ -2,7 +2,7 @@
 # The project's one-shot GPU check (docs/BENCHMARKS.md): ~8 minutes on one GPU, from the repository root.
 #
 #   bash tools/gpu_check.sh                      # on a GPU: results in out/gpu_check/
-#   bash tools/gpu_check.sh --device cpu         # dry mode: the same steps at tiny sizes on the CPU (gloo)
+#   bash tools/gpu_check.sh --device cpu         # dry mode: the same steps at tiny sizes on the CPU (gloo, no --compile)
 #   options: --device cuda|cpu  --out DIR  --budget SECONDS (default 480; the dry mode's steps get 5x their limits)
 #
 # Every step runs under its own timeout and one overall deadline, in priority order (later steps are skipped when
@@ -41,7 +41,7 @@ import json, sys
 ticks = [json.loads(line) for line in open(sys.argv[1] + "/stats.jsonl")]
 mfu = [f"{t['mfu']:.1%}" for t in ticks if "mfu" in t]
 print(f"  {sys.argv[2]}: img/s per tick {[round(t['images_per_sec']) for t in ticks]}, TFLOP/s/GPU "
-      f"{[round(t['tflops_per_gpu'], 3) for t in ticks]}, MFU {mfu or 'n/a'}, peak {ticks[-1]['memory_gb']:.1f} GB, "
+      f"{[float(format(t['tflops_per_gpu'], '.3g')) for t in ticks]}, MFU {mfu or 'n/a'}, peak {ticks[-1]['memory_gb']:.1f} GB, "
       f"non-finite steps {ticks[-1]['nonfinite_grad_steps']}")
 EOF
 }
@@ -55,11 +55,11 @@ timed() {   # timed LABEL N step ...: N images / wall seconds of the step (proce
 if [[ $D == cpu ]]; then
   TINY="--resolution 8 --cbase 8 --cres 1,2 --duration 0.000064 --tick 0.032 --snap 1 --batch 16"   # 4 steps
   STOP=0.032; C10="--resolution 16 --cbase 16 --blocks 1 --batch 16 --duration 0.000064 --tick 0.032 --snap 1"
-  SEEDS=0-15; N=16; SUITE="-k networks"
+  SEEDS=0-15; N=16; SUITE="-k networks"; COMPILE=""      # compiling on a CPU alone takes minutes
 else
   TINY="--duration 0.004096 --tick 1.024 --snap 4.096"                                  # 128 steps of 32
   STOP=2.048; C10="--resolution 32 --batch 512 --batch-gpu ${BATCH_GPU:-128} --duration 0.01024 --tick 2.56 --snap 10.24"   # 20 steps
-  SEEDS=0-1023; N=1024; SUITE=""
+  SEEDS=0-1023; N=1024; SUITE=""; COMPILE="--compile"
 fi
 T="07_train_cifar10.py --preset tiny --augment 0.12 --device $D $TINY"
 C="07_train_cifar10.py --preset cifar10 --data shapes --cond --device $D $C10"
@@ -77,7 +77,7 @@ else echo "device-tests SKIPPED (pytest is not installed)" | tee -a "$S"; fi
 for p in fp32 bf16 fp16; do step tiny-$p 60 "$PY" $T --precision $p --outdir "$W/tiny-$p" && figures "$W/tiny-$p" tiny-$p; done
 step tiny-bf16-torchrun 60 $RUN $T --precision bf16 --outdir "$W/tiny-torchrun" && figures "$W/tiny-torchrun" tiny-torchrun
 step tiny-stop 45 "$PY" $T --precision bf16 --stop-kimg $STOP --outdir "$W/tiny-resume"
-step tiny-resume-compile 150 "$PY" $T --precision bf16 --compile --resume auto --outdir "$W/tiny-resume" \
+step tiny-resume-compile 150 "$PY" $T --precision bf16 $COMPILE --resume auto --outdir "$W/tiny-resume" \
   && figures "$W/tiny-resume" tiny-resume-compile
 
 # 3. The paper's CIFAR-10 DDPM++ (full size) on synthetic 32x32 shapes: throughput and MFU per precision.
@@ -103,7 +103,7 @@ if [[ -n $NET ]]; then
 else echo "08 steps SKIPPED (tiny-fp32 left no snapshot)" | tee -a "$S"; fi
 
 # 5. Last, as the slowest: compiled CIFAR-10 DDPM++ in bf16.
-step c10-bf16-compile 170 "$PY" $C --augment 0 --precision bf16 --compile --outdir "$W/c10-bf16c" \
+step c10-bf16-compile 170 "$PY" $C --augment 0 --precision bf16 $COMPILE --outdir "$W/c10-bf16c" \
   && figures "$W/c10-bf16c" c10-bf16-compile
 
 tar czf "$OUT/runs.tgz" -C "$W" --exclude='*.pt' --exclude='*.npz' --exclude='*.png' . 2>/dev/null
