@@ -3,10 +3,11 @@
 Chapter 05 gave the loss (Eq. 2, Table 1, App. F.2's augmentation) and 06 the networks; this is the rest of
 Sec. 5 and App. F, top to bottom: what is trained (presets), the data, the network and loss, the loop (Table 7:
 Adam, a learning-rate ramp-up, an EMA whose half-life is counted in images); then the machinery: atomic training
-states that `--resume auto` continues bit for bit, ticks, labelled previews, torchrun (DDP; gloo on CPUs),
-gradient accumulation, autocast, --compile. `ImageFolder` (a folder or zip; labels from dataset.json or class
-sub-folders) is also 08's image reader. `--label-dropout p` (not in the paper; 0 in every preset) trains one
-network with and without its class, as classifier-free guidance needs.
+states that `--resume auto` continues (bit for bit on CPUs; on GPUs see the README), ticks (with TFLOP/s and
+MFU), labelled previews, torchrun (DDP; gloo on CPUs; several nodes), gradient accumulation, autocast, --compile.
+`ImageFolder` (a folder or zip; labels from dataset.json or class sub-folders) is also 08's image reader.
+`--label-dropout p` (not in the paper; 0 in every preset) trains one network with and without its class, as
+classifier-free guidance needs.
 
 Presets (explicit flags override their values; `--preset X --help` lists them):
   cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13,
@@ -65,7 +66,8 @@ PRESETS = {
                  batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0, lr_rampup=0.01, tick=4, snap=16),
 }
 # The run's own options (no setup changes them); the options a resumed run may change (not the maths).
-RUN_DEFAULTS = dict(tf32=False, compile=False, resume=None, stop_kimg=None, outdir=None, device="auto", seed=0)
+RUN_DEFAULTS = dict(tf32=False, compile=False, channels_last=False, resume=None, stop_kimg=None, outdir=None,
+                    device="auto", seed=0)
 RESUMABLE = set(RUN_DEFAULTS) - {"tf32", "seed"} | {"duration", "tick", "snap", "batch_gpu", "data_dir", "preset"}
 
 
@@ -322,16 +324,21 @@ def ema_beta(cur_nimg, batch_size, halflife_mimg, rampup_ratio=0.05):
 
 @torch.no_grad()
 def update_ema(ema, net, beta):
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.copy_(p_net.detach().lerp(p_ema, beta))     # beta * ema + (1 - beta) * net
+    """ema <- beta * ema + (1 - beta) * net, all parameters in a few multi-tensor kernels (not one per tensor)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - beta)
 
 
 def sanitize_gradients(net):
-    """As the official loop: NaN/Inf entries are replaced, not allowed to poison Adam. Returns 'any found'."""
+    """As the official loop: NaN/Inf entries are replaced, not allowed to poison Adam. Returns 'any found'.
+
+    The check is one multi-tensor max-|g| (NaN and Inf both make it non-finite; a sum of squares could overflow
+    on large finite gradients) instead of ~3 kernels per tensor; the repair, one kernel per tensor, runs only
+    when something was found -- at the price of one device-to-host sync per step."""
     grads = [p.grad for p in net.parameters() if p.grad is not None]
-    found = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any()
-    for g in grads:
-        torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+    found = ~torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()
+    if found:
+        for g in grads:
+            torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
     return found
 
 
@@ -351,12 +358,13 @@ def train(args, device=torch.device("cpu")):
     torch.manual_seed(args.seed)
     net = unet.from_official_config(class_name, net_kwargs).train().requires_grad_(True).to(device)
     common.seed_all(derive_seed(args.seed, "rank", rank))
-    net = net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    net = net.to(memory_format=torch.channels_last) if args.channels_last else net
     ema = copy.deepcopy(net).eval().requires_grad_(False)            # the averaged weights that get sampled
     loss_fn = loss_function(args)                                    # 05: Table 1's p(sigma) and lambda(sigma)
     augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
     augment_pipe = precond.AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                 fused=device.type == "cuda" or None)   # one kernel for all tensors where supported
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     stream = InfiniteSampler(len(data), args.seed, rank, world_size)
     cur_nimg = restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args) if resume else 0
@@ -366,7 +374,7 @@ def train(args, device=torch.device("cpu")):
 
     total_nimg = round(args.duration * 1e6)
     stop_nimg = min(total_nimg, round(args.stop_kimg * 1e3)) if args.stop_kimg else total_nimg
-    progress = Progress(run_dir, cur_nimg, total_nimg, device)
+    progress = Progress(run_dir, cur_nimg, total_nimg, device, train_flops(class_name, net_kwargs), args)
     while cur_nimg < stop_nimg:
         # One step on args.batch images: `rounds` micro-batches per rank, gradients averaged over ranks on the last.
         optimizer.zero_grad(set_to_none=True)
@@ -374,7 +382,7 @@ def train(args, device=torch.device("cpu")):
             with (ddp.no_sync() if world_size > 1 and round_idx < rounds - 1 else contextlib.nullcontext()):
                 images, labels = data.batch(stream.next(batch_gpu))
                 y = images.to(device).to(torch.float32) / 127.5 - 1        # pixels in [-1, 1]
-                y = y.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else y
+                y = y.contiguous(memory_format=torch.channels_last) if args.channels_last else y
                 with autocast():
                     # Eq. 2, weighted as in Table 1 (05's loss): draw sigma ~ p_train (EDM: ln sigma ~
                     # N(P_mean, P_std^2)), augment y, add n ~ N(0, sigma^2 I); per pixel the loss is
@@ -461,11 +469,39 @@ def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg
               f"variance (chapter 05)", file=sys.stderr, flush=True)
 
 
-class Progress:
-    """Per tick (rank 0): loss mean/std over all ranks (summed on the device), speed, memory -> stats.jsonl, a line."""
+def train_flops(class_name, net_kwargs):
+    """FLOPs of one training image: forward (06's count, 2 per multiply-add) + backward (~2x forward)."""
+    return 3 * unet.size_and_flops(class_name, net_kwargs)[1]
 
-    def __init__(self, run_dir, cur_nimg, total_nimg, device):
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, by the precision the matmuls and
+# convolutions run in ("tf32": fp32 with --tf32). First matching name wins; an unknown GPU gets no MFU.
+PEAK_TFLOPS = [
+    (("NVL",), {}),                                                          # H100/H200 NVL: lower clocks, not listed
+    (("H100", "PCIe"), dict(fp32=51, tf32=378, bf16=756, fp16=756)),
+    (("H100", "HBM3"), dict(fp32=67, tf32=495, bf16=989, fp16=989)),       # SXM: "NVIDIA H100 80GB HBM3"
+    (("H200",), dict(fp32=67, tf32=495, bf16=989, fp16=989)),
+    (("A100",), dict(fp32=19.5, tf32=156, bf16=312, fp16=312)),
+    (("V100",), dict(fp32=15.7, fp16=125)),
+]
+
+
+def peak_tflops(device, precision, tf32):
+    """The device's peak TFLOP/s for `precision` (fp32 | bf16 | fp16), or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    key = "tf32" if precision == "fp32" and tf32 else precision
+    return next((peaks.get(key) for parts, peaks in PEAK_TFLOPS if all(p in name for p in parts)), None)
+
+
+class Progress:
+    """Per tick (rank 0): loss mean/std over all ranks (summed on the device), speed, achieved TFLOP/s per
+    process and, on a GPU of known peak, MFU (model FLOPs utilization), memory -> stats.jsonl, a line."""
+
+    def __init__(self, run_dir, cur_nimg, total_nimg, device, flops_per_image, args):
         self.path, self.device, self.total = os.path.join(run_dir, "stats.jsonl"), device, total_nimg
+        self.flops_per_image, self.peak = flops_per_image, peak_tflops(device, args.precision, args.tf32)
         self.bar = tqdm.tqdm(total=total_nimg, initial=cur_nimg, unit="img", unit_scale=True, dynamic_ncols=True,
                              disable=common.get_rank() != 0 or not sys.stderr.isatty())   # a bar on a terminal only
         self.reset(cur_nimg)
@@ -488,8 +524,10 @@ class Progress:
         mean, seconds, nimg = total / count, time.time() - self.start_time, cur_nimg - self.start_nimg
         memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux reports KiB
+        tflops = nimg / seconds / common.get_world_size() * self.flops_per_image / 1e12
         return dict(kimg=cur_nimg / 1e3, loss_mean=mean, loss_std=math.sqrt(max(squares / count - mean ** 2, 0)),
-                    lr=lr, images_per_sec=nimg / seconds, sec_per_kimg=seconds / nimg * 1e3,
+                    lr=lr, images_per_sec=nimg / seconds, sec_per_kimg=seconds / nimg * 1e3, tflops_per_gpu=tflops,
+                    **(dict(mfu=tflops / self.peak) if self.peak else {}),
                     nonfinite_grad_steps=int(self.nonfinite), memory_gb=memory / 2 ** 30, timestamp=time.time())
 
     def log(self, stats):
@@ -498,6 +536,8 @@ class Progress:
                 f.write(json.dumps(stats) + "\n")
             tqdm.tqdm.write(f"kimg {stats['kimg']:8.3f}/{self.total / 1e3:g}  loss {stats['loss_mean']:.4f} +- "
                             f"{stats['loss_std']:.4f}  lr {stats['lr']:.2e}  {stats['images_per_sec']:.0f} img/s  "
+                            f"{stats['tflops_per_gpu']:.3g} TFLOP/s/GPU  " +
+                            (f"MFU {stats['mfu']:.1%}  " if "mfu" in stats else "") +
                             f"{stats['memory_gb']:.2f} GB" + "  snapshot" * ("rank_digests" in stats))
             sys.stdout.flush()   # tqdm.write: above the bar on a terminal; one plain line in a log file
         self.reset(round(stats["kimg"] * 1e3))
@@ -554,6 +594,7 @@ def find_resume(args, run_dir):
     """(state, path) to continue from, or None for a new run; the state must fit the options."""
     latest, previous = os.path.join(run_dir, STATE), os.path.join(run_dir, PREVIOUS)
     found = os.path.exists(latest) or os.path.exists(previous)
+    same_on_every_rank("a training state" if found else "none", run_dir)   # before any rank can stop alone
     if args.resume is None and found:
         raise ValueError(f"{run_dir!r} already holds a training run; pass --resume auto to continue it "
                          f"or choose another --outdir")
@@ -565,6 +606,7 @@ def find_resume(args, run_dir):
         resume = read_state(args.resume)
     else:
         raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
+    same_on_every_rank(f"{resume[0]['cur_nimg']} images", run_dir)
     saved = resume[0]["args"]
     changed = sorted(k for k, v in vars(args).items() if k not in RESUMABLE and saved.get(k, v) != v)
     if changed:
@@ -573,20 +615,34 @@ def find_resume(args, run_dir):
     return resume
 
 
+def same_on_every_rank(seen, run_dir):
+    """Raise on every rank unless all ranks see the same `seen` in the run folder: only rank 0 writes
+    it, so on several nodes it must be one shared folder, or a node would start over while others resume."""
+    views = common.gather(seen)
+    if len(set(views)) > 1:
+        raise ValueError(f"the processes see different training runs in --outdir {run_dir!r} (" + ", ".join(
+            f"rank {r}: {v}" for r, v in enumerate(views)) + "); on several nodes --outdir must be one shared "
+            "folder that every node reads (a network file system)")
+
+
 def restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args):
     """Load a training state into this rank's objects and random streams; returns the images seen."""
     state, rank, world_size = resume[0], common.get_rank(), common.get_world_size()
     for module, key in [(net, "net"), (ema, "ema"), (optimizer, "optimizer"), (scaler, "scaler")]:
         module.load_state_dict(state[key])
+    for group in optimizer.param_groups:     # the saved run's choice may not exist here (fused Adam on a CPU)
+        group["fused"] = device.type == "cuda" or None
     stream.position = state["stream_position"]
-    if len(state["rng"]) == world_size:
+    saved_on = "cuda" if state["rng"][0]["cuda"] is not None else "cpu"
+    if len(state["rng"]) == world_size and saved_on == device.type:
         torch.set_rng_state(state["rng"][rank]["torch"])
         augment_generator.set_state(state["rng"][rank]["augment"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
-    else:   # a different number of ranks cannot replay the old streams; fresh ones, still deterministic
-        print(f"warning: resuming {len(state['rng'])} ranks' run on {world_size}; random streams are re-seeded",
-              file=sys.stderr)
+    else:   # another number of ranks, or another device's generator type: fresh streams, still deterministic
+        why = f"{len(state['rng'])} ranks' run on {world_size}" if saved_on == device.type else \
+            f"a {saved_on} run on {device.type} (the generators differ)"
+        print(f"warning: resuming {why}; random streams are re-seeded", file=sys.stderr)
         common.seed_all(derive_seed(args.seed, "rank", rank, state["cur_nimg"]))
         augment_generator.manual_seed(derive_seed(args.seed, "augment", rank, state["cur_nimg"]))
     return state["cur_nimg"]
@@ -662,6 +718,8 @@ def build_parser(preset):
     add("--precision", "autocast dtype", choices=["fp32", "bf16", "fp16"])
     add("--tf32", "allow TF32 matmuls (the paper: off)", **flag)
     add("--compile", "torch.compile the network for training (not the paper's; sampling stays eager)", **flag)
+    add("--channels-last", "NHWC memory format for the network and its inputs (not the paper's; off: GroupNorm "
+        "may transpose NHWC on CUDA -- measure with tools/gpu_check.sh)", **flag)
     add("--tick", "interval of progress lines and stats.jsonl, kimg", type=kimg)
     add("--snap", "interval of snapshots, previews and training states, kimg", type=kimg)
     add("--resume", "auto (continue the run in --outdir if there is one) or a training-state .pt", "a new run")
@@ -745,9 +803,9 @@ def conclude(args, run_dir, kimg):
           f"  preview-*.png          EMA samples of seeds 0-63{' (a class per row)' * args.cond} at each snapshot: "
           f"noise,\n{'':25}then blobs, then the data's shapes -- Eq. 2's loss and Table 7's schedule at work\n"
           f"  network-snapshot-*.pt  EMA weights + network configuration; 06's load_network and 08 read them\n"
-          f"  training-state.pt      all it takes to continue bit for bit (--resume auto); -prev is the one before\n"
+          f"  training-state.pt      what --resume auto continues from (bit for bit on a CPU); -prev: the one before\n"
           f"  training_options.json  this run's options, dataset and network configuration\n"
-          f"  stats.jsonl            one line per tick: loss mean and std, learning rate, images/s, memory")
+          f"  stats.jsonl            one line per tick: loss mean and std, learning rate, images/s, TFLOP/s, memory")
 
 
 if __name__ == "__main__":

@@ -214,8 +214,10 @@ def write_json(obj, path):
 def init_distributed(device_name="auto"):
     """Join torchrun's process group if there is one. Returns (rank, world_size, device).
 
-    NCCL on GPUs, gloo on CPUs; each process takes the GPU numbered by its LOCAL_RANK. Under
-    torchrun the group is joined even with one process, so `--nproc_per_node=1` tests that path.
+    NCCL on GPUs, gloo on CPUs; each process takes the GPU numbered by its LOCAL_RANK, and tells NCCL so
+    (device_id): without it NCCL's first collective guesses the GPU from the global rank, the wrong one on a
+    second node or with fewer processes than GPUs. Under torchrun the group is joined even with one
+    process, so `--nproc_per_node=1` tests that path.
     """
     if "RANK" not in os.environ:
         return 0, 1, get_device(device_name)
@@ -223,7 +225,8 @@ def init_distributed(device_name="auto"):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         device_id=device if device.type == "cuda" else None)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 

@@ -16,6 +16,29 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 
+# The device tests/test_device.py checks against the CPU: EDM_TEST_DEVICE=cuda (or cuda:1, ...) on a GPU machine.
+# Unset, those tests skip (the chapter tests cover the CPU); EDM_TEST_DEVICE=cpu runs them on the CPU, a check
+# of the checks. Every other test runs on the CPU whatever the switch says.
+TEST_DEVICE = os.environ.get("EDM_TEST_DEVICE")
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device under test, or a skip that says why it cannot be tested here."""
+    if TEST_DEVICE is None:
+        pytest.skip("EDM_TEST_DEVICE is not set: set it to cuda to compare the GPU with the CPU")
+    try:
+        device = torch.device(TEST_DEVICE)
+    except RuntimeError:
+        pytest.fail(f"EDM_TEST_DEVICE={TEST_DEVICE!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"EDM_TEST_DEVICE={TEST_DEVICE} but this machine has no CUDA device (torch "
+                    f"{torch.__version__}, torch.cuda.is_available() is False)")
+    if device.type not in ("cpu", "cuda"):
+        pytest.skip(f"EDM_TEST_DEVICE={TEST_DEVICE}: only cpu and cuda are tested")
+    return device
+
+
 @pytest.fixture(scope="session")
 def load():
     return common.load
