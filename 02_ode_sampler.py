@@ -144,8 +144,9 @@ def EDM():
 # ----------------------------------------------------------------------------
 # The ODE and Euler's method.
 
-def ode_derivative(net, x, t, f, class_labels=None):
-    """dx/dt of Eq. 4 at state x (in the formulation's own coordinates) and time t.
+def ode_derivative(net, x, t, f, extra_args=None):
+    """dx/dt of Eq. 4 at state x (in the formulation's own coordinates) and time t; the denoiser is called
+    as every sampler calls it, `net(x, sigma, **extra_args)` (common.denoise).
 
     Eq. 4 is dx = [s_dot/s x - s^2 sigma_dot sigma grad_x log p(x/s; sigma)] dt, where the
     gradient is taken with respect to x, so it carries a factor 1/s. Replacing the score by
@@ -153,17 +154,17 @@ def ode_derivative(net, x, t, f, class_labels=None):
     below; the network only ever sees the unscaled x~ = x / s and the noise level sigma(t).
     """
     sigma, s = f.sigma(t), f.s(t)
-    denoised = net(x / s, sigma, class_labels).to(torch.float64)
+    denoised = common.denoise(net, x / s, sigma, extra_args)
     return (f.sigma_deriv(t) / sigma + f.s_deriv(t) / s) * x - f.sigma_deriv(t) * s / sigma * denoised
 
 
-def euler(net, x, t_steps, f, class_labels=None):
+def euler(net, x, t_steps, f, extra_args=None):
     """Euler's method for Eq. 4 from x at t_steps[0] through every t_steps[i]; one NFE per step.
 
     The derivative is only ever evaluated at t_cur > 0, so t_steps may end at 0 (sigma = 0).
     """
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
-        x = x + (t_next - t_cur) * ode_derivative(net, x, t_cur, f, class_labels)
+        x = x + (t_next - t_cur) * ode_derivative(net, x, t_cur, f, extra_args)
     return x
 
 
@@ -172,14 +173,14 @@ def initial_state(latents, t0, f):
     return latents.to(torch.float64) * (f.sigma(t0) * f.s(t0))
 
 
-def sample(net, latents, sigma_steps, f, class_labels=None):
+def sample(net, latents, sigma_steps, f, extra_args=None):
     """Euler sampling of x~(sigma = 0) from unit latents through the noise levels sigma_steps (ending at 0).
 
     The noise levels are mapped to each formulation's own times, t_i = sigma^-1(sigma_i), so that
     different formulations can be compared at identical noise levels.
     """
     t_steps = f.sigma_inv(sigma_steps)
-    x = euler(net, initial_state(latents, t_steps[0], f), t_steps, f, class_labels)
+    x = euler(net, initial_state(latents, t_steps[0], f), t_steps, f, extra_args)
     return x / f.s(t_steps[-1])
 
 

@@ -575,7 +575,7 @@ def save_preview(ema, path, device, cur_nimg, class_names):
     latents = rnd.randn([64, ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
     classes = torch.arange(64, device=device) // 8 % max(ema.label_dim, 1)
     labels = F.one_hot(classes, ema.label_dim).to(torch.float32) if ema.label_dim else None
-    images = sampler.edm_sampler(ema, latents, labels, randn_like=rnd.randn_like)   # the training RNGs are untouched
+    images = sampler.edm_sampler(ema, latents, {"class_labels": labels}, randn_like=rnd.randn_like)   # the training RNGs are untouched
     common.save_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
                      [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
 

@@ -470,29 +470,6 @@ def parse_seeds(text):
     return seeds
 
 
-class EvaluationCounter:
-    """Wraps a network (or a guided denoiser) and counts the images that go through it: NFE measured, not computed.
-
-    `evaluations` sums the batch size of every call, so evaluations / images generated is the NFE
-    per image whatever the batch sizes. The attributes samplers read (sigma_min, round_sigma,
-    label_dim, ...) are the wrapped network's.
-    """
-
-    def __init__(self, net):
-        self.net, self.evaluations = net, 0
-
-    def __getattr__(self, name):
-        return getattr(self.net, name)
-
-    def __call__(self, x, sigma, class_labels=None):
-        self.evaluations += x.shape[0]
-        return self.net(x, sigma, class_labels)
-
-    def per_image(self, images):
-        n = self.evaluations / images
-        return int(n) if n.is_integer() else n
-
-
 def generate_batch(net, seeds, device, class_idx=None, sampler=sampling.edm_sampler, **options):
     """uint8 images [N, C, H, W] for the given seeds, each depending on its own seed only.
 
@@ -508,7 +485,7 @@ def generate_batch(net, seeds, device, class_idx=None, sampler=sampling.edm_samp
             class_labels = torch.zeros_like(class_labels)
             class_labels[:, class_idx] = 1
     with torch.no_grad():
-        x = sampler(net, latents, class_labels, randn_like=rnd.randn_like, **options)
+        x = sampler(net, latents, {"class_labels": class_labels}, randn_like=rnd.randn_like, **options)
     return common.to_uint8(x).permute(0, 3, 1, 2)
 
 
@@ -605,8 +582,8 @@ def save_ref(mu, sigma, path):
 # command-line helpers do, inside the functions that need them (the house rule lets the
 # command line use later chapters).
 #
-# Three samplers, all called by generate_batch as `sampler(net, latents, class_labels,
-# randn_like, **options)`:
+# Three samplers, all called by generate_batch as `sampler(net, latents, extra_args, randn_like, **options)`
+# and all calling the denoiser as `net(x, sigma, **extra_args)` (extra_args = {"class_labels": labels}):
 #   * the default, and --solver heun: 04's edm_sampler (Algorithm 2, --S_churn etc.), 18 steps = 35 NFE;
 #   * --disc/--schedule/--scaling: 03's ablation_sampler (Sec. 3 ablations), --solver euler or heun;
 #   * any other --solver, or --sigma-steps: 09's deterministic solvers on their authors' sigma steps.
@@ -663,7 +640,7 @@ def sampler_from_args(args):
     return solver_sampler, options
 
 
-def solver_sampler(net, latents, class_labels=None, randn_like=None, solver="heun", sigma_steps="edm",
+def solver_sampler(net, latents, extra_args=None, randn_like=None, solver="heun", sigma_steps="edm",
                    num_steps=18, sigma_min=0.002, sigma_max=80, rho=7.0):
     """Chapter 09's `solver` on `num_steps` intervals of its `sigma_steps` kind: float64 samples at sigma = 0.
 
@@ -677,11 +654,7 @@ def solver_sampler(net, latents, class_labels=None, randn_like=None, solver="heu
     round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
     sigmas = fast.sigma_steps(num_steps, sigma_min, sigma_max, sigma_steps, rho).to(latents.device)
     sigmas = torch.cat([round_sigma(sigmas[:-1]).to(sigmas.dtype), sigmas[-1:]])     # the last level stays 0
-
-    def denoise(x, sigma):                               # 09's denoise(x, sigma): D in float64
-        return net(x, sigma, class_labels).to(torch.float64)
-
-    return fast.SOLVERS[solver].sample(denoise, latents.to(torch.float64) * sigmas[0], sigmas)
+    return fast.SOLVERS[solver].sample(net, latents.to(torch.float64) * sigmas[0], sigmas, extra_args)
 
 
 def solver_and_steps(sampler, options):
@@ -695,10 +668,10 @@ def solver_and_steps(sampler, options):
 
 def denoiser_from_args(args, net, device):
     """(denoiser, counters, settings): the denoiser the sampler calls -- `net`, or `net` guided as
-    --guidance, --guide-network and --guidance-interval say (chapter 10) -- with an EvaluationCounter
+    --guidance, --guide-network and --guidance-interval say (chapter 10) -- with a common.CountingDenoiser
     on each network (so that the guide's evaluations are counted too) and the settings for fid.json.
     """
-    main_net = EvaluationCounter(net)
+    main_net = common.CountingDenoiser(net)
     settings = dict(w=args.guidance, method="none", guide_network=None, interval=None)
     if args.guidance == 1 and args.guide_network is None and args.guidance_interval is None:
         return main_net, [main_net], settings
@@ -708,7 +681,7 @@ def denoiser_from_args(args, net, device):
         counters, guide = [main_net], None
         settings.update(method="cfg")
     else:                                                            # autoguidance: a weaker network of the task
-        guide = EvaluationCounter(rank0_first(load_net, args.guide_network, device))
+        guide = common.CountingDenoiser(rank0_first(load_net, args.guide_network, device))
         check_same_task(net, guide, args.guide_network)
         counters = [main_net, guide]
         settings.update(method="autoguidance", guide_network=os.path.abspath(args.guide_network))
@@ -749,7 +722,7 @@ def cmd_generate(args):
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
     outdir = common.out_dir(__file__, args.outdir or os.path.join("out", "08_evaluate_fid", "images"))
     print0(f"Generating {len(seeds)} images into {outdir} ({describe(sampler, options, guidance)})...")
-    counter = EvaluationCounter(denoiser)
+    counter = common.CountingDenoiser(denoiser)
     generate_pngs(counter, seeds, outdir, args.batch, device, args.subdirs, args.class_idx, sampler=sampler, **options)
     if common.get_rank() == 0:      # rank 0 always has images (other ranks may have none): its count is the NFE
         images = rank_images(seeds, args.batch)
@@ -798,7 +771,7 @@ def cmd_fid(args):
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
     detector = rank0_first(load_detector, args.detector, device)
     ref = load_ref(args.ref, detector.feature_dim)
-    counter = EvaluationCounter(denoiser)              # the sampler's calls: NFE as the paper counts it
+    counter = common.CountingDenoiser(denoiser)              # the sampler's calls: NFE as the paper counts it
     start, result, images = time.time(), {"fid": [], "seeds": []}, 0
     print0(describe(sampler, options, guidance))
     for k in range(args.repeats):

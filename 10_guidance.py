@@ -26,10 +26,10 @@ draw exactly from any of them -- one more reason to look at what it does produce
   elsewhere. At high sigma CFG's push decides which part of its class a sample ends in (the
   diversity loss); at low sigma the classes are already apart and there is nothing left to guide.
 
-`GuidedDenoiser` is that wrapper, and it looks like a network to every sampler here: 04's
-`edm_sampler` and 03's `ablation_sampler` call `net(x, sigma, class_labels)` and read
-`net.sigma_min`, `net.sigma_max`, `net.round_sigma`; 09's solvers call `denoise(x, sigma)` with a
-[batch] sigma. `guided(net, w, guide_net=None, interval=None)` builds CFG (no guide network) or
+`GuidedDenoiser` is that wrapper, and it looks like a network to every sampler here: 03's, 04's
+and 09's samplers all call `net(x, sigma, **extra_args)` (extra_args = {"class_labels": labels}; a
+0-d sigma in 03 and 04, a [batch] one in 09) and read `net.sigma_min`, `net.sigma_max`,
+`net.round_sigma` where present. `guided(net, w, guide_net=None, interval=None)` builds CFG (no guide network) or
 autoguidance (with one).
 
 The demo: three classes in 2-D, each a thin spiral arm of 96 small Gaussians (width 0.04), so that
@@ -114,14 +114,14 @@ class GuidedDenoiser:
             return getattr(self.net, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def __call__(self, x, sigma, class_labels=None):
-        D_main = self.net(x, sigma, class_labels)
+    def __call__(self, x, sigma, **extra_args):
+        D_main = self.net(x, sigma, **extra_args)
         lo, hi = self.interval
         sigma64 = torch.as_tensor(sigma, dtype=torch.float64)
         inside = (sigma64 >= lo) & (sigma64 <= hi)          # one flag, or one per sample
         if self.w == 1 or not inside.any():
             return D_main
-        D_guide = self.guide(x, sigma, class_labels)
+        D_guide = self.guide(x, sigma, **extra_args)
         D_w = D_main + (self.w - 1) * (D_main - D_guide)
         if inside.all():
             return D_w
@@ -142,10 +142,10 @@ class LabelDropped:
                              "give a guide network for autoguidance instead")
         self.net = net
 
-    def __call__(self, x, sigma, class_labels=None):
+    def __call__(self, x, sigma, class_labels=None, **extra_args):
         if class_labels is None:
             raise ValueError("classifier-free guidance needs class labels to drop")
-        return self.net(x, sigma, torch.zeros_like(class_labels))
+        return self.net(x, sigma, class_labels=torch.zeros_like(class_labels), **extra_args)
 
 
 def guided(net, w, guide_net=None, interval=None):
@@ -312,7 +312,7 @@ def run_setting(truth, main, latents, classes, reference, off_threshold, interva
             if w == 1 and unguided is not None:      # w = 1 is D_main exactly: one run serves every method
                 results[name][w] = unguided
                 continue
-            x = sampler(make(w), latents, labels, num_steps=steps).cpu()
+            x = sampler(make(w), latents, {"class_labels": labels}, num_steps=steps).cpu()
             results[name][w] = (x, evaluate(truth, x, classes, reference, off_threshold))
             if w == 1:
                 unguided = results[name][w]
@@ -461,7 +461,7 @@ def run(args, interval, device):
     print(f"\nWhere in sigma CFG helps and where it hurts: w = 3, guidance only for sigma in one band (exact main)")
     print(f"{'band':<18}{'mean log p':>12}{'off data':>10}{'energy dist':>13}{'diversity':>11}")
     for lo, hi in bands:
-        x = sampler(guided(truth, 3, interval=(lo, hi)), latents, labels, num_steps=args.steps).cpu()
+        x = sampler(guided(truth, 3, interval=(lo, hi)), latents, {"class_labels": labels}, num_steps=args.steps).cpu()
         s = evaluate(truth, x, classes, reference, off_threshold)
         print(f"{f'[{lo:g}, {hi:g}]':<18}{s['log_p']:>12.3f}{100 * s['off']:>9.1f}%{s['distance']:>13.4f}"
               f"{s['diversity']:>11.3f}")

@@ -91,6 +91,47 @@ class StackedRandomGenerator:
 
 
 # ----------------------------------------------------------------------------
+# Denoisers: the one calling convention of every sampler, and counting their evaluations.
+#
+# Every denoiser -- exact ones, networks, guided ones -- is called as k-diffusion calls its models,
+# `model(x, sigma, **extra_args)`; a class-conditional network gets extra_args = {"class_labels": labels}.
+
+def denoise(model, x, sigma, extra_args=None):
+    """D(x; sigma) = model(x, sigma, **extra_args) as float64, the precision samplers integrate in.
+
+    A network with parameters gets x and sigma in its parameters' dtype (as the official EDMPrecond casts
+    its inputs to float32), so a plain float32 nn.Module works; an exact denoiser gets them unchanged.
+    """
+    params = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    if params is not None:
+        x, sigma = x.to(params.dtype), torch.as_tensor(sigma, device=x.device).to(params.dtype)
+    return model(x, sigma, **(extra_args or {})).to(torch.float64)
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts the images that go through it: NFE is measured, never computed.
+
+    `evaluations` sums the batch size of every call, so `per_image(n)` = evaluations / n is the NFE
+    per image whatever the batch sizes. Attributes samplers read (sigma_min, round_sigma, label_dim,
+    ...) are the wrapped denoiser's.
+    """
+
+    def __init__(self, model):
+        self.model, self.evaluations = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, x, sigma, **extra_args):
+        self.evaluations += x.shape[0]
+        return self.model(x, sigma, **extra_args)
+
+    def per_image(self, images):
+        n = self.evaluations / images
+        return int(n) if n.is_integer() else n
+
+
+# ----------------------------------------------------------------------------
 # Images.
 
 def to_uint8(x):

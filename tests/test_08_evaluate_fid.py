@@ -314,7 +314,7 @@ def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_netwo
     net = fid.load_net(tiny_network, "cpu")
 
     def measured_nfe(sampler, options):                  # network calls per image, counted on 2 images
-        counter = fid.EvaluationCounter(net)
+        counter = fid.common.CountingDenoiser(net)
         fid.generate_batch(counter, [3, 4], "cpu", None, sampler, **options)
         return counter.per_image(2)
 
@@ -362,8 +362,8 @@ def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_netwo
 
 def test_class_conditions_every_seed_on_that_class(fid):
     seen = []
-    def sampler(net, latents, class_labels, randn_like):   # records what generate_batch hands the sampler
-        seen.append(class_labels)
+    def sampler(net, latents, extra_args, randn_like):     # records what generate_batch hands the sampler
+        seen.append(extra_args["class_labels"])
         return torch.zeros_like(latents)
     net = types.SimpleNamespace(img_channels=3, img_resolution=4, label_dim=5)
     fid.generate_batch(net, [0, 1, 2, 3], "cpu", 3, sampler)
@@ -380,17 +380,16 @@ def test_solver_sampler_runs_09s_solvers_on_their_steps(fid, load, tiny_network)
     net = fid.load_net(tiny_network, "cpu")
     latents = torch.randn([3, 3, 16, 16], generator=torch.Generator().manual_seed(1))
     labels = torch.eye(4)[[0, 2, 3]]
-    denoise = lambda x, sigma: net(x, sigma, labels).to(torch.float64)
     parser = fid.build_parser()
     for solver, nfe in [("ipndm", 10), ("dpmpp3m", 6), ("heun", 7)]:
         _, options = fid.sampler_from_args(parser.parse_args(["generate", "--network", "x", "--solver", solver,
                                                               "--nfe", str(nfe), "--sigma-steps",
                                                               fast.SOLVERS[solver].schedule]))
-        want, count = fast.sample(denoise, latents, solver, nfe)
-        assert count == nfe and torch.equal(fid.solver_sampler(net, latents, labels, **options), want), solver
+        want, count = fast.sample(net, latents, solver, nfe, extra_args={"class_labels": labels})
+        assert count == nfe and torch.equal(fid.solver_sampler(net, latents, {"class_labels": labels}, **options), want), solver
     sigmas = fast.sigma_steps(5, 0.002, 80.0, "time_uniform", 1.0)
-    want = fast.sample_dpmpp_2m(denoise, latents.to(torch.float64) * sigmas[0], sigmas)
-    got = fid.solver_sampler(net, latents, labels, solver="dpmpp2m", sigma_steps="time_uniform", num_steps=5, rho=1.0)
+    want = fast.sample_dpmpp_2m(net, latents.to(torch.float64) * sigmas[0], sigmas, {"class_labels": labels})
+    got = fid.solver_sampler(net, latents, {"class_labels": labels}, solver="dpmpp2m", sigma_steps="time_uniform", num_steps=5, rho=1.0)
     assert torch.equal(got, want)
 
 
@@ -472,7 +471,7 @@ def test_default_generation_is_algorithm_2_with_18_steps(fid, tiny_network, tmp_
     rnd = common.StackedRandomGenerator("cpu", seeds)
     latents = rnd.randn([3, 3, 16, 16])
     labels = torch.eye(4)[rnd.randint(4, size=[3])]
-    want = common.to_uint8(fid.sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=18))
+    want = common.to_uint8(fid.sampling.edm_sampler(net, latents, {"class_labels": labels}, randn_like=rnd.randn_like, num_steps=18))
     default = generated(fid, tiny_network, tmp_path / "default", seeds="0-2")
     assert same_images(default, list(want.numpy()))
     assert same_images(generated(fid, tiny_network, tmp_path / "heun35", "--solver", "heun", "--nfe", 35,

@@ -46,6 +46,15 @@ ROWS = {
         latents = torch.randn(4000, 1, dtype=torch.float64)
         x = m.edm_sampler(Gaussian(), latents, num_steps=18)   # Algorithm 2, deterministic setting
         check_std(x)
+        class Float32Gaussian(torch.nn.Module):   # a plain float32 network: fails on float64 inputs
+            def __init__(self):
+                super().__init__()
+                self.s = torch.nn.Parameter(torch.tensor(0.5))
+            def forward(self, x, sigma, class_labels=None):
+                assert x.dtype == sigma.dtype == torch.float32, (x.dtype, sigma.dtype)
+                return self.s ** 2 / (self.s ** 2 + sigma ** 2) * x
+        y = m.edm_sampler(Float32Gaussian(), latents, num_steps=18)
+        assert y.dtype == torch.float64 and (y - x).abs().max() < 1e-4, float((y - x).abs().max())
     """),
     "ablation_sampler": (["03_heun_and_schedules.py", "02_ode_sampler.py"], """
         m = common.load("03_heun_and_schedules")
@@ -119,7 +128,7 @@ ROWS = {
         torch.manual_seed(0)
         sigmas = m.sigma_steps(10, 0.002, 80.0, kind="logsnr")
         D = Gaussian()
-        x = m.sample_dpmpp_2m(lambda x, sigma: D(x, sigma), torch.randn(4000, 1, dtype=torch.float64) * 80.0, sigmas)
+        x = m.sample_dpmpp_2m(D, torch.randn(4000, 1, dtype=torch.float64) * 80.0, sigmas)
         check_std(x)
     """),
     "guidance": (["10_guidance.py"], """
