@@ -4,9 +4,10 @@ Chapter 05 gave the loss (Eq. 2, Table 1) and 06 the networks; this is the rest 
 bottom: what is trained (presets), the data, the network and loss, the loop (Table 7: Adam, a learning-rate
 ramp-up, an EMA whose half-life is counted in images), App. F.2's non-leaking augmentation; then the
 machinery: atomic training states that `--resume auto` continues bit for bit, ticks, labelled previews,
-torchrun (DDP; gloo on CPUs), gradient accumulation, autocast, --compile. `ImageFolder` (a folder or zip; labels from dataset.json or class
-sub-folders) is also 08's image reader. `--label-dropout p` (not in the paper; 0 in every preset) trains one
-network with and without its class, as classifier-free guidance needs.
+torchrun (DDP; gloo on CPUs), gradient accumulation, autocast, --compile. Images come through common.py's
+reader (a folder or zip, labels from dataset.json or class sub-folders; CIFAR-10), which 08 shares.
+`--label-dropout p` (not in the paper; 0 in every preset) trains one network with and without its class,
+as classifier-free guidance needs.
 
 Presets (explicit flags override their values; `--preset X --help` lists them):
   cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13,
@@ -25,14 +26,12 @@ import contextlib
 import copy
 import glob
 import hashlib
-import io
 import json
 import math
 import os
 import resource
 import sys
 import time
-import zipfile
 
 import numpy as np
 import torch
@@ -68,94 +67,10 @@ RESUMABLE = set(RUN_DEFAULTS) - {"tf32", "seed"} | {"duration", "tick", "snap", 
 
 
 # ----------------------------------------------------------------------------
-# Data: images become a uint8 tensor [N, C, H, W] and integer class labels (or none).
-# 08 reads images through this section too: one --data-dir default, one extension list.
+# Data: images become a uint8 tensor [N, C, H, W] and integer class labels (or none); folders, zips and
+# CIFAR-10 are read by common.py's ImageFolder and load_cifar10, which 08 measures FID with.
 
-DATA_DIR = os.path.join("out", "data")       # where CIFAR-10's tarball is looked for (07 and 08)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-class ImageFolder:
-    """The images of a folder or .zip (recursive, sorted by relative name), decoded only when read.
-
-    `read(i)` gives uint8 [C, H, W] (C = 1 greyscale or 3 RGB); every image must have the first one's
-    shape. `labels` come from dataset.json (the official dataset-tool layout: {"labels":
-    [["00000/img00000000.png", 6], ...]}), else from one sub-folder per class, else None.
-    """
-
-    def __init__(self, path):
-        self.path, self._zip, self.shape = path, None, None
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path!r}: no such folder or .zip of images")
-        if os.path.isdir(path):
-            files = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                     for root, _, names in os.walk(path) for f in names]
-        elif zipfile.is_zipfile(path):
-            self._zip = zipfile.ZipFile(path)
-            files = [n for n in self._zip.namelist() if not n.endswith("/")]
-        else:
-            raise ValueError(f"{path!r} is neither a folder nor a .zip file of images")
-        self._files = set(files)
-        self.names = sorted(n for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not self.names:
-            raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {path!r}")
-        self.shape = self.read(0).shape                 # every later image must match the first
-
-    def __len__(self):
-        return len(self.names)
-
-    def _bytes(self, name):
-        if self._zip is not None:
-            return self._zip.read(name)
-        with open(os.path.join(self.path, name), "rb") as f:
-            return f.read()
-
-    def read(self, i):
-        """Image i as a uint8 numpy array [C, H, W]."""
-        import PIL.Image
-        name = self.names[i]
-        try:
-            with PIL.Image.open(io.BytesIO(self._bytes(name))) as image:
-                array = np.array(image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB"))
-        except Exception as error:   # a damaged file can raise many kinds
-            raise ValueError(f"cannot read image {name!r} in {self.path!r} ({type(error).__name__}: {error})")
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        if self.shape is not None and array.shape != self.shape:
-            size = lambda s: f"{s[2]}x{s[1]} with {s[0]} channel(s)"
-            raise ValueError(f"{name!r} is {size(array.shape)} but {self.names[0]!r} is {size(self.shape)}; "
-                             f"all images in {self.path!r} must have one size and channel count")
-        return array
-
-    def batch(self, indices):
-        """Images `indices` as a uint8 tensor [N, C, H, W]."""
-        return torch.from_numpy(np.stack([self.read(int(i)) for i in indices]))
-
-    @property
-    def labels(self):
-        """int64 [N] class indices, or None."""
-        if "dataset.json" in self._files:
-            labels = dict(json.loads(self._bytes("dataset.json")).get("labels") or [])
-            missing = [n for n in self.names if n not in labels]
-            if labels and missing:
-                raise ValueError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}")
-            return np.asarray([labels[n] for n in self.names], np.int64) if labels else None
-        folders = [n.split("/")[0] if "/" in n else None for n in self.names]
-        if None in folders or len(set(folders)) < 2:
-            return None
-        return np.unique(folders, return_inverse=True)[1].astype(np.int64)   # index of the sorted folder name
-
-
-def load_cifar10(data_dir=DATA_DIR):
-    """The 50,000 CIFAR-10 training images (uint8 [50000, 3, 32, 32]) and classes (int64 [50000])."""
-    import torchvision
-    try:
-        dataset = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
-    except Exception as error:   # offline: urllib/socket/integrity errors all end here
-        raise OSError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(error).__name__}); "
-                      f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
-                      f"into {data_dir!r}") from None
-    return torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous(), np.asarray(dataset.targets, np.int64)
 
 
 # The built-in dataset: coloured shapes on dark backgrounds, one class per shape.
@@ -207,12 +122,12 @@ class TrainingSet:
 def load_dataset(args):
     """--data (cifar10 | shapes | a folder/zip) -> TrainingSet, checked against the network it will feed."""
     if args.data == "cifar10":
-        (images, labels), name, names = load_cifar10(args.data_dir), "cifar10", CIFAR10_CLASSES
+        (images, labels), name, names = common.load_cifar10(args.data_dir), "cifar10", CIFAR10_CLASSES
     elif args.data == "shapes":
         (images, labels), names = make_shapes_dataset(4096, args.resolution or 16), SHAPES
         name = f"shapes{images.shape[2]}"
     else:
-        folder = ImageFolder(args.data)
+        folder = common.ImageFolder(args.data)
         images, labels, names = folder.batch(range(len(folder))), folder.labels, None
         name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
     n, _, h, w = images.shape
@@ -745,7 +660,7 @@ def build_parser(preset):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False, epilog=f"Defaults shown: --preset {preset}." if preset
                                      else "Defaults shown: no preset (Table 7's CIFAR-10 values).")
-    d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=DATA_DIR, preset=preset)
+    d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=common.DATA_DIR, preset=preset)
     kimg, probability, positive = common.number(float, low=0.001), common.number(float, 0, 1), common.number(int, low=1)
     flag = dict(action=argparse.BooleanOptionalAction)   # --x / --no-x
 

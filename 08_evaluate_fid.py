@@ -63,7 +63,6 @@ import pickle
 import re
 import sys
 import time
-import urllib.parse
 import warnings
 import zipfile
 
@@ -78,7 +77,6 @@ import common
 schedules = common.load("03_heun_and_schedules")   # ablation_sampler: the paper's Sec. 3-4 samplers
 sampling = common.load("04_stochastic_sampler")    # edm_sampler: Algorithm 2
 networks = common.load("06_unet")                  # load_network: official pickles and 07's snapshots
-training = common.load("07_train_cifar10")         # ImageFolder, load_cifar10, DATA_DIR: the one image reader
 
 # ----------------------------------------------------------------------------
 # 1. The Frechet distance between two Gaussians, in float64.
@@ -179,24 +177,6 @@ DETECTORS = {
 }
 FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
-
-
-def cache_dir():
-    """Downloads go where torch.hub keeps checkpoints (~/.cache/torch/hub/checkpoints, or $TORCH_HOME)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints")
-
-
-def fetch(url, what):
-    """Path of a URL's file in the cache, downloading it on first use."""
-    path = os.path.join(cache_dir(), os.path.basename(urllib.parse.urlparse(url).path))
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, path, progress=common.get_rank() == 0)
-        except OSError as e:  # urllib's URLError is an OSError
-            raise OSError(f"cannot download {what} from {url} ({e}); "
-                          f"download it elsewhere and put it at {path} (or pass its path)") from None
-    return path
 
 
 def tf_preprocess(images):
@@ -365,7 +345,7 @@ def open_detector_file(path):
 
 def load_detector(spec, device):
     """`nvidia` (default, the paper's), `nvidia-pkl`, `pytorch-fid`, or a local file path."""
-    path = fetch(DETECTORS[spec], f"the Inception detector ({spec})") if spec in DETECTORS else spec
+    path = common.download(DETECTORS[spec], f"the Inception detector ({spec})") if spec in DETECTORS else spec
     return open_detector_file(path).to(device)
 
 
@@ -378,7 +358,7 @@ def features_of(detector, images):
 
 
 # ----------------------------------------------------------------------------
-# 4. Image sets: a folder or zip of images through 07's ImageFolder (the official
+# 4. Image sets: a folder or zip of images through common.py's ImageFolder (the official
 # dataset-tool layout, searched recursively, sorted), or CIFAR-10's training set.
 
 class TensorImages:
@@ -397,8 +377,8 @@ class TensorImages:
 def open_images(spec, data_dir):
     """`cifar10` (the 50,000 training images, looked for in data_dir) or a folder/.zip of images."""
     if spec == "cifar10":
-        return TensorImages(training.load_cifar10(data_dir)[0])
-    return training.ImageFolder(spec)
+        return TensorImages(common.load_cifar10(data_dir)[0])
+    return common.ImageFolder(spec)
 
 
 def random_subset(n_total, num, seed):
@@ -427,16 +407,6 @@ def rank_batches(items, batch_size):
     world = common.get_world_size()
     num_batches = ((len(items) - 1) // (batch_size * world) + 1) * world
     return torch.as_tensor(items).tensor_split(num_batches)[common.get_rank()::world]
-
-
-def rank0_first(fn, *args):
-    """Run fn on rank 0 first (it downloads into the cache), then on the others."""
-    if common.get_rank() != 0:
-        torch.distributed.barrier()
-    result = fn(*args)
-    if common.get_rank() == 0 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return result
 
 
 def progress(batches, what, lines=10):
@@ -553,7 +523,7 @@ def image_stats(images, indices, detector, batch_size, device):
 
 def load_ref(spec, feature_dim):
     """Reference statistics from an .npz path or URL (e.g. the official fid-refs), checked."""
-    path = fetch(spec, "the reference statistics") if re.match(r"https?://", spec) else spec
+    path = common.download(spec, "the reference statistics") if re.match(r"https?://", spec) else spec
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference statistics not found: {path}; make them with the `ref` "
                                 f"subcommand or pass an official fid-refs .npz (path or URL)")
@@ -566,14 +536,6 @@ def load_ref(spec, feature_dim):
         raise ValueError(f"reference {path} has {mu.shape[0] if mu.ndim else 0}-d statistics but the detector gives "
                          f"{feature_dim}-d features; it was made with a different detector")
     return mu, sigma
-
-
-def save_ref(mu, sigma, path):
-    """Write reference statistics atomically (a reader never sees half a file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
@@ -681,7 +643,7 @@ def denoiser_from_args(args, net, device):
         counters, guide = [main_net], None
         settings.update(method="cfg")
     else:                                                            # autoguidance: a weaker network of the task
-        guide = common.CountingDenoiser(rank0_first(load_net, args.guide_network, device))
+        guide = common.CountingDenoiser(common.rank0_first(load_net, args.guide_network, device))
         check_same_task(net, guide, args.guide_network)
         counters = [main_net, guide]
         settings.update(method="autoguidance", guide_network=os.path.abspath(args.guide_network))
@@ -717,7 +679,7 @@ def cmd_generate(args):
     _, _, device = common.init_distributed(args.device)
     seeds = parse_seeds(args.seeds)
     sampler, options = sampler_from_args(args)
-    net = rank0_first(load_net, args.network, device)
+    net = common.rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
     outdir = common.out_dir(__file__, args.outdir or os.path.join("out", "08_evaluate_fid", "images"))
@@ -738,24 +700,25 @@ def rank_images(seeds, batch_size):
 
 def cmd_ref(args):
     _, _, device = common.init_distributed(args.device)
-    images = rank0_first(open_images, args.data, args.data_dir)  # rank 0 downloads CIFAR-10 alone
+    images = common.rank0_first(open_images, args.data, args.data_dir)  # one process per node downloads CIFAR-10
     if len(images) < 2:
         raise ValueError(f"found {len(images)} image in {args.data}; need at least 2 for a covariance")
-    detector = rank0_first(load_detector, args.detector, device)
+    detector = common.rank0_first(load_detector, args.detector, device)
     print0(f"Computing statistics of {len(images)} images from {args.data}...")
     mu, sigma = image_stats(images, np.arange(len(images)), detector, args.batch, device)
     if common.get_rank() == 0:
-        save_ref(mu, sigma, args.dest)
+        with common.atomic_open(args.dest) as f:   # a reader never sees half a file
+            np.savez(f, mu=mu, sigma=sigma)
         print(f"Saved reference statistics to {args.dest}")
 
 
 def cmd_calc(args):
     _, _, device = common.init_distributed(args.device)
-    images = training.ImageFolder(args.images)
+    images = common.ImageFolder(args.images)
     if len(images) < args.num:
         raise ValueError(f"found {len(images)} images in {args.images}, but --num is {args.num}; "
                          f"generate more or pass a smaller -n")
-    detector = rank0_first(load_detector, args.detector, device)
+    detector = common.rank0_first(load_detector, args.detector, device)
     ref = load_ref(args.ref, detector.feature_dim)
     print0(f"Computing statistics of {args.num} of the {len(images)} images in {args.images}...")
     mu, sigma = image_stats(images, random_subset(len(images), args.num, args.seed), detector, args.batch, device)
@@ -766,10 +729,10 @@ def cmd_calc(args):
 def cmd_fid(args):
     _, _, device = common.init_distributed(args.device)
     sampler, options = sampler_from_args(args)
-    net = rank0_first(load_net, args.network, device)
+    net = common.rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
-    detector = rank0_first(load_detector, args.detector, device)
+    detector = common.rank0_first(load_detector, args.detector, device)
     ref = load_ref(args.ref, detector.feature_dim)
     counter = common.CountingDenoiser(denoiser)              # the sampler's calls: NFE as the paper counts it
     start, result, images = time.time(), {"fid": [], "seeds": []}, 0
@@ -960,8 +923,8 @@ def build_parser():
 
     p = add("ref", cmd_ref, "Reference statistics (mu, sigma) of a dataset, written to an .npz.")
     p.add_argument("--data", required=True, help="cifar10 (the training set), or a folder/.zip of images")
-    p.add_argument("--data-dir", default=training.DATA_DIR,
-                   help=f"where cifar-10-python.tar.gz is looked for / downloaded (default: {training.DATA_DIR})")
+    p.add_argument("--data-dir", default=common.DATA_DIR,
+                   help=f"where cifar-10-python.tar.gz is looked for / downloaded (default: {common.DATA_DIR})")
     p.add_argument("--dest", required=True, help="output .npz")
     add_detector(p)
     add_device(p)
