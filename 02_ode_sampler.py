@@ -234,11 +234,6 @@ def shape_images(n, resolution=16, generator=None):
 # ----------------------------------------------------------------------------
 # Measuring Euler's error against the exact ODE solution.
 
-def rms(a, b):
-    """Root-mean-square distance between two batches (data units)."""
-    return float(((a - b) ** 2).mean().sqrt())
-
-
 def mean_abs_error(a, b):
     """Mean absolute distance (data units). Unlike the RMS it is not ruled by the few latents that start on
     the ridge between two modes, whose endpoints swing by ~1 for the smallest change."""
@@ -289,7 +284,7 @@ def local_euler_errors(net, latents, sigmas, formulations):
         for i in range(len(sigmas) - 1):
             t = f.sigma_inv(sigmas[i:i + 2])
             x = euler(net, states[i] * f.s(t[0]), t, f) / f.s(t[1])
-            errors[f.name].append(rms(x, states[i + 1]))
+            errors[f.name].append(common.rms(x, states[i + 1]))
     return errors
 
 
@@ -315,7 +310,7 @@ def gaussian_euler_error(std, num_steps, f, noise_levels, n=64):
     sigmas = noise_levels(num_steps)
     x = sample(lambda x, sigma, labels=None: std ** 2 / (std ** 2 + sigma ** 2) * x, latents, sigmas, f)
     exact = latents * sigmas[0] * std / (sigmas[0] ** 2 + std ** 2).sqrt()
-    return rms(x, exact)
+    return common.rms(x, exact)
 
 
 # ----------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def wrong_image_percent(net):
     return lambda x, ref: 100 * float((net.nearest(x) != net.nearest(ref)).double().mean())
 
 
-def error_vs_nfe(net, latents, configs, heun_steps, metric=ode.rms, reference_steps=256):
+def error_vs_nfe(net, latents, configs, heun_steps, metric=common.rms, reference_steps=256):
     """{config name: [(NFE, metric(sample, reference from the same first noise level))]}.
 
     Euler runs 2N - 1 steps and Heun N steps, so both spend exactly the same NFE.
@@ -271,7 +271,7 @@ def local_errors(net, latents, sigmas):
     """RMS error of one Heun step (EDM ODE) from the exact state at each sigma_i to sigma_{i+1} (sigma_N = 0)."""
     f = ode.EDM()
     exact = ode.exact_states(net, latents.to(torch.float64) * sigmas[0], sigmas, substeps=16)
-    return [ode.rms(heun(net, exact[i], sigmas[i:i + 2], f), exact[i + 1]) for i in range(len(sigmas) - 1)]
+    return [common.rms(heun(net, exact[i], sigmas[i:i + 2], f), exact[i + 1]) for i in range(len(sigmas) - 1)]
 
 
 def heun_step_weights(r):
@@ -491,7 +491,7 @@ def demo(args):
     for rho in rhos:
         sigmas = torch.cat([edm_sigma_steps(18, rho=rho), torch.zeros(1, dtype=torch.float64)]).to(device)
         row = ""
-        for title, net, lat, metric in (("1-D toy", toy, toy_latents, ode.rms),
+        for title, net, lat, metric in (("1-D toy", toy, toy_latents, common.rms),
                                         ("images", image_net, image_latents, wrong)):
             err = np.array(local_errors(net, lat[:args.local_latents], sigmas))
             local[title][rho] = (sigmas[:-1].cpu().numpy(), err)

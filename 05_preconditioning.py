@@ -254,11 +254,6 @@ class EDMPrecond(Precond):
 # Training losses: lambda(sigma) |D(y + n; sigma) - y|^2 with sigma ~ p_train (Table 1).
 # Each returns the per-element loss; the training loop sums or averages it.
 
-def column(values, images):
-    """Shape [N] -> [N, 1, ..., 1] to broadcast against a batch of images."""
-    return values.reshape(-1, *[1] * (images.ndim - 1))
-
-
 def denoising_loss(net, images, labels, augment_pipe, sigma, weight):
     """lambda(sigma) |D(y + n; sigma) - y|^2 for a drawn sigma (Eq. 2 weighted as in Sec. 5).
 
@@ -280,8 +275,8 @@ class VPLoss:
         self.epsilon_t = epsilon_t
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_uniform = column(torch.rand([images.shape[0]], device=images.device), images)
-        sigma = vp_sigma(1 + rnd_uniform * (self.epsilon_t - 1), self.beta_d, self.beta_min)
+        rnd_uniform = torch.rand([images.shape[0]], device=images.device)
+        sigma = sigma_column(vp_sigma(1 + rnd_uniform * (self.epsilon_t - 1), self.beta_d, self.beta_min), images)
         return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
 
     def weight(self, sigma):
@@ -296,8 +291,8 @@ class VELoss:
         self.sigma_max = sigma_max
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_uniform = column(torch.rand([images.shape[0]], device=images.device), images)
-        sigma = self.sigma_min * ((self.sigma_max / self.sigma_min) ** rnd_uniform)
+        rnd_uniform = torch.rand([images.shape[0]], device=images.device)
+        sigma = sigma_column(self.sigma_min * ((self.sigma_max / self.sigma_min) ** rnd_uniform), images)
         return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
 
     def weight(self, sigma):
@@ -313,7 +308,7 @@ class iDDPMLoss:
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
         j = torch.randint(self.M, [images.shape[0]], device=images.device)
-        sigma = column(self.u.to(images.device)[j], images)
+        sigma = sigma_column(self.u.to(images.device)[j], images)
         return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
 
     def weight(self, sigma):
@@ -329,8 +324,8 @@ class EDMLoss:
         self.sigma_data = sigma_data
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_normal = column(torch.randn([images.shape[0]], device=images.device), images)
-        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
+        rnd_normal = torch.randn([images.shape[0]], device=images.device)
+        sigma = sigma_column((rnd_normal * self.P_std + self.P_mean).exp(), images)
         return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
 
     def weight(self, sigma):

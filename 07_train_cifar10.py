@@ -487,6 +487,7 @@ def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg
     world_size = common.get_world_size()
     os.makedirs(run_dir, exist_ok=True)
     common.write_json(dict(vars(args), world_size=world_size, dataset=data.name, dataset_size=len(data),
+                           class_names=data.class_names,
                            network=dict(class_name=class_name, kwargs=net_kwargs), batch_gpu=batch_gpu,
                            accumulation_rounds=rounds), os.path.join(run_dir, "training_options.json"))
     if resume is None:

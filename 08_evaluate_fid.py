@@ -19,10 +19,11 @@ protocol of the paper and of the official generate.py/fid.py is followed exactly
      unbiased (n - 1) covariance.
   5. Three seed sets, 0-49999, 50000-99999, 100000-149999; the paper reports the minimum.
 
-Built from: 04 (edm_sampler, Algorithm 2), 03 (ablation_sampler), 06 (load_network:
-official pickles and 07's snapshots) and 07 (ImageFolder, load_cifar10: the one image reader).
-The command line also offers two later chapters (loaded only when it runs): 09's fast solvers
-(--solver, --nfe, --sigma-steps) and 10's guidance (--guidance, --guide-network, --guidance-interval).
+What it needs, loaded only where used: FID (`demo`, `ref`, `calc`) common.py alone (its image
+reader too); generation (`generate`, `fid`) 04 (edm_sampler, Algorithm 2) and 06 (load_network:
+official pickles and 07's snapshots; +05). Flags add one chapter each: --disc/--schedule/--scaling
+03's ablation_sampler (+02), --solver/--nfe/--sigma-steps 09's fast solvers, --guidance/
+--guide-network/--guidance-interval 10's guidance. A missing file fails with one error line naming it.
 
 Subcommands (each has --help; every option belongs to exactly one subcommand):
 
@@ -74,9 +75,11 @@ from torchvision.models import inception as tv_inception
 
 import common
 
-schedules = common.load("03_heun_and_schedules")   # ablation_sampler: the paper's Sec. 3-4 samplers
-sampling = common.load("04_stochastic_sampler")    # edm_sampler: Algorithm 2
-networks = common.load("06_unet")                  # load_network: official pickles and 07's snapshots
+# Only common.py at import time: FID (sections 1-5, `demo`, `ref`, `calc`) needs nothing else. Generation
+# loads 04 (edm_sampler) and 06 (load_network, +05) when it runs; a flag that asks for more loads its chapter
+# in the command-line branch that uses it: 03 for --disc/--schedule/--scaling, 09 for --solver/--nfe/
+# --sigma-steps, 10 for --guidance/--guide-network/--guidance-interval. A missing file is one error line
+# naming the file to copy (common.load, common.run).
 
 # ----------------------------------------------------------------------------
 # 1. The Frechet distance between two Gaussians, in float64.
@@ -440,8 +443,9 @@ def parse_seeds(text):
     return seeds
 
 
-def generate_batch(net, seeds, device, class_idx=None, sampler=sampling.edm_sampler, **options):
-    """uint8 images [N, C, H, W] for the given seeds, each depending on its own seed only.
+def generate_batch(net, seeds, device, class_idx=None, sampler=None, **options):
+    """uint8 images [N, C, H, W] for the given seeds, each depending on its own seed only; `sampler` is
+    called as 04's edm_sampler (the default) is.
 
     As in the official generate.py, each seed's generator first draws the latents, then
     (for a conditional network) the class label, then the sampler's churn noise.
@@ -454,6 +458,7 @@ def generate_batch(net, seeds, device, class_idx=None, sampler=sampling.edm_samp
         if class_idx is not None:
             class_labels = torch.zeros_like(class_labels)
             class_labels[:, class_idx] = 1
+    sampler = sampler or common.load("04_stochastic_sampler").edm_sampler
     with torch.no_grad():
         x = sampler(net, latents, {"class_labels": class_labels}, randn_like=rnd.randn_like, **options)
     return common.to_uint8(x).permute(0, 3, 1, 2)
@@ -465,7 +470,7 @@ def load_net(path, device):
         raise FileNotFoundError(f"network file not found: {path}; pass an official .pkl (path or URL) "
                                 f"or a 07 snapshot (<run>/network-snapshot-*.pt)")
     try:
-        net = networks.load_network(path)  # also downloads official URLs into a cache
+        net = common.load("06_unet").load_network(path)  # also downloads official URLs into a cache
     except (ValueError, OSError):
         raise                   # 06's own messages name the file and what is wrong with it
     except Exception as e:      # e.g. an unsafe or foreign pickle; name the file and the reason
@@ -555,6 +560,7 @@ EDM_OPTIONS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min",
 CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise")
 ABLATION_OPTIONS = ("discretization", "schedule", "scaling")
 SIGMA_STEP_KINDS = ("edm", "logsnr", "time_uniform")            # 09's sigma_steps(kind=...)
+SOLVER_NAMES = ("euler", "heun", "dpmpp2m", "dpmpp3m", "ipndm")  # 09's SOLVERS, for --help without 09 (tested)
 DEFAULT_RHO = {"edm": 7.0, "time_uniform": 1.0}                # Eq. 5's rho; rho = 1: uniform in VP's t
 
 
@@ -566,7 +572,6 @@ def sampler_from_args(args):
     samplers, options left out are the sampler's own defaults; for 09's solvers every
     setting is resolved here (solver, sigma-step kind, steps, rho), so fid.json names them.
     """
-    fast = common.load("09_fast_samplers")  # a later chapter: its NFE rule and solvers serve the command line only
     options = {k: getattr(args, k) for k in EDM_OPTIONS + ABLATION_OPTIONS if getattr(args, k) is not None}
     for name in ("sigma_min", "sigma_max", "rho"):
         if options.get(name, 1) <= 0:
@@ -575,7 +580,7 @@ def sampler_from_args(args):
         raise ValueError(f"--sigma_min {options['sigma_min']} must be below --sigma_max {options['sigma_max']}")
     solver = args.solver or "heun"
     if args.nfe is not None:
-        options["num_steps"] = fast.steps_for_nfe(solver, args.nfe)
+        options["num_steps"] = common.load("09_fast_samplers").steps_for_nfe(solver, args.nfe)   # 09's NFE rule
 
     if any(k in options for k in ABLATION_OPTIONS):
         if solver not in ("euler", "heun"):
@@ -585,15 +590,15 @@ def sampler_from_args(args):
             raise ValueError("--sigma-steps chooses the steps of 09's solvers; the ablation sampler's are --disc")
         if args.solver:
             options["solver"] = args.solver
-        return schedules.ablation_sampler, options
+        return common.load("03_heun_and_schedules").ablation_sampler, options
     if solver == "heun" and args.sigma_steps is None:
-        return sampling.edm_sampler, options
+        return common.load("04_stochastic_sampler").edm_sampler, options
 
     churn = [k for k in CHURN_OPTIONS if k in options]
     if churn:
         raise ValueError(f"--{churn[0]} is Algorithm 2's churn (04's sampler: --solver heun without --sigma-steps); "
                          f"09's {solver} is deterministic")
-    kind = args.sigma_steps or fast.SOLVERS[solver].schedule
+    kind = args.sigma_steps or common.load("09_fast_samplers").SOLVERS[solver].schedule
     if kind == "logsnr" and "rho" in options:
         raise ValueError("--rho shapes the edm and time_uniform sigma steps; logsnr steps are uniform in log sigma")
     options.update(solver=solver, sigma_steps=kind, num_steps=options.get("num_steps", 18))
@@ -623,7 +628,7 @@ def solver_and_steps(sampler, options):
     """(solver, sigma-step kind) that `sampler` runs with `options`, as fid.json records them."""
     if sampler is solver_sampler:
         return options["solver"], options["sigma_steps"]
-    if sampler is schedules.ablation_sampler:          # its defaults: Heun on EDM's steps
+    if sampler.__name__ == "ablation_sampler":         # 03's; its defaults: Heun on EDM's steps
         return options.get("solver", "heun"), options.get("discretization", "edm")
     return "heun", "edm"                               # Algorithm 2 on Eq. 5's steps
 
@@ -860,9 +865,8 @@ def add_network(p):
 
 def add_sampler_options(p):
     """The solver and its budget (04's Algorithm 2 by default, 09's solvers, 03's ablation sampler) and guidance (10)."""
-    solvers = common.load("09_fast_samplers").SOLVERS  # a later chapter: the command line offers its solvers
     g = p.add_argument_group("sampler (default: 04's Algorithm 2, Heun on Eq. 5's steps, 18 steps = 35 NFE)")
-    g.add_argument("--solver", choices=list(solvers), help="heun: 04's Algorithm 2 (with --S_churn ...; with "
+    g.add_argument("--solver", choices=SOLVER_NAMES, help="heun: 04's Algorithm 2 (with --S_churn ...; with "
                    "--sigma-steps: 09's Heun); the others: chapter 09's deterministic solvers on their authors' "
                    "sigma steps; with --disc/--schedule/--scaling: 03's ablation sampler, euler or heun")
     budget = g.add_mutually_exclusive_group()

@@ -329,10 +329,6 @@ def spend(solver, budget):
     return budget - 1 if solver == "heun" and budget % 2 == 0 else budget
 
 
-def rms(a, b):
-    return float(((a - b) ** 2).mean().sqrt())
-
-
 def ratio(a, b):
     """a / b, where an error of 0 (every sample on the reference's image) makes it 0 or inf, not a crash."""
     return a / b if b > 0 else (0.0 if a == 0 else float("inf"))
@@ -348,7 +344,7 @@ def reference_solve(denoise, latents, sigma_min, sigma_max, steps, check=8):
     solve = lambda z, n: sample_dpmpp_3m(denoise, z.to(torch.float64) * sigma_max,
                                          sigma_steps(n, sigma_min, sigma_max, "logsnr").to(z.device))
     x = solve(latents, steps)
-    return x, rms(x[:check], solve(latents[:check], steps // 2))
+    return x, common.rms(x[:check], solve(latents[:check], steps // 2))
 
 
 def run_solvers(denoise, latents, sigma_min, sigma_max):
@@ -499,7 +495,7 @@ def demo(args):
         case_start = time.time()
         reference, change = reference_solve(denoise, latents, sigma_min, sigma_max, args.reference_steps)
         samples = run_solvers(denoise, latents, sigma_min, sigma_max)
-        tables[key] = measure(samples, reference, rms)
+        tables[key] = measure(samples, reference, common.rms)
         print_table(f"{title}: RMS error vs the reference ({len(latents)} samples, sigma {sigma_max:g} -> 0)",
                     tables[key])
         smallest = min(e for points in tables[key].values() for _, e in points if e > 0)

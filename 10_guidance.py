@@ -555,7 +555,7 @@ def network_grid(args, device):
     title = f"Guidance on {snapshot_name(args.network)}" + \
         (f", autoguided by {snapshot_name(args.guide_network)}" if guide is not None else "")
     path = f"{common.out_dir(__file__, args.outdir)}/network_grid.png"
-    save_image_grid(rows, column_labels, title, path)
+    common.save_grid(torch.cat(list(rows.values())), path, title, list(rows), len(seeds), column_labels=column_labels)
     print(f"{len(seeds)} seeds x {len(rows)} rows, 04's Algorithm 2 with {args.network_steps} steps "
           f"({time.time() - start:.0f} s). How far each row moves from the unguided images, and its contrast:")
     print(f"{'row':<24}{'RMS change (of 255)':>21}{'pixel std':>11}")
@@ -582,34 +582,14 @@ def snapshot_name(path):
 
 
 def class_names(path, label_dim):
-    """The class names of a 07 run on its shapes data (training_options.json beside the snapshot), else 'class c'."""
+    """The class names a 07 run recorded (class_names in training_options.json beside the snapshot), else 'class c'."""
     options = os.path.join(os.path.dirname(os.path.abspath(path)), "training_options.json")
     if os.path.isfile(options):
         with open(options) as f:
-            if json.load(f).get("data") == "shapes":
-                return common.load("07_train_cifar10").SHAPES
+            names = json.load(f).get("class_names")
+        if names and len(names) == label_dim:
+            return names
     return [f"class {c}" for c in range(label_dim)]
-
-
-def save_image_grid(rows, column_labels, title, path, min_width=512):
-    """{row label: uint8 [N, C, H, W]} as one labelled grid, each pixel an integer-sized block (nearest)."""
-    from matplotlib.figure import Figure
-    images = torch.stack(list(rows.values()))                                   # [R, N, C, H, W]
-    images = torch.nn.functional.pad(images, [1, 0, 1, 0], value=255)           # 1-pixel white gaps
-    r, n, c, h, w = images.shape
-    grid = images.permute(0, 3, 1, 4, 2).reshape(r * h, n * w, c)
-    scale = math.ceil(min_width / (n * w))                                     # screen pixels per image pixel
-    inches = [size * scale / 100 for size in (n * w, r * h)]                   # at 100 dpi
-    fig = Figure(figsize=(inches[0] + 2.0, inches[1] + 1.0), dpi=100)
-    ax = fig.add_axes([1.9 / fig.get_figwidth(), 0.05 / fig.get_figheight(),
-                       inches[0] / fig.get_figwidth(), inches[1] / fig.get_figheight()])
-    ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_title(title, fontsize=10, pad=28)
-    ax.set_xticks([(j + 0.5) * w for j in range(n)], column_labels, fontsize=8)
-    ax.xaxis.tick_top()
-    ax.set_yticks([(i + 0.5) * h for i in range(r)], list(rows), fontsize=9)
-    ax.tick_params(length=0)
-    fig.savefig(path)
 
 
 if __name__ == "__main__":

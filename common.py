@@ -140,6 +140,11 @@ class CountingDenoiser:
         return int(n) if n.is_integer() else n
 
 
+def rms(a, b):
+    """Root-mean-square distance between two batches (data units)."""
+    return float(((a - b) ** 2).mean().sqrt())
+
+
 # ----------------------------------------------------------------------------
 # Images.
 
@@ -148,25 +153,30 @@ def to_uint8(x):
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512):
-    """Save a batch [N, C, H, W] in [-1, 1] as a titled grid of `ncol` columns (N divisible by ncol).
+def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512, column_labels=None):
+    """Save a batch [N, C, H, W] (float in [-1, 1], or uint8) as a titled grid of `ncol` columns (N divisible
+    by ncol).
 
     Each pixel becomes an integer-sized block (nearest neighbour), so tiny images stay sharp and the
-    grid is at least `min_width` pixels wide; `row_labels` name the rows (kimg, w, NFE, class...).
+    grid is at least `min_width` pixels wide; `row_labels` name the rows (kimg, w, NFE, class...),
+    `column_labels` the columns (above them; seeds, classes).
     """
     import torch.nn.functional as F
     from matplotlib.figure import Figure
-    images = F.pad(to_uint8(x).permute(0, 3, 1, 2), [1, 0, 1, 0], value=255)   # 1-pixel white gaps
+    images = x.cpu() if x.dtype == torch.uint8 else to_uint8(x).permute(0, 3, 1, 2)
+    images = F.pad(images, [1, 0, 1, 0], value=255)                # 1-pixel white gaps
     n, c, h, w = images.shape
     grid = images.reshape(n // ncol, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // ncol * h, ncol * w, c)
     inches = [size * int(np.ceil(min_width / (ncol * w))) / 100 for size in grid.shape[1::-1]]   # at 100 dpi
-    left = 1.2 if row_labels else 0.1                                # room for the row labels
-    fig = Figure(figsize=(inches[0] + left + 0.1, inches[1] + 0.5), dpi=100)
+    left = max(1.2, 0.09 * max(map(len, row_labels))) if row_labels else 0.1   # room for the row labels
+    top = 1.0 if column_labels else 0.5                               # room for the title (and column labels)
+    fig = Figure(figsize=(inches[0] + left + 0.1, inches[1] + top), dpi=100)
     ax = fig.add_axes([left / fig.get_figwidth(), 0.05 / fig.get_figheight(),
                        inches[0] / fig.get_figwidth(), inches[1] / fig.get_figheight()])
     ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_title(title, fontsize=11)
-    ax.set_xticks([])
+    fig.suptitle(title, fontsize=11, y=1 - 0.08 / fig.get_figheight(), va="top")   # centred on the figure
+    ax.set_xticks([(j + 0.5) * w for j in range(len(column_labels or []))], column_labels or [], fontsize=8)
+    ax.xaxis.tick_top()
     ax.set_yticks([(r + 0.5) * h for r in range(len(row_labels or []))], row_labels or [])
     ax.tick_params(length=0, labelsize=10)
     fig.savefig(path)

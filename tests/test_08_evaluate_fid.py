@@ -320,12 +320,12 @@ def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_netwo
 
     # Each (options -> sampler, options) with its NFE: Heun 2n - 1 (Sec. 3), Euler and the multistep solvers n.
     cases = [
-        ((), fid.sampling.edm_sampler, {}, 35),                                  # Table 2's 35 NFE
-        (("--steps", "5", "--S_churn", "2"), fid.sampling.edm_sampler, {"num_steps": 5, "S_churn": 2.0}, 9),
-        (("--solver", "heun", "--nfe", "7"), fid.sampling.edm_sampler, {"num_steps": 4}, 7),
-        (("--solver", "euler", "--disc", "vp", "--nfe", "6"), fid.schedules.ablation_sampler,
+        ((), fid.common.load("04_stochastic_sampler").edm_sampler, {}, 35),                                  # Table 2's 35 NFE
+        (("--steps", "5", "--S_churn", "2"), fid.common.load("04_stochastic_sampler").edm_sampler, {"num_steps": 5, "S_churn": 2.0}, 9),
+        (("--solver", "heun", "--nfe", "7"), fid.common.load("04_stochastic_sampler").edm_sampler, {"num_steps": 4}, 7),
+        (("--solver", "euler", "--disc", "vp", "--nfe", "6"), fid.common.load("03_heun_and_schedules").ablation_sampler,
          {"solver": "euler", "discretization": "vp", "num_steps": 6}, 6),
-        (("--disc", "ve", "--steps", "3"), fid.schedules.ablation_sampler, {"discretization": "ve", "num_steps": 3}, 5),
+        (("--disc", "ve", "--steps", "3"), fid.common.load("03_heun_and_schedules").ablation_sampler, {"discretization": "ve", "num_steps": 3}, 5),
         (("--solver", "ipndm", "--nfe", "10"), fid.solver_sampler,
          {"solver": "ipndm", "sigma_steps": "edm", "num_steps": 10, "rho": 7.0}, 10),
         (("--solver", "ipndm",), fid.solver_sampler,                         # no --steps/--nfe: 18 steps, as 04's
@@ -355,8 +355,8 @@ def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_netwo
 
     # generate_batch calls the chosen sampler with the seeds' noise: the ablation sampler with EDM
     # settings and Heun is Algorithm 2, and gives the same images as edm_sampler.
-    a = fid.generate_batch(net, [3, 4], "cpu", None, fid.sampling.edm_sampler, num_steps=3)
-    b = fid.generate_batch(net, [3, 4], "cpu", None, fid.schedules.ablation_sampler, num_steps=3, solver="heun")
+    a = fid.generate_batch(net, [3, 4], "cpu", None, fid.common.load("04_stochastic_sampler").edm_sampler, num_steps=3)
+    b = fid.generate_batch(net, [3, 4], "cpu", None, fid.common.load("03_heun_and_schedules").ablation_sampler, num_steps=3, solver="heun")
     assert a.dtype == torch.uint8 and torch.equal(a, b)
 
 
@@ -471,7 +471,7 @@ def test_default_generation_is_algorithm_2_with_18_steps(fid, tiny_network, tmp_
     rnd = common.StackedRandomGenerator("cpu", seeds)
     latents = rnd.randn([3, 3, 16, 16])
     labels = torch.eye(4)[rnd.randint(4, size=[3])]
-    want = common.to_uint8(fid.sampling.edm_sampler(net, latents, {"class_labels": labels}, randn_like=rnd.randn_like, num_steps=18))
+    want = common.to_uint8(fid.common.load("04_stochastic_sampler").edm_sampler(net, latents, {"class_labels": labels}, randn_like=rnd.randn_like, num_steps=18))
     default = generated(fid, tiny_network, tmp_path / "default", seeds="0-2")
     assert same_images(default, list(want.numpy()))
     assert same_images(generated(fid, tiny_network, tmp_path / "heun35", "--solver", "heun", "--nfe", 35,
