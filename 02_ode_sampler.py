@@ -144,8 +144,9 @@ def EDM():
 # ----------------------------------------------------------------------------
 # The ODE and Euler's method.
 
-def ode_derivative(net, x, t, f, class_labels=None):
-    """dx/dt of Eq. 4 at state x (in the formulation's own coordinates) and time t.
+def ode_derivative(net, x, t, f, extra_args=None):
+    """dx/dt of Eq. 4 at state x (in the formulation's own coordinates) and time t; the denoiser is called
+    as every sampler calls it, `net(x, sigma, **extra_args)` (common.denoise).
 
     Eq. 4 is dx = [s_dot/s x - s^2 sigma_dot sigma grad_x log p(x/s; sigma)] dt, where the
     gradient is taken with respect to x, so it carries a factor 1/s. Replacing the score by
@@ -153,17 +154,17 @@ def ode_derivative(net, x, t, f, class_labels=None):
     below; the network only ever sees the unscaled x~ = x / s and the noise level sigma(t).
     """
     sigma, s = f.sigma(t), f.s(t)
-    denoised = net(x / s, sigma, class_labels).to(torch.float64)
+    denoised = common.denoise(net, x / s, sigma, extra_args)
     return (f.sigma_deriv(t) / sigma + f.s_deriv(t) / s) * x - f.sigma_deriv(t) * s / sigma * denoised
 
 
-def euler(net, x, t_steps, f, class_labels=None):
+def euler(net, x, t_steps, f, extra_args=None):
     """Euler's method for Eq. 4 from x at t_steps[0] through every t_steps[i]; one NFE per step.
 
     The derivative is only ever evaluated at t_cur > 0, so t_steps may end at 0 (sigma = 0).
     """
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
-        x = x + (t_next - t_cur) * ode_derivative(net, x, t_cur, f, class_labels)
+        x = x + (t_next - t_cur) * ode_derivative(net, x, t_cur, f, extra_args)
     return x
 
 
@@ -172,14 +173,14 @@ def initial_state(latents, t0, f):
     return latents.to(torch.float64) * (f.sigma(t0) * f.s(t0))
 
 
-def sample(net, latents, sigma_steps, f, class_labels=None):
+def sample(net, latents, sigma_steps, f, extra_args=None):
     """Euler sampling of x~(sigma = 0) from unit latents through the noise levels sigma_steps (ending at 0).
 
     The noise levels are mapped to each formulation's own times, t_i = sigma^-1(sigma_i), so that
     different formulations can be compared at identical noise levels.
     """
     t_steps = f.sigma_inv(sigma_steps)
-    x = euler(net, initial_state(latents, t_steps[0], f), t_steps, f, class_labels)
+    x = euler(net, initial_state(latents, t_steps[0], f), t_steps, f, extra_args)
     return x / f.s(t_steps[-1])
 
 
@@ -233,11 +234,6 @@ def shape_images(n, resolution=16, generator=None):
 # ----------------------------------------------------------------------------
 # Measuring Euler's error against the exact ODE solution.
 
-def rms(a, b):
-    """Root-mean-square distance between two batches (data units)."""
-    return float(((a - b) ** 2).mean().sqrt())
-
-
 def mean_abs_error(a, b):
     """Mean absolute distance (data units). Unlike the RMS it is not ruled by the few latents that start on
     the ridge between two modes, whose endpoints swing by ~1 for the smallest change."""
@@ -288,7 +284,7 @@ def local_euler_errors(net, latents, sigmas, formulations):
         for i in range(len(sigmas) - 1):
             t = f.sigma_inv(sigmas[i:i + 2])
             x = euler(net, states[i] * f.s(t[0]), t, f) / f.s(t[1])
-            errors[f.name].append(rms(x, states[i + 1]))
+            errors[f.name].append(common.rms(x, states[i + 1]))
     return errors
 
 
@@ -314,7 +310,7 @@ def gaussian_euler_error(std, num_steps, f, noise_levels, n=64):
     sigmas = noise_levels(num_steps)
     x = sample(lambda x, sigma, labels=None: std ** 2 / (std ** 2 + sigma ** 2) * x, latents, sigmas, f)
     exact = latents * sigmas[0] * std / (sigmas[0] ** 2 + std ** 2).sqrt()
-    return rms(x, exact)
+    return common.rms(x, exact)
 
 
 # ----------------------------------------------------------------------------

@@ -69,14 +69,15 @@ ode = common.load("02_ode_sampler")
 # ----------------------------------------------------------------------------
 # Heun's method (Algorithm 1) for the general ODE of chapter 02.
 
-def heun(net, x, t_steps, f, class_labels=None):
-    """Algorithm 1: Heun steps of Eq. 4 from x at t_steps[0] through every t_steps[i]."""
+def heun(net, x, t_steps, f, extra_args=None):
+    """Algorithm 1: Heun steps of Eq. 4 from x at t_steps[0] through every t_steps[i]; the denoiser is
+    called as `net(x, sigma, **extra_args)` (02's ode_derivative)."""
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
         h = t_next - t_cur
-        d_cur = ode.ode_derivative(net, x, t_cur, f, class_labels)     # line 4: Euler slope
+        d_cur = ode.ode_derivative(net, x, t_cur, f, extra_args)     # line 4: Euler slope
         x_next = x + h * d_cur                                           # line 5: Euler step
         if f.sigma(t_next) != 0:                                         # line 6: 2nd-order correction
-            d_prime = ode.ode_derivative(net, x_next, t_next, f, class_labels)
+            d_prime = ode.ode_derivative(net, x_next, t_next, f, extra_args)
             x_next = x + h * (0.5 * d_cur + 0.5 * d_prime)               # line 8: trapezoidal rule
         x = x_next
     return x
@@ -168,13 +169,18 @@ def sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho=7, epsilon_
 # The generalized sampler of the paper's ablations (Sec. 3 and 4; official API).
 
 def ablation_sampler(
-    net, latents, class_labels=None, randn_like=torch.randn_like,
+    net, latents, extra_args=None, randn_like=torch.randn_like,
     num_steps=18, sigma_min=None, sigma_max=None, rho=7,
     solver='heun', discretization='edm', schedule='linear', scaling='none',
     epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
 ):
     """Every sampler of Sec. 3-4: returns float64 samples at sigma = 0 from unit-variance latents.
+
+    Calling contract (every sampler's, k-diffusion's): the denoiser is called as `net(x, sigma, **extra_args)`
+    with a 0-d sigma (a class-conditional network gets extra_args = {"class_labels": labels}); its output is
+    taken in float64, and a float32 network gets float32 inputs (common.denoise). The noise range is clamped
+    to `net.sigma_min`/`net.sigma_max` and rounded by `net.round_sigma` where the network has them.
 
     Each quantity is evaluated with the same operations, in the same order, as in the official
     generate.py, so for equal latents and noise the outputs agree with it bit for bit.
@@ -208,14 +214,14 @@ def ablation_sampler(
 
         # Euler step (Algorithm 1, lines 4-5).
         h = t_next - t_hat
-        d_cur = ode.ode_derivative(net, x_hat, t_hat, f, class_labels)
+        d_cur = ode.ode_derivative(net, x_hat, t_hat, f, extra_args)
 
         # Second-order correction, except on the last step into sigma = 0 (Appendix D.2: t' = t_hat + alpha h).
         if solver == "euler" or i == num_steps - 1:
             x_next = x_hat + h * d_cur
         else:
             t_prime, x_prime = t_hat + alpha * h, x_hat + alpha * h * d_cur
-            d_prime = ode.ode_derivative(net, x_prime, t_prime, f, class_labels)
+            d_prime = ode.ode_derivative(net, x_prime, t_prime, f, extra_args)
             x_next = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
 
     return x_next
@@ -242,7 +248,7 @@ def wrong_image_percent(net):
     return lambda x, ref: 100 * float((net.nearest(x) != net.nearest(ref)).double().mean())
 
 
-def error_vs_nfe(net, latents, configs, heun_steps, metric=ode.rms, reference_steps=256):
+def error_vs_nfe(net, latents, configs, heun_steps, metric=common.rms, reference_steps=256):
     """{config name: [(NFE, metric(sample, reference from the same first noise level))]}.
 
     Euler runs 2N - 1 steps and Heun N steps, so both spend exactly the same NFE.
@@ -265,7 +271,7 @@ def local_errors(net, latents, sigmas):
     """RMS error of one Heun step (EDM ODE) from the exact state at each sigma_i to sigma_{i+1} (sigma_N = 0)."""
     f = ode.EDM()
     exact = ode.exact_states(net, latents.to(torch.float64) * sigmas[0], sigmas, substeps=16)
-    return [ode.rms(heun(net, exact[i], sigmas[i:i + 2], f), exact[i + 1]) for i in range(len(sigmas) - 1)]
+    return [common.rms(heun(net, exact[i], sigmas[i:i + 2], f), exact[i + 1]) for i in range(len(sigmas) - 1)]
 
 
 def heun_step_weights(r):
@@ -485,7 +491,7 @@ def demo(args):
     for rho in rhos:
         sigmas = torch.cat([edm_sigma_steps(18, rho=rho), torch.zeros(1, dtype=torch.float64)]).to(device)
         row = ""
-        for title, net, lat, metric in (("1-D toy", toy, toy_latents, ode.rms),
+        for title, net, lat, metric in (("1-D toy", toy, toy_latents, common.rms),
                                         ("images", image_net, image_latents, wrong)):
             err = np.array(local_errors(net, lat[:args.local_latents], sigmas))
             local[title][rho] = (sigmas[:-1].cpu().numpy(), err)

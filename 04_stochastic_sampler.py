@@ -44,7 +44,7 @@ def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80, rho=7):
 
 
 def edm_sampler(
-    net, latents, class_labels=None, randn_like=torch.randn_like,
+    net, latents, extra_args=None, randn_like=torch.randn_like,
     num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
 ):
@@ -52,6 +52,11 @@ def edm_sampler(
 
     `latents` are unit-variance; all randomness comes from `randn_like`, so with a per-seed
     generator (common.StackedRandomGenerator) each sample depends only on its own seed.
+
+    Calling contract (every sampler's, k-diffusion's): the denoiser is called as `net(x, sigma, **extra_args)`
+    with a 0-d sigma -- a class-conditional network gets extra_args = {"class_labels": labels}; its output is
+    taken in float64, and a network with parameters (a plain float32 nn.Module too) gets x and sigma in
+    their dtype (common.denoise). `net.sigma_min`, `net.sigma_max`, `net.round_sigma` are used if present.
     """
     # The network may only support part of the range.
     sigma_min = max(sigma_min, getattr(net, "sigma_min", 0))
@@ -63,7 +68,7 @@ def edm_sampler(
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 
     def D(x, t):                                       # the denoiser, evaluated in float64
-        return net(x, t, class_labels).to(torch.float64)
+        return common.denoise(net, x, t, extra_args)
 
     gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)  # churn per step, capped (line 4)
     x = latents.to(torch.float64) * t_steps[0]                                     # line 1: x_0 ~ N(0, t_0^2 I)
@@ -94,16 +99,17 @@ def edm_sampler(
 # ----------------------------------------------------------------------------
 # The baseline: Euler-Maruyama for the reverse SDE of Eq. 6.
 
-def sde_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
+def sde_sampler(net, latents, extra_args=None, randn_like=torch.randn_like,
                 num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, beta=lambda t: 1 / t):
     """Euler-Maruyama for Eq. 6 backwards, sigma(t) = t, score (D - x) / t^2 (Eq. 3): one NFE per step dt < 0
     moves x by (x - D)/t dt + beta(t) (D - x) |dt| + sqrt(2 beta(t) |dt|) t eps. beta = 1/t is Song et al.'s
-    reverse SDE, beta = 0 the ODE with Euler. The last step, to t = 0, is the ODE's: noise there would stay."""
+    reverse SDE, beta = 0 the ODE with Euler. The last step, to t = 0, is the ODE's: noise there would stay.
+    The denoiser is called as in edm_sampler, `net(x, sigma, **extra_args)`."""
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
     x = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        denoised = net(x, t_cur, class_labels).to(torch.float64)
+        denoised = common.denoise(net, x, t_cur, extra_args)
         dt = t_next - t_cur
         x_next = x + (x - denoised) / t_cur * dt                                      # ODE drift
         if i < num_steps - 1:

@@ -43,8 +43,8 @@ state-dict keys are `model.*` (and `u` for iDDPM) exactly as in the official
 checkpoints; their float32/float64 handling follows the official implementation,
 so a checkpoint gives the same outputs to float32 rounding.
 
-The losses take an optional `augment_pipe`: App. F.2's non-leaking augmentation (`AugmentPipe`, the last
-library section) transforms y before the noise is added and tells the network which transform it sees.
+The losses take an optional `augment_pipe`: App. F.2's non-leaking augmentation (07's `AugmentPipe`, which
+trains with it) transforms y before the noise is added and tells the network which transform it sees.
 
 Run `python 05_preconditioning.py` (about 90 s on 2 CPU cores): it prints what the four
 preconditionings do to the network's input and to its errors, plots c_skip/c_out/c_in/c_noise
@@ -69,7 +69,6 @@ import time
 
 import numpy as np
 import torch
-from torch.nn import functional
 
 import common
 
@@ -255,11 +254,6 @@ class EDMPrecond(Precond):
 # Training losses: lambda(sigma) |D(y + n; sigma) - y|^2 with sigma ~ p_train (Table 1).
 # Each returns the per-element loss; the training loop sums or averages it.
 
-def column(values, images):
-    """Shape [N] -> [N, 1, ..., 1] to broadcast against a batch of images."""
-    return values.reshape(-1, *[1] * (images.ndim - 1))
-
-
 def denoising_loss(net, images, labels, augment_pipe, sigma, weight):
     """lambda(sigma) |D(y + n; sigma) - y|^2 for a drawn sigma (Eq. 2 weighted as in Sec. 5).
 
@@ -281,8 +275,8 @@ class VPLoss:
         self.epsilon_t = epsilon_t
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_uniform = column(torch.rand([images.shape[0]], device=images.device), images)
-        sigma = vp_sigma(1 + rnd_uniform * (self.epsilon_t - 1), self.beta_d, self.beta_min)
+        rnd_uniform = torch.rand([images.shape[0]], device=images.device)
+        sigma = sigma_column(vp_sigma(1 + rnd_uniform * (self.epsilon_t - 1), self.beta_d, self.beta_min), images)
         return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
 
     def weight(self, sigma):
@@ -297,8 +291,8 @@ class VELoss:
         self.sigma_max = sigma_max
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_uniform = column(torch.rand([images.shape[0]], device=images.device), images)
-        sigma = self.sigma_min * ((self.sigma_max / self.sigma_min) ** rnd_uniform)
+        rnd_uniform = torch.rand([images.shape[0]], device=images.device)
+        sigma = sigma_column(self.sigma_min * ((self.sigma_max / self.sigma_min) ** rnd_uniform), images)
         return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
 
     def weight(self, sigma):
@@ -314,7 +308,7 @@ class iDDPMLoss:
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
         j = torch.randint(self.M, [images.shape[0]], device=images.device)
-        sigma = column(self.u.to(images.device)[j], images)
+        sigma = sigma_column(self.u.to(images.device)[j], images)
         return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
 
     def weight(self, sigma):
@@ -330,159 +324,12 @@ class EDMLoss:
         self.sigma_data = sigma_data
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_normal = column(torch.randn([images.shape[0]], device=images.device), images)
-        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
+        rnd_normal = torch.randn([images.shape[0]], device=images.device)
+        sigma = sigma_column((rnd_normal * self.P_std + self.P_mean).exp(), images)
         return denoising_loss(net, images, labels, augment_pipe, sigma, self.weight(sigma))
 
     def weight(self, sigma):
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-
-
-# ----------------------------------------------------------------------------
-# Non-leaking augmentation (App. C.4, F.2): what the loss applies to y before adding noise; the network is
-# told which augmentation it sees (its augment labels), so sampling with labels 0 gives un-augmented images.
-# The transforms of the paper's CIFAR-10 runs. The geometric maths (padding, 2x up/down-sampling with a
-# symlet-6 low-pass, coordinate conventions) follow StyleGAN2-ADA's pipeline, which the official EDM code
-# reuses. (`functional` is torch.nn.functional; in this chapter F is the raw network.)
-
-SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148]
-
-AUGMENT_LABELS = ["xflip", "yflip", "scale", "rotate_cos_minus_1", "rotate_sin",
-                  "aniso_w_cos", "aniso_w_sin", "translate_x", "translate_y"]
-
-
-def translate2d(tx, ty):
-    tx, ty = torch.as_tensor(tx, dtype=torch.float32), torch.as_tensor(ty, dtype=torch.float32)
-    o, z = torch.ones_like(tx), torch.zeros_like(tx)
-    return torch.stack([o, z, tx, z, o, ty, z, z, o], -1).reshape(*tx.shape, 3, 3)
-
-
-def scale2d(sx, sy):
-    sx, sy = torch.as_tensor(sx, dtype=torch.float32), torch.as_tensor(sy, dtype=torch.float32)
-    o, z = torch.ones_like(sx), torch.zeros_like(sx)
-    return torch.stack([sx, z, z, z, sy, z, z, z, o], -1).reshape(*sx.shape, 3, 3)
-
-
-def rotate2d(theta):
-    c, s = theta.cos(), theta.sin()
-    o, z = torch.ones_like(c), torch.zeros_like(c)
-    return torch.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(*c.shape, 3, 3)
-
-
-class AugmentPipe:
-    """Images in, (augmented images, 9 augment labels) out; each transform happens with probability p.
-
-    The losses above call it on the clean images y (`augment_pipe=`) and hand its labels to the network.
-    The keyword arguments are per-transform probability multipliers. The paper's
-    CIFAR-10 setting is the default: xflip=1e8 makes every image a fair coin flip
-    (an always-on 50% mirror), the others fire with probability p each. Labels are
-    in the official order (AUGMENT_LABELS), zero when a transform did not fire.
-    Random numbers come from `generator` (its state is part of a checkpoint).
-    """
-
-    def __init__(self, p, generator=None, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1,
-                 scale_std=0.2, aniso_std=0.2, aniso_rotate_prob=0.5, translate_frac_std=0.125):
-        self.p = p
-        self.generator = generator
-        self.xflip, self.yflip, self.scale, self.rotate_frac = xflip, yflip, scale, rotate_frac
-        self.aniso, self.translate_frac = aniso, translate_frac
-        self.scale_std, self.aniso_std = scale_std, aniso_std
-        self.aniso_rotate_prob, self.translate_frac_std = aniso_rotate_prob, translate_frac_std
-
-    def __call__(self, images):
-        # Geometry in float32 whatever precision the caller trains in: 07 runs the loss (and so this) under
-        # autocast, which would otherwise compose the matrices and resample the pixels in bf16/fp16.
-        with torch.autocast(images.device.type, enabled=False):
-            return self.augment(images.to(torch.float32))
-
-    def augment(self, images):
-        N, C, H, W = images.shape
-        dev, g = images.device, self.generator
-        rand = lambda *shape: torch.rand(shape, device=dev, generator=g)
-        randn = lambda *shape: torch.randn(shape, device=dev, generator=g)
-        fires = lambda multiplier, *shape: rand(*shape) < multiplier * self.p
-        labels = []
-
-        # Pixel blits: exact mirror images, label 1 = mirrored.
-        for multiplier, dim in ((self.xflip, 3), (self.yflip, 2)):
-            w = torch.randint(2, [N, 1, 1, 1], device=dev, generator=g)
-            w = torch.where(fires(multiplier, N, 1, 1, 1), w, 0)
-            images = torch.where(w == 1, images.flip(dim), images)
-            labels.append(w)
-
-        # Geometric transforms, composed into one matrix G_inv that maps each output
-        # pixel (coordinates centred on the image) to where it samples the input.
-        G_inv = torch.eye(3, device=dev).expand(N, 3, 3)
-
-        w = randn(N)                                                     # isotropic scale 2^(w * std)
-        w = torch.where(fires(self.scale, N), w, 0)
-        s = (w * self.scale_std).exp2()
-        G_inv = G_inv @ scale2d(1 / s, 1 / s).to(dev)
-        labels.append(w)
-
-        w = (rand(N) * 2 - 1) * math.pi                                  # rotation by a uniform angle
-        w = torch.where(fires(self.rotate_frac, N), w, 0)
-        G_inv = G_inv @ rotate2d(w)
-        labels += [w.cos() - 1, w.sin()]
-
-        w, r = randn(N), (rand(N) * 2 - 1) * math.pi                     # stretch by 2^(w*std) along angle r
-        w = torch.where(fires(self.aniso, N), w, 0)
-        r = torch.where(rand(N) < self.aniso_rotate_prob, r, 0)
-        s = (w * self.aniso_std).exp2()
-        G_inv = G_inv @ rotate2d(-r) @ scale2d(1 / s, s).to(dev) @ rotate2d(r)
-        labels += [w * r.cos(), w * r.sin()]
-
-        w = randn(2, N)                                                  # shift by w * std * image size
-        w = torch.where(fires(self.translate_frac, 1, N), w, 0)
-        G_inv = G_inv @ translate2d(-w[0] * W * self.translate_frac_std, -w[1] * H * self.translate_frac_std).to(dev)
-        labels += [w[0], w[1]]
-
-        labels = torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)
-        moved = (labels[:, 2:] != 0).any(1)            # images with a geometric transform to resample
-        if moved.any():
-            images = images.clone()
-            images[moved] = resample(images[moved], G_inv[moved])
-        return images, labels
-
-
-def resample(images, G_inv):
-    """out(p) = in(G_inv p) for each image, band-limited: reflect-pad, 2x upsample, bilinear warp, 2x downsample."""
-    N, C, H, W = images.shape
-    dev, dtype = images.device, images.dtype
-    taps = torch.tensor(SYM6, dtype=dtype, device=dev)
-    extra = len(SYM6) // 4                     # border kept around the crop so filter tails stay outside it
-
-    # 1. Reflect-pad enough that every output pixel reads real (mirrored) content.
-    cx, cy = (W - 1) / 2, (H - 1) / 2
-    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]], device=dev)
-    reach = (G_inv @ corners)[:, :2].permute(1, 0, 2).flatten(1)            # [xy, N * 4]
-    margin = torch.cat([(-reach).amax(1), reach.amax(1)])                   # left, top, right, bottom
-    margin = margin + torch.tensor([2 * extra - cx, 2 * extra - cy] * 2, device=dev)
-    margin = margin.clamp(min=0).minimum(torch.tensor([W - 1, H - 1] * 2, device=dev))
-    x0, y0, x1, y1 = margin.ceil().to(torch.int64).tolist()
-    images = functional.pad(images, [x0, x1, y0, y1], mode="reflect")
-    G_inv = translate2d((x0 - x1) / 2, (y0 - y1) / 2).to(dev) @ G_inv      # the padding moved the centre
-
-    # 2. Upsample 2x: zero insertion + low-pass, one axis at a time (a strided transposed conv).
-    kernel = taps.view(1, 1, 1, -1).repeat(C, 1, 1, 1)
-    images = functional.conv_transpose2d(images, kernel, stride=(1, 2), padding=(0, 5), groups=C)
-    images = functional.conv_transpose2d(images, kernel.transpose(2, 3), stride=(2, 1), padding=(5, 0), groups=C)
-    G_inv = scale2d(2, 2).to(dev) @ G_inv @ scale2d(0.5, 0.5).to(dev)
-    G_inv = translate2d(-0.5, -0.5).to(dev) @ G_inv @ translate2d(0.5, 0.5).to(dev)
-
-    # 3. Warp: affine_grid works in [-1, 1] coordinates of the output and input frames.
-    out_h, out_w = (H + 2 * extra) * 2, (W + 2 * extra) * 2
-    in_h, in_w = images.shape[2:]
-    G_inv = scale2d(2 / in_w, 2 / in_h).to(dev) @ G_inv @ scale2d(out_w / 2, out_h / 2).to(dev)
-    grid = functional.affine_grid(G_inv[:, :2, :], [N, C, out_h, out_w], align_corners=False)
-    images = functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-    # 4. Downsample 2x with the same low-pass and crop back to H x W.
-    images = functional.conv2d(images, kernel, stride=(1, 2), padding=(0, 5), groups=C)[:, :, :, extra:-extra]
-    images = functional.conv2d(images, kernel.transpose(2, 3), stride=(2, 1), padding=(5, 0), groups=C)
-    return images[:, :, extra:-extra, :]
 
 
 # ============================================================================

@@ -83,9 +83,7 @@ import io
 import math
 import os
 import pickle
-import shutil
 import time
-import urllib.request
 import warnings
 
 import numpy as np
@@ -591,13 +589,8 @@ def save_network(net, path):
         raise ValueError("save_network needs a network built by from_official_config (it has no init_config)")
     data = {"format": SNAPSHOT_FORMAT, "class_name": config["class_name"], "kwargs": config["kwargs"],
             "state_dict": {name: t.detach().cpu() for name, t in net.state_dict().items()}}
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with common.atomic_open(path) as f:
+        torch.save(data, f)
 
 
 def load_network(path):
@@ -652,23 +645,13 @@ def load_weights(net, state_dict):
 
 
 def open_checkpoint(path):
-    """A local file, or an http(s) URL downloaded once into ~/.cache/edm_tutorial/."""
-    if not path.startswith(("http://", "https://")):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint file (pass an edm-*.pkl or network-snapshot-* "
-                                    "file, or its https URL)")
-        return open(path, "rb")
-    cache = os.path.join(os.path.expanduser("~"), ".cache", "edm_tutorial", os.path.basename(path))
-    if not os.path.isfile(cache):
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        try:
-            with urllib.request.urlopen(path, timeout=60) as response, open(cache + ".part", "wb") as f:
-                shutil.copyfileobj(response, f)
-        except OSError as e:
-            raise OSError(f"could not download {path} ({e}); without network access, download it "
-                          "elsewhere and pass the local file instead") from e
-        os.replace(cache + ".part", cache)
-    return open(cache, "rb")
+    """A local file, or an http(s) URL downloaded once into common.py's download cache."""
+    if path.startswith(("http://", "https://")):
+        return open(common.download(path, "the network"), "rb")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file (pass an edm-*.pkl or network-snapshot-* "
+                                "file, or its https URL)")
+    return open(path, "rb")
 
 
 # ----------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """07 -- Training: the paper's recipe for CIFAR-10 (and ImageNet-64, and your own images).
 
-Chapter 05 gave the loss (Eq. 2, Table 1, App. F.2's augmentation) and 06 the networks; this is the rest of
-Sec. 5 and App. F, top to bottom: what is trained (presets), the data, the network and loss, the loop (Table 7:
-Adam, a learning-rate ramp-up, an EMA whose half-life is counted in images); then the machinery: atomic training
-states that `--resume auto` continues (bit for bit on CPUs; on GPUs see the README), ticks (with TFLOP/s and
-MFU), labelled previews, torchrun (DDP; gloo on CPUs; several nodes), gradient accumulation, autocast, --compile.
-`ImageFolder` (a folder or zip; labels from dataset.json or class sub-folders) is also 08's image reader.
-`--label-dropout p` (not in the paper; 0 in every preset) trains one network with and without its class, as
-classifier-free guidance needs.
+Chapter 05 gave the loss (Eq. 2, Table 1) and 06 the networks; this is the rest of Sec. 5 and App. F, top to
+bottom: what is trained (presets), the data, the network and loss, the loop (Table 7: Adam, a learning-rate
+ramp-up, an EMA whose half-life is counted in images), App. F.2's non-leaking augmentation; then the
+machinery: atomic training states that `--resume auto` continues (bit for bit on CPUs; on GPUs see the README),
+ticks (with TFLOP/s and MFU), labelled previews, torchrun (DDP; gloo on CPUs; several nodes), gradient
+accumulation, autocast, --compile. Images come through common.py's reader (a folder or zip, labels from
+dataset.json or class sub-folders; CIFAR-10), which 08 shares.
+`--label-dropout p` (not in the paper; 0 in every preset) trains one network with and without its class,
+as classifier-free guidance needs.
 
 Presets (explicit flags override their values; `--preset X --help` lists them):
   cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13,
@@ -26,7 +27,6 @@ import contextlib
 import copy
 import glob
 import hashlib
-import io
 import json
 import math
 import os
@@ -34,7 +34,6 @@ import resource
 import shlex
 import sys
 import time
-import zipfile
 
 import numpy as np
 import torch
@@ -72,94 +71,10 @@ RESUMABLE = set(RUN_DEFAULTS) - {"tf32", "seed"} | {"duration", "tick", "snap", 
 
 
 # ----------------------------------------------------------------------------
-# Data: images become a uint8 tensor [N, C, H, W] and integer class labels (or none).
-# 08 reads images through this section too: one --data-dir default, one extension list.
+# Data: images become a uint8 tensor [N, C, H, W] and integer class labels (or none); folders, zips and
+# CIFAR-10 are read by common.py's ImageFolder and load_cifar10, which 08 measures FID with.
 
-DATA_DIR = os.path.join("out", "data")       # where CIFAR-10's tarball is looked for (07 and 08)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-class ImageFolder:
-    """The images of a folder or .zip (recursive, sorted by relative name), decoded only when read.
-
-    `read(i)` gives uint8 [C, H, W] (C = 1 greyscale or 3 RGB); every image must have the first one's
-    shape. `labels` come from dataset.json (the official dataset-tool layout: {"labels":
-    [["00000/img00000000.png", 6], ...]}), else from one sub-folder per class, else None.
-    """
-
-    def __init__(self, path):
-        self.path, self._zip, self.shape = path, None, None
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path!r}: no such folder or .zip of images")
-        if os.path.isdir(path):
-            files = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                     for root, _, names in os.walk(path) for f in names]
-        elif zipfile.is_zipfile(path):
-            self._zip = zipfile.ZipFile(path)
-            files = [n for n in self._zip.namelist() if not n.endswith("/")]
-        else:
-            raise ValueError(f"{path!r} is neither a folder nor a .zip file of images")
-        self._files = set(files)
-        self.names = sorted(n for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not self.names:
-            raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {path!r}")
-        self.shape = self.read(0).shape                 # every later image must match the first
-
-    def __len__(self):
-        return len(self.names)
-
-    def _bytes(self, name):
-        if self._zip is not None:
-            return self._zip.read(name)
-        with open(os.path.join(self.path, name), "rb") as f:
-            return f.read()
-
-    def read(self, i):
-        """Image i as a uint8 numpy array [C, H, W]."""
-        import PIL.Image
-        name = self.names[i]
-        try:
-            with PIL.Image.open(io.BytesIO(self._bytes(name))) as image:
-                array = np.array(image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB"))
-        except Exception as error:   # a damaged file can raise many kinds
-            raise ValueError(f"cannot read image {name!r} in {self.path!r} ({type(error).__name__}: {error})")
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        if self.shape is not None and array.shape != self.shape:
-            size = lambda s: f"{s[2]}x{s[1]} with {s[0]} channel(s)"
-            raise ValueError(f"{name!r} is {size(array.shape)} but {self.names[0]!r} is {size(self.shape)}; "
-                             f"all images in {self.path!r} must have one size and channel count")
-        return array
-
-    def batch(self, indices):
-        """Images `indices` as a uint8 tensor [N, C, H, W]."""
-        return torch.from_numpy(np.stack([self.read(int(i)) for i in indices]))
-
-    @property
-    def labels(self):
-        """int64 [N] class indices, or None."""
-        if "dataset.json" in self._files:
-            labels = dict(json.loads(self._bytes("dataset.json")).get("labels") or [])
-            missing = [n for n in self.names if n not in labels]
-            if labels and missing:
-                raise ValueError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}")
-            return np.asarray([labels[n] for n in self.names], np.int64) if labels else None
-        folders = [n.split("/")[0] if "/" in n else None for n in self.names]
-        if None in folders or len(set(folders)) < 2:
-            return None
-        return np.unique(folders, return_inverse=True)[1].astype(np.int64)   # index of the sorted folder name
-
-
-def load_cifar10(data_dir=DATA_DIR):
-    """The 50,000 CIFAR-10 training images (uint8 [50000, 3, 32, 32]) and classes (int64 [50000])."""
-    import torchvision
-    try:
-        dataset = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
-    except Exception as error:   # offline: urllib/socket/integrity errors all end here
-        raise OSError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(error).__name__}); "
-                      f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
-                      f"into {data_dir!r}") from None
-    return torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous(), np.asarray(dataset.targets, np.int64)
 
 
 # The built-in dataset: coloured shapes on dark backgrounds, one class per shape.
@@ -211,12 +126,12 @@ class TrainingSet:
 def load_dataset(args):
     """--data (cifar10 | shapes | a folder/zip) -> TrainingSet, checked against the network it will feed."""
     if args.data == "cifar10":
-        (images, labels), name, names = load_cifar10(args.data_dir), "cifar10", CIFAR10_CLASSES
+        (images, labels), name, names = common.load_cifar10(args.data_dir), "cifar10", CIFAR10_CLASSES
     elif args.data == "shapes":
         (images, labels), names = make_shapes_dataset(4096, args.resolution or 16), SHAPES
         name = f"shapes{images.shape[2]}"
     else:
-        folder = ImageFolder(args.data)
+        folder = common.ImageFolder(args.data)
         images, labels, names = folder.batch(range(len(folder))), folder.labels, None
         name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
     n, _, h, w = images.shape
@@ -284,7 +199,7 @@ def network_config(args, data):
     chosen = dict(model_channels=args.cbase, channel_mult=args.cres, num_blocks=args.blocks, attn_resolutions=args.attn)
     kwargs.update({name: value for name, value in chosen.items() if value is not None})   # else the arch's own
     if args.augment > 0:
-        kwargs["augment_dim"] = len(precond.AUGMENT_LABELS)
+        kwargs["augment_dim"] = len(AUGMENT_LABELS)
     if args.label_dropout > 0:
         kwargs["label_dropout"] = args.label_dropout    # 06's drop_labels: a zero class vector with probability p
     if args.precond == "edm":
@@ -362,7 +277,7 @@ def train(args, device=torch.device("cpu")):
     ema = copy.deepcopy(net).eval().requires_grad_(False)            # the averaged weights that get sampled
     loss_fn = loss_function(args)                                    # 05: Table 1's p(sigma) and lambda(sigma)
     augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
-    augment_pipe = precond.AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
+    augment_pipe = AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                  fused=device.type == "cuda" or None)   # one kernel for all tensors where supported
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -418,6 +333,153 @@ def train(args, device=torch.device("cpu")):
 
 
 # ----------------------------------------------------------------------------
+# Non-leaking augmentation (App. C.4, F.2): what the loss applies to y before adding noise; the network is
+# told which augmentation it sees (its augment labels), so sampling with labels 0 gives un-augmented images.
+# The transforms of the paper's CIFAR-10 runs. The geometric maths (padding, 2x up/down-sampling with a
+# symlet-6 low-pass, coordinate conventions) follow StyleGAN2-ADA's pipeline, which the official EDM code
+# reuses. 05's losses call the pipe (`augment_pipe=`) on the clean images.
+
+SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148]
+
+AUGMENT_LABELS = ["xflip", "yflip", "scale", "rotate_cos_minus_1", "rotate_sin",
+                  "aniso_w_cos", "aniso_w_sin", "translate_x", "translate_y"]
+
+
+def translate2d(tx, ty):
+    tx, ty = torch.as_tensor(tx, dtype=torch.float32), torch.as_tensor(ty, dtype=torch.float32)
+    o, z = torch.ones_like(tx), torch.zeros_like(tx)
+    return torch.stack([o, z, tx, z, o, ty, z, z, o], -1).reshape(*tx.shape, 3, 3)
+
+
+def scale2d(sx, sy):
+    sx, sy = torch.as_tensor(sx, dtype=torch.float32), torch.as_tensor(sy, dtype=torch.float32)
+    o, z = torch.ones_like(sx), torch.zeros_like(sx)
+    return torch.stack([sx, z, z, z, sy, z, z, z, o], -1).reshape(*sx.shape, 3, 3)
+
+
+def rotate2d(theta):
+    c, s = theta.cos(), theta.sin()
+    o, z = torch.ones_like(c), torch.zeros_like(c)
+    return torch.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(*c.shape, 3, 3)
+
+
+class AugmentPipe:
+    """Images in, (augmented images, 9 augment labels) out; each transform happens with probability p.
+
+    05's losses call it on the clean images y (`augment_pipe=`) and hand its labels to the network.
+    The keyword arguments are per-transform probability multipliers. The paper's
+    CIFAR-10 setting is the default: xflip=1e8 makes every image a fair coin flip
+    (an always-on 50% mirror), the others fire with probability p each. Labels are
+    in the official order (AUGMENT_LABELS), zero when a transform did not fire.
+    Random numbers come from `generator` (its state is part of a checkpoint).
+    """
+
+    def __init__(self, p, generator=None, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1,
+                 scale_std=0.2, aniso_std=0.2, aniso_rotate_prob=0.5, translate_frac_std=0.125):
+        self.p = p
+        self.generator = generator
+        self.xflip, self.yflip, self.scale, self.rotate_frac = xflip, yflip, scale, rotate_frac
+        self.aniso, self.translate_frac = aniso, translate_frac
+        self.scale_std, self.aniso_std = scale_std, aniso_std
+        self.aniso_rotate_prob, self.translate_frac_std = aniso_rotate_prob, translate_frac_std
+
+    def __call__(self, images):
+        # Geometry in float32 whatever precision the caller trains in: 07 runs the loss (and so this) under
+        # autocast, which would otherwise compose the matrices and resample the pixels in bf16/fp16.
+        with torch.autocast(images.device.type, enabled=False):
+            return self.augment(images.to(torch.float32))
+
+    def augment(self, images):
+        N, C, H, W = images.shape
+        dev, g = images.device, self.generator
+        rand = lambda *shape: torch.rand(shape, device=dev, generator=g)
+        randn = lambda *shape: torch.randn(shape, device=dev, generator=g)
+        fires = lambda multiplier, *shape: rand(*shape) < multiplier * self.p
+        labels = []
+
+        # Pixel blits: exact mirror images, label 1 = mirrored.
+        for multiplier, dim in ((self.xflip, 3), (self.yflip, 2)):
+            w = torch.randint(2, [N, 1, 1, 1], device=dev, generator=g)
+            w = torch.where(fires(multiplier, N, 1, 1, 1), w, 0)
+            images = torch.where(w == 1, images.flip(dim), images)
+            labels.append(w)
+
+        # Geometric transforms, composed into one matrix G_inv that maps each output
+        # pixel (coordinates centred on the image) to where it samples the input.
+        G_inv = torch.eye(3, device=dev).expand(N, 3, 3)
+
+        w = randn(N)                                                     # isotropic scale 2^(w * std)
+        w = torch.where(fires(self.scale, N), w, 0)
+        s = (w * self.scale_std).exp2()
+        G_inv = G_inv @ scale2d(1 / s, 1 / s).to(dev)
+        labels.append(w)
+
+        w = (rand(N) * 2 - 1) * math.pi                                  # rotation by a uniform angle
+        w = torch.where(fires(self.rotate_frac, N), w, 0)
+        G_inv = G_inv @ rotate2d(w)
+        labels += [w.cos() - 1, w.sin()]
+
+        w, r = randn(N), (rand(N) * 2 - 1) * math.pi                     # stretch by 2^(w*std) along angle r
+        w = torch.where(fires(self.aniso, N), w, 0)
+        r = torch.where(rand(N) < self.aniso_rotate_prob, r, 0)
+        s = (w * self.aniso_std).exp2()
+        G_inv = G_inv @ rotate2d(-r) @ scale2d(1 / s, s).to(dev) @ rotate2d(r)
+        labels += [w * r.cos(), w * r.sin()]
+
+        w = randn(2, N)                                                  # shift by w * std * image size
+        w = torch.where(fires(self.translate_frac, 1, N), w, 0)
+        G_inv = G_inv @ translate2d(-w[0] * W * self.translate_frac_std, -w[1] * H * self.translate_frac_std).to(dev)
+        labels += [w[0], w[1]]
+
+        labels = torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)
+        moved = (labels[:, 2:] != 0).any(1)            # images with a geometric transform to resample
+        if moved.any():
+            images = images.clone()
+            images[moved] = resample(images[moved], G_inv[moved])
+        return images, labels
+
+
+def resample(images, G_inv):
+    """out(p) = in(G_inv p) for each image, band-limited: reflect-pad, 2x upsample, bilinear warp, 2x downsample."""
+    N, C, H, W = images.shape
+    dev, dtype = images.device, images.dtype
+    taps = torch.tensor(SYM6, dtype=dtype, device=dev)
+    extra = len(SYM6) // 4                     # border kept around the crop so filter tails stay outside it
+
+    # 1. Reflect-pad enough that every output pixel reads real (mirrored) content.
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]], device=dev)
+    reach = (G_inv @ corners)[:, :2].permute(1, 0, 2).flatten(1)            # [xy, N * 4]
+    margin = torch.cat([(-reach).amax(1), reach.amax(1)])                   # left, top, right, bottom
+    margin = margin + torch.tensor([2 * extra - cx, 2 * extra - cy] * 2, device=dev)
+    margin = margin.clamp(min=0).minimum(torch.tensor([W - 1, H - 1] * 2, device=dev))
+    x0, y0, x1, y1 = margin.ceil().to(torch.int64).tolist()
+    images = F.pad(images, [x0, x1, y0, y1], mode="reflect")
+    G_inv = translate2d((x0 - x1) / 2, (y0 - y1) / 2).to(dev) @ G_inv      # the padding moved the centre
+
+    # 2. Upsample 2x: zero insertion + low-pass, one axis at a time (a strided transposed conv).
+    kernel = taps.view(1, 1, 1, -1).repeat(C, 1, 1, 1)
+    images = F.conv_transpose2d(images, kernel, stride=(1, 2), padding=(0, 5), groups=C)
+    images = F.conv_transpose2d(images, kernel.transpose(2, 3), stride=(2, 1), padding=(5, 0), groups=C)
+    G_inv = scale2d(2, 2).to(dev) @ G_inv @ scale2d(0.5, 0.5).to(dev)
+    G_inv = translate2d(-0.5, -0.5).to(dev) @ G_inv @ translate2d(0.5, 0.5).to(dev)
+
+    # 3. Warp: affine_grid works in [-1, 1] coordinates of the output and input frames.
+    out_h, out_w = (H + 2 * extra) * 2, (W + 2 * extra) * 2
+    in_h, in_w = images.shape[2:]
+    G_inv = scale2d(2 / in_w, 2 / in_h).to(dev) @ G_inv @ scale2d(out_w / 2, out_h / 2).to(dev)
+    grid = F.affine_grid(G_inv[:, :2, :], [N, C, out_h, out_w], align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    # 4. Downsample 2x with the same low-pass and crop back to H x W.
+    images = F.conv2d(images, kernel, stride=(1, 2), padding=(0, 5), groups=C)[:, :, :, extra:-extra]
+    images = F.conv2d(images, kernel.transpose(2, 3), stride=(2, 1), padding=(5, 0), groups=C)
+    return images[:, :, extra:-extra, :]
+
+
+# ----------------------------------------------------------------------------
 # Machinery (none of it changes the maths above): the batch split, precision and DDP, the run folder,
 # ticks, snapshots with rank digests and previews, training states and resume.
 
@@ -451,7 +513,7 @@ def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg
     world_size, measured_std = common.get_world_size(), data_std(data)
     os.makedirs(run_dir, exist_ok=True)
     common.write_json(dict(vars(args), world_size=world_size, dataset=data.name, dataset_size=len(data),
-                           data_std=measured_std,
+                           data_std=measured_std, class_names=data.class_names,
                            network=dict(class_name=class_name, kwargs=net_kwargs), batch_gpu=batch_gpu,
                            accumulation_rounds=rounds), os.path.join(run_dir, "training_options.json"))
     if resume is None:
@@ -656,7 +718,7 @@ def save_preview(ema, path, device, cur_nimg, class_names):
     latents = rnd.randn([64, ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
     classes = torch.arange(64, device=device) // 8 % max(ema.label_dim, 1)
     labels = F.one_hot(classes, ema.label_dim).to(torch.float32) if ema.label_dim else None
-    images = sampler.edm_sampler(ema, latents, labels, randn_like=rnd.randn_like)   # the training RNGs are untouched
+    images = sampler.edm_sampler(ema, latents, {"class_labels": labels}, randn_like=rnd.randn_like)   # the training RNGs are untouched
     common.save_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
                      [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
 
@@ -679,7 +741,7 @@ def build_parser(preset):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False, epilog=f"Defaults shown: --preset {preset}." if preset
                                      else "Defaults shown: no preset (Table 7's CIFAR-10 values).")
-    d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=DATA_DIR, preset=preset)
+    d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=common.DATA_DIR, preset=preset)
     kimg, probability, positive = common.number(float, low=0.001), common.number(float, 0, 1), common.number(int, low=1)
     flag = dict(action=argparse.BooleanOptionalAction)   # --x / --no-x
 

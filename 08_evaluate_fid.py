@@ -19,10 +19,11 @@ protocol of the paper and of the official generate.py/fid.py is followed exactly
      unbiased (n - 1) covariance.
   5. Three seed sets, 0-49999, 50000-99999, 100000-149999; the paper reports the minimum.
 
-Built from: 04 (edm_sampler, Algorithm 2), 03 (ablation_sampler), 06 (load_network:
-official pickles and 07's snapshots) and 07 (ImageFolder, load_cifar10: the one image reader).
-The command line also offers two later chapters (loaded only when it runs): 09's fast solvers
-(--solver, --nfe, --sigma-steps) and 10's guidance (--guidance, --guide-network, --guidance-interval).
+What it needs, loaded only where used: FID (`demo`, `ref`, `calc`) common.py alone (its image
+reader too); generation (`generate`, `fid`) 04 (edm_sampler, Algorithm 2) and 06 (load_network:
+official pickles and 07's snapshots; +05). Flags add one chapter each: --disc/--schedule/--scaling
+03's ablation_sampler (+02), --solver/--nfe/--sigma-steps 09's fast solvers, --guidance/
+--guide-network/--guidance-interval 10's guidance. A missing file fails with one error line naming it.
 
 Subcommands (each has --help; every option belongs to exactly one subcommand):
 
@@ -63,7 +64,6 @@ import pickle
 import re
 import sys
 import time
-import urllib.parse
 import warnings
 import zipfile
 
@@ -75,10 +75,11 @@ from torchvision.models import inception as tv_inception
 
 import common
 
-schedules = common.load("03_heun_and_schedules")   # ablation_sampler: the paper's Sec. 3-4 samplers
-sampling = common.load("04_stochastic_sampler")    # edm_sampler: Algorithm 2
-networks = common.load("06_unet")                  # load_network: official pickles and 07's snapshots
-training = common.load("07_train_cifar10")         # ImageFolder, load_cifar10, DATA_DIR: the one image reader
+# Only common.py at import time: FID (sections 1-5, `demo`, `ref`, `calc`) needs nothing else. Generation
+# loads 04 (edm_sampler) and 06 (load_network, +05) when it runs; a flag that asks for more loads its chapter
+# in the command-line branch that uses it: 03 for --disc/--schedule/--scaling, 09 for --solver/--nfe/
+# --sigma-steps, 10 for --guidance/--guide-network/--guidance-interval. A missing file is one error line
+# naming the file to copy (common.load, common.run).
 
 # ----------------------------------------------------------------------------
 # 1. The Frechet distance between two Gaussians, in float64.
@@ -179,24 +180,6 @@ DETECTORS = {
 }
 FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
-
-
-def cache_dir():
-    """Downloads go where torch.hub keeps checkpoints (~/.cache/torch/hub/checkpoints, or $TORCH_HOME)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints")
-
-
-def fetch(url, what):
-    """Path of a URL's file in the cache, downloading it on first use."""
-    path = os.path.join(cache_dir(), os.path.basename(urllib.parse.urlparse(url).path))
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, path, progress=common.get_rank() == 0)
-        except OSError as e:  # urllib's URLError is an OSError
-            raise OSError(f"cannot download {what} from {url} ({e}); "
-                          f"download it elsewhere and put it at {path} (or pass its path)") from None
-    return path
 
 
 def tf_preprocess(images):
@@ -365,7 +348,7 @@ def open_detector_file(path):
 
 def load_detector(spec, device):
     """`nvidia` (default, the paper's), `nvidia-pkl`, `pytorch-fid`, or a local file path."""
-    path = fetch(DETECTORS[spec], f"the Inception detector ({spec})") if spec in DETECTORS else spec
+    path = common.download(DETECTORS[spec], f"the Inception detector ({spec})") if spec in DETECTORS else spec
     return open_detector_file(path).to(device)
 
 
@@ -378,7 +361,7 @@ def features_of(detector, images):
 
 
 # ----------------------------------------------------------------------------
-# 4. Image sets: a folder or zip of images through 07's ImageFolder (the official
+# 4. Image sets: a folder or zip of images through common.py's ImageFolder (the official
 # dataset-tool layout, searched recursively, sorted), or CIFAR-10's training set.
 
 class TensorImages:
@@ -397,8 +380,8 @@ class TensorImages:
 def open_images(spec, data_dir):
     """`cifar10` (the 50,000 training images, looked for in data_dir) or a folder/.zip of images."""
     if spec == "cifar10":
-        return TensorImages(training.load_cifar10(data_dir)[0])
-    return training.ImageFolder(spec)
+        return TensorImages(common.load_cifar10(data_dir)[0])
+    return common.ImageFolder(spec)
 
 
 def random_subset(n_total, num, seed):
@@ -427,16 +410,6 @@ def rank_batches(items, batch_size):
     world = common.get_world_size()
     num_batches = ((len(items) - 1) // (batch_size * world) + 1) * world
     return torch.as_tensor(items).tensor_split(num_batches)[common.get_rank()::world]
-
-
-def rank0_first(fn, *args):
-    """Run fn on rank 0 first (it downloads into the cache), then on the others."""
-    if common.get_rank() != 0:
-        torch.distributed.barrier()
-    result = fn(*args)
-    if common.get_rank() == 0 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return result
 
 
 def progress(batches, what, lines=10):
@@ -470,31 +443,9 @@ def parse_seeds(text):
     return seeds
 
 
-class EvaluationCounter:
-    """Wraps a network (or a guided denoiser) and counts the images that go through it: NFE measured, not computed.
-
-    `evaluations` sums the batch size of every call, so evaluations / images generated is the NFE
-    per image whatever the batch sizes. The attributes samplers read (sigma_min, round_sigma,
-    label_dim, ...) are the wrapped network's.
-    """
-
-    def __init__(self, net):
-        self.net, self.evaluations = net, 0
-
-    def __getattr__(self, name):
-        return getattr(self.net, name)
-
-    def __call__(self, x, sigma, class_labels=None):
-        self.evaluations += x.shape[0]
-        return self.net(x, sigma, class_labels)
-
-    def per_image(self, images):
-        n = self.evaluations / images
-        return int(n) if n.is_integer() else n
-
-
-def generate_batch(net, seeds, device, class_idx=None, sampler=sampling.edm_sampler, **options):
-    """uint8 images [N, C, H, W] for the given seeds, each depending on its own seed only.
+def generate_batch(net, seeds, device, class_idx=None, sampler=None, **options):
+    """uint8 images [N, C, H, W] for the given seeds, each depending on its own seed only; `sampler` is
+    called as 04's edm_sampler (the default) is.
 
     As in the official generate.py, each seed's generator first draws the latents, then
     (for a conditional network) the class label, then the sampler's churn noise.
@@ -507,8 +458,9 @@ def generate_batch(net, seeds, device, class_idx=None, sampler=sampling.edm_samp
         if class_idx is not None:
             class_labels = torch.zeros_like(class_labels)
             class_labels[:, class_idx] = 1
+    sampler = sampler or common.load("04_stochastic_sampler").edm_sampler
     with torch.no_grad():
-        x = sampler(net, latents, class_labels, randn_like=rnd.randn_like, **options)
+        x = sampler(net, latents, {"class_labels": class_labels}, randn_like=rnd.randn_like, **options)
     return common.to_uint8(x).permute(0, 3, 1, 2)
 
 
@@ -518,7 +470,7 @@ def load_net(path, device):
         raise FileNotFoundError(f"network file not found: {path}; pass an official .pkl (path or URL) "
                                 f"or a 07 snapshot (<run>/network-snapshot-*.pt)")
     try:
-        net = networks.load_network(path)  # also downloads official URLs into a cache
+        net = common.load("06_unet").load_network(path)  # also downloads official URLs into a cache
     except (ValueError, OSError):
         raise                   # 06's own messages name the file and what is wrong with it
     except Exception as e:      # e.g. an unsafe or foreign pickle; name the file and the reason
@@ -576,7 +528,7 @@ def image_stats(images, indices, detector, batch_size, device):
 
 def load_ref(spec, feature_dim):
     """Reference statistics from an .npz path or URL (e.g. the official fid-refs), checked."""
-    path = fetch(spec, "the reference statistics") if re.match(r"https?://", spec) else spec
+    path = common.download(spec, "the reference statistics") if re.match(r"https?://", spec) else spec
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference statistics not found: {path}; make them with the `ref` "
                                 f"subcommand or pass an official fid-refs .npz (path or URL)")
@@ -591,22 +543,14 @@ def load_ref(spec, feature_dim):
     return mu, sigma
 
 
-def save_ref(mu, sigma, path):
-    """Write reference statistics atomically (a reader never sees half a file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------
 # 8. From command-line options to a sampler and a denoiser. Chapters 09 (fast solvers)
 # and 10 (guidance) come after this one, so the library above never loads them; these
 # command-line helpers do, inside the functions that need them (the house rule lets the
 # command line use later chapters).
 #
-# Three samplers, all called by generate_batch as `sampler(net, latents, class_labels,
-# randn_like, **options)`:
+# Three samplers, all called by generate_batch as `sampler(net, latents, extra_args, randn_like, **options)`
+# and all calling the denoiser as `net(x, sigma, **extra_args)` (extra_args = {"class_labels": labels}):
 #   * the default, and --solver heun: 04's edm_sampler (Algorithm 2, --S_churn etc.), 18 steps = 35 NFE;
 #   * --disc/--schedule/--scaling: 03's ablation_sampler (Sec. 3 ablations), --solver euler or heun;
 #   * any other --solver, or --sigma-steps: 09's deterministic solvers on their authors' sigma steps.
@@ -616,6 +560,7 @@ EDM_OPTIONS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min",
 CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise")
 ABLATION_OPTIONS = ("discretization", "schedule", "scaling")
 SIGMA_STEP_KINDS = ("edm", "logsnr", "time_uniform")            # 09's sigma_steps(kind=...)
+SOLVER_NAMES = ("euler", "heun", "dpmpp2m", "dpmpp3m", "ipndm")  # 09's SOLVERS, for --help without 09 (tested)
 DEFAULT_RHO = {"edm": 7.0, "time_uniform": 1.0}                # Eq. 5's rho; rho = 1: uniform in VP's t
 
 
@@ -627,7 +572,6 @@ def sampler_from_args(args):
     samplers, options left out are the sampler's own defaults; for 09's solvers every
     setting is resolved here (solver, sigma-step kind, steps, rho), so fid.json names them.
     """
-    fast = common.load("09_fast_samplers")  # a later chapter: its NFE rule and solvers serve the command line only
     options = {k: getattr(args, k) for k in EDM_OPTIONS + ABLATION_OPTIONS if getattr(args, k) is not None}
     for name in ("sigma_min", "sigma_max", "rho"):
         if options.get(name, 1) <= 0:
@@ -636,7 +580,7 @@ def sampler_from_args(args):
         raise ValueError(f"--sigma_min {options['sigma_min']} must be below --sigma_max {options['sigma_max']}")
     solver = args.solver or "heun"
     if args.nfe is not None:
-        options["num_steps"] = fast.steps_for_nfe(solver, args.nfe)
+        options["num_steps"] = common.load("09_fast_samplers").steps_for_nfe(solver, args.nfe)   # 09's NFE rule
 
     if any(k in options for k in ABLATION_OPTIONS):
         if solver not in ("euler", "heun"):
@@ -646,15 +590,15 @@ def sampler_from_args(args):
             raise ValueError("--sigma-steps chooses the steps of 09's solvers; the ablation sampler's are --disc")
         if args.solver:
             options["solver"] = args.solver
-        return schedules.ablation_sampler, options
+        return common.load("03_heun_and_schedules").ablation_sampler, options
     if solver == "heun" and args.sigma_steps is None:
-        return sampling.edm_sampler, options
+        return common.load("04_stochastic_sampler").edm_sampler, options
 
     churn = [k for k in CHURN_OPTIONS if k in options]
     if churn:
         raise ValueError(f"--{churn[0]} is Algorithm 2's churn (04's sampler: --solver heun without --sigma-steps); "
                          f"09's {solver} is deterministic")
-    kind = args.sigma_steps or fast.SOLVERS[solver].schedule
+    kind = args.sigma_steps or common.load("09_fast_samplers").SOLVERS[solver].schedule
     if kind == "logsnr" and "rho" in options:
         raise ValueError("--rho shapes the edm and time_uniform sigma steps; logsnr steps are uniform in log sigma")
     options.update(solver=solver, sigma_steps=kind, num_steps=options.get("num_steps", 18))
@@ -663,7 +607,7 @@ def sampler_from_args(args):
     return solver_sampler, options
 
 
-def solver_sampler(net, latents, class_labels=None, randn_like=None, solver="heun", sigma_steps="edm",
+def solver_sampler(net, latents, extra_args=None, randn_like=None, solver="heun", sigma_steps="edm",
                    num_steps=18, sigma_min=0.002, sigma_max=80, rho=7.0):
     """Chapter 09's `solver` on `num_steps` intervals of its `sigma_steps` kind: float64 samples at sigma = 0.
 
@@ -677,28 +621,24 @@ def solver_sampler(net, latents, class_labels=None, randn_like=None, solver="heu
     round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
     sigmas = fast.sigma_steps(num_steps, sigma_min, sigma_max, sigma_steps, rho).to(latents.device)
     sigmas = torch.cat([round_sigma(sigmas[:-1]).to(sigmas.dtype), sigmas[-1:]])     # the last level stays 0
-
-    def denoise(x, sigma):                               # 09's denoise(x, sigma): D in float64
-        return net(x, sigma, class_labels).to(torch.float64)
-
-    return fast.SOLVERS[solver].sample(denoise, latents.to(torch.float64) * sigmas[0], sigmas)
+    return fast.SOLVERS[solver].sample(net, latents.to(torch.float64) * sigmas[0], sigmas, extra_args)
 
 
 def solver_and_steps(sampler, options):
     """(solver, sigma-step kind) that `sampler` runs with `options`, as fid.json records them."""
     if sampler is solver_sampler:
         return options["solver"], options["sigma_steps"]
-    if sampler is schedules.ablation_sampler:          # its defaults: Heun on EDM's steps
+    if sampler.__name__ == "ablation_sampler":         # 03's; its defaults: Heun on EDM's steps
         return options.get("solver", "heun"), options.get("discretization", "edm")
     return "heun", "edm"                               # Algorithm 2 on Eq. 5's steps
 
 
 def denoiser_from_args(args, net, device):
     """(denoiser, counters, settings): the denoiser the sampler calls -- `net`, or `net` guided as
-    --guidance, --guide-network and --guidance-interval say (chapter 10) -- with an EvaluationCounter
+    --guidance, --guide-network and --guidance-interval say (chapter 10) -- with a common.CountingDenoiser
     on each network (so that the guide's evaluations are counted too) and the settings for fid.json.
     """
-    main_net = EvaluationCounter(net)
+    main_net = common.CountingDenoiser(net)
     settings = dict(w=args.guidance, method="none", guide_network=None, interval=None)
     if args.guidance == 1 and args.guide_network is None and args.guidance_interval is None:
         return main_net, [main_net], settings
@@ -708,7 +648,7 @@ def denoiser_from_args(args, net, device):
         counters, guide = [main_net], None
         settings.update(method="cfg")
     else:                                                            # autoguidance: a weaker network of the task
-        guide = EvaluationCounter(rank0_first(load_net, args.guide_network, device))
+        guide = common.CountingDenoiser(common.rank0_first(load_net, args.guide_network, device))
         check_same_task(net, guide, args.guide_network)
         counters = [main_net, guide]
         settings.update(method="autoguidance", guide_network=os.path.abspath(args.guide_network))
@@ -744,12 +684,12 @@ def cmd_generate(args):
     _, _, device = common.init_distributed(args.device)
     seeds = parse_seeds(args.seeds)
     sampler, options = sampler_from_args(args)
-    net = rank0_first(load_net, args.network, device)
+    net = common.rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
     outdir = common.out_dir(__file__, args.outdir or os.path.join("out", "08_evaluate_fid", "images"))
     print0(f"Generating {len(seeds)} images into {outdir} ({describe(sampler, options, guidance)})...")
-    counter = EvaluationCounter(denoiser)
+    counter = common.CountingDenoiser(denoiser)
     generate_pngs(counter, seeds, outdir, args.batch, device, args.subdirs, args.class_idx, sampler=sampler, **options)
     if common.get_rank() == 0:      # rank 0 always has images (other ranks may have none): its count is the NFE
         images = rank_images(seeds, args.batch)
@@ -765,24 +705,25 @@ def rank_images(seeds, batch_size):
 
 def cmd_ref(args):
     _, _, device = common.init_distributed(args.device)
-    images = rank0_first(open_images, args.data, args.data_dir)  # rank 0 downloads CIFAR-10 alone
+    images = common.rank0_first(open_images, args.data, args.data_dir)  # one process per node downloads CIFAR-10
     if len(images) < 2:
         raise ValueError(f"found {len(images)} image in {args.data}; need at least 2 for a covariance")
-    detector = rank0_first(load_detector, args.detector, device)
+    detector = common.rank0_first(load_detector, args.detector, device)
     print0(f"Computing statistics of {len(images)} images from {args.data}...")
     mu, sigma = image_stats(images, np.arange(len(images)), detector, args.batch, device)
     if common.get_rank() == 0:
-        save_ref(mu, sigma, args.dest)
+        with common.atomic_open(args.dest) as f:   # a reader never sees half a file
+            np.savez(f, mu=mu, sigma=sigma)
         print(f"Saved reference statistics to {args.dest}")
 
 
 def cmd_calc(args):
     _, _, device = common.init_distributed(args.device)
-    images = training.ImageFolder(args.images)
+    images = common.ImageFolder(args.images)
     if len(images) < args.num:
         raise ValueError(f"found {len(images)} images in {args.images}, but --num is {args.num}; "
                          f"generate more or pass a smaller -n")
-    detector = rank0_first(load_detector, args.detector, device)
+    detector = common.rank0_first(load_detector, args.detector, device)
     ref = load_ref(args.ref, detector.feature_dim)
     print0(f"Computing statistics of {args.num} of the {len(images)} images in {args.images}...")
     mu, sigma = image_stats(images, random_subset(len(images), args.num, args.seed), detector, args.batch, device)
@@ -793,12 +734,12 @@ def cmd_calc(args):
 def cmd_fid(args):
     _, _, device = common.init_distributed(args.device)
     sampler, options = sampler_from_args(args)
-    net = rank0_first(load_net, args.network, device)
+    net = common.rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
-    detector = rank0_first(load_detector, args.detector, device)
+    detector = common.rank0_first(load_detector, args.detector, device)
     ref = load_ref(args.ref, detector.feature_dim)
-    counter = EvaluationCounter(denoiser)              # the sampler's calls: NFE as the paper counts it
+    counter = common.CountingDenoiser(denoiser)              # the sampler's calls: NFE as the paper counts it
     start, result, images = time.time(), {"fid": [], "seeds": []}, 0
     print0(describe(sampler, options, guidance))
     for k in range(args.repeats):
@@ -924,9 +865,8 @@ def add_network(p):
 
 def add_sampler_options(p):
     """The solver and its budget (04's Algorithm 2 by default, 09's solvers, 03's ablation sampler) and guidance (10)."""
-    solvers = common.load("09_fast_samplers").SOLVERS  # a later chapter: the command line offers its solvers
     g = p.add_argument_group("sampler (default: 04's Algorithm 2, Heun on Eq. 5's steps, 18 steps = 35 NFE)")
-    g.add_argument("--solver", choices=list(solvers), help="heun: 04's Algorithm 2 (with --S_churn ...; with "
+    g.add_argument("--solver", choices=SOLVER_NAMES, help="heun: 04's Algorithm 2 (with --S_churn ...; with "
                    "--sigma-steps: 09's Heun); the others: chapter 09's deterministic solvers on their authors' "
                    "sigma steps; with --disc/--schedule/--scaling: 03's ablation sampler, euler or heun")
     budget = g.add_mutually_exclusive_group()
@@ -987,8 +927,8 @@ def build_parser():
 
     p = add("ref", cmd_ref, "Reference statistics (mu, sigma) of a dataset, written to an .npz.")
     p.add_argument("--data", required=True, help="cifar10 (the training set), or a folder/.zip of images")
-    p.add_argument("--data-dir", default=training.DATA_DIR,
-                   help=f"where cifar-10-python.tar.gz is looked for / downloaded (default: {training.DATA_DIR})")
+    p.add_argument("--data-dir", default=common.DATA_DIR,
+                   help=f"where cifar-10-python.tar.gz is looked for / downloaded (default: {common.DATA_DIR})")
     p.add_argument("--dest", required=True, help="output .npz")
     add_detector(p)
     add_device(p)

@@ -123,45 +123,36 @@ import common
 
 
 # ----------------------------------------------------------------------------
-# Counting network evaluations.
+# Calling contract of every solver here (k-diffusion's): sample_<name>(model, x, sigmas, extra_args=None)
+# integrates from x at sigmas[0] through every sigmas[i] and calls the denoiser as
+# `model(x, sigma, **extra_args)` with sigma a [batch] tensor (a class-conditional network gets
+# extra_args = {"class_labels": labels}); outputs are taken in float64 (common.denoise).
 
-class CountingDenoiser:
-    """Wraps `denoise(x, sigma)` and counts its calls in `.nfe`: NFE is measured, never computed."""
-
-    def __init__(self, denoise):
-        self.denoise = denoise
-        self.nfe = 0
-
-    def __call__(self, x, sigma):
-        self.nfe += 1
-        return self.denoise(x, sigma)
-
-
-def _denoise(denoise, x, sigma):
-    """D(x; sigma) with sigma given as a [batch] tensor, as every denoiser here expects."""
-    return denoise(x, sigma.reshape(1).expand(x.shape[0]))
+def _denoise(model, x, sigma, extra_args):
+    """D(x; sigma) with sigma given as a [batch] tensor, as k-diffusion passes it."""
+    return common.denoise(model, x, sigma.reshape(1).expand(x.shape[0]), extra_args)
 
 
 # ----------------------------------------------------------------------------
 # The baselines of chapter 03 on Eq. 4 (sigma(t) = t, s(t) = 1).
 
-def sample_euler(denoise, x, sigmas):
+def sample_euler(model, x, sigmas, extra_args=None):
     """Euler's method: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i, d_i = (x_i - D(x_i; sigma_i)) / sigma_i."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - _denoise(denoise, x, sigma)) / sigma
+        d = (x - _denoise(model, x, sigma, extra_args)) / sigma
         x = x + (sigma_next - sigma) * d
     return x
 
 
-def sample_heun(denoise, x, sigmas):
+def sample_heun(model, x, sigmas, extra_args=None):
     """Heun's method (Algorithm 1): an Euler step, then the trapezoidal rule with the slope at its end.
 
     The step into sigma = 0 stays Euler (the slope divides by sigma), so n steps cost 2n - 1 NFE."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - _denoise(denoise, x, sigma)) / sigma
+        d = (x - _denoise(model, x, sigma, extra_args)) / sigma
         x_next = x + (sigma_next - sigma) * d                                   # Algorithm 1, line 5
         if sigma_next > 0:
-            d_prime = (x_next - _denoise(denoise, x_next, sigma_next)) / sigma_next
+            d_prime = (x_next - _denoise(model, x_next, sigma_next, extra_args)) / sigma_next
             x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_prime)      # line 8
         x = x_next
     return x
@@ -170,7 +161,7 @@ def sample_heun(denoise, x, sigmas):
 # ----------------------------------------------------------------------------
 # DPM-Solver++: exponential integrators in lambda = -log sigma, data (D) prediction.
 
-def sample_dpmpp_2m(denoise, x, sigmas):
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): one NFE per step, 2nd order.
 
     x_{i+1} = (sigma_{i+1} / sigma_i) x_i + (1 - sigma_{i+1} / sigma_i) D_hat, where D_hat
@@ -178,7 +169,7 @@ def sample_dpmpp_2m(denoise, x, sigmas):
     """
     D_prev = h_prev = None
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        D = _denoise(denoise, x, sigma)
+        D = _denoise(model, x, sigma, extra_args)
         if sigma_next == 0:               # h = infinity: the update's limit is the denoiser output
             return D
         h = math.log(sigma / sigma_next)  # step in lambda = -log sigma
@@ -189,7 +180,7 @@ def sample_dpmpp_2m(denoise, x, sigmas):
     return x
 
 
-def sample_dpmpp_3m(denoise, x, sigmas):
+def sample_dpmpp_3m(model, x, sigmas, extra_args=None):
     """DPM-Solver++(3M) with the Taylor weights: one NFE per step, 3rd order (module docstring).
 
     x_{i+1} = e^-h x_i + I_0 D_i + I_1 D' + I_2 D'', with D', D'' at lambda_i from the last
@@ -197,7 +188,7 @@ def sample_dpmpp_3m(denoise, x, sigmas):
     """
     D_hist, lambda_hist = [], []          # newest first
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        D = _denoise(denoise, x, sigma)
+        D = _denoise(model, x, sigma, extra_args)
         if sigma_next == 0:
             return D
         D_hist, lambda_hist = [D] + D_hist[:2], [-math.log(sigma)] + lambda_hist[:2]
@@ -226,7 +217,7 @@ ADAMS_BASHFORTH = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-def sample_ipndm(denoise, x, sigmas, max_order=4):
+def sample_ipndm(model, x, sigmas, extra_args=None, max_order=4):
     """iPNDM (Zhang & Chen 2023): x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_j b_j d_{i-j}, one NFE per step.
 
     Step i uses order min(i + 1, max_order) with the equal-step Adams-Bashforth weights b_j.
@@ -235,7 +226,7 @@ def sample_ipndm(denoise, x, sigmas, max_order=4):
         raise ValueError(f"max_order must be 1, 2, 3 or 4, got {max_order}")
     d_hist = []                                            # newest first
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - _denoise(denoise, x, sigma)) / sigma
+        d = (x - _denoise(model, x, sigma, extra_args)) / sigma
         d_hist = [d] + d_hist[:max_order - 1]
         slope = sum(b * d_j for b, d_j in zip(ADAMS_BASHFORTH[len(d_hist)], d_hist))
         x = x + (sigma_next - sigma) * slope
@@ -285,7 +276,7 @@ def sigma_steps(n, sigma_min=0.002, sigma_max=80.0, kind="edm", rho=7.0):
 # The registry 08 uses: name -> solver, its authors' schedule, and the NFE budget -> steps.
 
 class Solver(NamedTuple):
-    sample: Callable       # sample_<name>(denoise, x, sigmas) -> x at sigmas[-1]
+    sample: Callable       # sample_<name>(model, x, sigmas, extra_args=None) -> x at sigmas[-1]
     schedule: str          # sigma_steps kind its authors use
     rho: Optional[float]   # the schedule's exponent (None where it has none)
 
@@ -314,16 +305,16 @@ def steps_for_nfe(solver, nfe):
     return nfe
 
 
-def sample(denoise, latents, solver="heun", nfe=35, sigma_min=0.002, sigma_max=80.0):
+def sample(model, latents, solver="heun", nfe=35, sigma_min=0.002, sigma_max=80.0, extra_args=None):
     """Generate from unit-variance `latents` with a registered solver and budget; returns (x_0, measured NFE).
 
     The schedule is the solver's own (SOLVERS); x starts at sigma_max * latents."""
     n = steps_for_nfe(solver, nfe)
     method = SOLVERS[solver]
     sigmas = sigma_steps(n, sigma_min, sigma_max, method.schedule, method.rho).to(latents.device)
-    counter = CountingDenoiser(denoise)
-    x = method.sample(counter, latents.to(torch.float64) * sigmas[0], sigmas)
-    return x, counter.nfe
+    counter = common.CountingDenoiser(model)
+    x = method.sample(counter, latents.to(torch.float64) * sigmas[0], sigmas, extra_args)
+    return x, counter.per_image(len(latents))
 
 
 # ----------------------------------------------------------------------------
@@ -336,10 +327,6 @@ FAST = ("dpmpp2m", "dpmpp3m", "ipndm")          # the post-EDM solvers
 def spend(solver, budget):
     """The NFE a solver spends for a budget: all of it, except Heun, which cannot spend an even number."""
     return budget - 1 if solver == "heun" and budget % 2 == 0 else budget
-
-
-def rms(a, b):
-    return float(((a - b) ** 2).mean().sqrt())
 
 
 def ratio(a, b):
@@ -357,7 +344,7 @@ def reference_solve(denoise, latents, sigma_min, sigma_max, steps, check=8):
     solve = lambda z, n: sample_dpmpp_3m(denoise, z.to(torch.float64) * sigma_max,
                                          sigma_steps(n, sigma_min, sigma_max, "logsnr").to(z.device))
     x = solve(latents, steps)
-    return x, rms(x[:check], solve(latents[:check], steps // 2))
+    return x, common.rms(x[:check], solve(latents[:check], steps // 2))
 
 
 def run_solvers(denoise, latents, sigma_min, sigma_max):
@@ -508,7 +495,7 @@ def demo(args):
         case_start = time.time()
         reference, change = reference_solve(denoise, latents, sigma_min, sigma_max, args.reference_steps)
         samples = run_solvers(denoise, latents, sigma_min, sigma_max)
-        tables[key] = measure(samples, reference, rms)
+        tables[key] = measure(samples, reference, common.rms)
         print_table(f"{title}: RMS error vs the reference ({len(latents)} samples, sigma {sigma_max:g} -> 0)",
                     tables[key])
         smallest = min(e for points in tables[key].values() for _, e in points if e > 0)

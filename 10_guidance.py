@@ -26,10 +26,10 @@ draw exactly from any of them -- one more reason to look at what it does produce
   elsewhere. At high sigma CFG's push decides which part of its class a sample ends in (the
   diversity loss); at low sigma the classes are already apart and there is nothing left to guide.
 
-`GuidedDenoiser` is that wrapper, and it looks like a network to every sampler here: 04's
-`edm_sampler` and 03's `ablation_sampler` call `net(x, sigma, class_labels)` and read
-`net.sigma_min`, `net.sigma_max`, `net.round_sigma`; 09's solvers call `denoise(x, sigma)` with a
-[batch] sigma. `guided(net, w, guide_net=None, interval=None)` builds CFG (no guide network) or
+`GuidedDenoiser` is that wrapper, and it looks like a network to every sampler here: 03's, 04's
+and 09's samplers all call `net(x, sigma, **extra_args)` (extra_args = {"class_labels": labels}; a
+0-d sigma in 03 and 04, a [batch] one in 09) and read `net.sigma_min`, `net.sigma_max`,
+`net.round_sigma` where present. `guided(net, w, guide_net=None, interval=None)` builds CFG (no guide network) or
 autoguidance (with one).
 
 The demo: three classes in 2-D, each a thin spiral arm of 96 small Gaussians (width 0.04), so that
@@ -114,14 +114,14 @@ class GuidedDenoiser:
             return getattr(self.net, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def __call__(self, x, sigma, class_labels=None):
-        D_main = self.net(x, sigma, class_labels)
+    def __call__(self, x, sigma, **extra_args):
+        D_main = self.net(x, sigma, **extra_args)
         lo, hi = self.interval
         sigma64 = torch.as_tensor(sigma, dtype=torch.float64)
         inside = (sigma64 >= lo) & (sigma64 <= hi)          # one flag, or one per sample
         if self.w == 1 or not inside.any():
             return D_main
-        D_guide = self.guide(x, sigma, class_labels)
+        D_guide = self.guide(x, sigma, **extra_args)
         D_w = D_main + (self.w - 1) * (D_main - D_guide)
         if inside.all():
             return D_w
@@ -142,10 +142,10 @@ class LabelDropped:
                              "give a guide network for autoguidance instead")
         self.net = net
 
-    def __call__(self, x, sigma, class_labels=None):
+    def __call__(self, x, sigma, class_labels=None, **extra_args):
         if class_labels is None:
             raise ValueError("classifier-free guidance needs class labels to drop")
-        return self.net(x, sigma, torch.zeros_like(class_labels))
+        return self.net(x, sigma, class_labels=torch.zeros_like(class_labels), **extra_args)
 
 
 def guided(net, w, guide_net=None, interval=None):
@@ -312,7 +312,7 @@ def run_setting(truth, main, latents, classes, reference, off_threshold, interva
             if w == 1 and unguided is not None:      # w = 1 is D_main exactly: one run serves every method
                 results[name][w] = unguided
                 continue
-            x = sampler(make(w), latents, labels, num_steps=steps).cpu()
+            x = sampler(make(w), latents, {"class_labels": labels}, num_steps=steps).cpu()
             results[name][w] = (x, evaluate(truth, x, classes, reference, off_threshold))
             if w == 1:
                 unguided = results[name][w]
@@ -461,7 +461,7 @@ def run(args, interval, device):
     print(f"\nWhere in sigma CFG helps and where it hurts: w = 3, guidance only for sigma in one band (exact main)")
     print(f"{'band':<18}{'mean log p':>12}{'off data':>10}{'energy dist':>13}{'diversity':>11}")
     for lo, hi in bands:
-        x = sampler(guided(truth, 3, interval=(lo, hi)), latents, labels, num_steps=args.steps).cpu()
+        x = sampler(guided(truth, 3, interval=(lo, hi)), latents, {"class_labels": labels}, num_steps=args.steps).cpu()
         s = evaluate(truth, x, classes, reference, off_threshold)
         print(f"{f'[{lo:g}, {hi:g}]':<18}{s['log_p']:>12.3f}{100 * s['off']:>9.1f}%{s['distance']:>13.4f}"
               f"{s['diversity']:>11.3f}")
@@ -555,7 +555,7 @@ def network_grid(args, device):
     title = f"Guidance on {snapshot_name(args.network)}" + \
         (f", autoguided by {snapshot_name(args.guide_network)}" if guide is not None else "")
     path = f"{common.out_dir(__file__, args.outdir)}/network_grid.png"
-    save_image_grid(rows, column_labels, title, path)
+    common.save_grid(torch.cat(list(rows.values())), path, title, list(rows), len(seeds), column_labels=column_labels)
     print(f"{len(seeds)} seeds x {len(rows)} rows, 04's Algorithm 2 with {args.network_steps} steps "
           f"({time.time() - start:.0f} s). How far each row moves from the unguided images, and its contrast:")
     print(f"{'row':<24}{'RMS change (of 255)':>21}{'pixel std':>11}")
@@ -582,34 +582,14 @@ def snapshot_name(path):
 
 
 def class_names(path, label_dim):
-    """The class names of a 07 run on its shapes data (training_options.json beside the snapshot), else 'class c'."""
+    """The class names a 07 run recorded (class_names in training_options.json beside the snapshot), else 'class c'."""
     options = os.path.join(os.path.dirname(os.path.abspath(path)), "training_options.json")
     if os.path.isfile(options):
         with open(options) as f:
-            if json.load(f).get("data") == "shapes":
-                return common.load("07_train_cifar10").SHAPES
+            names = json.load(f).get("class_names")
+        if names and len(names) == label_dim:
+            return names
     return [f"class {c}" for c in range(label_dim)]
-
-
-def save_image_grid(rows, column_labels, title, path, min_width=512):
-    """{row label: uint8 [N, C, H, W]} as one labelled grid, each pixel an integer-sized block (nearest)."""
-    from matplotlib.figure import Figure
-    images = torch.stack(list(rows.values()))                                   # [R, N, C, H, W]
-    images = torch.nn.functional.pad(images, [1, 0, 1, 0], value=255)           # 1-pixel white gaps
-    r, n, c, h, w = images.shape
-    grid = images.permute(0, 3, 1, 4, 2).reshape(r * h, n * w, c)
-    scale = math.ceil(min_width / (n * w))                                     # screen pixels per image pixel
-    inches = [size * scale / 100 for size in (n * w, r * h)]                   # at 100 dpi
-    fig = Figure(figsize=(inches[0] + 2.0, inches[1] + 1.0), dpi=100)
-    ax = fig.add_axes([1.9 / fig.get_figwidth(), 0.05 / fig.get_figheight(),
-                       inches[0] / fig.get_figwidth(), inches[1] / fig.get_figheight()])
-    ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_title(title, fontsize=10, pad=28)
-    ax.set_xticks([(j + 0.5) * w for j in range(n)], column_labels, fontsize=8)
-    ax.xaxis.tick_top()
-    ax.set_yticks([(i + 0.5) * h for i in range(r)], list(rows), fontsize=9)
-    ax.tick_params(length=0)
-    fig.savefig(path)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,29 @@
   other seeds share its batch (the behaviour of the official generate.py).
 * `to_uint8` quantizes as the official code does ((x * 127.5 + 128) clipped and truncated to
   uint8); `save_grid` draws titled, labelled sample grids.
+* The one denoiser calling convention, `model(x, sigma, **extra_args)` (`denoise`), and
+  `CountingDenoiser`, which measures NFE.
+* The image reader 07 trains from and 08 measures FID on: `ImageFolder` (a folder or .zip;
+  labels from dataset.json or class sub-folders) and `load_cifar10`.
 * Device / precision selection, a shared argparse base (with range-checked numbers), a demo's
-  start (`start`: seed, device, output folder `out/<script name>/`), atomic JSON files, and
-  joining a torchrun process group (07 trains and 08 generates under torchrun).
+  start (`start`: seed, device, output folder `out/<script name>/`), files written atomically
+  (`atomic_open`), one download cache (`download`), and torchrun: joining the process group,
+  `rank0_first` (07 trains and 08 generates under torchrun).
 
 Errors: library code raises (ValueError for bad values, FileNotFoundError/OSError for paths);
 `run`, each script's `main()`, turns them into one `error: ...` line and exit 1.
 """
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import random
 import sys
+import urllib.parse
+import zipfile
 
 import numpy as np
 import torch
@@ -91,6 +100,52 @@ class StackedRandomGenerator:
 
 
 # ----------------------------------------------------------------------------
+# Denoisers: the one calling convention of every sampler, and counting their evaluations.
+#
+# Every denoiser -- exact ones, networks, guided ones -- is called as k-diffusion calls its models,
+# `model(x, sigma, **extra_args)`; a class-conditional network gets extra_args = {"class_labels": labels}.
+
+def denoise(model, x, sigma, extra_args=None):
+    """D(x; sigma) = model(x, sigma, **extra_args) as float64, the precision samplers integrate in.
+
+    A network with parameters gets x and sigma in its parameters' dtype (as the official EDMPrecond casts
+    its inputs to float32), so a plain float32 nn.Module works; an exact denoiser gets them unchanged.
+    """
+    params = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    if params is not None:
+        x, sigma = x.to(params.dtype), torch.as_tensor(sigma, device=x.device).to(params.dtype)
+    return model(x, sigma, **(extra_args or {})).to(torch.float64)
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts the images that go through it: NFE is measured, never computed.
+
+    `evaluations` sums the batch size of every call, so `per_image(n)` = evaluations / n is the NFE
+    per image whatever the batch sizes. Attributes samplers read (sigma_min, round_sigma, label_dim,
+    ...) are the wrapped denoiser's.
+    """
+
+    def __init__(self, model):
+        self.model, self.evaluations = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, x, sigma, **extra_args):
+        self.evaluations += x.shape[0]
+        return self.model(x, sigma, **extra_args)
+
+    def per_image(self, images):
+        n = self.evaluations / images
+        return int(n) if n.is_integer() else n
+
+
+def rms(a, b):
+    """Root-mean-square distance between two batches (data units)."""
+    return float(((a - b) ** 2).mean().sqrt())
+
+
+# ----------------------------------------------------------------------------
 # Images.
 
 def to_uint8(x):
@@ -98,25 +153,30 @@ def to_uint8(x):
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512):
-    """Save a batch [N, C, H, W] in [-1, 1] as a titled grid of `ncol` columns (N divisible by ncol).
+def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512, column_labels=None):
+    """Save a batch [N, C, H, W] (float in [-1, 1], or uint8) as a titled grid of `ncol` columns (N divisible
+    by ncol).
 
     Each pixel becomes an integer-sized block (nearest neighbour), so tiny images stay sharp and the
-    grid is at least `min_width` pixels wide; `row_labels` name the rows (kimg, w, NFE, class...).
+    grid is at least `min_width` pixels wide; `row_labels` name the rows (kimg, w, NFE, class...),
+    `column_labels` the columns (above them; seeds, classes).
     """
     import torch.nn.functional as F
     from matplotlib.figure import Figure
-    images = F.pad(to_uint8(x).permute(0, 3, 1, 2), [1, 0, 1, 0], value=255)   # 1-pixel white gaps
+    images = x.cpu() if x.dtype == torch.uint8 else to_uint8(x).permute(0, 3, 1, 2)
+    images = F.pad(images, [1, 0, 1, 0], value=255)                # 1-pixel white gaps
     n, c, h, w = images.shape
     grid = images.reshape(n // ncol, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // ncol * h, ncol * w, c)
     inches = [size * int(np.ceil(min_width / (ncol * w))) / 100 for size in grid.shape[1::-1]]   # at 100 dpi
-    left = 1.2 if row_labels else 0.1                                # room for the row labels
-    fig = Figure(figsize=(inches[0] + left + 0.1, inches[1] + 0.5), dpi=100)
+    left = max(1.2, 0.09 * max(map(len, row_labels))) if row_labels else 0.1   # room for the row labels
+    top = 1.0 if column_labels else 0.5                               # room for the title (and column labels)
+    fig = Figure(figsize=(inches[0] + left + 0.1, inches[1] + top), dpi=100)
     ax = fig.add_axes([left / fig.get_figwidth(), 0.05 / fig.get_figheight(),
                        inches[0] / fig.get_figwidth(), inches[1] / fig.get_figheight()])
     ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_title(title, fontsize=11)
-    ax.set_xticks([])
+    fig.suptitle(title, fontsize=11, y=1 - 0.08 / fig.get_figheight(), va="top")   # centred on the figure
+    ax.set_xticks([(j + 0.5) * w for j in range(len(column_labels or []))], column_labels or [], fontsize=8)
+    ax.xaxis.tick_top()
     ax.set_yticks([(r + 0.5) * h for r in range(len(row_labels or []))], row_labels or [])
     ax.tick_params(length=0, labelsize=10)
     fig.savefig(path)
@@ -179,10 +239,11 @@ def base_parser(doc, seed=0):
 
 
 def run(demo, args):
-    """A chapter's `main()`: run `demo(args)`; a ValueError or OSError becomes one `error:` line, exit 1."""
+    """A chapter's `main()`: run `demo(args)`; a ValueError or OSError -- or an ImportError, such as `load`'s
+    for a chapter file that is not there -- becomes one `error:` line, exit 1."""
     try:
         demo(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, ImportError) as error:
         sys.exit(f"error: {error}")
 
 
@@ -199,13 +260,127 @@ def out_dir(script_file, outdir=None):
     return path
 
 
-def write_json(obj, path):
-    """Write `obj` as JSON atomically (temp file + rename): a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """`with atomic_open(path) as f:` writes a temporary file that replaces `path` only once complete, so a
+    reader (or a crash) never sees half a file; after an error the temporary file is removed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+
+
+def download(url, what):
+    """Path of `url`'s file in the one download cache (torch.hub's: ~/.cache/torch/hub/checkpoints, or under
+    $TORCH_HOME), downloaded on first use; `what` names it in the error when that fails."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, path, progress=get_rank() == 0)
+        except OSError as e:  # urllib's URLError is an OSError
+            raise OSError(f"cannot download {what} from {url} ({e}); "
+                          f"download it elsewhere and put it at {path} (or pass its path)") from None
+    return path
+
+
+# ----------------------------------------------------------------------------
+# Image sets: a uint8 tensor [N, C, H, W] and integer class labels (or none), for 07 and 08 alike.
+
+DATA_DIR = os.path.join("out", "data")       # where CIFAR-10's tarball is looked for (07 and 08)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ImageFolder:
+    """The images of a folder or .zip (recursive, sorted by relative name), decoded only when read.
+
+    `read(i)` gives uint8 [C, H, W] (C = 1 greyscale or 3 RGB); every image must have the first one's
+    shape. `labels` come from dataset.json (the official dataset-tool layout: {"labels":
+    [["00000/img00000000.png", 6], ...]}), else from one sub-folder per class, else None.
+    """
+
+    def __init__(self, path):
+        self.path, self._zip, self.shape = path, None, None
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r}: no such folder or .zip of images")
+        if os.path.isdir(path):
+            files = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                     for root, _, names in os.walk(path) for f in names]
+        elif zipfile.is_zipfile(path):
+            self._zip = zipfile.ZipFile(path)
+            files = [n for n in self._zip.namelist() if not n.endswith("/")]
+        else:
+            raise ValueError(f"{path!r} is neither a folder nor a .zip file of images")
+        self._files = set(files)
+        self.names = sorted(n for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.names:
+            raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {path!r}")
+        self.shape = self.read(0).shape                 # every later image must match the first
+
+    def __len__(self):
+        return len(self.names)
+
+    def _bytes(self, name):
+        if self._zip is not None:
+            return self._zip.read(name)
+        with open(os.path.join(self.path, name), "rb") as f:
+            return f.read()
+
+    def read(self, i):
+        """Image i as a uint8 numpy array [C, H, W]."""
+        import PIL.Image
+        name = self.names[i]
+        try:
+            with PIL.Image.open(io.BytesIO(self._bytes(name))) as image:
+                array = np.array(image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB"))
+        except Exception as error:   # a damaged file can raise many kinds
+            raise ValueError(f"cannot read image {name!r} in {self.path!r} ({type(error).__name__}: {error})")
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        if self.shape is not None and array.shape != self.shape:
+            size = lambda s: f"{s[2]}x{s[1]} with {s[0]} channel(s)"
+            raise ValueError(f"{name!r} is {size(array.shape)} but {self.names[0]!r} is {size(self.shape)}; "
+                             f"all images in {self.path!r} must have one size and channel count")
+        return array
+
+    def batch(self, indices):
+        """Images `indices` as a uint8 tensor [N, C, H, W]."""
+        return torch.from_numpy(np.stack([self.read(int(i)) for i in indices]))
+
+    @property
+    def labels(self):
+        """int64 [N] class indices, or None."""
+        if "dataset.json" in self._files:
+            labels = dict(json.loads(self._bytes("dataset.json")).get("labels") or [])
+            missing = [n for n in self.names if n not in labels]
+            if labels and missing:
+                raise ValueError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}")
+            return np.asarray([labels[n] for n in self.names], np.int64) if labels else None
+        folders = [n.split("/")[0] if "/" in n else None for n in self.names]
+        if None in folders or len(set(folders)) < 2:
+            return None
+        return np.unique(folders, return_inverse=True)[1].astype(np.int64)   # index of the sorted folder name
+
+
+def load_cifar10(data_dir=DATA_DIR):
+    """The 50,000 CIFAR-10 training images (uint8 [50000, 3, 32, 32]) and classes (int64 [50000])."""
+    import torchvision
+    try:
+        dataset = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+    except Exception as error:   # offline: urllib/socket/integrity errors all end here
+        raise OSError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(error).__name__}); "
+                      f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
+                      f"into {data_dir!r}") from None
+    return torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous(), np.asarray(dataset.targets, np.int64)
 
 
 # ----------------------------------------------------------------------------
@@ -236,6 +411,18 @@ def get_rank():
 
 def get_world_size():
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank0_first(fn, *args):
+    """fn(*args) on each node's first process (LOCAL_RANK 0) first -- it downloads into the cache the node
+    shares -- then on that node's other processes, which wait at a barrier until it is done."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not first:
+        torch.distributed.barrier()
+    result = fn(*args)
+    if first and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return result
 
 
 def gather(obj):

@@ -181,7 +181,7 @@ def test_every_combination_converges(m, toy, one_thread):
         sigma0 = float(m.sigma_steps(disc, 8, *m.default_sigma_range(disc))[0])
         if sigma0 not in references:
             references[sigma0] = m.ablation_sampler(mix, latents, num_steps=256, sigma_min=0.002, sigma_max=sigma0)
-        errors = [m.ode.rms(m.ablation_sampler(mix, latents, num_steps=n, solver=solver, discretization=disc,
+        errors = [m.common.rms(m.ablation_sampler(mix, latents, num_steps=n, solver=solver, discretization=disc,
                                            schedule=schedule, scaling=scaling), references[sigma0])
                   for n in ((32, 128) if solver == "heun" else (64, 256))]
         if not errors[1] < errors[0] / (3 if solver == "heun" else 2):

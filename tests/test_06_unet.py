@@ -346,8 +346,8 @@ def test_save_network_roundtrip_and_atomicity(unet, tmp_path, monkeypatch):
     assert_matches_reference(denoise(loaded, inputs), ref)
 
     # A save that dies midway leaves the previous snapshot intact.
-    def crash(obj, f):
-        open(f, "wb").write(b"partial")
+    def crash(obj, f):                        # f: the file save_network writes through
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)

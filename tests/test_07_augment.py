@@ -1,4 +1,4 @@
-"""The non-leaking augment pipe (05's AugmentPipe, which 07 trains with): identity at p = 0, labels that say
+"""The non-leaking augment pipe (07's AugmentPipe, which 05's losses apply): identity at p = 0, labels that say
 what was done, official outputs."""
 import os
 
@@ -12,7 +12,7 @@ OFF = dict(xflip=0, yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=0)
 
 @pytest.fixture(scope="module")
 def P(load):
-    return load("05_preconditioning")
+    return load("07_train_cifar10")
 
 
 def pipe(P, seed=0, p=1.0, **enable):

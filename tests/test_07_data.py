@@ -1,4 +1,5 @@
-"""07's data section, which 08 reads images with: ImageFolder (folder or zip, lazy), labels, CIFAR-10."""
+"""The image reader 07 trains from and 08 measures FID on (common.py): ImageFolder (folder or zip, lazy), labels,
+CIFAR-10; and 07's use of it."""
 import json
 import os
 import zipfile
@@ -7,6 +8,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+
+import common
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,10 @@ def class_folders(tmp_path, size=(6, 5)):
     return str(tmp_path / "set"), pictures
 
 
-def test_folder_reads_sorted_names_lazily_as_chw_uint8(T, tmp_path):
+def test_folder_reads_sorted_names_lazily_as_chw_uint8(tmp_path):
     folder, pictures = class_folders(tmp_path)
     (tmp_path / "set" / "notes.txt").write_text("not an image")
-    f = T.ImageFolder(folder)
+    f = common.ImageFolder(folder)
     assert f.path == folder and f.names == sorted(pictures) and len(f) == 6
     for i, name in enumerate(f.names):
         image = f.read(i)
@@ -54,52 +57,52 @@ def test_folder_reads_sorted_names_lazily_as_chw_uint8(T, tmp_path):
     assert np.array_equal(batch[0].numpy(), f.read(4)) and np.array_equal(batch[1].numpy(), f.read(0))
 
 
-def test_zip_equals_folder_and_subfolders_are_classes(T, tmp_path):
+def test_zip_equals_folder_and_subfolders_are_classes(tmp_path):
     folder, _ = class_folders(tmp_path)
-    a, b = T.ImageFolder(folder), T.ImageFolder(zip_folder(folder, tmp_path / "set.zip"))
+    a, b = common.ImageFolder(folder), common.ImageFolder(zip_folder(folder, tmp_path / "set.zip"))
     assert a.names == b.names
     assert torch.equal(a.batch(range(len(a))), b.batch(range(len(b))))
     assert a.labels.tolist() == b.labels.tolist() == [0, 0, 1, 1, 2, 2]   # cat, dog, emu (sorted folders)
 
 
-def test_dataset_json_labels_and_greyscale(T, tmp_path):
+def test_dataset_json_labels_and_greyscale(tmp_path):
     rng = np.random.default_rng(1)
     folder = tmp_path / "set"
     for i in range(3):
         write_png(str(folder / "00000" / f"img{i:08d}.png"), rng.integers(0, 256, (4, 4), dtype=np.uint8))
     labels = [[f"00000/img{i:08d}.png", c] for i, c in zip([2, 0, 1], [7, 3, 5])]   # any order
     (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
-    f = T.ImageFolder(zip_folder(folder, tmp_path / "set.zip"))
+    f = common.ImageFolder(zip_folder(folder, tmp_path / "set.zip"))
     assert f.read(0).shape == (1, 4, 4)
     assert f.labels.dtype == np.int64 and f.labels.tolist() == [3, 5, 7]
     (folder / "dataset.json").write_text(json.dumps({"labels": None}))
-    assert T.ImageFolder(str(folder)).labels is None
+    assert common.ImageFolder(str(folder)).labels is None
 
 
-def test_flat_folder_has_no_labels_and_dataset_json_must_cover_every_image(T, tmp_path):
+def test_flat_folder_has_no_labels_and_dataset_json_must_cover_every_image(tmp_path):
     for i in range(2):
         write_png(str(tmp_path / f"{i}.png"), np.zeros((4, 4, 3), np.uint8))
-    assert T.ImageFolder(str(tmp_path)).labels is None
+    assert common.ImageFolder(str(tmp_path)).labels is None
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["0.png", 1]]}))
     with pytest.raises(ValueError, match="no label for '1.png'"):
-        T.ImageFolder(str(tmp_path)).labels
+        common.ImageFolder(str(tmp_path)).labels
 
 
-def test_bad_paths_and_images_raise_with_what_is_wrong(T, tmp_path):
+def test_bad_paths_and_images_raise_with_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        T.ImageFolder(str(tmp_path / "nowhere"))
+        common.ImageFolder(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
-        T.ImageFolder(str(tmp_path / "empty"))
+        common.ImageFolder(str(tmp_path / "empty"))
     (tmp_path / "file.txt").write_text("hello")
     with pytest.raises(ValueError, match="neither a folder nor a .zip"):
-        T.ImageFolder(str(tmp_path / "file.txt"))
+        common.ImageFolder(str(tmp_path / "file.txt"))
 
     mixed = tmp_path / "mixed"
     write_png(str(mixed / "a.png"), np.zeros((8, 8, 3), np.uint8))
     write_png(str(mixed / "b.png"), np.zeros((16, 8, 3), np.uint8))
     write_png(str(mixed / "c.png"), np.zeros((8, 8), np.uint8))
-    f = T.ImageFolder(str(mixed))                         # lazy: the first image sets the shape
+    f = common.ImageFolder(str(mixed))                         # lazy: the first image sets the shape
     with pytest.raises(ValueError, match=r"'b.png' is 8x16 with 3 channel\(s\) but 'a.png' is 8x8 with 3"):
         f.read(1)
     with pytest.raises(ValueError, match=r"'c.png' is 8x8 with 1 channel\(s\) but 'a.png'"):
@@ -109,23 +112,23 @@ def test_bad_paths_and_images_raise_with_what_is_wrong(T, tmp_path):
     write_png(str(corrupt / "a.png"), np.zeros((8, 8, 3), np.uint8))
     (corrupt / "b.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image 'b.png'"):
-        T.ImageFolder(str(corrupt)).read(1)
+        common.ImageFolder(str(corrupt)).read(1)
 
 
-def test_cifar10_offline_says_where_to_put_the_tarball(T, tmp_path, monkeypatch):
+def test_cifar10_offline_says_where_to_put_the_tarball(tmp_path, monkeypatch):
     import torchvision
 
     def offline(*args, **kwargs):
         raise RuntimeError("no network")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(OSError) as error:
-        T.load_cifar10(str(tmp_path))
+        common.load_cifar10(str(tmp_path))
     message = str(error.value)
     assert "cifar-10-python.tar.gz" in message and str(tmp_path) in message
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message
 
 
 def test_one_data_dir_and_extension_list(T):
-    assert T.DATA_DIR == os.path.join("out", "data")
-    assert T.parse_args([]).data_dir == T.DATA_DIR
-    assert set(T.IMAGE_EXTENSIONS) == {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+    assert common.DATA_DIR == os.path.join("out", "data")
+    assert T.parse_args([]).data_dir == common.DATA_DIR
+    assert set(common.IMAGE_EXTENSIONS) == {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}

@@ -287,7 +287,7 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
     # Its statistics equal those of the PNGs `generate` wrote, read back from disk.
     net = fid.load_net(tiny_network, "cpu")
     mu_g, sigma_g = fid.generated_stats(net, list(range(8)), detector, 3, "cpu", num_steps=4, S_churn=10.0)
-    mu_c, sigma_c = fid.image_stats(fid.training.ImageFolder(pngs[8]), np.arange(8), detector, 5, "cpu")
+    mu_c, sigma_c = fid.image_stats(fid.common.ImageFolder(pngs[8]), np.arange(8), detector, 5, "cpu")
     np.testing.assert_allclose(mu_g, mu_c, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(sigma_g, sigma_c, rtol=1e-10, atol=1e-15)
     assert result["fid"][0] == pytest.approx(fid.frechet_distance(mu_c, sigma_c, *ref), rel=1e-10)
@@ -302,7 +302,7 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
     printed = float(capsys.readouterr().out.split("FID")[-1])
     subset = fid.random_subset(8, 5, 1)
     assert list(subset) != list(fid.random_subset(8, 5, 0))
-    mu_s, sigma_s = fid.image_stats(fid.training.ImageFolder(pngs[8]), subset, detector, 5, "cpu")
+    mu_s, sigma_s = fid.image_stats(fid.common.ImageFolder(pngs[8]), subset, detector, 5, "cpu")
     assert printed == pytest.approx(fid.frechet_distance(mu_s, sigma_s, *ref), rel=1e-5)
     with pytest.raises(SystemExit, match="found 8 images"):
         run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 9)
@@ -314,18 +314,18 @@ def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_netwo
     net = fid.load_net(tiny_network, "cpu")
 
     def measured_nfe(sampler, options):                  # network calls per image, counted on 2 images
-        counter = fid.EvaluationCounter(net)
+        counter = fid.common.CountingDenoiser(net)
         fid.generate_batch(counter, [3, 4], "cpu", None, sampler, **options)
         return counter.per_image(2)
 
     # Each (options -> sampler, options) with its NFE: Heun 2n - 1 (Sec. 3), Euler and the multistep solvers n.
     cases = [
-        ((), fid.sampling.edm_sampler, {}, 35),                                  # Table 2's 35 NFE
-        (("--steps", "5", "--S_churn", "2"), fid.sampling.edm_sampler, {"num_steps": 5, "S_churn": 2.0}, 9),
-        (("--solver", "heun", "--nfe", "7"), fid.sampling.edm_sampler, {"num_steps": 4}, 7),
-        (("--solver", "euler", "--disc", "vp", "--nfe", "6"), fid.schedules.ablation_sampler,
+        ((), fid.common.load("04_stochastic_sampler").edm_sampler, {}, 35),                                  # Table 2's 35 NFE
+        (("--steps", "5", "--S_churn", "2"), fid.common.load("04_stochastic_sampler").edm_sampler, {"num_steps": 5, "S_churn": 2.0}, 9),
+        (("--solver", "heun", "--nfe", "7"), fid.common.load("04_stochastic_sampler").edm_sampler, {"num_steps": 4}, 7),
+        (("--solver", "euler", "--disc", "vp", "--nfe", "6"), fid.common.load("03_heun_and_schedules").ablation_sampler,
          {"solver": "euler", "discretization": "vp", "num_steps": 6}, 6),
-        (("--disc", "ve", "--steps", "3"), fid.schedules.ablation_sampler, {"discretization": "ve", "num_steps": 3}, 5),
+        (("--disc", "ve", "--steps", "3"), fid.common.load("03_heun_and_schedules").ablation_sampler, {"discretization": "ve", "num_steps": 3}, 5),
         (("--solver", "ipndm", "--nfe", "10"), fid.solver_sampler,
          {"solver": "ipndm", "sigma_steps": "edm", "num_steps": 10, "rho": 7.0}, 10),
         (("--solver", "ipndm",), fid.solver_sampler,                         # no --steps/--nfe: 18 steps, as 04's
@@ -355,15 +355,15 @@ def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_netwo
 
     # generate_batch calls the chosen sampler with the seeds' noise: the ablation sampler with EDM
     # settings and Heun is Algorithm 2, and gives the same images as edm_sampler.
-    a = fid.generate_batch(net, [3, 4], "cpu", None, fid.sampling.edm_sampler, num_steps=3)
-    b = fid.generate_batch(net, [3, 4], "cpu", None, fid.schedules.ablation_sampler, num_steps=3, solver="heun")
+    a = fid.generate_batch(net, [3, 4], "cpu", None, fid.common.load("04_stochastic_sampler").edm_sampler, num_steps=3)
+    b = fid.generate_batch(net, [3, 4], "cpu", None, fid.common.load("03_heun_and_schedules").ablation_sampler, num_steps=3, solver="heun")
     assert a.dtype == torch.uint8 and torch.equal(a, b)
 
 
 def test_class_conditions_every_seed_on_that_class(fid):
     seen = []
-    def sampler(net, latents, class_labels, randn_like):   # records what generate_batch hands the sampler
-        seen.append(class_labels)
+    def sampler(net, latents, extra_args, randn_like):     # records what generate_batch hands the sampler
+        seen.append(extra_args["class_labels"])
         return torch.zeros_like(latents)
     net = types.SimpleNamespace(img_channels=3, img_resolution=4, label_dim=5)
     fid.generate_batch(net, [0, 1, 2, 3], "cpu", 3, sampler)
@@ -380,17 +380,16 @@ def test_solver_sampler_runs_09s_solvers_on_their_steps(fid, load, tiny_network)
     net = fid.load_net(tiny_network, "cpu")
     latents = torch.randn([3, 3, 16, 16], generator=torch.Generator().manual_seed(1))
     labels = torch.eye(4)[[0, 2, 3]]
-    denoise = lambda x, sigma: net(x, sigma, labels).to(torch.float64)
     parser = fid.build_parser()
     for solver, nfe in [("ipndm", 10), ("dpmpp3m", 6), ("heun", 7)]:
         _, options = fid.sampler_from_args(parser.parse_args(["generate", "--network", "x", "--solver", solver,
                                                               "--nfe", str(nfe), "--sigma-steps",
                                                               fast.SOLVERS[solver].schedule]))
-        want, count = fast.sample(denoise, latents, solver, nfe)
-        assert count == nfe and torch.equal(fid.solver_sampler(net, latents, labels, **options), want), solver
+        want, count = fast.sample(net, latents, solver, nfe, extra_args={"class_labels": labels})
+        assert count == nfe and torch.equal(fid.solver_sampler(net, latents, {"class_labels": labels}, **options), want), solver
     sigmas = fast.sigma_steps(5, 0.002, 80.0, "time_uniform", 1.0)
-    want = fast.sample_dpmpp_2m(denoise, latents.to(torch.float64) * sigmas[0], sigmas)
-    got = fid.solver_sampler(net, latents, labels, solver="dpmpp2m", sigma_steps="time_uniform", num_steps=5, rho=1.0)
+    want = fast.sample_dpmpp_2m(net, latents.to(torch.float64) * sigmas[0], sigmas, {"class_labels": labels})
+    got = fid.solver_sampler(net, latents, {"class_labels": labels}, solver="dpmpp2m", sigma_steps="time_uniform", num_steps=5, rho=1.0)
     assert torch.equal(got, want)
 
 
@@ -472,7 +471,7 @@ def test_default_generation_is_algorithm_2_with_18_steps(fid, tiny_network, tmp_
     rnd = common.StackedRandomGenerator("cpu", seeds)
     latents = rnd.randn([3, 3, 16, 16])
     labels = torch.eye(4)[rnd.randint(4, size=[3])]
-    want = common.to_uint8(fid.sampling.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=18))
+    want = common.to_uint8(fid.common.load("04_stochastic_sampler").edm_sampler(net, latents, {"class_labels": labels}, randn_like=rnd.randn_like, num_steps=18))
     default = generated(fid, tiny_network, tmp_path / "default", seeds="0-2")
     assert same_images(default, list(want.numpy()))
     assert same_images(generated(fid, tiny_network, tmp_path / "heun35", "--solver", "heun", "--nfe", 35,

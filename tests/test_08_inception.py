@@ -158,6 +158,37 @@ def test_resize_samples_at_j_times_in_over_out(fid):
     torch.testing.assert_close(row, want, rtol=0, atol=1e-4)
 
 
+def nvidia_preprocess(images):
+    """NVIDIA's TorchScript detector's own first ops (the formula of its published code): an affine grid over
+    299x299 shifted by 1/in - 1/299 (its half-pixel offset), bilinear grid_sample with border padding, then
+    (x - 128) / 128."""
+    n, c, h, w = images.shape
+    theta = torch.eye(2, 3, dtype=torch.float64)
+    theta[0, 2] += 1 / w - 1 / SIZE
+    theta[1, 2] += 1 / h - 1 / SIZE
+    grid = F.affine_grid(theta.expand(n, 2, 3), [n, c, SIZE, SIZE], align_corners=False)
+    x = F.grid_sample(images.double(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (x - 128) / 128
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (1, 3, 17, 23)])
+def test_pytorch_fid_detector_resizes_and_scales_as_nvidias(fid, detector, shape):
+    """--detector pytorch-fid feeds its network exactly what NVIDIA's detector computes from the uint8 images
+    (README, 'Which detector'), not the pytorch-fid package's F.interpolate resize."""
+    seen = []
+    hook = detector.net.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    images = random_images(shape, seed=5)
+    try:
+        with torch.no_grad():
+            detector(images)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(seen[0].double(), nvidia_preprocess(images), rtol=0, atol=2e-4,
+                               msg=lambda m: f"pytorch-fid's input differs from NVIDIA's preprocessing: {m}")
+    interpolated = F.interpolate(images.double(), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    assert ((interpolated - 128) / 128 - seen[0].double()).abs().max() > 0.05   # the package's resize differs
+
+
 def test_pool_branches_equal_the_tf_graph_block_by_block(fid, detector):
     net = detector.net
     seen = {}

@@ -21,10 +21,10 @@ def gaussian(x, sigma):
 
 def run(fs, solver, sigmas, x0=3.0, **options):
     """One scalar trajectory of `solver` on `gaussian`, with its counted NFE."""
-    counter = fs.CountingDenoiser(gaussian)
+    counter = common.CountingDenoiser(gaussian)
     x = getattr(fs, "sample_" + solver)(counter, torch.tensor([x0], dtype=torch.float64),
                                          torch.tensor(sigmas, dtype=torch.float64), **options)
-    return x.item(), counter.nfe
+    return x.item(), counter.evaluations
 
 
 # ----------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def generate(sampler, net, seeds, **kwargs):
     rnd = common.StackedRandomGenerator("cpu", seeds)
     latents = rnd.randn([len(seeds), 3, 8, 8])
     labels = torch.eye(4)[rnd.randint(4, size=[len(seeds)])]
-    return sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=4, S_churn=5, **kwargs)
+    return sampler(net, latents, {"class_labels": labels}, randn_like=rnd.randn_like, num_steps=4, S_churn=5, **kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def test_cfg_guide_is_the_network_with_a_zero_class_vector(m, unet, one_thread):
     net = conditional_net(unet)
     x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.4, 3.0]), torch.eye(4)[[1, 3]]
     D_c, D_u = net(x, sigma, labels), net(x, sigma, torch.zeros(2, 4))
-    torch.testing.assert_close(m.guided(net, 2.5)(x, sigma, labels), D_u + 2.5 * (D_c - D_u), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.guided(net, 2.5)(x, sigma, class_labels=labels), D_u + 2.5 * (D_c - D_u), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="class labels"):
         m.guided(net, 2)(x, sigma)
     unconditional = m.ClassMixture([[0.0, 0.0]], 0.1, [0])
@@ -88,7 +88,7 @@ class Recording:
 
     def __call__(self, x, sigma, class_labels=None):
         self.sigmas.append(sigma)
-        return self.net(x, sigma, class_labels)
+        return self.net(x, sigma, class_labels=class_labels)
 
 
 def test_outside_the_interval_the_guide_is_not_called(m):
@@ -98,21 +98,21 @@ def test_outside_the_interval_the_guide_is_not_called(m):
     x, labels = torch.randn(4, 2, dtype=torch.float64), torch.eye(3, dtype=torch.float64)[[0, 1, 2, 0]]
     for sigma in (0.05, 1.5, 80.0):
         sigma = torch.tensor(sigma, dtype=torch.float64)
-        assert torch.equal(D(x, sigma, labels), mix(x, sigma, labels))
+        assert torch.equal(D(x, sigma, class_labels=labels), mix(x, sigma, labels))
     assert guide.sigmas == []
     for sigma in (0.1, 0.5, 1.0):                          # closed interval: both ends are inside
         sigma = torch.tensor(sigma, dtype=torch.float64)
         D_main, D_bad = mix(x, sigma, labels), mix.widened(2)(x, sigma, labels)
-        assert torch.equal(D(x, sigma, labels), D_main + 2 * (D_main - D_bad))
+        assert torch.equal(D(x, sigma, class_labels=labels), D_main + 2 * (D_main - D_bad))
     # The guide sees the very sigma the main network sees (a python float stays one), and none at w = 1.
     guide.sigmas.clear()
     D_main, D_bad = mix(x, 0.3, labels), mix.widened(2)(x, 0.3, labels)
-    assert torch.equal(D(x, 0.3, labels), D_main + 2 * (D_main - D_bad)) and guide.sigmas == [0.3]
-    m.GuidedDenoiser(mix, guide, w=1, interval=(0.1, 1.0))(x, 0.3, labels)
+    assert torch.equal(D(x, 0.3, class_labels=labels), D_main + 2 * (D_main - D_bad)) and guide.sigmas == [0.3]
+    m.GuidedDenoiser(mix, guide, w=1, interval=(0.1, 1.0))(x, 0.3, class_labels=labels)
     assert guide.sigmas == [0.3]
     # Per-sample noise levels straddling the interval: the rows outside are D_main exactly.
     sigma = torch.tensor([0.05, 0.5, 2.0, 1.0], dtype=torch.float64)
-    out, D_main = D(x, sigma, labels), mix(x, sigma, labels)
+    out, D_main = D(x, sigma, class_labels=labels), mix(x, sigma, labels)
     assert torch.equal(out[[0, 2]], D_main[[0, 2]])
     assert not torch.equal(out[[1, 3]], D_main[[1, 3]])
 
@@ -123,13 +123,13 @@ def test_sampler_calls_the_guide_only_inside_the_interval(m, sampler):
     lo, hi = 0.2, 3.0
     labels = torch.eye(3, dtype=torch.float64)[[0, 2]]
     latents = torch.randn(2, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    out = sampler(m.GuidedDenoiser(main, guide, 2, (lo, hi)), latents, labels, num_steps=12)
+    out = sampler(m.GuidedDenoiser(main, guide, 2, (lo, hi)), latents, {"class_labels": labels}, num_steps=12)
     inside = [float(s) for s in main.sigmas if lo <= s <= hi]
     assert [float(s) for s in guide.sigmas] == inside and 0 < len(inside) < len(main.sigmas)
-    assert not torch.equal(out, sampler(mix, latents, labels, num_steps=12))       # guidance did act
+    assert not torch.equal(out, sampler(mix, latents, {"class_labels": labels}, num_steps=12))       # guidance did act
     # With no sampler sigma inside the interval, the result is the unguided one, bit for bit.
-    empty = sampler(m.GuidedDenoiser(mix, guide, 2, (81, 90)), latents, labels, num_steps=12)
-    assert torch.equal(empty, sampler(mix, latents, labels, num_steps=12))
+    empty = sampler(m.GuidedDenoiser(mix, guide, 2, (81, 90)), latents, {"class_labels": labels}, num_steps=12)
+    assert torch.equal(empty, sampler(mix, latents, {"class_labels": labels}, num_steps=12))
 
 
 def test_fast_solvers_take_the_wrapper_as_denoise(m, sampler, load):
@@ -140,8 +140,8 @@ def test_fast_solvers_take_the_wrapper_as_denoise(m, sampler, load):
     latents = torch.randn(4, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     for D in (m.guided(mix, 3), m.guided(mix, 2, guide_net=mix.widened(2), interval=(0.1, 1.0))):
         sigmas = fast.sigma_steps(8)
-        out = fast.sample_heun(lambda x, sigma: D(x, sigma, labels), latents * sigmas[0], sigmas)
-        torch.testing.assert_close(out, sampler(D, latents, labels, num_steps=8), rtol=1e-12, atol=1e-12)
+        out = fast.sample_heun(D, latents * sigmas[0], sigmas, {"class_labels": labels})
+        torch.testing.assert_close(out, sampler(D, latents, {"class_labels": labels}, num_steps=8), rtol=1e-12, atol=1e-12)
 
 
 def test_wrapper_shows_the_main_networks_sampler_attributes(m, unet):
@@ -173,7 +173,7 @@ def test_guided_generation_is_a_function_of_the_seed_only(m, sampler):
         rnd = common.StackedRandomGenerator("cpu", batch)
         latents = rnd.randn([len(batch), 2], dtype=torch.float64)
         labels = torch.eye(3, dtype=torch.float64)[rnd.randint(3, size=[len(batch)])]
-        return sampler(D, latents, labels, randn_like=rnd.randn_like, num_steps=10, S_churn=20)
+        return sampler(D, latents, {"class_labels": labels}, randn_like=rnd.randn_like, num_steps=10, S_churn=20)
 
     for D in (m.guided(mix, 3), m.guided(mix, 2.5, guide_net=mix.widened(2), interval=(0.05, 2))):
         together = run(seeds, D)
@@ -209,8 +209,8 @@ def test_guided_denoiser_equals_the_closed_form_on_the_mixture(m, sigma):
     classes = [0, 1, 2, 2, 1, 0]
     labels = torch.eye(3, dtype=torch.float64)[classes]
     w = 2.5
-    cfg = m.guided(mix, w)(x, torch.tensor(sigma, dtype=torch.float64), labels)
-    auto = m.guided(mix, w, guide_net=bad)(x, torch.tensor(sigma, dtype=torch.float64), labels)
+    cfg = m.guided(mix, w)(x, torch.tensor(sigma, dtype=torch.float64), class_labels=labels)
+    auto = m.guided(mix, w, guide_net=bad)(x, torch.tensor(sigma, dtype=torch.float64), class_labels=labels)
     for i, c in enumerate(classes):
         xi = x[i].numpy()
         D_c, D_u = closed_form_denoiser(mix, xi, sigma, c), closed_form_denoiser(mix, xi, sigma, None)

@@ -66,3 +66,12 @@ def test_unconditional_network_takes_autoguidance_only(m, load, tmp_path):
     assert list(rows) == ["unguided (w = 1)", "autoguidance, w = 1.5", "autoguidance, w = 2", "autoguidance, w = 3"]
     with pytest.raises(SystemExit, match="error: --guide-network guides --network"):
         m.main(["--guide-network", uncond, "--device", "cpu"])
+
+
+def test_class_names_come_from_the_runs_training_options(m, tmp_path):
+    """Names a 07 run recorded beside its snapshots; without them (or for another class count): 'class c'."""
+    snapshot = str(tmp_path / "network-snapshot-000064.pt")
+    assert m.class_names(snapshot, 2) == ["class 0", "class 1"]
+    (tmp_path / "training_options.json").write_text('{"class_names": ["disc", "square", "triangle", "cross"]}')
+    assert m.class_names(snapshot, 4) == ["disc", "square", "triangle", "cross"]
+    assert m.class_names(snapshot, 3) == ["class 0", "class 1", "class 2"]

@@ -46,6 +46,15 @@ ROWS = {
         latents = torch.randn(4000, 1, dtype=torch.float64)
         x = m.edm_sampler(Gaussian(), latents, num_steps=18)   # Algorithm 2, deterministic setting
         check_std(x)
+        class Float32Gaussian(torch.nn.Module):   # a plain float32 network: fails on float64 inputs
+            def __init__(self):
+                super().__init__()
+                self.s = torch.nn.Parameter(torch.tensor(0.5))
+            def forward(self, x, sigma, class_labels=None):
+                assert x.dtype == sigma.dtype == torch.float32, (x.dtype, sigma.dtype)
+                return self.s ** 2 / (self.s ** 2 + sigma ** 2) * x
+        y = m.edm_sampler(Float32Gaussian(), latents, num_steps=18)
+        assert y.dtype == torch.float64 and (y - x).abs().max() < 1e-4, float((y - x).abs().max())
     """),
     "ablation_sampler": (["03_heun_and_schedules.py", "02_ode_sampler.py"], """
         m = common.load("03_heun_and_schedules")
@@ -93,17 +102,27 @@ ROWS = {
         x = common.load("04_stochastic_sampler").edm_sampler(net, torch.randn(2, 3, 8, 8), num_steps=4)
         assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
     """),
-    "generation_and_fid": (["08_evaluate_fid.py", "07_train_cifar10.py", "06_unet.py", "05_preconditioning.py",
-                            "04_stochastic_sampler.py", "03_heun_and_schedules.py", "02_ode_sampler.py",
-                            "09_fast_samplers.py"], """
-        import os
-        import numpy as np
+    "fid_only": (["08_evaluate_fid.py"], """
+        import numpy as np, PIL.Image, os
         fid = common.load("08_evaluate_fid")
         a = np.random.RandomState(0).randn(500, 3)
         s = fid.FeatureStats(3)
         s.update(torch.as_tensor(a))
         mu, cov = s.mean_cov()
         assert abs(fid.frechet_distance(mu, cov, mu + 1.0, cov) - 3.0) < 1e-9   # |mu1 - mu2|^2 with equal covariances
+        os.makedirs("imgs/cats")
+        os.makedirs("imgs/dogs")
+        for i in range(4):
+            PIL.Image.fromarray(np.full([4, 4, 3], 60 * i, np.uint8)).save(f"imgs/{['cats', 'dogs'][i % 2]}/{i}.png")
+        images = fid.open_images("imgs", common.DATA_DIR)                     # calc's and ref's reader
+        assert len(images) == 4 and images.batch([3]).shape == (1, 3, 4, 4) and list(images.labels) == [0, 0, 1, 1]
+        fid.main(["demo", "--outdir", "demo", "--device", "cpu"])
+        assert os.path.isfile("demo/fid_vs_n.png")
+        assert sorted(m for m in sys.modules if m[:2].isdigit()) == ["08_evaluate_fid"]
+    """),
+    "generation": (["08_evaluate_fid.py", "06_unet.py", "05_preconditioning.py", "04_stochastic_sampler.py"], """
+        import os
+        fid = common.load("08_evaluate_fid")
         torch.manual_seed(0)
         net = common.load("06_unet").from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3,
             label_dim=0, model_type="SongUNet", model_channels=8, channel_mult=[1, 2], num_blocks=1,
@@ -113,13 +132,24 @@ ROWS = {
         fid.main(["generate", "--network", "net.pt", "--seeds", "0-2", "--steps", "3", "--outdir", "imgs",
                   "--device", "cpu"])
         assert sorted(os.listdir("imgs")) == ["000000.png", "000001.png", "000002.png"]
+        # A flag whose chapter is not here: one error line naming the file to copy, nothing written.
+        for flags, missing in ((["--solver", "ipndm"], "09_fast_samplers.py"), (["--disc", "vp"], "03_heun_and_schedules.py"),
+                               (["--guidance", "2"], "10_guidance.py")):
+            try:
+                fid.main(["generate", "--network", "net.pt", "--seeds", "0", "--outdir", "more", "--device", "cpu", *flags])
+            except SystemExit as e:
+                message = str(e.code)
+            else:
+                raise AssertionError(f"{flags} ran without {missing}")
+            assert message.startswith("error: ") and missing in message and len(message.splitlines()) == 1, message
+            assert not os.path.exists("more"), f"{flags}: wrote images before failing"
     """),
     "fast_samplers": (["09_fast_samplers.py"], """
         m = common.load("09_fast_samplers")
         torch.manual_seed(0)
         sigmas = m.sigma_steps(10, 0.002, 80.0, kind="logsnr")
         D = Gaussian()
-        x = m.sample_dpmpp_2m(lambda x, sigma: D(x, sigma), torch.randn(4000, 1, dtype=torch.float64) * 80.0, sigmas)
+        x = m.sample_dpmpp_2m(D, torch.randn(4000, 1, dtype=torch.float64) * 80.0, sigmas)
         check_std(x)
     """),
     "guidance": (["10_guidance.py"], """
@@ -167,6 +197,30 @@ def test_missing_predecessor_fails_at_import_naming_the_file(finished):
     returncode, stderr = finished("missing_predecessor")
     assert returncode != 0
     assert "05_preconditioning.py is missing" in stderr, stderr[-2000:]
+
+
+def test_no_chapter_imports_a_later_one_at_import_time():
+    """Each chapter, imported alone (no chapter loaded before it), loads only earlier chapters; 08 loads none."""
+    sys.path.insert(0, ROOT)
+    import common
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(ROOT) if re.fullmatch(r"\d\d_\w+\.py", f))
+    chapters = lambda: sorted(m for m in sys.modules if m in names)
+    saved = {m: sys.modules.pop(m) for m in chapters()}
+    try:
+        for name in names:
+            for m in chapters():
+                del sys.modules[m]
+            common.load(name)
+            later = [m for m in chapters() if m > name]
+            assert not later, f"importing {name}.py loaded the later chapter(s) {later}"
+        for m in chapters():
+            del sys.modules[m]
+        common.load("08_evaluate_fid")
+        assert chapters() == ["08_evaluate_fid"], f"importing 08 loaded {chapters()}: FID must need common.py alone"
+    finally:
+        for m in chapters():
+            del sys.modules[m]
+        sys.modules.update(saved)
 
 
 def readme_copy_table():
