@@ -6,7 +6,8 @@ Adam, a learning-rate ramp-up, an EMA whose half-life is counted in images); the
 states that `--resume auto` continues bit for bit, ticks, labelled previews, torchrun (DDP; gloo on CPUs),
 gradient accumulation, autocast, --compile. `ImageFolder` (a folder or zip; labels from dataset.json or class
 sub-folders) is also 08's image reader. `--label-dropout p` (not in the paper; 0 in every preset) trains one
-network with and without its class, as classifier-free guidance needs.
+network with and without its class, as classifier-free guidance needs. `--phema 0.05,0.10` (not in the paper;
+EDM2's) also keeps power-function EMAs and snapshots them, from which chapter 11 builds an EMA of any length.
 
 Presets (explicit flags override their values; `--preset X --help` lists them):
   cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13,
