@@ -10,7 +10,8 @@ snapshots into the average of ANY length -- even one that stops earlier than the
 1. The power-function EMA (Sec. 3.1). At time t it weights the parameters theta(tau) of each earlier
    time by a power of tau:
 
-       theta_hat(t) = integral_0^t p_{t,gamma}(tau) theta(tau) dtau,   p_{t,gamma}(tau) = (gamma + 1) tau^gamma / t^(gamma + 1).
+       theta_hat(t) = integral_0^t p_{t,gamma}(tau) theta(tau) dtau,
+       p_{t,gamma}(tau) = (gamma + 1) tau^gamma / t^(gamma + 1)   on [0, t].
 
    Its shape is the same at every t, stretched over [0, t] -- a RELATIVE length, so one value suits a
    run of any duration. Its width, the profile's standard deviation over t, is
@@ -33,8 +34,8 @@ snapshots into the average of ANY length -- even one that stops earlier than the
    snapshot (the snapshots after t_r are left out: as if training had stopped there). The normal
    equations G c = b need only inner products of power profiles, in closed form (Eq. 151):
 
-       <p_a, p_b> = (gamma_a + 1)(gamma_b + 1) / (gamma_a + gamma_b + 1) * m^(gamma_a + gamma_b + 1) / (t_a^(gamma_a + 1) t_b^(gamma_b + 1)),
-       m = min(t_a, t_b).
+       <p_a, p_b> = (gamma_a + 1)(gamma_b + 1) / (gamma_a + gamma_b + 1)
+                    * m^(gamma_a + gamma_b + 1) / (t_a^(gamma_a + 1) t_b^(gamma_b + 1)),   m = min(t_a, t_b).
 
    We also ask for total weight sum_i c_i = 1 (a Lagrange multiplier): an average of the weights, not
    a rescaled one (EDM2 rescales the unconstrained solution instead; with a good fit both are close).
@@ -85,6 +86,7 @@ import glob
 import math
 import os
 import re
+import textwrap
 import time
 from typing import NamedTuple
 
@@ -117,10 +119,11 @@ def profile_mass(t, gamma, a, b):
 
 def inner_product(t_a, gamma_a, t_b, gamma_b):
     """<p_a, p_b> = integral of p_{t_a,gamma_a} p_{t_b,gamma_b} over tau, in closed form (Eq. 151)."""
+    # The docstring's m^(gamma_a + gamma_b + 1) / (t_a^(gamma_a + 1) t_b^(gamma_b + 1)) written with ratios <= 1:
+    # m^gamma alone overflows for long runs (t ~ 1e8 images, gamma ~ 100).
     m = min(t_a, t_b)
-    # = (gamma_a + 1)(gamma_b + 1) / (gamma_a + gamma_b + 1) m^(gamma_a + gamma_b + 1) / (t_a^(gamma_a + 1) t_b^(gamma_b + 1)),
-    # written with ratios <= 1: m^gamma overflows for long runs (t ~ 1e8 images, gamma ~ 100).
-    return (gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1) * (m / t_a) ** (gamma_a + 1) * (m / t_b) ** (gamma_b + 1) / m
+    scale = (m / t_a) ** (gamma_a + 1) * (m / t_b) ** (gamma_b + 1) / m
+    return (gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1) * scale
 
 
 def gram(profiles_a, profiles_b):
@@ -313,7 +316,8 @@ def w1_to_mixture(samples, mix, points=20001):
     """Wasserstein-1 distance between the samples and the exact mixture: integral |F_n(x) - F(x)| dx, F the
     mixture's CDF in closed form (a fine grid over both supports)."""
     x = torch.as_tensor(samples, dtype=torch.float64).flatten().sort().values
-    lo, hi = min(float(x[0]), float((mix.means - 6 * mix.stds).min())), max(float(x[-1]), float((mix.means + 6 * mix.stds).max()))
+    lo = min(float(x[0]), float((mix.means - 6 * mix.stds).min()))
+    hi = max(float(x[-1]), float((mix.means + 6 * mix.stds).max()))
     grid = torch.linspace(lo, hi, points, dtype=torch.float64)
     exact = (mix.weights * 0.5 * (1 + torch.erf((grid[:, None] - mix.means) / (mix.stds * math.sqrt(2))))).sum(1)
     empirical = torch.searchsorted(x, grid, right=True) / len(x)
@@ -326,7 +330,8 @@ def reconstruct_weights(snapshots, sigma_rel, t, every=1):
     times = sorted({ti for ti, _, _ in snapshots if ti <= t})
     kept = set(times[::-1][::every])                 # every `every`-th, counted back from the last
     used = [(ti, si, w) for ti, si, w in snapshots if ti in kept]
-    c, error = solve_coefficients([(ti, train.phema_gamma(si)) for ti, si, _ in used], (t, train.phema_gamma(sigma_rel)))
+    c, error = solve_coefficients([(ti, train.phema_gamma(si)) for ti, si, _ in used],
+                                  (t, train.phema_gamma(sigma_rel)))
     return sum(float(ci) * w for ci, (_, _, w) in zip(c, used)), c, error, used
 
 
@@ -354,8 +359,8 @@ def toy_run(args, device, log):
 
     @torch.no_grad()
     def w1(weights):
-        return w1_to_mixture(sampler(with_weights(net, weights), latents.to(device), num_steps=args.sampler_steps).cpu(),
-                             mix)
+        samples = sampler(with_weights(net, weights), latents.to(device), num_steps=args.sampler_steps)
+        return w1_to_mixture(samples.cpu(), mix)
     results = {"floor": w1_to_mixture(mix.sample(args.samples, torch.Generator().manual_seed(2)), mix)}
     for t in (middle, args.toy_steps):
         rows = []
@@ -537,7 +542,7 @@ def demo(args):
     device, outdir = common.start(__file__, args)
     start, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(1)      # a 37k-parameter MLP: on a shared 2-core CPU threads only contend
-    results, tracker, net = toy_run(args, device, print)
+    results, tracker, _ = toy_run(args, device, print)
     print_toy(results, args)
     study = snapshot_count_study(tracker)
     print_study(study)
@@ -563,32 +568,34 @@ def print_conclusion(results, study, tiny, args, outdir, seconds):
         b, s = best(rows), stored(rows)
         gain = s["reconstructed"] - b["reconstructed"]
         verdict = f"W1 {gain:.4f} better than the best stored width ({s['sigma_rel']:g}, {s['reconstructed']:.4f})" \
-            if gain > floor else f"no better than the best stored width ({s['sigma_rel']:g}, {s['reconstructed']:.4f}) " \
-            f"beyond the noise floor: here the choice after the fact gains nothing"
+            if gain > floor else f"no better than the best stored width ({s['sigma_rel']:g}, " \
+            f"{s['reconstructed']:.4f}) beyond the noise floor: here the choice after the fact gains nothing"
         return f"{when} the best width is {b['sigma_rel']:g} (W1 {b['reconstructed']:.4f}), {verdict}"
+    middle_text = textwrap.fill(
+        f"toy sample quality vs sigma_rel, at the end of training and half-way through (as if it had stopped there). "
+        f"Wherever the profile error is under 5%, the reconstructed EMAs (lines) and the EMAs tracked during the "
+        f"same run (circles) differ by at most {gap:.4f} in W1 (noise floor {floor:.4f}); where it is larger they "
+        f"can differ more: " + ", ".join(f"sigma_rel {r['sigma_rel']:g} at step {step} (profile error "
+                                         f"{r['profile_error']:.0%}, W1 {r['tracked']:.4f} vs {r['reconstructed']:.4f})"
+                                         for step, r in poor) +
+        f". {choice(end, 'At the end')}; the raw final weights give {results['final']:.4f}. "
+        f"{choice(middle, 'Half-way')}.", width=112, initial_indent="  middle  ", subsequent_indent=" " * 10)
     print(f"""
 What this shows ({outdir}/post_hoc_ema.png, {seconds:.0f} s)
   left    the stored profiles (sigma_rel {STORED[0]:g} and {STORED[1]:g}, grey; the last 4 snapshots) and two targets
           with their least-squares reconstructions: profile error {wide[-1][1]:.1%} for sigma_rel {max(study):g}, wider
-          than both stored ones, {narrow[-1][1]:.1%} for {min(study):g}, narrower (snapshots {args.snapshot_every} steps \
-apart
+          than both stored ones, {narrow[-1][1]:.1%} for {min(study):g}, narrower (snapshots \
+{args.snapshot_every} steps apart
           cannot resolve a profile only ~{min(study) * args.toy_steps:.0f} steps wide).
-  middle  toy sample quality vs sigma_rel, at the end of training and half-way through (as if it had stopped
-          there). Wherever the profile error is under 5%, the reconstructed EMAs (lines) and the EMAs tracked
-          during the same run (circles) differ by at most {gap:.4f} in W1 (noise floor {floor:.4f}); where it is
-          larger they can differ more: """ + ", ".join(f"sigma_rel {r['sigma_rel']:g} at step {step} (profile error "
-                                                    f"{r['profile_error']:.0%}, W1 {r['tracked']:.4f} vs "
-                                                    f"{r['reconstructed']:.4f})" for step, r in poor) + f""".
-          {choice(end, "At the end")}; the raw final weights
-          give {results['final']:.4f}. {choice(middle, "Half-way")}.
+{middle_text}
   right   error vs snapshots kept: the profile error of sigma_rel {min(study):g} falls from {narrow[0][1]:.2e} \
 ({narrow[0][0]} snapshot
           per profile) to {narrow[-1][1]:.2e} ({narrow[-1][0]}), of {max(study):g} from {wide[0][1]:.2e} to \
 {wide[-1][1]:.2e}; the weight error is
           {"below" if below else "NOT always below"} the bound profile error x trajectory spread in every row.
   (c)     a 07 run: sigma_rel 0.07 rebuilt from 0.05 and 0.1 only ({tiny['snapshots']} snapshots, profile error
-          {tiny['error']:.2e}) differs from the 0.07 that training tracked by {tiny['difference']:.2e} of its norm (the raw
-          weights differ from it by {tiny['moved']:.2e}).
+          {tiny['error']:.2e}) differs from the 0.07 that training tracked by {tiny['difference']:.2e} of its norm
+          (the raw weights differ from it by {tiny['moved']:.2e}).
 Reading: two stored power-function EMAs suffice to choose the EMA length after training, and at an earlier
 stopping point, as long as the snapshots are dense compared with the narrowest width wanted; the profile
 error says in advance how far to trust a reconstruction.""")

@@ -135,7 +135,8 @@ def check_reconstruction(T, P, load, run_dir, trajectory, out):
     (+ rounding); and the residual of the exact identity theta_rec - theta_tracked = sum_tau E_tau theta_tau,
     where E_tau is the mass of q - p on step tau (q, p: the profiles of the reconstruction and the target)."""
     unet = load("06_unet")
-    rec, tracked = flat(unet.load_network(str(out))), flat(unet.load_network(T.phema_path(str(run_dir), 0.07, BATCH * STEPS)))
+    rec = flat(unet.load_network(str(out)))
+    tracked = flat(unet.load_network(T.phema_path(str(run_dir), 0.07, BATCH * STEPS)))
     # The snapshot schedule the test knows, independent of the files on disk: 0.05 and 0.1 every SNAP_STEPS.
     stored = [(BATCH * k, T.phema_gamma(s)) for k in range(SNAP_STEPS, STEPS + 1, SNAP_STEPS) for s in (0.05, 0.1)]
     target = (BATCH * STEPS, T.phema_gamma(0.07))
@@ -182,7 +183,8 @@ def test_reconstruction_of_a_tracked_width_matches_it_within_the_profile_error_b
         else:
             b.unlink()
         reconstruct(P, broken, tmp_path / f"{mutate}.pt")
-        error, bound, residual, rounding = check_reconstruction(T, P, load, broken, trajectory, tmp_path / f"{mutate}.pt")
+        error, bound, residual, rounding = check_reconstruction(T, P, load, broken, trajectory,
+                                                                tmp_path / f"{mutate}.pt")
         assert error > bound or residual > rounding, (mutate, error, bound, residual)
 
 
