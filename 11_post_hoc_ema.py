@@ -454,6 +454,7 @@ def tiny_run(args, device, outdir):
 def plot(tracker, results, study, args, file):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    fig.suptitle("EDM2's post-hoc EMA: any EMA width from two stored power-function EMAs", fontsize=11)
     ax = axes[0]
     t = tracker.t
     tau = np.linspace(0, t, 2001)
@@ -499,7 +500,6 @@ def plot(tracker, results, study, args, file):
     ax.set_ylabel("relative error")
     ax.set_title("Error vs number of snapshots (toy, last step)", fontsize=10)
     ax.legend(fontsize=7)
-    fig.suptitle("EDM2's post-hoc EMA: any EMA width from two stored power-function EMAs", fontsize=11)
     fig.tight_layout()
     fig.savefig(file, dpi=100)
     plt.close(fig)
