@@ -602,7 +602,10 @@ def demo(args):
                   for n in toy_nfes}
     euler_edm_worst = sum(max(discs, key=lambda d: at(grid_toy, f"euler, {d} steps", n)) == "edm" for n in toy_nfes)
     ve_orig, ve_heun = "VE orig (euler, ve, ve/none)", "VE + heun & edm steps"
-    ve_orig_31, ve_heun_31, ve_orig_63, ve_heun_63 = (at(ladder, name, n) for n in (31, 63) for name in (ve_orig, ve_heun))
+    ve_orig_31, ve_heun_31, ve_orig_63, ve_heun_63 = (at(ladder, name, n) for n in (31, 63)
+                                                      for name in (ve_orig, ve_heun))
+    ve_63 = "better" if ve_heun_63 < ve_orig_63 else "not better"
+    heun7_loses = img["heun", "edm", 7] > img["euler", "edm", 7]
     ve_worse = "/".join(str(n) for n in nfes if at(ladder, ve_heun, n) > at(ladder, ve_orig, n)) or "no"
     print(f"""
 What this shows (figures in {outdir}/, {time.time() - start:.0f} s)
@@ -613,8 +616,8 @@ What this shows (figures in {outdir}/, {time.time() - start:.0f} s)
                           NFE it loses on {toy_losses[7]} and {toy_losses[15]} of 4 (EDM steps at 7: \
 {at(grid_toy, "heun, edm steps", 7):.2f} vs {at(grid_toy, "euler, edm steps", 7):.3f}). Its long steps
                           extrapolate the change of D by (r-1)/2 where the toy's D still changes: of EDM's 4 steps,
-                          the one from {float(toy4[1]):.2f} to {float(toy4[2]):.2f} (r = {float(toy4[1] / toy4[2]):.1f}) \
-alone leaves an error of {toy_damage[1]:.2f}. On EDM steps from 63 to
+                          the one from {float(toy4[1]):.2f} to {float(toy4[2]):.2f} \
+(r = {float(toy4[1] / toy4[2]):.1f}) alone leaves an error of {toy_damage[1]:.2f}. On EDM steps from 63 to
                           127 NFE Heun's error falls {heun_toy:.1f}x (second order), Euler's {euler_toy:.1f}x; at 127 \
 NFE Heun is {at(grid_toy, "euler, edm steps", 127) / at(grid_toy, "heun, edm steps", 127):.0f}x
                           more accurate (Sec. 3, Algorithm 1). Euler does worst on EDM steps at \
@@ -626,8 +629,8 @@ changes; rho = 7 was chosen on images' FID.
   error_vs_nfe_images.png left: on images Heun on EDM steps misplaces {img["heun", "edm", 31]:.1f} % of samples at \
 31 NFE, Euler
                           {img["euler", "edm", 31]:.1f} %; at 7 NFE Heun \
-{"loses" if img["heun", "edm", 7] > img["euler", "edm", 7] else "wins"} ({img["heun", "edm", 7]:.1f} vs \
-{img["euler", "edm", 7]:.1f} %): its 4 steps are too long. Heun on iDDPM
+{"loses" if heun7_loses else "wins"} ({img["heun", "edm", 7]:.1f} vs \
+{img["euler", "edm", 7]:.1f} %){": its 4 steps are too long" if heun7_loses else ""}. Heun on iDDPM
                           steps loses at {iddpm_losses} of {len(nfes)} NFE ({img["heun", "iddpm", 31]:.1f} vs \
 {img["euler", "iddpm", 31]:.1f} % at 31): the table's first step
                           {iddpm16["sigma_0"]:.1f} -> {iddpm16["sigma_1"]:.2f} (r = {r_iddpm:.1f}) alone sends \
@@ -638,7 +641,7 @@ changes; rho = 7 was chosen on images' FID.
 {vp_orig:.1f} %,
                           with Heun & Eq. 5 {vp_heun:.1f} %, then with sigma(t) = t, s = 1 {edm:.1f} % (Sec. 3, Fig. 2).
                           VE's middle rung is worse than VE's original sampler at {ve_worse} NFE
-                          ({ve_heun_31:.1f} vs {ve_orig_31:.1f} % at 31) and {"better" if ve_heun_63 < ve_orig_63 else "not better"} at 63 ({ve_heun_63:.1f} vs \
+                          ({ve_heun_31:.1f} vs {ve_orig_31:.1f} % at 31) and {ve_63} at 63 ({ve_heun_63:.1f} vs \
 {ve_orig_63:.1f} %): in VE's t = sigma^2 Heun
                           weights D's change by (r^2-1)/4, so EDM's long steps (above sigma = 0.5 up to r = \
 {ratios[8]:.1f} at 15 NFE:

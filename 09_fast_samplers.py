@@ -386,7 +386,7 @@ def print_table(title, table, fmt="{:.2e}"):
 
 
 def winners(table, measure):
-    """'<measure> per budget: 5: ipndm, 6: dpmpp2m/ipndm, ...' -- the solver(s) with the smallest value at each budget."""
+    """'<measure> per budget: 5: ipndm, 6: dpmpp2m/ipndm, ...': the solver(s) with the smallest value per budget."""
     best = [min(points[k][1] for points in table.values()) for k in range(len(BUDGETS))]
     return f"{measure} per budget: " + ", ".join(
         f"{b}: {'/'.join(name for name in table if table[name][k][1] == best[k])}" for k, b in enumerate(BUDGETS))
