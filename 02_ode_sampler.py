@@ -374,11 +374,11 @@ def best_counts(results, metric):
 
 
 def lead_title(data, results, metric):
-    """'<data>: <formulation>'s coordinates give Euler the smallest error at k of n step counts'."""
+    """'<data>: <formulation>'s coordinates give Euler / the smallest error at k of n step counts' (two lines)."""
     counts = best_counts(results, metric)
     name = max(counts, key=counts.get)
     n = len(next(iter(results.values()))[metric])
-    return f"{data}: {name}'s coordinates give Euler the smallest error at {counts[name]} of {n} step counts"
+    return f"{data}: {name}'s coordinates give Euler\nthe smallest error at {counts[name]} of {n} step counts"
 
 
 def plot_errors(steps, toy_errors, image_errors, file):
@@ -513,9 +513,9 @@ def demo(args):
               for name in ("VP", "VE")}
     others = [i for i in range(len(image_steps))
               if min(img_err[k]["wrong"][i] for k in names) < img_err["EDM"]["wrong"][i]]
-    exceptions = "; ".join(f"at {image_steps[i]} steps " + ", ".join(f"{k} {img_err[k]['wrong'][i]:.1f}" for k in names)
+    exceptions = "; ".join(f"at {image_steps[i]} steps: " + ", ".join(f"{k} {img_err[k]['wrong'][i]:.1f}" for k in names)
                            + " %" for i in others)
-    exceptions = f"; not\n{'':20}{exceptions}" if others else ""
+    exceptions = f" (not {exceptions})" if others else ""
     i32 = image_steps.index(min(32, max(image_steps)))
     print(f"""
 What this shows (figures in {outdir}/, {time.time() - start:.0f} s)
@@ -534,13 +534,14 @@ Right, images: EDM's give the smallest share of samples on
 {exceptions}.
   local_error.png   why, with curvature measured directly as the error of one Euler step. Images: once a latent
                     has picked its image (sigma < 0.5) D stops changing and the EDM path x = D + sigma n is a
-                    straight line: its steps there are exact (table: largest error {worst['images', 'EDM'][2]:.0e}; \
-VP's {worst['images', 'VP'][2]:.0e}). The toy is the
-                    opposite kind of data: Gaussian modes (std 0.25) whose denoiser keeps changing as sigma
-                    falls. Its paths are smooth in the variance sigma^2, the clock VP and VE run on at low
-                    noise, and VP's s(t) = 1/sqrt(1 + sigma^2) matches the toy's spread (std 0.96). On Gaussian
-                    data VP's Euler wins outright (std 0.5: {gauss[(0.5, 'VP')]:.1e} vs {gauss[(0.5, 'EDM')]:.1e} \
-at 32 steps; std 1: {gauss[(1.0, 'VP')]:.0e} vs {gauss[(1.0, 'EDM')]:.0e}).
+                    straight line: its steps there are exact (table: largest error \
+{worst['images', 'EDM'][2]:.0e}; VP's {worst['images', 'VP'][2]:.0e}).
+                    The toy is the opposite kind of data: Gaussian modes (std 0.25) whose denoiser keeps
+                    changing as sigma falls. Its paths are smooth in the variance sigma^2, the clock VP and VE
+                    run on at low noise, and VP's s(t) = 1/sqrt(1 + sigma^2) matches the toy's spread (std
+                    0.96). On Gaussian data VP's Euler wins outright (std 0.5: {gauss[(0.5, 'VP')]:.1e} vs \
+{gauss[(0.5, 'EDM')]:.1e} at 32 steps;
+                    std 1: {gauss[(1.0, 'VP')]:.0e} vs {gauss[(1.0, 'EDM')]:.0e}).
   So the straight trajectories of Sec. 3 belong to data whose denoiser settles -- a finite image set, real
   images -- not to every density. Chapter 03 adds Heun's method, where this straightness pays most.\
 """)

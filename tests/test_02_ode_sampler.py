@@ -173,7 +173,7 @@ def test_demo_claims_edm_leads_on_images_except_at_4_steps_where_ve_does(ode, lo
                            {"wrong": wrong}, reference_steps=512)
     assert img["VE"]["wrong"][0] < img["EDM"]["wrong"][0] < img["VP"]["wrong"][0], img
     assert ode.best_counts(img, "wrong") == {"VP": 0, "VE": 1, "EDM": 2}, img
-    assert "EDM's coordinates give Euler the smallest error at 2 of 3" in ode.lead_title("Images", img, "wrong")
+    assert "EDM's coordinates give Euler\nthe smallest error at 2 of 3" in ode.lead_title("Images", img, "wrong")
 
 
 def test_bad_command_lines_give_one_error_line(tmp_path, assert_one_line_errors):
