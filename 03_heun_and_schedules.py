@@ -38,8 +38,16 @@ What the demo finds (default settings; numbers from its output):
   steps at 31 NFE: 2.3 % of samples on another image vs 7.8 %; at 7 NFE Heun's 4 steps are
   too long and it loses, 71.9 vs 45.3 %); on the 1-D toy from 63 NFE on every discretization,
   and at 127 NFE Heun is 16x more accurate (its error falls 4.5x per doubling, Euler's 1.9x).
+* Below that Heun loses on the toy, on every discretization at 7 NFE (EDM steps: 3.00 vs 0.305).
+  A step that more than halves sigma extrapolates the change of D by (r - 1)/2, and the toy's D
+  keeps changing down to sigma ~ 0.05 (modes of std 0.25): of EDM's 4 steps, 9.72 -> 0.47
+  (r = 20.7) alone leaves an error of 2.28. On images D has settled where those long low-sigma
+  steps are. Euler does worst on EDM steps at every NFE on the toy: at 31 NFE rho = 7 starts 11
+  steps in sigma 0.05 - 3, where the toy's modes separate (iDDPM 23, VP and VE 14), and 5 below.
 * The paper's Fig. 2 ladders reproduce: VP at 31 NFE, original sampler 13.3 % -> Heun and
-  Eq. 5 7.8 % -> sigma(t) = t, s = 1 2.3 %; VE at 63 NFE 18.0 % -> 4.7 % -> 0.0 %.
+  Eq. 5 7.8 % -> sigma(t) = t, s = 1 2.3 %; VE at 63 NFE 18.0 % -> 4.7 % -> 0.0 %. Below 63 NFE
+  VE's middle rung is worse than its start (33.6 vs 29.7 % at 31): in VE's t = sigma^2 a Heun step
+  weights D's change by (r^2 - 1)/4, (r + 1)/2 times as much as with sigma(t) = t.
 * Heun on iDDPM steps loses to Euler at every NFE (50.8 vs 14.8 % at 31 NFE). The cause is the
   table's first step: spaced evenly in the index j, it jumps 80.2 -> 8.63 (r = sigma_0 /
   sigma_1 = 9.3). One Heun step works out to x_0/r + (1 - 1/r) D_0 + (r - 1)/2 (D_1 - D_0),
@@ -286,6 +294,31 @@ def heun_step_weights(r):
     return 1 - 1 / r, (r - 1) / 2
 
 
+def heun_step_weight_ve(r):
+    """Heun's weight on D_1 - D_0 in one step of the VE ODE (sigma(t) = sqrt(t), s = 1) from sigma_0 to sigma_0 / r.
+
+    In t = sigma^2 the ODE is dx/dt = (x - D) / (2t) and the step ratio is R = r^2; the trapezoidal rule's
+    second slope (x' - D_1) / (2 t_1) enters with h / 2 = (t_1 - t_0) / 2, i.e. with weight (R - 1)/4 on
+    D_1 - D_0. That is (r + 1)/2 times the EDM ODE's (r - 1)/2 (heun_step_weights): the same noise levels
+    make Heun extrapolate more in VE's coordinates, from r = sqrt(3) on instead of r = 2.
+    """
+    return (r * r - 1) / 4
+
+
+def heun_step_damage(net, latents, sigmas, metric, reference_steps=256):
+    """For each step of a Heun run through `sigmas` (ending in 0): the error at sigma = 0 when that one step is
+    Heun's and the rest of the way is exact (from the exact state at sigma_i; then the reference solve)."""
+    f = ode.EDM()
+    exact = ode.exact_states(net, latents.to(torch.float64) * sigmas[0], sigmas)
+    damage = []
+    for i in range(len(sigmas) - 1):
+        x = heun(net, exact[i], sigmas[i:i + 2], f)
+        if sigmas[i + 1] > 0:
+            x = reference(net, x / sigmas[i + 1], float(sigmas[i + 1]), reference_steps)
+        damage.append(metric(x, exact[-1]))
+    return damage
+
+
 def first_step_study(net, latents, discretization, num_steps, reference_steps=128):
     """The first Heun step of a discretization on the finite image set, and how much of the damage it does.
 
@@ -314,19 +347,23 @@ def plot_discretizations(num_steps, file):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for disc in ("vp", "ve", "iddpm", "edm"):
         s = sigma_steps(disc, num_steps, *default_sigma_range(disc))
-        ax.semilogy(range(num_steps), s.numpy(), "o-", ms=3, label=disc)
+        ax.semilogy(range(num_steps), s.numpy(), "o-", ms=3, color=COLOURS[disc], label=disc)
     for rho in (1, 3):
         ax.semilogy(range(num_steps), edm_sigma_steps(num_steps, rho=rho).numpy(), "--", lw=1, label=f"edm, rho={rho}")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("step index i")
     ax.set_ylabel("noise level sigma_i (log scale)")
+    iddpm = iddpm_sigma_steps(num_steps, *default_sigma_range("iddpm"))
     ax.set_title(f"Table 1 discretizations, N = {num_steps}: iDDPM's first step\n"
-                 f"jumps 80 -> {float(iddpm_sigma_steps(num_steps, 0.002, 81)[1]):.1f}; "
-                 f"rho = 7 spends its steps at low sigma", fontsize=10)
+                 f"jumps {float(iddpm[0]):.1f} -> {float(iddpm[1]):.2f}; rho = 7 spends its steps at low sigma",
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
+
+
+COLOURS = {"vp": "tab:blue", "ve": "tab:orange", "iddpm": "tab:green", "edm": "tab:red"}
 
 
 def plot_error_vs_nfe(panels, file, ylabel, log=True):
@@ -335,7 +372,11 @@ def plot_error_vs_nfe(panels, file, ylabel, log=True):
     for ax, (title, results) in zip(axes[0], panels.items()):
         for name, points in results.items():
             nfe, err = zip(*points)
-            ax.plot(nfe, err, "o-" if "heun" in name or "EDM" in name else "s--", ms=4, label=name)
+            # One colour per discretization (grid) or formulation (ladder); Heun solid, Euler dashed and hollow.
+            key = name.split(", ")[1].split()[0] if name.startswith(("euler", "heun")) else name.split()[0].lower()
+            heun_like = "heun" in name or "EDM" in name
+            ax.plot(nfe, err, "o-" if heun_like else "s--", ms=4 if heun_like else 5, color=COLOURS[key],
+                    markerfacecolor=None if heun_like else "none", label=name)
         ax.set_xscale("log")
         ax.set_xticks(nfe, [str(n) for n in nfe])
         ax.minorticks_off()                      # log-axis minor labels ("3x10^1") would collide with these
@@ -392,6 +433,15 @@ def plot_samples(rows, reference_ids, net, file):
     fig.tight_layout()
     fig.savefig(file, dpi=110)
     plt.close(fig)
+
+
+def heun_ahead_from(results, discretizations=("vp", "ve", "iddpm", "edm")):
+    """The smallest NFE from which on Heun's error is below Euler's on every one of `discretizations`
+    (None if not even at the largest NFE measured)."""
+    nfes = [n for n, _ in results["heun, edm steps"]]
+    ahead = [all(dict(results[f"heun, {d} steps"])[n] < dict(results[f"euler, {d} steps"])[n] for d in discretizations)
+             for n in nfes]
+    return next((n for k, n in enumerate(nfes) if all(ahead[k:])), None)
 
 
 def print_table(title, results, fmt=".2e"):
@@ -452,6 +502,22 @@ def demo(args):
     grid_img = error_vs_nfe(image_net, image_latents, SOLVER_GRID, heun_steps[:4], wrong, reference_steps=128)
     ladder = error_vs_nfe(image_net, image_latents, LADDER, heun_steps[:4], wrong, reference_steps=128)
     print_table("1-D toy: RMS error vs a 256-step Heun reference (sigma(t) = t, s = 1)", grid_toy)
+    zero = torch.zeros(1, dtype=torch.float64)
+    toy4 = torch.cat([edm_sigma_steps(4), zero]).to(device)
+    toy_damage = heun_step_damage(toy, toy_latents, toy4, ode.rms)
+    print("Why Heun loses to Euler on the toy at few NFE: Heun on EDM steps at 7 NFE, the error left when only one "
+          "step is\nHeun's and the rest of the way exact. Past r = 2 a step extrapolates the change of D, and the "
+          "toy's D keeps\nchanging down to sigma ~ 0.05 (its modes have std 0.25).")
+    for i, err in enumerate(toy_damage[:-1]):
+        r = float(toy4[i] / toy4[i + 1])
+        print(f"  step {i + 1}: sigma {float(toy4[i]):6.2f} -> {float(toy4[i + 1]):<6.3f} r = {r:5.1f}, weight on "
+              f"D's change (r-1)/2 = {heun_step_weights(r)[1]:5.1f}: error {err:.3f}")
+    band = {}
+    for disc in ("vp", "ve", "iddpm", "edm"):
+        levels = sigma_steps(disc, 31, *default_sigma_range(disc))
+        band[disc] = (int(((levels >= 0.05) & (levels <= 3)).sum()), int((levels < 0.05).sum()))
+    print("Euler at 31 NFE (31 steps): steps that start at sigma 0.05 - 3, where the toy's modes separate, and below "
+          "0.05:\n  " + ", ".join(f"{d} {a} and {b}" for d, (a, b) in band.items()))
     print_table("Images: % of samples landing on another training image than a 128-step Heun reference "
                 "(sigma(t) = t, s = 1)", grid_img, ".1f")
 
@@ -475,10 +541,18 @@ def demo(args):
           f"1 - 1/r.)")
 
     print_table("Images, the paper's Fig. 2 ladders: % landing on another image", ladder, ".1f")
-    plot_error_vs_nfe({"1-D toy: from 63 NFE Heun beats Euler on every discretization": grid_toy},
+    ratios = {n: max(float(a / b) for a, b in zip(edm_sigma_steps(n)[:-1], edm_sigma_steps(n)[1:]) if a >= 0.5)
+              for n in heun_steps[:4]}
+    print("Heun in VE's coordinates (t = sigma^2) weights D's change by (r^2 - 1)/4, (r + 1)/2 times EDM's (r - 1)/2, "
+          "for the\nsame noise levels. The longest of N EDM steps that start at sigma >= 0.5 (below, the images' D "
+          "has settled):\n  "
+          + "\n  ".join(f"N = {n} ({2 * n - 1} NFE): r = {r:.1f}, VE {heun_step_weight_ve(r):.1f} vs EDM "
+                      f"{heun_step_weights(r)[1]:.1f}" for n, r in ratios.items()))
+    toy_from, img_from = heun_ahead_from(grid_toy), heun_ahead_from(grid_img, ("vp", "ve", "edm"))
+    plot_error_vs_nfe({f"1-D toy: Heun beats Euler on all four discretizations only from {toy_from} NFE": grid_toy},
                       f"{outdir}/error_vs_nfe_toy.png", "RMS error vs exact ODE solution (data units)")
-    plot_error_vs_nfe({"Images: Heun beats Euler from 15 NFE, except on iDDPM steps": grid_img,
-                       "Images, Fig. 2 ladders: at 63 NFE each change helps": ladder},
+    plot_error_vs_nfe({f"Images: Heun beats Euler from {img_from} NFE, except on iDDPM steps": grid_img,
+                       "Images, Fig. 2 ladders: % on another image": ladder},
                       f"{outdir}/error_vs_nfe_images.png", "% of samples on another image than the reference",
                       log=False)
 
@@ -528,17 +602,41 @@ def demo(args):
     vp_orig, vp_heun, edm = (at(ladder, name, 31) for name in LADDER if "VE" not in name)
     nfes = [nfe for nfe, _ in grid_img["heun, iddpm steps"]]
     iddpm_losses = sum(at(grid_img, "heun, iddpm steps", n) > at(grid_img, "euler, iddpm steps", n) for n in nfes)
+    discs = ("vp", "ve", "iddpm", "edm")
+    toy_nfes = [nfe for nfe, _ in grid_toy["heun, edm steps"]]
+    toy_losses = {n: sum(at(grid_toy, f"heun, {d} steps", n) > at(grid_toy, f"euler, {d} steps", n) for d in discs)
+                  for n in toy_nfes}
+    euler_edm_worst = sum(max(discs, key=lambda d: at(grid_toy, f"euler, {d} steps", n)) == "edm" for n in toy_nfes)
+    ve_orig, ve_heun = "VE orig (euler, ve, ve/none)", "VE + heun & edm steps"
+    ve_orig_31, ve_heun_31, ve_orig_63, ve_heun_63 = (at(ladder, name, n) for n in (31, 63)
+                                                      for name in (ve_orig, ve_heun))
+    ve_63 = "better" if ve_heun_63 < ve_orig_63 else "not better"
+    heun7_loses = img["heun", "edm", 7] > img["euler", "edm", 7]
+    ve_worse = "/".join(str(n) for n in nfes if at(ladder, ve_heun, n) > at(ladder, ve_orig, n)) or "no"
     print(f"""
 What this shows (figures in {outdir}/, {time.time() - start:.0f} s)
   discretizations.png     the four noise-level sequences of Table 1 at N = 18 (and Eq. 5 with rho = 1, 3).
-  error_vs_nfe_toy.png    1-D toy, every solver x discretization at equal NFE. On EDM steps from 63 to 127 NFE
-                          Heun's error falls {heun_toy:.1f}x (second order), Euler's {euler_toy:.1f}x; at 127 NFE Heun \
-is {at(grid_toy, "euler, edm steps", 127) / at(grid_toy, "heun, edm steps", 127):.0f}x
-                          more accurate (Sec. 3, Algorithm 1).
+  error_vs_nfe_toy.png    1-D toy, every solver x discretization at equal NFE (not the paper's Fig. 2, which
+                          measures FID on images). Heun beats Euler on every discretization from {toy_from} NFE; at \
+7 and 15
+                          NFE it loses on {toy_losses[7]} and {toy_losses[15]} of 4 (EDM steps at 7: \
+{at(grid_toy, "heun, edm steps", 7):.2f} vs {at(grid_toy, "euler, edm steps", 7):.3f}). Its long steps
+                          extrapolate the change of D by (r-1)/2 where the toy's D still changes: of EDM's 4 steps,
+                          the one from {float(toy4[1]):.2f} to {float(toy4[2]):.2f} \
+(r = {float(toy4[1] / toy4[2]):.1f}) alone leaves an error of {toy_damage[1]:.2f}. On EDM steps from 63 to
+                          127 NFE Heun's error falls {heun_toy:.1f}x (second order), Euler's {euler_toy:.1f}x; at 127 \
+NFE Heun is {at(grid_toy, "euler, edm steps", 127) / at(grid_toy, "heun, edm steps", 127):.0f}x
+                          more accurate (Sec. 3, Algorithm 1). Euler does worst on EDM steps at \
+{euler_edm_worst} of {len(toy_nfes)} NFE: at 31
+                          NFE Eq. 5 starts {band["edm"][0]} of its steps in sigma 0.05 - 3, where the toy's modes \
+separate (iDDPM {band["iddpm"][0]},
+                          VP {band["vp"][0]}, VE {band["ve"][0]}), and {band["edm"][1]} below 0.05, where its D hardly \
+changes; rho = 7 was chosen on images' FID.
   error_vs_nfe_images.png left: on images Heun on EDM steps misplaces {img["heun", "edm", 31]:.1f} % of samples at \
 31 NFE, Euler
-                          {img["euler", "edm", 31]:.1f} %; at 7 NFE Heun loses ({img["heun", "edm", 7]:.1f} vs \
-{img["euler", "edm", 7]:.1f} %): its 4 steps are too long. Heun on iDDPM
+                          {img["euler", "edm", 31]:.1f} %; at 7 NFE Heun \
+{"loses" if heun7_loses else "wins"} ({img["heun", "edm", 7]:.1f} vs \
+{img["euler", "edm", 7]:.1f} %){": its 4 steps are too long" if heun7_loses else ""}. Heun on iDDPM
                           steps loses at {iddpm_losses} of {len(nfes)} NFE ({img["heun", "iddpm", 31]:.1f} vs \
 {img["euler", "iddpm", 31]:.1f} % at 31): the table's first step
                           {iddpm16["sigma_0"]:.1f} -> {iddpm16["sigma_1"]:.2f} (r = {r_iddpm:.1f}) alone sends \
@@ -548,6 +646,13 @@ is {at(grid_toy, "euler, edm steps", 127) / at(grid_toy, "heun, edm steps", 127)
                           Right: the paper's Fig. 2 ladders at 31 NFE -- the original VP sampler misplaces \
 {vp_orig:.1f} %,
                           with Heun & Eq. 5 {vp_heun:.1f} %, then with sigma(t) = t, s = 1 {edm:.1f} % (Sec. 3, Fig. 2).
+                          VE's middle rung is worse than VE's original sampler at {ve_worse} NFE
+                          ({ve_heun_31:.1f} vs {ve_orig_31:.1f} % at 31) and {ve_63} at 63 ({ve_heun_63:.1f} vs \
+{ve_orig_63:.1f} %): in VE's t = sigma^2 Heun
+                          weights D's change by (r^2-1)/4, so EDM's long steps (above sigma = 0.5 up to r = \
+{ratios[8]:.1f} at 15 NFE:
+                          {heun_step_weight_ve(ratios[8]):.1f} vs {heun_step_weights(ratios[8])[1]:.1f} with \
+sigma(t) = t) extrapolate more there.
   local_error_vs_sigma.png  the error of each Heun step peaks at sigma ~ 1 - 10, where the toy's modes and the
                           images' basins separate; on images every step below sigma ~ 0.5 is exact. On the toy
                           rho = 7 ends {toy_global[7]:.1e} from the exact solution, rho = 2 {toy_global[2]:.1e}, \

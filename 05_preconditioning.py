@@ -56,7 +56,8 @@ samples (chapter 04's EDM sampler; samples.png). Its "What this shows" explains 
 What it shows on the toy (data std 0.95, used as sigma_data; default run): lambda c_out^2 = 1
 for all four, so that column of Table 1 does not separate them; c_in and |c_out| do (VE's input
 variance is 6393 at sigma = 80; |c_out| is 80 there for VP/VE/iDDPM, 0.95 for EDM). EDM's
-denoiser is the closest to D* in every range of sigma (0.018 vs 0.17-0.81), above sigma = 5 by
+denoiser is the closest to D* on average over every range of sigma (0.018 vs 0.17-0.81; at 5
+of 25 single noise levels VP, VE or iDDPM is closer), above sigma = 5 by
 10x although VP spends 43 % of its training samples there and EDM 1 %. Its samples are not
 clearly better than VP's: W1 to the data moves with the latents alone (the exact D* itself is
 0.032 away with the demo's latents), and against D*'s samples from the same latents EDM and VP
@@ -338,6 +339,7 @@ class EDMLoss:
 NAMES = ["VP", "VE", "iDDPM", "EDM"]
 COLORS = {"VP": "tab:blue", "VE": "tab:orange", "iDDPM": "tab:green", "EDM": "tab:red"}
 STYLES = {"VP": "-", "VE": "--", "iDDPM": ":", "EDM": "-"}   # VP, VE, iDDPM coincide in several panels
+MARKERS = {"VP": "o", "VE": "s", "iDDPM": "^"}
 SPLIT = 5.0   # the noise level separating "high" from "low and mid" in the splicing experiment
 
 
@@ -449,17 +451,23 @@ def plot_scalings(setups, file):
     import matplotlib.pyplot as plt
     sigma = torch.logspace(-3, np.log10(80), 400)
     fig, axes = plt.subplots(1, 5, figsize=(21, 3.8))
-    titles = ["c_skip", "|c_out|", "c_in", "c_noise: DDPM timestep (VP, iDDPM)", "c_noise: log-sigma (VE, EDM)"]
-    for name, (net, _) in setups.items():
-        c_skip, c_out, c_in, c_noise = [c.flatten() for c in net.scalings(sigma[:, None])]
+    sigma_data = setups["EDM"][0].sigma_data
+    titles = ["c_skip", "|c_out|", f"c_in (VP = iDDPM; EDM ~ them, sigma_data = {sigma_data:.2f})",
+              "c_noise: DDPM timestep (VP, iDDPM)", "c_noise: log-sigma (VE, EDM)"]
+    # EDM first, wide and pale, so that the curves VP, VE and iDDPM share with it (or with each other) stay
+    # visible on top of it; markers at staggered positions tell coinciding curves apart.
+    for k, name in enumerate(["EDM", "VP", "VE", "iDDPM"]):
+        c_skip, c_out, c_in, c_noise = [c.flatten() for c in setups[name][0].scalings(sigma[:, None])]
         noise_ax = axes[3] if name in ("VP", "iDDPM") else axes[4]
+        style = dict(lw=5, alpha=0.45) if name == "EDM" else dict(lw=1.5, marker=MARKERS[name], ms=5,
+                                                                  markevery=(10 * k, 40), markerfacecolor="none")
         for ax, v in zip([axes[0], axes[1], axes[2], noise_ax], [c_skip, c_out.abs(), c_in, c_noise]):
-            ax.plot(sigma, v, color=COLORS[name], ls=STYLES[name], lw=2, label=name)
+            ax.plot(sigma, v, color=COLORS[name], ls=STYLES[name], label=name, **style)
     for ax, title in zip(axes, titles):
         ax.set_xscale("log")
         ax.set_xlabel("noise level sigma")
-        ax.set_ylabel(title.split(":")[0])
-        ax.set_title(title)
+        ax.set_ylabel(title.split(":")[0].split(" (")[0])
+        ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
@@ -468,6 +476,12 @@ def plot_scalings(setups, file):
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
+
+
+def lowest_elsewhere(error, sigmas):
+    """{name: [sigmas at which its distance to D* is below EDM's and every other model's]}, for name != EDM."""
+    best = [min(NAMES, key=lambda n: error[n][i]) for i in range(len(sigmas))]
+    return {n: [float(s) for s, b in zip(sigmas, best) if b == n] for n in NAMES if n != "EDM"}
 
 
 def plot_loss_per_sigma(r, info, draws, file):
@@ -484,7 +498,9 @@ def plot_loss_per_sigma(r, info, draws, file):
     ax.legend(fontsize=8)
     ax2.set_yscale("log")
     ax2.set_ylabel("lambda_EDM E |D - D*|^2")
-    ax2.set_title("What is left to learn: distance to the exact denoiser (lowest for EDM)")
+    others = lowest_elsewhere({n: np.mean(r["error"][n], axis=0) for n in NAMES}, sigmas)
+    ax2.set_title(f"What is left to learn: distance to the exact denoiser (EDM lowest at "
+                  f"{len(sigmas) - sum(map(len, others.values()))} of {len(sigmas)} sigmas)")
     for name, s in draws.items():
         density, edges = np.histogram(s.double().log().numpy(), bins=60, range=(np.log(1e-3), np.log(200)), density=True)
         ax3.stairs(density, np.exp(edges), color=COLORS[name], lw=1.5, label=name)
@@ -565,6 +581,8 @@ def print_results(r, info, draws, args, seeds, scalings, outdir):
     print(f"  exact D*: W1 to the data {r['W1 exact']:.4f} with these latents; two draws of data differ by {r['W1 data']:.4f}")
 
     best_everywhere = all(min(NAMES, key=lambda n: error[n][m].mean()) == "EDM" for m in ranges.values())
+    others = {n: s for n, s in lowest_elsewhere(error, sigmas).items() if s}
+    elsewhere = "; ".join(f"{n} at sigma {', '.join(f'{v:.2g}' for v in s)}" for n, s in others.items())
     edm, vp = r["W1 paired"]["EDM"], r["W1 paired"]["VP"]
     if max(edm) >= min(vp) and max(vp) >= min(edm):
         verdict = "about as close as VP's (their per-seed values overlap)"
@@ -580,8 +598,9 @@ What this shows
     (VE: variance {ve_input:.0f} at sigma = 80, which EDM's c_in keeps at 1) and in |c_out|, the gain on F's errors:
     {vp_gain:.0f} at sigma = 80 for VP, VE and iDDPM, {edm_gain:.2f} for EDM, whose c_skip minimizes it (App. B.6).
   {outdir}/loss_per_sigma.png  on one metric for all, EDM's denoiser is the closest to D* ({error['EDM'].mean():.4f}
-    vs {', '.join(f'{n} {error[n].mean():.4f}' for n in NAMES if n != 'EDM')}){', in every range of sigma' if best_everywhere else ''}; the gap is widest above
-    sigma = 5 ({error['EDM'][ranges['>5']].mean():.4f} vs VP {error['VP'][ranges['>5']].mean():.4f}), although VP spends {share['VP']:.0%} of its training samples there and EDM {share['EDM']:.0%}:
+    vs {', '.join(f'{n} {error[n].mean():.4f}' for n in NAMES if n != 'EDM')}){', in the mean over every range of sigma' if best_everywhere else ''}
+    (at single noise levels {'not everywhere: ' + elsewhere if others else 'everywhere'});
+    the gap is widest above sigma = 5 ({error['EDM'][ranges['>5']].mean():.4f} vs VP {error['VP'][ranges['>5']].mean():.4f}), although VP spends {share['VP']:.0%} of its training samples there and EDM {share['EDM']:.0%}:
     the gain |c_out|, not the sample count, decides (Sec. 5; the paper's Fig. 5a shows the loss per sigma).
   {outdir}/samples.png  W1 to the data moves with the latents alone: the exact D* is {r['W1 exact']:.4f} away with
     these (fresh data: {r['W1 data']:.4f}), so per-seed differences of ~0.01 there mean little. Against D*'s own

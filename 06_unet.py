@@ -858,8 +858,8 @@ def plot_flops(results, file):
         ax.set_xlim(-0.7, len(labels) - 0.3)
         ax.set_xlabel("ladder entry, encoder (blue) then decoder (orange)", fontsize=10)
         ax.set_ylabel("GFLOPs per image")
-        ax.set_title(f"{name}: {r['params'] / 1e6:.2f}M parameters, {r['gflops']:.1f} GFLOPs per image, spent at "
-                     f"high resolution and in the decoder ({describe_shares(r['shares'])})", fontsize=11)
+        ax.set_title(f"{name}: {r['params'] / 1e6:.2f}M parameters, {r['gflops']:.1f} GFLOPs per image "
+                     f"({describe_shares(r['shares'])})", fontsize=11)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
@@ -900,12 +900,23 @@ def benchmark(args):
         print(f"{name:<24}{params:>14,}{flops / 1e9:>12.2f}{speeds[0]:>12}{speeds[1]:>15}", flush=True)
     figure = os.path.join(outdir, "flops_per_block.png")
     plot_flops(results, figure)
+    rungs = {name: [k for k in r["shares"] if k != "dec"] for name, r in results.items()}
+    top_two = [r["shares"][rungs[name][0]] + r["shares"][rungs[name][1]] for name, r in results.items()]
     print("\nWhat this shows")
-    print(f"  {figure}: the FLOPs of one forward pass, block by block along the resolution ladder. Most")
-    print("    are spent at the highest resolutions (each rung down has a quarter of the pixels), and the decoder")
-    print("    costs more than the encoder (one block more per rung, inputs widened by the concatenated skips):")
+    print(f"  {figure}: the FLOPs of one forward pass, block by block along the resolution ladder.")
+    print(f"    The two highest resolutions take {min(top_two):.0%} - {max(top_two):.0%} of them, and the decoder "
+          "costs more than the encoder")
+    print("    (one block more per rung, inputs widened by the concatenated skips). Each rung down has a quarter of "
+          "the pixels,")
+    print("    but a block's cost per pixel grows with its channels squared: a ladder that doubles its channels "
+          "one rung down")
+    print("    (ADM's 192 x 1, 2, 3, 4) spends about as much there as at the top; one with equal channels at every "
+          "rung (the")
+    print("    CIFAR-10 networks', 128 x 2, 2, 2) spends most at the top. Largest share first:")
     for name, r in results.items():
-        print(f"    {name:<22} {describe_shares(r['shares'])}")
+        order = sorted(rungs[name], key=r["shares"].get, reverse=True)
+        print(f"    {name:<22} decoder {r['shares']['dec']:.0%}; "
+              + ", ".join(f"{k} {r['shares'][k]:.0%}" for k in order))
     print("  The parameter counts are the paper's networks (App. F.4, Table 7: ~56M for CIFAR-10, ~296M for ADM),")
     print("  checked against the official code in tests/test_06_unet.py. A sampler calls the network once per NFE")
     print("  (chapters 03-04), so these GFLOPs times the NFE are the cost of one image. --load PATH|URL inspects a")

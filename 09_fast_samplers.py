@@ -107,11 +107,16 @@ What the demo finds (default settings; "Heun@n": Heun at the odd n = budget - 1 
 
 Run:  python 09_fast_samplers.py     (figures in out/09_fast_samplers/). Measured: 3 min 17 s wall,
       64 s of CPU time, on the 2-core machine shared with heavy other work, with case (c)'s tiny
-      run already trained; training it adds 16 kimg of 07 (~40 s at 07's ~400 images/s on a quiet
-      machine). --network PATH uses a snapshot instead.
+      network already there. Case (c) takes the 16-kimg snapshot of 07's default run
+      (out/07_train_cifar10) when its training_options.json matches -- 07's schedules depend on the
+      images seen, not on --duration, so it is the very network a 16-kimg run trains -- and otherwise
+      trains one quietly into out/09_fast_samplers/tiny-run (16 kimg of 07, ~40 s at 07's ~400
+      images/s on a quiet machine; 07's log in tiny-run/log.txt). --network PATH uses a snapshot instead.
 """
 
+import contextlib
 import glob
+import json
 import math
 import os
 import time
@@ -367,13 +372,19 @@ def print_table(title, table, fmt="{:.2e}"):
         print(f"{label:<24}" + "".join(f"{c:>12}" for c in cells))
 
 
+def winners(table, measure):
+    """'<measure> per budget: 5: ipndm, 6: dpmpp2m/ipndm, ...': the solver(s) with the smallest value per budget."""
+    best = [min(points[k][1] for points in table.values()) for k in range(len(BUDGETS))]
+    return f"{measure} per budget: " + ", ".join(
+        f"{b}: {'/'.join(name for name in table if table[name][k][1] == best[k])}" for k, b in enumerate(BUDGETS))
+
+
 def summarize(table):
-    """Lines naming the winner at each budget and the factor Heun / best fast solver at NFE <= 10."""
-    winners = [min(table, key=lambda name: table[name][k][1]) for k in range(len(BUDGETS))]
+    """Lines naming the winner by RMS error at each budget and the factor Heun / best fast solver at NFE <= 10."""
     factors = [f"{b}: {ratio(table['heun'][k][1], min(table[name][k][1] for name in FAST)):.1f}x"
                for k, b in enumerate(BUDGETS) if b <= 10]
-    return ["best solver per budget: " + ", ".join(f"{b}: {w}" for b, w in zip(BUDGETS, winners)),
-            "error of Heun / best fast solver at NFE <= 10: " + ", ".join(factors)]
+    return [winners(table, "lowest RMS error"),
+            "RMS error of Heun / best fast solver at NFE <= 10: " + ", ".join(factors)]
 
 
 def plot_errors(panels, file):
@@ -426,20 +437,54 @@ def image_case(args, device):
     return ch03.FiniteSetDenoiser(images), latents, 0.002, 80.0
 
 
+def matching_snapshot(folder, options, nimg, resumable):
+    """folder's network snapshot after exactly `nimg` training images, if the run in `folder` trained with the
+    same maths as `options` (07's training_options.json: every option but those a resume may change, one
+    process) and wrote a snapshot at nimg (its stats.jsonl); else None. 07's schedules depend on the images
+    seen, not on --duration, so such a snapshot is the network a run of nimg images would train."""
+    try:
+        with open(os.path.join(folder, "training_options.json")) as f:
+            saved = json.load(f)
+        with open(os.path.join(folder, "stats.jsonl")) as f:
+            snapped = {round(json.loads(line)["kimg"] * 1e3) for line in f if "rank_digests" in line}
+    except (OSError, ValueError, KeyError):
+        return None
+    same = saved.get("world_size") == 1 and all(saved.get(k) == v for k, v in vars(options).items()
+                                                 if k not in resumable)
+    path = os.path.join(folder, f"network-snapshot-{nimg // 1000:06d}.pt")
+    return path if same and nimg in snapped and os.path.isfile(path) else None
+
+
+def tiny_network(args, device, outdir):
+    """Case (c)'s default network: 07 --preset tiny after --train-kimg. Reuses 07's default run (or 09's own
+    earlier one) when it holds that snapshot with the same options; otherwise trains into outdir/tiny-run,
+    07's output going to tiny-run/log.txt."""
+    ch07 = common.load("07_train_cifar10")
+    run_dir = os.path.join(outdir, "tiny-run")
+    options = ch07.parse_args(["--preset", "tiny", "--duration", str(args.train_kimg / 1000), "--outdir", run_dir,
+                               "--resume", "auto", "--device", str(device), "--seed", str(args.seed)])
+    nimg = -(-round(options.duration * 1e6) // options.batch) * options.batch    # 07 stops after whole steps
+    for folder in (os.path.join("out", "07_train_cifar10"), run_dir):
+        path = matching_snapshot(folder, options, nimg, ch07.RESUMABLE)
+        if path:
+            print(f"\n(c) reusing {path}: 07 --preset tiny with 09's options, after {args.train_kimg:g} kimg "
+                  f"({os.path.join(folder, 'training_options.json')})")
+            return path
+    log = os.path.join(run_dir, "log.txt")
+    print(f"\n(c) training a tiny network (07 --preset tiny) for {args.train_kimg:g} kimg into {run_dir}; "
+          f"07's log: {log} ...", flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        ch07.train(options, device)
+    snapshots = sorted(glob.glob(os.path.join(run_dir, "network-snapshot-*.pt")))
+    if not snapshots:
+        raise FileNotFoundError(f"07 wrote no network-snapshot-*.pt into {run_dir}")
+    return snapshots[-1]
+
+
 def network_case(args, device, outdir):
     """(c) A network trained by 07 --preset tiny (or --network); fixed random class labels if conditional."""
-    path = args.network
-    if path is None:
-        run_dir = os.path.join(outdir, "tiny-run")
-        print(f"\n(c) training a tiny network for {args.train_kimg:g} kimg into {run_dir} "
-              f"(07 --preset tiny --resume auto: a finished run there is reused) ...", flush=True)
-        common.load("07_train_cifar10").main(["--preset", "tiny", "--duration", str(args.train_kimg / 1000),
-                                              "--outdir", run_dir, "--resume", "auto",
-                                              "--device", str(device), "--seed", str(args.seed)])
-        snapshots = sorted(glob.glob(os.path.join(run_dir, "network-snapshot-*.pt")))
-        if not snapshots:
-            raise FileNotFoundError(f"07 wrote no network-snapshot-*.pt into {run_dir}")
-        path = snapshots[-1]
+    path = args.network or tiny_network(args, device, outdir)
     net = common.load("06_unet").load_network(path).to(device)
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.net_latents, net.img_channels, net.img_resolution, net.img_resolution)
@@ -469,7 +514,8 @@ def parse_args(argv=None):
     parser.add_argument("--reference-steps", type=common.number(int, low=512), default=512,
                         help="steps of the 3rd-order reference solve (default: 512)")
     parser.add_argument("--network", default=None,
-                        help="a 07 network-snapshot-*.pt (or official .pkl) for case (c); default: train one")
+                        help="a 07 network-snapshot-*.pt (or official .pkl) for case (c); default: 07's default run's "
+                             "snapshot after --train-kimg if its options match, else train one")
     parser.add_argument("--train-kimg", type=common.number(float, low=1), default=16,
                         help="training length of the default tiny network in kimg (default: 16)")
     return parser.parse_args(argv)
@@ -502,13 +548,15 @@ def demo(args):
         print(f"  'e@n': Heun spends n = budget - 1 (it cannot spend an even NFE).\n"
               f"  reference: {args.reference_steps} 3M steps; with {args.reference_steps // 2} steps its first 8 "
               f"samples move by {change:.1e} RMS (the smallest error above is {smallest:.1e})")
+        for line in summarize(tables[key]):
+            print("  " + line)
         if key == "images":
             nearest = common.load("03_heun_and_schedules").FiniteSetDenoiser.nearest
             wrong = lambda x, ref: 100 * float((nearest(denoise, x) != nearest(denoise, ref)).double().mean())
+            wrong_table = measure(samples, reference, wrong)
             print_table("(b) the same runs: % of samples that land on another training image than the reference",
-                        measure(samples, reference, wrong), "{:.1f}")
-        for line in summarize(tables[key]):
-            print("  " + line)
+                        wrong_table, "{:.1f}")
+            print("  " + winners(wrong_table, "fewest samples on another image"))
         print(f"  ({time.time() - case_start:.1f} s)")
     plot_errors({cases[key][0]: table for key, table in tables.items()}, f"{outdir}/error_vs_nfe.png")
 
@@ -529,7 +577,7 @@ def demo(args):
           f"                    of a finite set switches abruptly from an average to one image as sigma falls,\n"
           f"                    which no few-step polynomial extrapolation follows. A trained network is smooth\n"
           f"                    in sigma, which is why (c) behaves like (a) and like the published FIDs.\n"
-          + ("" if args.network else
+          + ("" if args.network or not os.path.isdir(os.path.join(outdir, "tiny-run")) else
              f"  tiny-run/         case (c)'s 07 --preset tiny run (the next run reuses it; delete it to retrain)\n")
           + f"({time.time() - start:.1f} s)")
 

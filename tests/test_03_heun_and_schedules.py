@@ -224,6 +224,59 @@ def test_heun_step_weights_are_one_heun_step(m):
     assert m.heun_step_weights(2.0) == (0.5, 0.5)             # Heun starts extrapolating at r = 2
 
 
+@pytest.mark.parametrize("formulation, weight", [("EDM", lambda m, r: m.heun_step_weights(r)[1]),
+                                                 ("VE", lambda m, r: m.heun_step_weight_ve(r))])
+def test_heun_weight_on_the_change_of_d(m, formulation, weight):
+    """With a denoiser that ignores x (D_0 at sigma_0, D_1 at sigma_1), x_1 is linear in D_1; its coefficient is
+    Heun's weight on D_1 - D_0: (r - 1)/2 with sigma(t) = t, (r^2 - 1)/4 in VE's t = sigma^2."""
+    f = getattr(m.ode, formulation)()
+    for s0, s1 in ((9.72, 0.47), (3.0, 2.0)):
+        def step(d1):
+            net = lambda x, sigma, labels=None: torch.full_like(x, 0.3 if float(sigma) == s0 else d1)  # noqa: E731
+            t = f.sigma_inv(torch.tensor([s0, s1], dtype=torch.float64))
+            return float(m.heun(net, torch.tensor([1.7], dtype=torch.float64), t, f))
+        assert step(1.0) - step(0.0) == pytest.approx(weight(m, s0 / s1), rel=1e-9)
+
+
+def test_heun_ahead_from(m):
+    grid = {"heun, edm steps": [(7, 3.0), (15, 0.1), (31, 0.3)], "euler, edm steps": [(7, 0.3), (15, 0.2), (31, 0.2)],
+            "heun, vp steps": [(7, 0.1), (15, 0.1), (31, 0.1)], "euler, vp steps": [(7, 0.2), (15, 0.2), (31, 0.2)]}
+    assert m.heun_ahead_from(grid, ("vp",)) == 7
+    assert m.heun_ahead_from(grid, ("edm", "vp")) is None
+    grid["heun, edm steps"][2] = (31, 0.1)
+    assert m.heun_ahead_from(grid, ("edm", "vp")) == 15
+
+
+def test_demo_claims_heun_loses_on_the_toy_at_few_nfe(m, toy, one_thread):
+    """The corrected toy claims, at reduced size (256 points): Heun loses to Euler at 7 NFE and wins at 63, because
+    the long step 9.72 -> 0.47 of EDM's 4 steps extrapolates the toy's still-changing D; Euler does worst on EDM
+    steps, which put the fewest steps where the toy's modes separate."""
+    mix = toy.default_mixture()
+    latents = torch.randn(256, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    configs = {name: kwargs for name, kwargs in m.SOLVER_GRID.items() if kwargs["discretization"] in ("edm", "iddpm")}
+    grid = {name: dict(points) for name, points in m.error_vs_nfe(mix, latents, configs, [4, 32]).items()}
+    for disc in ("edm", "iddpm"):
+        assert grid[f"heun, {disc} steps"][7] > 3 * grid[f"euler, {disc} steps"][7], grid
+        assert grid[f"heun, {disc} steps"][63] < grid[f"euler, {disc} steps"][63] / 2, grid
+    assert all(grid["euler, edm steps"][n] > grid["euler, iddpm steps"][n] for n in (7, 63)), grid
+    sigmas = torch.cat([m.edm_sigma_steps(4), torch.zeros(1, dtype=torch.float64)])
+    damage = m.heun_step_damage(mix, latents, sigmas, m.ode.rms)
+    assert damage[1] == max(damage) > 0.6 * grid["heun, edm steps"][7] > damage[0] + damage[2], damage
+
+
+def test_demo_claims_ve_coordinates_hurt_heun_on_long_steps(m, one_thread):
+    """On images at 15 NFE Heun with EDM's steps in VE's coordinates misplaces more samples than the original VE
+    sampler and than Heun with sigma(t) = t (reduced size: 64 images, 32 latents)."""
+    g = torch.Generator().manual_seed(0)
+    net = m.FiniteSetDenoiser(m.shape_images(64, generator=g))
+    latents = torch.randn(32, 3, 16, 16, generator=g, dtype=torch.float64)
+    configs = {name: kwargs for name, kwargs in m.LADDER.items() if not name.startswith("VP")}
+    ladder = {name: dict(points) for name, points in
+              m.error_vs_nfe(net, latents, configs, [8], m.wrong_image_percent(net), reference_steps=128).items()}
+    ve_heun = ladder["VE + heun & edm steps"][15]
+    assert ve_heun > ladder["VE orig (euler, ve, ve/none)"][15] and ve_heun > ladder["EDM (heun, edm, linear/none)"][15]
+
+
 def test_demo_claims_heun_vs_euler_on_images(m, one_thread):
     """The demo's conclusions on the image set, at reduced size (64 images, 32 latents)."""
     g = torch.Generator().manual_seed(0)

@@ -258,11 +258,19 @@ def test_demo_claims_hold_at_reduced_size(P, load, one_thread):
     high = info["sigmas"] > P.SPLIT
     error = {name: np.mean(r["error"][name], axis=0) for name in P.NAMES}
     assert min(P.NAMES, key=lambda n: error[n].mean()) == "EDM"
+    assert any(P.lowest_elsewhere(error, info["sigmas"]).values())    # closest on average, not at every sigma
     assert all(error["EDM"][high].mean() < error[n][high].mean() / 3 for n in P.NAMES if n != "EDM")
     shares = {n: float((P.training_sigmas(loss_fn, 20000) > P.SPLIT).double().mean())
               for n, (_, loss_fn) in P.make_setups(toy, 0.95, 0).items()}
     assert shares["VP"] > 0.3 > 0.05 > shares["EDM"]
     assert r["W1 high"]["VP"][0] < r["W1 low"]["VP"][0]
+
+
+def test_lowest_elsewhere_names_the_sigmas_where_another_model_is_closer(P):
+    sigmas = np.array([0.01, 0.1, 1.0, 10.0])
+    error = {"VP": np.array([3, 1, 2, 9.0]), "VE": np.array([1, 2, 3, 9.0]), "iDDPM": np.array([4, 4, 4, 9.0]),
+             "EDM": np.array([2, 2, 1, 1.0])}
+    assert P.lowest_elsewhere(error, sigmas) == {"VP": [0.1], "VE": [0.01], "iDDPM": []}
 
 
 # ----------------------------------------------------------------------------

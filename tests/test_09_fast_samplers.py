@@ -1,6 +1,7 @@
 """Tests for 09_fast_samplers: orders of convergence on an exact Gaussian-mixture denoiser,
 each solver against its formula written out by hand, exact NFE counts, agreement with chapter
 03's Euler/Heun, the step schedules against their formulas, and seed-only generation."""
+import json
 import math
 
 import pytest
@@ -296,3 +297,38 @@ def test_generation_depends_on_seed_only(fs, load, one_thread, solver):
     x8, _ = fs.sample(denoise, latents(seeds), solver, nfe)
     x3, _ = fs.sample(denoise, latents(seeds[2:5]), solver, nfe)
     assert torch.allclose(x8[2:5], x3, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# The demo's report: winners per budget, and case (c)'s reuse of 07's default run.
+
+def test_winners_names_every_solver_tied_for_best(fs):
+    table = {name: [(b, 1.0) for b in fs.BUDGETS] for name in ("heun", "ipndm", "dpmpp3m")}
+    table["ipndm"][0] = (fs.BUDGETS[0], 0.5)
+    line = fs.winners(table, "fewest samples on another image")
+    assert line.startswith(f"fewest samples on another image per budget: {fs.BUDGETS[0]}: ipndm, "
+                           f"{fs.BUDGETS[1]}: heun/ipndm/dpmpp3m")
+
+
+def test_matching_snapshot_needs_the_same_maths_and_a_snapshot_at_that_count(fs, load, tmp_path):
+    """09 reuses a run's snapshot only if training_options.json has the same options (except those a resume may
+    change, e.g. --duration) in one process and stats.jsonl records a snapshot after exactly those images."""
+    ch07 = load("07_train_cifar10")
+    options = ch07.parse_args(["--preset", "tiny", "--duration", "0.016", "--outdir", str(tmp_path / "mine")])
+
+    def run_folder(name, world_size=1, snapped_kimg=16.0, **changed):
+        folder = tmp_path / name
+        folder.mkdir()
+        saved = dict(vars(options), duration=0.064, tick=4, snap=16, outdir="out/07_train_cifar10", **changed)
+        (folder / "training_options.json").write_text(json.dumps(dict(saved, world_size=world_size)))
+        (folder / "stats.jsonl").write_text(json.dumps({"kimg": 8.0}) + "\n" +
+                                            json.dumps({"kimg": snapped_kimg, "rank_digests": ["a/b"]}) + "\n")
+        (folder / "network-snapshot-000016.pt").write_bytes(b"weights")
+        return str(folder)
+
+    assert fs.matching_snapshot(run_folder("same"), options, 16000, ch07.RESUMABLE) == \
+        str(tmp_path / "same" / "network-snapshot-000016.pt")
+    for name, kwargs in [("lr", dict(lr=1e-3)), ("seed", dict(seed=1)), ("ranks", dict(world_size=2)),
+                         ("no snapshot at 16 kimg", dict(snapped_kimg=16.032))]:
+        assert fs.matching_snapshot(run_folder(name, **kwargs), options, 16000, ch07.RESUMABLE) is None, name
+    assert fs.matching_snapshot(str(tmp_path / "missing"), options, 16000, ch07.RESUMABLE) is None
