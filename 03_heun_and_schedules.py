@@ -504,7 +504,7 @@ def demo(args):
     print_table("1-D toy: RMS error vs a 256-step Heun reference (sigma(t) = t, s = 1)", grid_toy)
     zero = torch.zeros(1, dtype=torch.float64)
     toy4 = torch.cat([edm_sigma_steps(4), zero]).to(device)
-    toy_damage = heun_step_damage(toy, toy_latents, toy4, ode.rms)
+    toy_damage = heun_step_damage(toy, toy_latents, toy4, common.rms)
     print("Why Heun loses to Euler on the toy at few NFE: Heun on EDM steps at 7 NFE, the error left when only one "
           "step is\nHeun's and the rest of the way exact. Past r = 2 a step extrapolates the change of D, and the "
           "toy's D keeps\nchanging down to sigma ~ 0.05 (its modes have std 0.25).")

@@ -260,7 +260,7 @@ def test_demo_claims_heun_loses_on_the_toy_at_few_nfe(m, toy, one_thread):
         assert grid[f"heun, {disc} steps"][63] < grid[f"euler, {disc} steps"][63] / 2, grid
     assert all(grid["euler, edm steps"][n] > grid["euler, iddpm steps"][n] for n in (7, 63)), grid
     sigmas = torch.cat([m.edm_sigma_steps(4), torch.zeros(1, dtype=torch.float64)])
-    damage = m.heun_step_damage(mix, latents, sigmas, m.ode.rms)
+    damage = m.heun_step_damage(mix, latents, sigmas, m.common.rms)
     assert damage[1] == max(damage) > 0.6 * grid["heun, edm steps"][7] > damage[0] + damage[2], damage
 
 
