@@ -37,7 +37,7 @@ class Recorder:
     def __init__(self, T):
         self.T, self.step = T, 0
         self.lr, self.betas, self.calls, self.allreduces = [], [], [], []
-        self.initial, self.grads, self.current, self.dropout_hooked = None, None, None, False
+        self.initial, self.grads, self.current, self.dropout_hooked, self.ema = None, None, None, False, None
 
     @contextlib.contextmanager
     def installed(self):
@@ -99,6 +99,9 @@ class Recorder:
                 return
 
     def ema_update(self, update_ema, ema, net, beta):
+        self.ema = self.ema or ema              # the half-life EMA, updated first each step (--phema's come after)
+        if ema is not self.ema:
+            return update_ema(ema, net, beta)
         flat = lambda module: torch.cat([p.detach().double().flatten() for p in module.parameters()])
         before = flat(ema)
         update_ema(ema, net, beta)
