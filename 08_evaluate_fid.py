@@ -810,9 +810,9 @@ def save_folder_grid(outdir, count=64):
     ncol = min(8, len(folder))
     n = min(count, len(folder)) // ncol * ncol                       # save_grid fills whole rows
     path = os.path.join(outdir, GRID)
-    name = lambda i: os.path.splitext(os.path.basename(folder.names[i]))[0]
-    common.save_grid(folder.batch(range(n)), path, f"{outdir}: images {name(0)} to {name(n - 1)} "
-                     f"({n} of {len(folder)})", ncol=ncol)
+    seed = lambda i: os.path.splitext(os.path.basename(folder.names[i]))[0].lstrip("0") or "0"
+    common.save_grid(folder.batch(range(n)), path, f"{os.path.basename(os.path.abspath(outdir))}/: seeds "
+                     f"{seed(0)} to {seed(n - 1)} ({n} of its {len(folder)} images)", ncol=ncol)
     return path
 
 
