@@ -855,6 +855,7 @@ def cmd_fid(args):
     check_class(net, args.class_idx)
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
     ref, detector = ref_and_detector(args.ref, args.detector, device)
+    path = os.path.join(common.out_dir(__file__, args.outdir), "fid.json")   # a bad --outdir fails now, not at the end
     counter = common.CountingDenoiser(denoiser)              # the sampler's calls: NFE as the paper counts it
     start, result, images = time.time(), {"fid": [], "seeds": []}, 0
     print0(describe(sampler, options, guidance))
@@ -875,7 +876,6 @@ def cmd_fid(args):
                       sampler={"function": sampler.__name__, "options": options},  # options not listed: defaults
                       num_images=args.num, network=location(args.network), ref=args.ref,
                       detector=args.detector, gpus=common.get_world_size(), seconds=round(time.time() - start, 1))
-        path = os.path.join(common.out_dir(__file__, args.outdir), "fid.json")
         common.write_json(result, path)
         print(f"FID min of {args.repeats}: {result['fid_min']:g} at {result['nfe']} NFE per image, measured "
               f"({result['network_evaluations']} network evaluations"

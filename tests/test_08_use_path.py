@@ -51,7 +51,7 @@ def one_error_line(excinfo):
 # ----------------------------------------------------------------------------
 # generate: never overwrites; grid.png and generation.json.
 
-def test_generate_refuses_a_used_folder_adds_with_add_and_records_every_setting(fid, tiny_network, tmp_path, capsys):
+def test_generate_refuses_a_used_folder_adds_with_add_and_records_every_setting(fid, tiny_network, tmp_path):
     out = tmp_path / "images"
     run(fid, "generate", "--network", tiny_network, "--seeds", "0-9", "--steps", 2, "--S-churn", 5, "--outdir", out)
     assert sorted(os.listdir(out)) == [f"{s:06d}.png" for s in range(10)] + ["generation.json", "grid.png"]
@@ -87,10 +87,15 @@ def test_generate_refuses_a_used_folder_adds_with_add_and_records_every_setting(
     assert len(fid.open_folder(str(out))) == 16 and "grid.png" not in fid.open_folder(str(out)).names
 
 
-def test_outdir_that_is_a_file_is_one_clear_line(fid, tiny_network, tmp_path):
+def test_outdir_that_is_a_file_is_one_clear_line(fid, tiny_network, detector_file, tmp_path, monkeypatch):
     (tmp_path / "taken").write_text("a file")
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(12), sigma=np.eye(12))
+    monkeypatch.setattr(fid, "generated_stats", lambda *args, **kwargs: pytest.fail("fid generated before it "
+                                                                                     "checked --outdir"))
     for argv in (["generate", "--network", tiny_network, "--seeds", "0", "--outdir", tmp_path / "taken"],
-                 ["demo", "--outdir", tmp_path / "taken" / "sub"]):
+                 ["demo", "--outdir", tmp_path / "taken" / "sub"],
+                 ["fid", "--network", tiny_network, "--ref", tmp_path / "ref.npz", "--detector", detector_file,
+                  "-n", 2, "--outdir", tmp_path / "taken"]):     # fails before generating, not after
         with pytest.raises(SystemExit) as excinfo:
             run(fid, *argv)
         assert "is (or lies inside) a file, not a folder; pass a folder" in one_error_line(excinfo)
@@ -101,8 +106,7 @@ def test_outdir_that_is_a_file_is_one_clear_line(fid, tiny_network, tmp_path):
 # ----------------------------------------------------------------------------
 # FID for the default run, as the README's "your own model" recipe says.
 
-def test_readme_recipe_tiny_network_ref_shapes_then_fid(fid, load, tiny_network, detector_file, tmp_path, monkeypatch,
-                                                    capsys):
+def test_readme_recipe_default_run_ref_shapes_then_fid(fid, load, tiny_network, detector_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run(fid, "ref", "--data", "shapes", "--dest", "fid-refs/shapes16.npz", "--detector", detector_file,
         "--batch", 1024)
