@@ -20,10 +20,11 @@ protocol of the paper and of the official generate.py/fid.py is followed exactly
   5. Three seed sets, 0-49999, 50000-99999, 100000-149999; the paper reports the minimum.
 
 What it needs, loaded only where used: FID (`demo`, `ref`, `calc`) common.py alone (its image
-reader too; `ref --data shapes` also 07, whose data set it is); generation (`generate`, `fid`) 04 (edm_sampler, Algorithm 2) and 06 (load_network:
-official pickles and 07's snapshots; +05). Flags add one chapter each: --disc/--schedule/--scaling
-03's ablation_sampler (+02), --solver/--nfe/--sigma-steps 09's fast solvers, --guidance/
---guide-network/--guidance-interval 10's guidance. A missing file fails with one error line naming it.
+reader too; `ref --data shapes` also 07, whose data set it is); generation (`generate`, `fid`) 04
+(edm_sampler, Algorithm 2) and 06 (load_network: official pickles and 07's snapshots; +05). Flags
+add one chapter each: --disc/--schedule/--scaling 03's ablation_sampler (+02), --solver/--nfe/
+--sigma-steps 09's fast solvers, --guidance/--guide-network/--guidance-interval 10's guidance. A
+missing file fails with one error line naming it.
 
 Subcommands (each has --help; every option belongs to exactly one subcommand). Option names are dashed;
 the paper's symbols keep their case (--sigma-min, --S-churn), and the underscore spellings (--sigma_min,
@@ -649,8 +650,8 @@ def sampler_from_args(args):
 
     churn = [k for k in CHURN_OPTIONS if k in options]
     if churn:
-        raise ValueError(f"{flag(churn[0])} is Algorithm 2's churn (04's sampler: --solver heun without --sigma-steps); "
-                         f"09's {solver} is deterministic")
+        raise ValueError(f"{flag(churn[0])} is Algorithm 2's churn (04's sampler: --solver heun without "
+                         f"--sigma-steps); 09's {solver} is deterministic")
     kind = args.sigma_steps or common.load("09_fast_samplers").SOLVERS[solver].schedule
     if kind == "logsnr" and "rho" in options:
         raise ValueError("--rho shapes the edm and time_uniform sigma steps; logsnr steps are uniform in log sigma")
@@ -768,7 +769,7 @@ def cmd_generate(args):
 
 
 # Why network evaluations can exceed NFE (the sampler's denoiser calls, as the paper counts them).
-GUIDANCE_COST = ": guidance evaluates two networks per call -- CFG the network with and without its class, " \
+GUIDANCE_COST = ": each guided call evaluates two networks -- CFG the network with and without its class, " \
                 "autoguidance the main and the guide network"
 
 
@@ -823,7 +824,8 @@ def rank_images(seeds, batch_size):
 
 def cmd_ref(args):
     _, _, device = common.init_distributed(args.device)
-    images = common.rank0_first(open_images, args.data, args.data_dir, args.resolution)  # one process per node downloads CIFAR-10
+    # One process per node downloads CIFAR-10.
+    images = common.rank0_first(open_images, args.data, args.data_dir, args.resolution)
     if len(images) < 2:
         raise ValueError(f"found {len(images)} image in {args.data}; need at least 2 for a covariance")
     detector = common.rank0_first(load_detector, args.detector, device)
@@ -1000,7 +1002,7 @@ def add_sampler_options(p):
     aliases = lambda name: [flag(name)] + [f"--{name}"] * ("_" in name)
     for name in ("sigma_min", "sigma_max", "rho"):
         g.add_argument(*aliases(name), dest=name, metavar=name.upper(), type=common.number(float, 0), default=None,
-                       help="Eq. 5 (must be > 0)" + ("; also the exponent of time_uniform steps" if name == "rho" else ""))
+                       help="Eq. 5 (must be > 0)" + "; also the exponent of time_uniform steps" * (name == "rho"))
     for name in CHURN_OPTIONS:
         g.add_argument(*aliases(name), dest=name, metavar=name.upper(), type=common.number(float, 0), default=None,
                        help="Algorithm 2 stochasticity")

@@ -163,7 +163,7 @@ def test_cfg_on_a_run_without_label_dropout_warns_once(fid, load, tiny_network, 
     captured = capsys.readouterr()
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "--label-dropout 0" in warnings[0] and "--guide-network" in warnings[0]
-    assert "guidance evaluates two networks per call" in captured.out    # 3 NFE, 6 network evaluations
+    assert "each guided call evaluates two networks" in captured.out    # 3 NFE, 6 network evaluations
     assert "3 NFE per image (measured; 6 network evaluations" in captured.out
 
     # No warning: autoguidance, no guidance, or a run trained with label dropout.
@@ -171,7 +171,7 @@ def test_cfg_on_a_run_without_label_dropout_warns_once(fid, load, tiny_network, 
         "--outdir", tmp_path / "auto")
     run(fid, "generate", "--network", tiny_network, *quick, "--outdir", tmp_path / "plain")
     captured = capsys.readouterr()
-    assert "warning:" not in captured.err and "guidance evaluates" not in captured.out.split("auto")[-1]
+    assert "warning:" not in captured.err and "guided call" not in captured.out.split("auto")[-1]
     dropout_run = tmp_path / "dropout_run"
     dropout_run.mkdir()
     shutil.copy(tiny_network, dropout_run)
