@@ -807,11 +807,16 @@ def int_list(allow_empty):
     return parse
 
 
+# One rule for the units of training length, so that no option has to be looked up.
+UNITS = ("Units: Table 7's schedule (--duration, --lr-rampup, --ema) in Mimg, as the paper gives it;\n"
+         "bookkeeping intervals (--tick, --snap, --stop-kimg) in kimg. Each option's help names its unit.")
+
+
 def build_parser(preset):
     """The parser, with `preset`'s values as defaults so that --help shows what would run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False, epilog=f"Defaults shown: --preset {preset}." if preset
-                                     else "Defaults shown: no preset (Table 7's CIFAR-10 values).")
+                                     allow_abbrev=False, epilog=f"{UNITS}\nDefaults shown: " +
+                                     (f"--preset {preset}." if preset else "no preset (Table 7's CIFAR-10 values)."))
     d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=common.DATA_DIR, preset=preset)
     kimg, probability, positive = common.number(float, low=0.001), common.number(float, 0, 1), common.number(int, low=1)
     flag = dict(action=argparse.BooleanOptionalAction)   # --x / --no-x
@@ -859,8 +864,8 @@ def build_parser(preset):
     add("--tick", "interval of progress lines and stats.jsonl, kimg", type=kimg)
     add("--snap", "interval of snapshots, previews and training states, kimg", type=kimg)
     add("--resume", "auto (continue the run in --outdir if there is one) or a training-state .pt", "a new run")
-    add("--stop-kimg", "save and stop after this many kimg; the schedules still follow --duration (for job time "
-        "limits)", "run to --duration", type=kimg)
+    add("--stop-kimg", "save and stop after this many images, kimg; the schedules still follow --duration (for job "
+        "time limits)", "run to --duration", type=kimg)
     add("--outdir", "the run folder: snapshots, previews, training states, stats", "out/07_train_cifar10")
     add("--device", "cpu, cuda, ...; under torchrun each process takes the GPU of its LOCAL_RANK")
     add("--seed", "seed of the initial weights, the data order and every random stream", type=common.number(int, low=0))

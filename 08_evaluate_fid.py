@@ -20,23 +20,28 @@ protocol of the paper and of the official generate.py/fid.py is followed exactly
   5. Three seed sets, 0-49999, 50000-99999, 100000-149999; the paper reports the minimum.
 
 What it needs, loaded only where used: FID (`demo`, `ref`, `calc`) common.py alone (its image
-reader too); generation (`generate`, `fid`) 04 (edm_sampler, Algorithm 2) and 06 (load_network:
-official pickles and 07's snapshots; +05). Flags add one chapter each: --disc/--schedule/--scaling
-03's ablation_sampler (+02), --solver/--nfe/--sigma-steps 09's fast solvers, --guidance/
---guide-network/--guidance-interval 10's guidance. A missing file fails with one error line naming it.
+reader too; `ref --data shapes` also 07, whose data set it is); generation (`generate`, `fid`) 04
+(edm_sampler, Algorithm 2) and 06 (load_network: official pickles and 07's snapshots; +05). Flags
+add one chapter each: --disc/--schedule/--scaling 03's ablation_sampler (+02), --solver/--nfe/
+--sigma-steps 09's fast solvers, --guidance/--guide-network/--guidance-interval 10's guidance. A
+missing file fails with one error line naming it.
 
-Subcommands (each has --help; every option belongs to exactly one subcommand):
+Subcommands (each has --help; every option belongs to exactly one subcommand). Option names are dashed;
+the paper's symbols keep their case (--sigma-min, --S-churn), and the underscore spellings (--sigma_min,
+--S_churn) are accepted too:
 
   demo      (default) Frechet distance on Gaussians with known FID: how the estimate
             is biased by the number of images, and why the paper uses 50k and min-of-3.
             --seed --outdir --device
   generate  PNGs {seed:06d}.png with the EDM sampler (Algorithm 2), chapter 09's fast solvers or
-            chapter 03's ablation sampler, guided or not (chapter 10), into
-            out/08_evaluate_fid/images/; works under torchrun.
-            --network --seeds --subdirs --outdir --class --batch --solver --steps/--nfe
-            --sigma-steps --sigma_min ... --guidance --guide-network --guidance-interval --device
-  ref       reference statistics (mu, sigma) of a dataset -> .npz
-            --data --data-dir --dest --detector --batch --device
+            chapter 03's ablation sampler, guided or not (chapter 10), into a new or empty folder
+            (default out/08_evaluate_fid/images/; --add: more seeds into one that has images), with
+            grid.png (the folder's first 64 images) and generation.json (every setting); works under torchrun.
+            --network --seeds --subdirs --outdir --add --class --batch --solver --steps/--nfe
+            --sigma-steps --sigma-min ... --S-churn ... --guidance --guide-network --guidance-interval --device
+  ref       reference statistics (mu, sigma) of a dataset -> .npz: cifar10, 07's shapes (07 loaded for them),
+            or a folder/.zip of images
+            --data --data-dir --resolution --dest --detector --batch --device
   calc      FID of a folder/zip of images against a reference .npz
             --images --ref -n/--num --seed --detector --batch --device
   fid       the whole protocol in one command: generate straight into statistics
@@ -49,9 +54,10 @@ Examples:
 
   python 08_evaluate_fid.py                                     # the demo, a few seconds
   python 08_evaluate_fid.py generate --network <07 run>/network-snapshot-000064.pt --seeds 0-63
-  python 08_evaluate_fid.py generate --network <snapshot> --solver ipndm --nfe 10       # 09: 10 NFE
+  python 08_evaluate_fid.py generate --network <snapshot> --solver ipndm --nfe 10 \\
+      --outdir out/08_evaluate_fid/ipndm10                                                # 09: 10 NFE
   python 08_evaluate_fid.py generate --network <snapshot> --guidance 2 \\
-      --guide-network <earlier snapshot>                                                  # 10: autoguidance
+      --guide-network <earlier snapshot> --outdir out/08_evaluate_fid/auto2               # 10: autoguidance
   torchrun --standalone --nproc_per_node=8 08_evaluate_fid.py fid \\
       --network edm-cifar10-32x32-cond-vp.pkl \\
       --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
@@ -59,6 +65,7 @@ Examples:
 
 import argparse
 import io
+import json
 import os
 import pickle
 import re
@@ -264,12 +271,13 @@ class TorchvisionDetector(torch.nn.Module):
 
 
 class NvidiaDetector(torch.nn.Module):
-    """NVIDIA's TorchScript Inception: uint8 NCHW at any resolution -> [N, 2048] pool features."""
-    feature_dim = FEATURE_DIM
+    """NVIDIA's TorchScript Inception: uint8 NCHW at any resolution -> [N, 2048] pool features. (Another
+    TorchScript feature network called the same way may state its own size in a `feature_dim` attribute.)"""
 
     def __init__(self, script_module):
         super().__init__()
         self.net = script_module.eval()
+        self.feature_dim = getattr(script_module, "feature_dim", FEATURE_DIM)
 
     def forward(self, images):
         return self.net(images, return_features=True)
@@ -377,11 +385,35 @@ class TensorImages:
         return self.images[torch.as_tensor(indices, dtype=torch.long)]
 
 
-def open_images(spec, data_dir):
-    """`cifar10` (the 50,000 training images, looked for in data_dir) or a folder/.zip of images."""
+SHAPES_SIZE = 4096         # images in 07's shapes training set (07's load_dataset; a test keeps them equal)
+GRID, SETTINGS = "grid.png", "generation.json"     # what `generate` writes beside its images
+
+
+def open_folder(path):
+    """common.ImageFolder, without the grid.png that `generate` writes beside its images (a folder with
+    its generation.json): `calc` and `ref` read the generated images only."""
+    folder = common.ImageFolder(path)
+    if GRID in folder.names and os.path.isfile(os.path.join(path, SETTINGS)):
+        folder.names.remove(GRID)
+    return folder
+
+
+def open_images(spec, data_dir, resolution=None):
+    """Any --data that 07 trains on: `cifar10` (the 50,000 training images, looked for in data_dir),
+    `shapes` (07's built-in set, `resolution` pixels square, default 16 as 07's) or a folder/.zip of
+    images (with `resolution`: checked to be that size, as 07 checks)."""
     if spec == "cifar10":
-        return TensorImages(common.load_cifar10(data_dir)[0])
-    return common.ImageFolder(spec)
+        images = TensorImages(common.load_cifar10(data_dir)[0])
+    elif spec == "shapes":     # drawn by 07's code, so the reference is the very training set of a 07 run
+        shapes = common.load("07_train_cifar10").make_shapes_dataset(SHAPES_SIZE, resolution or 16)[0]
+        return TensorImages(shapes)
+    else:
+        images = open_folder(spec)
+    size = images.batch([0]).shape[-1]
+    if resolution is not None and size != resolution:
+        raise ValueError(f"the images in {spec} are {size}x{size}, not --resolution {resolution} (for image "
+                         f"data --resolution is a check, as in 07); pass the resolution the network was trained at")
+    return images
 
 
 def random_subset(n_total, num, seed):
@@ -526,8 +558,9 @@ def image_stats(images, indices, detector, batch_size, device):
     return stats.mean_cov()
 
 
-def load_ref(spec, feature_dim):
-    """Reference statistics from an .npz path or URL (e.g. the official fid-refs), checked."""
+def load_ref(spec, feature_dim=None):
+    """Reference statistics (mu [d], sigma [d, d]) from an .npz path or URL (e.g. the official fid-refs),
+    checked: readable, consistent, and (given feature_dim) of the detector's feature size."""
     path = common.download(spec, "the reference statistics") if re.match(r"https?://", spec) else spec
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference statistics not found: {path}; make them with the `ref` "
@@ -537,10 +570,26 @@ def load_ref(spec, feature_dim):
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     except (KeyError, ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         raise ValueError(f"{path} is not a reference .npz with arrays 'mu' and 'sigma' ({e})") from None
-    if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
-        raise ValueError(f"reference {path} has {mu.shape[0] if mu.ndim else 0}-d statistics but the detector gives "
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path} is not a reference .npz: 'mu' is {list(mu.shape)} and 'sigma' {list(sigma.shape)}, "
+                         f"not [d] and [d, d]; make it with the `ref` subcommand")
+    if feature_dim is not None and len(mu) != feature_dim:
+        raise ValueError(f"reference {path} has {len(mu)}-d statistics but the detector gives "
                          f"{feature_dim}-d features; it was made with a different detector")
     return mu, sigma
+
+
+def ref_and_detector(ref_spec, detector_spec, device):
+    """(reference statistics, detector) for calc and fid. --ref is checked first -- it exists, reads, and
+    has the 2048-d features of every published detector -- because loading a published detector may be
+    a download; a local detector file is read first, and the reference checked against its features."""
+    if detector_spec in DETECTORS:
+        ref = common.rank0_first(load_ref, ref_spec, FEATURE_DIM)
+        detector = common.rank0_first(load_detector, detector_spec, device)
+    else:
+        detector = load_detector(detector_spec, device)
+        ref = common.rank0_first(load_ref, ref_spec, detector.feature_dim)
+    return ref, detector
 
 
 # ----------------------------------------------------------------------------
@@ -551,7 +600,7 @@ def load_ref(spec, feature_dim):
 #
 # Three samplers, all called by generate_batch as `sampler(net, latents, extra_args, randn_like, **options)`
 # and all calling the denoiser as `net(x, sigma, **extra_args)` (extra_args = {"class_labels": labels}):
-#   * the default, and --solver heun: 04's edm_sampler (Algorithm 2, --S_churn etc.), 18 steps = 35 NFE;
+#   * the default, and --solver heun: 04's edm_sampler (Algorithm 2, --S-churn etc.), 18 steps = 35 NFE;
 #   * --disc/--schedule/--scaling: 03's ablation_sampler (Sec. 3 ablations), --solver euler or heun;
 #   * any other --solver, or --sigma-steps: 09's deterministic solvers on their authors' sigma steps.
 # --nfe N is the budget for every one of them (09's steps_for_nfe: Heun 2n - 1, the others n).
@@ -562,6 +611,11 @@ ABLATION_OPTIONS = ("discretization", "schedule", "scaling")
 SIGMA_STEP_KINDS = ("edm", "logsnr", "time_uniform")            # 09's sigma_steps(kind=...)
 SOLVER_NAMES = ("euler", "heun", "dpmpp2m", "dpmpp3m", "ipndm")  # 09's SOLVERS, for --help without 09 (tested)
 DEFAULT_RHO = {"edm": 7.0, "time_uniform": 1.0}                # Eq. 5's rho; rho = 1: uniform in VP's t
+
+
+def flag(name):
+    """The option of a sampler setting: sigma_min -> --sigma-min, S_churn -> --S-churn (dashes, the paper's case)."""
+    return "--" + name.replace("_", "-")
 
 
 def sampler_from_args(args):
@@ -575,9 +629,9 @@ def sampler_from_args(args):
     options = {k: getattr(args, k) for k in EDM_OPTIONS + ABLATION_OPTIONS if getattr(args, k) is not None}
     for name in ("sigma_min", "sigma_max", "rho"):
         if options.get(name, 1) <= 0:
-            raise ValueError(f"--{name} must be positive, got {options[name]}")
+            raise ValueError(f"{flag(name)} must be positive, got {options[name]}")
     if options.get("sigma_min", 0) >= options.get("sigma_max", float("inf")):
-        raise ValueError(f"--sigma_min {options['sigma_min']} must be below --sigma_max {options['sigma_max']}")
+        raise ValueError(f"--sigma-min {options['sigma_min']} must be below --sigma-max {options['sigma_max']}")
     solver = args.solver or "heun"
     if args.nfe is not None:
         options["num_steps"] = common.load("09_fast_samplers").steps_for_nfe(solver, args.nfe)   # 09's NFE rule
@@ -596,8 +650,8 @@ def sampler_from_args(args):
 
     churn = [k for k in CHURN_OPTIONS if k in options]
     if churn:
-        raise ValueError(f"--{churn[0]} is Algorithm 2's churn (04's sampler: --solver heun without --sigma-steps); "
-                         f"09's {solver} is deterministic")
+        raise ValueError(f"{flag(churn[0])} is Algorithm 2's churn (04's sampler: --solver heun without "
+                         f"--sigma-steps); 09's {solver} is deterministic")
     kind = args.sigma_steps or common.load("09_fast_samplers").SOLVERS[solver].schedule
     if kind == "logsnr" and "rho" in options:
         raise ValueError("--rho shapes the edm and time_uniform sigma steps; logsnr steps are uniform in log sigma")
@@ -647,6 +701,9 @@ def denoiser_from_args(args, net, device):
     if args.guide_network is None:                                   # CFG: the same network without its class
         counters, guide = [main_net], None
         settings.update(method="cfg")
+        warning = guidance.label_dropout_warning(args.network) if args.guidance != 1 else None
+        if warning and common.get_rank() == 0:
+            print(warning, file=sys.stderr, flush=True)
     else:                                                            # autoguidance: a weaker network of the task
         guide = common.CountingDenoiser(common.rank0_first(load_net, args.guide_network, device))
         check_same_task(net, guide, args.guide_network)
@@ -687,15 +744,77 @@ def cmd_generate(args):
     net = common.rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
-    outdir = common.out_dir(__file__, args.outdir or os.path.join("out", "08_evaluate_fid", "images"))
+    outdir = args.outdir or os.path.join("out", "08_evaluate_fid", "images")
+    earlier = check_outdir(outdir, seeds, args.subdirs, args.add)
+    outdir = common.out_dir(__file__, outdir)
     print0(f"Generating {len(seeds)} images into {outdir} ({describe(sampler, options, guidance)})...")
-    counter = common.CountingDenoiser(denoiser)
+    counter, start = common.CountingDenoiser(denoiser), time.time()
     generate_pngs(counter, seeds, outdir, args.batch, device, args.subdirs, args.class_idx, sampler=sampler, **options)
+    common.gather(None)             # every rank's images are written before rank 0 draws the grid
     if common.get_rank() == 0:      # rank 0 always has images (other ranks may have none): its count is the NFE
         images = rank_images(seeds, args.batch)
-        print(f"Done: {len(seeds)} PNGs in {outdir}, {counter.per_image(images)} NFE per image (measured; "
-              f"{sum(c.per_image(images) for c in counters)} network evaluations). Their FID: `08_evaluate_fid.py "
-              f"calc --images {outdir} --ref <ref.npz> -n {len(seeds)}` (the paper's protocol needs 50,000: `fid`).")
+        nfe, evaluations = counter.per_image(images), sum(c.per_image(images) for c in counters)
+        solver, kind = solver_and_steps(sampler, options)
+        common.write_json(earlier + [dict(
+            network=location(args.network), seeds=args.seeds, num_images=len(seeds), subdirs=args.subdirs,
+            class_idx=args.class_idx, solver=solver, sigma_steps=kind, nfe=nfe, network_evaluations=evaluations,
+            sampler={"function": sampler.__name__, "options": options},   # options not listed: the defaults
+            guidance=guidance, gpus=common.get_world_size(), seconds=round(time.time() - start, 1))],
+            os.path.join(outdir, SETTINGS))
+        grid = save_folder_grid(outdir)
+        print(f"Done: {len(seeds)} PNGs in {outdir}, {nfe} NFE per image (measured; {evaluations} network "
+              f"evaluations{GUIDANCE_COST * (evaluations != nfe)}); settings in {SETTINGS}, the first images in "
+              f"{grid}. Their FID: `08_evaluate_fid.py calc --images {outdir} --ref <ref.npz> -n "
+              f"{len(seeds)}` (the paper's protocol needs 50,000: `fid`).")
+
+
+# Why network evaluations can exceed NFE (the sampler's denoiser calls, as the paper counts them).
+GUIDANCE_COST = ": each guided call evaluates two networks -- CFG the network with and without its class, " \
+                "autoguidance the main and the guide network"
+
+
+def location(path):
+    """A network or file as generation.json and fid.json record it: a URL as given, a path made absolute."""
+    return path if re.match(r"https?://", path) else os.path.abspath(path)
+
+
+def check_outdir(outdir, seeds, subdirs, add):
+    """generate never replaces a file: it writes into a new or empty folder, or, with --add, into one that
+    has none of these seeds' images. Every rank checks its view of the folder (nodes may have their own)
+    before any writes. Returns the generation.json entries already there (to be extended)."""
+    problem, earlier = None, []
+    if os.path.isdir(outdir) and os.listdir(outdir):
+        taken = [s for s in seeds if os.path.exists(png_path(outdir, s, subdirs))]
+        if not add:
+            problem = (f"{outdir} is not empty (an earlier generate?) and generate never overwrites; pass a new "
+                       f"--outdir, or --add to add images of other seeds to it")
+        elif taken:
+            problem = (f"{png_path(outdir, taken[0], subdirs)} exists ({len(taken)} of these seeds' images do) and "
+                       f"--add never replaces images; pass seeds not yet in {outdir}, or a new --outdir")
+        elif os.path.isfile(os.path.join(outdir, SETTINGS)):
+            with open(os.path.join(outdir, SETTINGS)) as f:
+                try:
+                    earlier = json.load(f)
+                except ValueError:
+                    earlier = None
+            if not isinstance(earlier, list):
+                problem = f"{os.path.join(outdir, SETTINGS)} is not generate's list of settings; pass a new --outdir"
+    problems = [p for p in common.gather(problem) if p]
+    if problems:
+        raise FileExistsError(problems[0])
+    return earlier
+
+
+def save_folder_grid(outdir, count=64):
+    """grid.png of the folder's first `count` images (by name: the lowest seeds), 8 per row."""
+    folder = open_folder(outdir)
+    ncol = min(8, len(folder))
+    n = min(count, len(folder)) // ncol * ncol                       # save_grid fills whole rows
+    path = os.path.join(outdir, GRID)
+    seed = lambda i: os.path.splitext(os.path.basename(folder.names[i]))[0].lstrip("0") or "0"
+    common.save_grid(folder.batch(range(n)), path, f"{os.path.basename(os.path.abspath(outdir))}/: seeds "
+                     f"{seed(0)} to {seed(n - 1)} ({n} of its {len(folder)} images)", ncol=ncol)
+    return path
 
 
 def rank_images(seeds, batch_size):
@@ -705,7 +824,8 @@ def rank_images(seeds, batch_size):
 
 def cmd_ref(args):
     _, _, device = common.init_distributed(args.device)
-    images = common.rank0_first(open_images, args.data, args.data_dir)  # one process per node downloads CIFAR-10
+    # One process per node downloads CIFAR-10.
+    images = common.rank0_first(open_images, args.data, args.data_dir, args.resolution)
     if len(images) < 2:
         raise ValueError(f"found {len(images)} image in {args.data}; need at least 2 for a covariance")
     detector = common.rank0_first(load_detector, args.detector, device)
@@ -719,12 +839,11 @@ def cmd_ref(args):
 
 def cmd_calc(args):
     _, _, device = common.init_distributed(args.device)
-    images = common.ImageFolder(args.images)
+    images = open_folder(args.images)
     if len(images) < args.num:
         raise ValueError(f"found {len(images)} images in {args.images}, but --num is {args.num}; "
                          f"generate more or pass a smaller -n")
-    detector = common.rank0_first(load_detector, args.detector, device)
-    ref = load_ref(args.ref, detector.feature_dim)
+    ref, detector = ref_and_detector(args.ref, args.detector, device)
     print0(f"Computing statistics of {args.num} of the {len(images)} images in {args.images}...")
     mu, sigma = image_stats(images, random_subset(len(images), args.num, args.seed), detector, args.batch, device)
     if common.get_rank() == 0:
@@ -737,8 +856,8 @@ def cmd_fid(args):
     net = common.rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
-    detector = common.rank0_first(load_detector, args.detector, device)
-    ref = load_ref(args.ref, detector.feature_dim)
+    ref, detector = ref_and_detector(args.ref, args.detector, device)
+    path = os.path.join(common.out_dir(__file__, args.outdir), "fid.json")   # a bad --outdir fails now, not at the end
     counter = common.CountingDenoiser(denoiser)              # the sampler's calls: NFE as the paper counts it
     start, result, images = time.time(), {"fid": [], "seeds": []}, 0
     print0(describe(sampler, options, guidance))
@@ -757,12 +876,12 @@ def cmd_fid(args):
                       network_evaluations=sum(c.per_image(images) for c in counters), guidance=guidance,
                       class_idx=args.class_idx,
                       sampler={"function": sampler.__name__, "options": options},  # options not listed: defaults
-                      num_images=args.num, network=os.path.abspath(args.network), ref=args.ref,
+                      num_images=args.num, network=location(args.network), ref=args.ref,
                       detector=args.detector, gpus=common.get_world_size(), seconds=round(time.time() - start, 1))
-        path = os.path.join(common.out_dir(__file__, args.outdir), "fid.json")
         common.write_json(result, path)
         print(f"FID min of {args.repeats}: {result['fid_min']:g} at {result['nfe']} NFE per image, measured "
-              f"({result['network_evaluations']} network evaluations); result in {path}")
+              f"({result['network_evaluations']} network evaluations"
+              f"{GUIDANCE_COST * (result['network_evaluations'] != result['nfe'])}); result in {path}")
 
 
 # ----------------------------------------------------------------------------
@@ -866,7 +985,7 @@ def add_network(p):
 def add_sampler_options(p):
     """The solver and its budget (04's Algorithm 2 by default, 09's solvers, 03's ablation sampler) and guidance (10)."""
     g = p.add_argument_group("sampler (default: 04's Algorithm 2, Heun on Eq. 5's steps, 18 steps = 35 NFE)")
-    g.add_argument("--solver", choices=SOLVER_NAMES, help="heun: 04's Algorithm 2 (with --S_churn ...; with "
+    g.add_argument("--solver", choices=SOLVER_NAMES, help="heun: 04's Algorithm 2 (with --S-churn ...; with "
                    "--sigma-steps: 09's Heun); the others: chapter 09's deterministic solvers on their authors' "
                    "sigma steps; with --disc/--schedule/--scaling: 03's ablation sampler, euler or heun")
     budget = g.add_mutually_exclusive_group()
@@ -878,11 +997,15 @@ def add_sampler_options(p):
     g.add_argument("--sigma-steps", choices=SIGMA_STEP_KINDS, help="09's step kinds: edm (Eq. 5, rho = 7), logsnr "
                    "(uniform in log sigma), time_uniform (uniform in VP's t^(1/rho), rho = 1) (default: the "
                    "solver's own: logsnr for dpmpp2m/dpmpp3m, else edm)")
+    # Dashed names like every other option, the paper's symbols in its case; the underscore spellings
+    # (--sigma_min, --S_churn: the official generate.py's keyword names) still work.
+    aliases = lambda name: [flag(name)] + [f"--{name}"] * ("_" in name)
     for name in ("sigma_min", "sigma_max", "rho"):
-        g.add_argument(f"--{name}", type=common.number(float, 0), default=None, help="Eq. 5 (must be > 0)"
-                       + ("; also the exponent of time_uniform steps" if name == "rho" else ""))
+        g.add_argument(*aliases(name), dest=name, metavar=name.upper(), type=common.number(float, 0), default=None,
+                       help="Eq. 5 (must be > 0)" + "; also the exponent of time_uniform steps" * (name == "rho"))
     for name in CHURN_OPTIONS:
-        g.add_argument(f"--{name}", type=common.number(float, 0), default=None, help="Algorithm 2 stochasticity")
+        g.add_argument(*aliases(name), dest=name, metavar=name.upper(), type=common.number(float, 0), default=None,
+                       help="Algorithm 2 stochasticity")
     g.add_argument("--disc", dest="discretization", choices=["vp", "ve", "iddpm", "edm"], help="ablation: time steps")
     g.add_argument("--schedule", choices=["vp", "ve", "linear"], help="ablation: sigma(t)")
     g.add_argument("--scaling", choices=["vp", "none"], help="ablation: s(t)")
@@ -920,15 +1043,21 @@ def build_parser():
     p = add("generate", cmd_generate, "Generate {seed:06d}.png images (each depends on its seed only).")
     p.add_argument("--seeds", default="0-63", help="e.g. 0-49999 or 0,5,7-9 (default: 0-63)")
     p.add_argument("--subdirs", action="store_true", help="one subfolder per 1000 seeds")
-    p.add_argument("--outdir", default=None, help="where the PNGs go (default: out/08_evaluate_fid/images/)")
+    p.add_argument("--outdir", default=None, help="where the PNGs, grid.png and generation.json go: a new or empty "
+                   "folder, never overwritten (default: out/08_evaluate_fid/images/)")
+    p.add_argument("--add", action="store_true", help="add to --outdir although it has images (of other seeds; "
+                   "an image is never replaced); generation.json gets one more entry, grid.png is redrawn")
     add_network(p)
     add_sampler_options(p)
     add_device(p)
 
     p = add("ref", cmd_ref, "Reference statistics (mu, sigma) of a dataset, written to an .npz.")
-    p.add_argument("--data", required=True, help="cifar10 (the training set), or a folder/.zip of images")
+    p.add_argument("--data", required=True, help="what 07 trained on: cifar10 (the training set), shapes (07's "
+                   "built-in set, e.g. the default run's), or a folder/.zip of images")
     p.add_argument("--data-dir", default=common.DATA_DIR,
                    help=f"where cifar-10-python.tar.gz is looked for / downloaded (default: {common.DATA_DIR})")
+    p.add_argument("--resolution", type=common.number(int, 4), default=None, help="as 07's: the size of the "
+                   "shapes (default: 16, the default run's); for image data, a check")
     p.add_argument("--dest", required=True, help="output .npz")
     add_detector(p)
     add_device(p)

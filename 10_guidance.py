@@ -76,6 +76,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 import torch
@@ -532,6 +533,9 @@ def network_grid(args, device):
     if not methods:
         raise ValueError(f"{args.network} is unconditional: CFG needs a class-conditional network "
                          f"(07 --cond --label-dropout p); give --guide-network for autoguidance")
+    warning = label_dropout_warning(args.network) if net.label_dim else None    # only CFG uses the zero class
+    if warning:
+        print(warning, file=sys.stderr)
     classes = [j % max(net.label_dim, 1) for j in range(len(seeds))]
 
     def row(denoiser):
@@ -581,15 +585,30 @@ def snapshot_name(path):
     return f"the {int(m.group(1))} kimg snapshot" if m else os.path.basename(path)
 
 
+def run_options(path):
+    """The options a 07 run recorded beside its snapshots (training_options.json), or {} for other networks."""
+    options = os.path.join(os.path.dirname(os.path.abspath(path)), "training_options.json")
+    if not os.path.isfile(options):
+        return {}
+    with open(options) as f:
+        return json.load(f)
+
+
 def class_names(path, label_dim):
     """The class names a 07 run recorded (class_names in training_options.json beside the snapshot), else 'class c'."""
-    options = os.path.join(os.path.dirname(os.path.abspath(path)), "training_options.json")
-    if os.path.isfile(options):
-        with open(options) as f:
-            names = json.load(f).get("class_names")
-        if names and len(names) == label_dim:
-            return names
-    return [f"class {c}" for c in range(label_dim)]
+    names = run_options(path).get("class_names")
+    return names if names and len(names) == label_dim else [f"class {c}" for c in range(label_dim)]
+
+
+def label_dropout_warning(path):
+    """A warning line if `path` comes from a 07 run trained with label dropout 0, else None. CFG's guide is
+    the network's zero-class output, which such a network never saw in training: what it returns there is
+    untrained, and guiding away from it distorts images instead of sharpening their class."""
+    if run_options(path).get("label_dropout") != 0:
+        return None
+    return (f"warning: {path} was trained with --label-dropout 0 (its training_options.json), so CFG's guide, its "
+            f"zero-class output, is untrained; train with 07 --label-dropout 0.1, or give --guide-network "
+            f"(autoguidance)")
 
 
 if __name__ == "__main__":

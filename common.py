@@ -256,7 +256,10 @@ def start(script_file, args):
 def out_dir(script_file, outdir=None):
     """Create and return the output folder: `outdir`, or out/<script name>/ under the working directory."""
     path = outdir or os.path.join("out", os.path.splitext(os.path.basename(script_file))[0])
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):   # the path, or a folder above it, is a file: say so in words
+        raise NotADirectoryError(f"--outdir {path} is (or lies inside) a file, not a folder; pass a folder") from None
     return path
 
 

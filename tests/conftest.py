@@ -50,6 +50,22 @@ def fid(load):
     return load("08_evaluate_fid")
 
 
+@pytest.fixture(scope="session")
+def tiny_network(load, tmp_path_factory):
+    """A real `07_train_cifar10.py --preset tiny` model (class-conditional 16x16 shapes), trained 1 kimg: the
+    README's default run, cut short. Shared by 08's test files (tests only read its run folder)."""
+    outdir = tmp_path_factory.mktemp("tiny_run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # session fixtures start before the per-test one_thread fixture
+    try:
+        load("07_train_cifar10").main(["--preset", "tiny", "--duration", "0.001", "--outdir", str(outdir),
+                                       "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    (snapshot,) = sorted(outdir.glob("network-snapshot-*.pt"))
+    return str(snapshot)
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one intra-op thread: small tensors gain nothing from threads, and on a

@@ -193,8 +193,11 @@ def test_08_generate_on_two_nodes_writes_one_process_images_bit_for_bit(multi_no
         load("08_evaluate_fid").main([str(a) for a in generate + ["--outdir", tmp / "gen1"]])
     finally:
         torch.set_num_threads(threads)
-    names = sorted(os.listdir(tmp / "gen1"))
-    assert names == sorted(os.listdir(tmp / "gen2")) == [f"{s:06d}.png" for s in range(7)]
+    seed_pngs = lambda folder: sorted(n for n in os.listdir(folder) if n[:6].isdigit())   # not grid.png, settings
+    names = seed_pngs(tmp / "gen1")
+    assert names == seed_pngs(tmp / "gen2") == [f"{s:06d}.png" for s in range(7)]
+    (settings,) = json.loads((tmp / "gen2" / "generation.json").read_text())      # rank 0 records the 2 processes
+    assert settings["gpus"] == 2 and (tmp / "gen2" / "grid.png").is_file()
     for name in names:
         one, two = (np.array(PIL.Image.open(tmp / d / name)) for d in ("gen1", "gen2"))
         assert np.array_equal(one, two), name

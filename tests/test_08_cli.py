@@ -10,14 +10,15 @@ import pytest
 import torch
 
 
-SAMPLER = {"--steps", "--sigma_min", "--sigma_max", "--rho", "--S_churn", "--S_min", "--S_max", "--S_noise",
+SAMPLER = {"--steps", "--sigma-min", "--sigma-max", "--rho", "--S-churn", "--S-min", "--S-max", "--S-noise",
            "--solver", "--disc", "--schedule", "--scaling", "--nfe", "--sigma-steps",
-           "--guidance", "--guide-network", "--guidance-interval"}
+           "--guidance", "--guide-network", "--guidance-interval",
+           "--sigma_min", "--sigma_max", "--S_churn", "--S_min", "--S_max", "--S_noise"}   # old spellings: aliases
 NETWORK = {"--network", "--class", "--batch"}
 OPTIONS = {
     "demo": {"--seed", "--outdir", "--device"},
-    "generate": {"--seeds", "--subdirs", "--outdir", "--device"} | NETWORK | SAMPLER,
-    "ref": {"--data", "--data-dir", "--dest", "--detector", "--batch", "--device"},
+    "generate": {"--seeds", "--subdirs", "--outdir", "--add", "--device"} | NETWORK | SAMPLER,
+    "ref": {"--data", "--data-dir", "--resolution", "--dest", "--detector", "--batch", "--device"},
     "calc": {"--images", "--ref", "-n", "--num", "--seed", "--detector", "--batch", "--device"},
     "fid": {"--ref", "-n", "--num", "--repeats", "--outdir", "--detector", "--device"} | NETWORK | SAMPLER,
 }

@@ -224,28 +224,14 @@ class StandInDetector(torch.nn.Module):
         return torch.tanh(3 * (x - 0.5) @ self.w)
 
 
-@pytest.fixture(scope="module")
-def tiny_network(load, tmp_path_factory):
-    """A real `07_train_cifar10.py --preset tiny` model (class-conditional 16x16 shapes), trained 1 kimg."""
-    outdir = tmp_path_factory.mktemp("tiny_run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # module fixtures start before the per-test one_thread fixture
-    try:
-        load("07_train_cifar10").main(["--preset", "tiny", "--duration", "0.001", "--outdir", str(outdir),
-                                       "--device", "cpu"])
-    finally:
-        torch.set_num_threads(threads)
-    (snapshot,) = sorted(outdir.glob("network-snapshot-*.pt"))
-    return str(snapshot)
-
-
 def run(fid, *args):
     fid.main([str(a) for a in args] + ["--device", "cpu"])
 
 
 def read_pngs(folder):
+    """The {seed:06d}.png images in folder (not generate's grid.png), sorted by name."""
     import PIL.Image
-    names = sorted(os.listdir(folder))
+    names = sorted(n for n in os.listdir(folder) if n[:6].isdigit())
     return names, [np.array(PIL.Image.open(os.path.join(folder, n))) for n in names]
 
 
@@ -279,7 +265,7 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
 
     # The one-shot protocol: two seed sets of 8 images, statistics in memory only.
     run(fid, "fid", "--network", tiny_network, "--ref", tmp_path / "ref.npz", "--num", 8, "--repeats", 2,
-        "--batch", 3, "--steps", 4, "--S_churn", 10, "--outdir", tmp_path / "result")
+        "--batch", 3, "--steps", 4, "--S_churn", 10, "--outdir", tmp_path / "result", "--detector", "stand-in")
     result = json.loads((tmp_path / "result" / "fid.json").read_text())
     assert result["seeds"] == ["0-7", "8-15"] and result["nfe"] == 7
     assert result["fid_min"] == min(result["fid"])
@@ -287,22 +273,22 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
     # Its statistics equal those of the PNGs `generate` wrote, read back from disk.
     net = fid.load_net(tiny_network, "cpu")
     mu_g, sigma_g = fid.generated_stats(net, list(range(8)), detector, 3, "cpu", num_steps=4, S_churn=10.0)
-    mu_c, sigma_c = fid.image_stats(fid.common.ImageFolder(pngs[8]), np.arange(8), detector, 5, "cpu")
+    mu_c, sigma_c = fid.image_stats(fid.open_folder(pngs[8]), np.arange(8), detector, 5, "cpu")
     np.testing.assert_allclose(mu_g, mu_c, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(sigma_g, sigma_c, rtol=1e-10, atol=1e-15)
     assert result["fid"][0] == pytest.approx(fid.frechet_distance(mu_c, sigma_c, *ref), rel=1e-10)
 
     capsys.readouterr()
-    run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 8)
+    run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 8, "--detector", "stand-in")
     printed = float(capsys.readouterr().out.split("FID")[-1])
     assert printed == pytest.approx(result["fid"][0], rel=1e-5)
 
     # More images than --num: the official seeded subset, and --seed picks which.
-    run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "-n", 5, "--seed", 1)
+    run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "-n", 5, "--seed", 1, "--detector", "stand-in")
     printed = float(capsys.readouterr().out.split("FID")[-1])
     subset = fid.random_subset(8, 5, 1)
     assert list(subset) != list(fid.random_subset(8, 5, 0))
-    mu_s, sigma_s = fid.image_stats(fid.common.ImageFolder(pngs[8]), subset, detector, 5, "cpu")
+    mu_s, sigma_s = fid.image_stats(fid.open_folder(pngs[8]), subset, detector, 5, "cpu")
     assert printed == pytest.approx(fid.frechet_distance(mu_s, sigma_s, *ref), rel=1e-5)
     with pytest.raises(SystemExit, match="found 8 images"):
         run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 9)
@@ -344,7 +330,7 @@ def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_netwo
         if argv:                                         # the default's 35 NFE: counted in the fid test
             assert measured_nfe(sampler, options) == nfe, argv
 
-    for bad, complaint in [(["--rho", "0"], "--rho"), (["--sigma_min", "2", "--sigma_max", "1"], "--sigma_min"),
+    for bad, complaint in [(["--rho", "0"], "--rho"), (["--sigma-min", "2", "--sigma-max", "1"], "--sigma-min"),
                            (["--nfe", "10"], "odd"), (["--solver", "ipndm", "--nfe", "1"], "at least 2 NFE"),
                            (["--solver", "ipndm", "--S_churn", "1"], "deterministic"),
                            (["--solver", "dpmpp2m", "--rho", "2"], "logsnr"),
@@ -414,7 +400,8 @@ def test_bad_network_and_class_raise(fid, tiny_network, tmp_path):
 def test_generate_writes_pngs_to_the_images_folder_by_default(fid, tiny_network, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run(fid, "generate", "--network", tiny_network, "--seeds", "5,9", "--steps", 2, "--batch", 1)
-    assert sorted(os.listdir(tmp_path / "out" / "08_evaluate_fid" / "images")) == ["000005.png", "000009.png"]
+    assert sorted(os.listdir(tmp_path / "out" / "08_evaluate_fid" / "images")) == \
+        ["000005.png", "000009.png", "generation.json", "grid.png"]
     assert os.listdir(tmp_path / "out" / "08_evaluate_fid") == ["images"]          # figures live one level up
     out = capsys.readouterr().out
     # Not a terminal: one plain line per batch group, no progress-bar redraws.
@@ -511,7 +498,7 @@ def test_fid_records_solver_steps_measured_nfe_and_guidance(fid, tiny_network, o
     def fid_json(*options):
         out = tmp_path / f"run{len(os.listdir(tmp_path))}"
         run(fid, "fid", "--network", tiny_network, "--ref", tmp_path / "ref.npz", "-n", 4, "--repeats", 2,
-            "--batch", 3, "--outdir", out, *options)
+            "--batch", 3, "--outdir", out, "--detector", "stand-in", *options)
         return json.loads((out / "fid.json").read_text())
 
     # Eq. 5 with N = 5, rho = 7 (Heun, 9 NFE): which levels lie in a guidance interval [0.5, 5]?

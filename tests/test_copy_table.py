@@ -118,6 +118,12 @@ ROWS = {
         assert len(images) == 4 and images.batch([3]).shape == (1, 3, 4, 4) and list(images.labels) == [0, 0, 1, 1]
         fid.main(["demo", "--outdir", "demo", "--device", "cpu"])
         assert os.path.isfile("demo/fid_vs_n.png")
+        try:                                            # 07's shapes are drawn by 07: one line naming it
+            fid.main(["ref", "--data", "shapes", "--dest", "shapes.npz", "--device", "cpu"])
+        except SystemExit as e:
+            assert str(e.code).startswith("error: ") and "07_train_cifar10.py" in str(e.code), e.code
+        else:
+            raise AssertionError("ref --data shapes ran without 07")
         assert sorted(m for m in sys.modules if m[:2].isdigit()) == ["08_evaluate_fid"]
     """),
     "generation": (["08_evaluate_fid.py", "06_unet.py", "05_preconditioning.py", "04_stochastic_sampler.py"], """
@@ -131,7 +137,7 @@ ROWS = {
         common.load("06_unet").save_network(net, "net.pt")
         fid.main(["generate", "--network", "net.pt", "--seeds", "0-2", "--steps", "3", "--outdir", "imgs",
                   "--device", "cpu"])
-        assert sorted(os.listdir("imgs")) == ["000000.png", "000001.png", "000002.png"]
+        assert sorted(os.listdir("imgs")) == ["000000.png", "000001.png", "000002.png", "generation.json", "grid.png"]
         # A flag whose chapter is not here: one error line naming the file to copy, nothing written.
         for flags, missing in ((["--solver", "ipndm"], "09_fast_samplers.py"), (["--disc", "vp"], "03_heun_and_schedules.py"),
                                (["--guidance", "2"], "10_guidance.py")):

@@ -143,7 +143,9 @@ def snapshot(load, tmp_path_factory):
 
 
 def pngs(folder):
-    return {n: np.array(PIL.Image.open(os.path.join(folder, n))).astype(int) for n in sorted(os.listdir(folder))}
+    """generate's {seed:06d}.png images (not its grid.png and generation.json), by name."""
+    return {n: np.array(PIL.Image.open(os.path.join(folder, n))).astype(int) for n in sorted(os.listdir(folder))
+            if n[:6].isdigit()}
 
 
 def test_generated_images_depend_on_the_seed_only_on_the_device(load, device, snapshot, tmp_path):
