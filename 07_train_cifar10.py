@@ -8,7 +8,8 @@ ticks (with TFLOP/s and MFU), labelled previews, torchrun (DDP; gloo on CPUs; se
 accumulation, autocast, --compile. Images come through common.py's reader (a folder or zip, labels from
 dataset.json or class sub-folders; CIFAR-10), which 08 shares.
 `--label-dropout p` (not in the paper; 0 in every preset) trains one network with and without its class,
-as classifier-free guidance needs.
+as classifier-free guidance needs. `--phema 0.05,0.10` (not in the paper; EDM2's) also keeps power-function
+EMAs and snapshots them, from which chapter 11 builds an EMA of any length.
 
 Presets (explicit flags override their values; `--preset X --help` lists them):
   cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13,
@@ -53,8 +54,8 @@ sampler = common.load("04_stochastic_sampler")
 # Without a preset: Table 7's CIFAR-10 column (the official train.py defaults).
 DEFAULTS = dict(data=None, resolution=None, cond=False, xflip=False, arch="ddpmpp", precond="edm", cbase=None,
                 cres=None, blocks=None, attn=None, dropout=0.13, augment=0.12, label_dropout=0, duration=200,
-                batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, precision="fp32", tick=50, snap=2500,
-                sigma_data=0.5, P_mean=-1.2, P_std=1.2)   # EDM's data std and ln(sigma) ~ N(P_mean, P_std^2)
+                batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, phema=[], precision="fp32", tick=50,
+                snap=2500, sigma_data=0.5, P_mean=-1.2, P_std=1.2)   # EDM's data std, ln(sigma) ~ N(P_mean, P_std^2)
 PRESETS = {
     "cifar10": dict(data="cifar10"),
     # Table 7, ImageNet-64 column: class-conditional ADM, fp16 mixed precision, no augmentation.
@@ -237,6 +238,43 @@ def ema_beta(cur_nimg, batch_size, halflife_mimg, rampup_ratio=0.05):
     return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
 
 
+# EDM2's power-function EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
+# Models", Sec. 3.1): the weights at step tau enter the average at step t with weight ~ tau^gamma, tau <= t.
+# `--phema` keeps such averages and snapshots them; chapter 11 combines the snapshots into an EMA of any length
+# after training. The update lives here, not in 11, because training must run it and a chapter imports only
+# earlier ones; 11 holds the reconstruction and the explanation.
+
+PHEMA_SIGMA_REL_MAX = 1 / math.sqrt(12)   # gamma = 0: the plain average of all weights, the widest profile kept
+
+
+def phema_sigma_rel(gamma):
+    """Width of the profile tau^gamma on [0, t], as its standard deviation over t (EDM2 App. C, Eq. 123)."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def phema_gamma(sigma_rel):
+    """The exponent gamma >= 0 of relative width sigma_rel: Eq. 123 solved for gamma, i.e. the largest real root
+    of the cubic gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s) = 0 with s = sigma_rel^-2 (Eq. 126)."""
+    if not 0 < sigma_rel <= PHEMA_SIGMA_REL_MAX:
+        raise ValueError(f"sigma_rel must be in (0, {PHEMA_SIGMA_REL_MAX:.4f}] (1/sqrt(12): the plain average), "
+                         f"got {sigma_rel:g}")
+    s = sigma_rel ** -2
+    return max(0.0, float(max(r.real for r in np.roots([1, 7, 16 - s, 12 - s]) if abs(r.imag) < 1e-9)))
+
+
+def phema_beta(t, gamma):
+    """Per-step decay after optimizer step t = 1, 2, ... (EDM2 Eq. 127): beta = (1 - 1/t)^(gamma + 1). Step 1
+    copies the weights (beta = 0); after t steps step tau holds weight (tau/t)^(gamma+1) - ((tau-1)/t)^(gamma+1),
+    the profile (gamma + 1) tau^gamma / t^(gamma + 1) integrated over step tau (chapter 11 tests it)."""
+    return (1 - 1 / t) ** (gamma + 1)
+
+
+def phema_path(run_dir, sigma_rel, cur_nimg):
+    """<run>/phema-<sigma_rel>-<kimg>.pt, kimg to the image (000016.000): a network snapshot (06's format, read by
+    08) of one profile, its time exact in the name -- 11 reconstructs from it, and --snap may be under 1 kimg."""
+    return os.path.join(run_dir, f"phema-{sigma_rel:g}-{cur_nimg / 1000:010.3f}.pt")
+
+
 @torch.no_grad()
 def update_ema(ema, net, beta):
     """ema <- beta * ema + (1 - beta) * net, all parameters in a few multi-tensor kernels (not one per tensor)."""
@@ -275,6 +313,7 @@ def train(args, device=torch.device("cpu")):
     common.seed_all(derive_seed(args.seed, "rank", rank))
     net = net.to(memory_format=torch.channels_last) if args.channels_last else net
     ema = copy.deepcopy(net).eval().requires_grad_(False)            # the averaged weights that get sampled
+    phema = {sigma_rel: copy.deepcopy(ema) for sigma_rel in args.phema}   # --phema: EDM2's power-function EMAs
     loss_fn = loss_function(args)                                    # 05: Table 1's p(sigma) and lambda(sigma)
     augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
     augment_pipe = AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
@@ -283,6 +322,8 @@ def train(args, device=torch.device("cpu")):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     stream = InfiniteSampler(len(data), args.seed, rank, world_size)
     cur_nimg = restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args) if resume else 0
+    if resume:
+        restore_phema(resume[0], phema)
     ddp, autocast = accelerate(net, args, device, world_size)
     if rank == 0:
         begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device)
@@ -317,6 +358,8 @@ def train(args, device=torch.device("cpu")):
 
         # The exponential moving average of the weights, its half-life counted in images.
         update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema))
+        for sigma_rel, average in phema.items():      # after step t = cur_nimg / batch + 1 (EDM2 Eq. 127)
+            update_ema(average, net, phema_beta(cur_nimg // args.batch + 1, phema_gamma(sigma_rel)))
         cur_nimg += args.batch
 
         # Bookkeeping: a tick every --tick kimg; every --snap kimg and at the end also a network
@@ -325,8 +368,8 @@ def train(args, device=torch.device("cpu")):
         if snap_due or crossed(cur_nimg, args.batch, args.tick):
             stats = progress.tick(cur_nimg, lr)
             if snap_due:
-                stats["rank_digests"] = save_snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream,
-                                                      device, augment_generator, data)
+                stats["rank_digests"] = save_snapshot(args, run_dir, cur_nimg, net, ema, phema, optimizer, scaler,
+                                                      stream, device, augment_generator, data)
             progress.log(stats)
     progress.bar.close()
     return run_dir, cur_nimg / 1e3
@@ -605,10 +648,12 @@ class Progress:
         self.reset(round(stats["kimg"] * 1e3))
 
 
-def save_snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream, device, augment_generator, data):
-    """Network snapshot + preview + training state. Returns every rank's weight digest (equal, or we stop)."""
+def save_snapshot(args, run_dir, cur_nimg, net, ema, phema, optimizer, scaler, stream, device, augment_generator,
+                  data):
+    """Network snapshot + preview + training state (+ --phema snapshots). Returns every rank's weight digest
+    (equal, or we stop)."""
     digest = lambda module: hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters()))
-    digests = common.gather(digest(net).hexdigest() + "/" + digest(ema).hexdigest())
+    digests = common.gather("/".join(digest(m).hexdigest() for m in [net, ema, *phema.values()]))
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks disagree on the weights at {cur_nimg} images: {digests}")
     rngs = common.gather(dict(torch=torch.get_rng_state(), augment=augment_generator.get_state(),
@@ -617,7 +662,10 @@ def save_snapshot(args, run_dir, cur_nimg, net, ema, optimizer, scaler, stream, 
         kimg = f"{cur_nimg // 1000:06d}"
         unet.save_network(ema, os.path.join(run_dir, f"network-snapshot-{kimg}.pt"))
         save_preview(ema, os.path.join(run_dir, f"preview-{kimg}.png"), device, cur_nimg, data.class_names)
+        for sigma_rel, average in phema.items():
+            unet.save_network(average, phema_path(run_dir, sigma_rel, cur_nimg))
         write_state(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                         phema=[average.state_dict() for average in phema.values()],
                          scaler=scaler.state_dict(), cur_nimg=cur_nimg, stream_position=stream.position,
                          rng=rngs, args=vars(args)), run_dir)
     return digests
@@ -710,6 +758,16 @@ def restore(resume, net, ema, optimizer, scaler, stream, device, augment_generat
     return state["cur_nimg"]
 
 
+def restore_phema(state, phema):
+    """Load the power-function EMAs of a training state (in --phema order, which resume keeps unchanged)."""
+    saved = state.get("phema", [])
+    if len(saved) != len(phema):
+        raise ValueError(f"the training state keeps {len(saved)} power-function EMAs, --phema asks for {len(phema)}: "
+                         f"a profile must be kept from the first step of a run")
+    for average, saved_state in zip(phema.values(), saved):
+        average.load_state_dict(saved_state)
+
+
 @torch.no_grad()
 def save_preview(ema, path, device, cur_nimg, class_names):
     """Seeds 0..63 (row r: class r mod label_dim) through 04's deterministic sampler (18 steps, 35 NFE),
@@ -725,6 +783,19 @@ def save_preview(ema, path, device, cur_nimg, class_names):
 
 # ----------------------------------------------------------------------------
 # Command line.
+
+def sigma_rel_list(text):
+    """An argparse type for --phema '0.05,0.10': distinct relative widths in (0, 1/sqrt(12)] ('' = none)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+        for value in values:
+            phema_gamma(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected sigma_rel values like 0.05,0.10: {error}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"each sigma_rel once, got {text!r}")
+    return values
+
 
 def int_list(allow_empty):
     """An argparse type for '2,2,2': positive integers ('' = none, where allowed)."""
@@ -777,6 +848,9 @@ def build_parser(preset):
         type=common.number(float, low=1e-6))
     add("--P-mean", "EDM's training noise levels: ln sigma ~ N(P_mean, P_std^2)", type=common.number(float))
     add("--P-std", "(see --P-mean)", type=common.number(float, low=1e-6))
+    add("--phema", "also keep EDM2's power-function EMAs of these relative widths sigma_rel, e.g. 0.05,0.10, "
+        "snapshotted as phema-<sigma_rel>-<kimg>.pt every --snap; 11_post_hoc_ema.py turns them into any EMA length",
+        type=sigma_rel_list)
     add("--precision", "autocast dtype", choices=["fp32", "bf16", "fp16"])
     add("--tf32", "allow TF32 matmuls (the paper: off)", **flag)
     add("--compile", "torch.compile the network for training (not the paper's; sampling stays eager)", **flag)
@@ -865,6 +939,8 @@ def conclude(args, run_dir, kimg):
           f"  preview-*.png          EMA samples of seeds 0-63{' (a class per row)' * args.cond} at each snapshot: "
           f"noise,\n{'':25}then blobs, then the data's shapes -- Eq. 2's loss and Table 7's schedule at work\n"
           f"  network-snapshot-*.pt  EMA weights + network configuration; 06's load_network and 08 read them\n"
+          + f"  phema-*.pt             --phema's power-function EMAs; python 11_post_hoc_ema.py --run {run_dir} "
+          f"--sigma-rel S --out FILE\n{'':25}gives the EMA of any width S\n" * bool(args.phema) +
           f"  training-state.pt      what --resume auto continues from (bit for bit on a CPU); -prev: the one before\n"
           f"  training_options.json  this run's options, dataset and network configuration\n"
           f"  stats.jsonl            one line per tick: loss mean and std, learning rate, images/s, TFLOP/s, memory")

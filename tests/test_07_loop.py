@@ -315,7 +315,7 @@ def test_one_step_is_the_mean_gradient_of_batch_images_over_all_rounds(one, load
 DDP_BATCH, DDP_GPU, DDP_IMAGES, DDP_STEPS, DDP_EMA, DDP_RAMPUP = 16, 4, 32, 6, 0.005, 0.0002
 DDP = SMALL + ["--batch", DDP_BATCH, "--batch-gpu", DDP_GPU, "--duration", DDP_BATCH * DDP_STEPS / 1e6,
                "--augment", 0.5, "--dropout", 0.2, "--lr", 2e-3, "--ema", DDP_EMA, "--lr-rampup", DDP_RAMPUP,
-               "--snap", 0.048]
+               "--snap", 0.048, "--phema", 0.1]
 
 
 def class_folder(path):
@@ -353,8 +353,9 @@ def test_torchrun_two_ranks_on_gloo_end_with_identical_weights(ddp):
     ranks, options, stats, _ = ddp
     snapshots = [line for line in stats if "rank_digests" in line]
     assert len(snapshots) == 2
-    for line in snapshots:                      # every rank's hash of (net, EMA) at every snapshot
+    for line in snapshots:                      # every rank's hash of (net, EMA, --phema's EMA) at every snapshot
         assert len(line["rank_digests"]) == 2 and len(set(line["rank_digests"])) == 1, line["rank_digests"]
+        assert len(line["rank_digests"][0].split("/")) == 3, line["rank_digests"]
     split = (options["world_size"], options["accumulation_rounds"], options["batch_gpu"])
     assert split == (2, 2, DDP_GPU), f"--batch {DDP_BATCH} was split as ranks x rounds x batch-gpu = {split}, " \
         f"not 2 x 2 x {DDP_GPU}"

@@ -173,13 +173,17 @@ def test_tiny_run_loss_falls_and_the_snapshot_loads_and_samples(T, load, tmp_pat
 
 
 RESUME = ["--augment", 0.5, "--dropout", 0.1, "--batch-gpu", 8, "--duration", 0.000128, "--snap", 0.064,
-          "--tick", 0.032]                                             # 8 steps, 2 accumulation rounds each
+          "--tick", 0.032, "--phema", "0.05,0.1"]                      # 8 steps, 2 accumulation rounds each
 
 
 def assert_same_training_state(a, b):
     for key in ("net", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert len(a["phema"]) == len(b["phema"]) == 2                    # --phema's power-function EMAs, in order
+    for k, (pa, pb) in enumerate(zip(a["phema"], b["phema"])):
+        for name in pa:
+            assert torch.equal(pa[name], pb[name]), ("phema", k, name)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for name in sa:
             assert torch.equal(sa[name], sb[name]), name
