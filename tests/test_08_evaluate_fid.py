@@ -622,6 +622,26 @@ def test_fid_records_solver_steps_measured_nfe_and_guidance(fid, tiny_network, o
         assert result["guidance"] == guidance and result["seeds"] == ["0-3", "4-7"], options
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_0_reports_nfe_per_image_of_its_own_share_on_any_number_of_ranks(fid, tiny_network, tmp_path,
+                                                                              monkeypatch, capsys, world):
+    # Rank 0 of `world` (faked): it generates only its share of the 8 seeds, so the NFE it reports must divide
+    # its own network calls by its own images (4 Heun steps: 7 NFE, Sec. 3), not by all 8 seeds.
+    monkeypatch.setattr(fid, "load_detector", lambda spec, device: StandInDetector())
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(6), sigma=np.eye(6))
+    next(as_ranks(monkeypatch, world))
+    run(fid, "fid", "--network", tiny_network, "--ref", tmp_path / "ref.npz", "-n", 8, "--batch", 2, "--steps", 4,
+        "--outdir", tmp_path / "fid")
+    result = json.loads((tmp_path / "fid" / "fid.json").read_text())
+    assert (result["nfe"], result["network_evaluations"], result["gpus"]) == (7, 7, world)
+    capsys.readouterr()
+    run(fid, "generate", "--network", tiny_network, "--seeds", "0-7", "--batch", 2, "--steps", 4,
+        "--outdir", tmp_path / "png")
+    assert "7 NFE per image (measured; 7 network evaluations)" in capsys.readouterr().out
+    share = [seed for batch in fid.rank_batches(list(range(8)), 2) for seed in batch.tolist()]
+    assert 0 < len(share) < 8 and sorted(os.listdir(tmp_path / "png")) == [f"{seed:06d}.png" for seed in share]
+
+
 @pytest.mark.parametrize("options, complaint", [
     (["--nfe", "0"], "argument --nfe: must be >= 1, got 0"),
     (["--nfe", "10"], "the budget must be odd and >= 3, got 10"),
