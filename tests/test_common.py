@@ -85,3 +85,15 @@ def test_denoise_feeds_a_network_its_own_dtype_and_returns_float64():
     assert torch.equal(common.denoise(exact, x, sigma, {"class_labels": None}), x / 5)
     x32 = common.load("04_stochastic_sampler").edm_sampler(Scaled(torch.float32), x, num_steps=3)
     assert x32.dtype == torch.float64
+
+
+def test_counting_denoiser_measures_images_per_call_exactly():
+    # NFE = network evaluations of images / images: whole when every image took every step, a fraction when
+    # some did not (e.g. a guide evaluated only on the rows inside its interval); never rounded.
+    counter = common.CountingDenoiser(Labelled())
+    x = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
+    for _ in range(5):
+        counter(x, torch.tensor(1.0), class_labels=None)
+    assert counter.evaluations == 15 and counter.per_image(3) == 5 and isinstance(counter.per_image(3), int)
+    counter(x[:1], torch.tensor(1.0))
+    assert counter.evaluations == 16 and counter.per_image(3) == 16 / 3
