@@ -60,3 +60,12 @@ def test_sigma_data_p_mean_p_std_reach_the_loss_the_network_and_the_snapshot(T, 
 def test_no_warning_when_sigma_data_fits(T, tmp_path, capsys, one_thread):
     T.main(SMALL + ["--sigma-data", "0.45", "--outdir", str(tmp_path)])
     assert "warning:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--sigma-data", "--P-mean", "--P-std"])
+def test_edm_constants_with_another_preconditioning_are_one_error_line(T, option):
+    # VP/VE/iDDPM have their own noise distributions and no sigma_data: any of EDM's three would be ignored.
+    with pytest.raises(SystemExit, match=f"error: --sigma-data, --P-mean and --P-std are EDM's constants; "
+                                         f"--precond vp has its own"):
+        T.parse_args(SMALL + ["--precond", "vp", option, "0.7"])
+    T.parse_args(SMALL + ["--precond", "vp"])            # the defaults are not a complaint
