@@ -25,6 +25,17 @@ def test_data_std_is_the_per_pixel_std_in_minus_one_to_one(T):
     assert T.data_std(T.TrainingSet("binary", binary, torch.zeros([64, 0]), [], False)) == pytest.approx(1, abs=0.01)
 
 
+
+def test_data_std_of_a_large_set_is_measured_on_images_spread_over_all_of_it(T):
+    # A set sorted by class (here: 32 black-and-white images, then 32 grey ones) must not be measured on its
+    # first class only when it is larger than max_images.
+    binary = torch.randint(0, 2, (32, 3, 8, 8), generator=torch.Generator().manual_seed(1)).to(torch.uint8) * 255
+    grey = torch.full((32, 3, 8, 8), 128, dtype=torch.uint8)
+    data = T.TrainingSet("sorted", torch.cat([binary, grey]), torch.zeros([64, 0]), [], xflip=False)
+    everything = T.data_std(data)                         # 64 images <= max_images: all of them
+    assert everything == pytest.approx(0.5 ** 0.5, abs=0.02)
+    assert T.data_std(data, max_images=8) == pytest.approx(everything, abs=0.02)       # 4 of each half
+
 def test_sigma_data_p_mean_p_std_reach_the_loss_the_network_and_the_snapshot(T, load, tmp_path, capsys, one_thread):
     args = T.parse_args(SMALL + ["--sigma-data", "0.3", "--P-mean", "-0.8", "--P-std", "1.5"])
     loss = T.loss_function(args)
@@ -49,3 +60,12 @@ def test_sigma_data_p_mean_p_std_reach_the_loss_the_network_and_the_snapshot(T, 
 def test_no_warning_when_sigma_data_fits(T, tmp_path, capsys, one_thread):
     T.main(SMALL + ["--sigma-data", "0.45", "--outdir", str(tmp_path)])
     assert "warning:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--sigma-data", "--P-mean", "--P-std"])
+def test_edm_constants_with_another_preconditioning_are_one_error_line(T, option):
+    # VP/VE/iDDPM have their own noise distributions and no sigma_data: any of EDM's three would be ignored.
+    with pytest.raises(SystemExit, match=f"error: --sigma-data, --P-mean and --P-std are EDM's constants; "
+                                         f"--precond vp has its own"):
+        T.parse_args(SMALL + ["--precond", "vp", option, "0.7"])
+    T.parse_args(SMALL + ["--precond", "vp"])            # the defaults are not a complaint

@@ -1,13 +1,14 @@
 """07 where the paper's runs run (issue 18): throughput in TFLOP/s and MFU, the multi-tensor gradient check, a
 resume on another device type, and several nodes (two torchrun launchers on this machine, c10d rendezvous,
-gloo): 07 trains with a shared run folder, refuses node-local ones, and `08 generate` writes the images of
-one process bit for bit."""
+gloo): 07 trains with a shared run folder, refuses node-local ones, `08 generate` writes the images of
+one process bit for bit, and `08 ref` merges the ranks' feature statistics into one process's."""
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -201,3 +202,28 @@ def test_08_generate_on_two_nodes_writes_one_process_images_bit_for_bit(multi_no
     for name in names:
         one, two = (np.array(PIL.Image.open(tmp / d / name)) for d in ("gen1", "gen2"))
         assert np.array_equal(one, two), name
+
+
+@pytest.mark.slow
+def test_08_ref_on_two_nodes_counts_every_image_once(load, tmp_path):
+    # The FID statistics' all_reduce for real (gloo): 7 images in batches of 2 over two processes, whose
+    # merged mean and covariance must be one process's (an image counted twice or never moves the mean).
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import standin_detector                                # 08's detector interface, 2048 features
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)     # "torch.jit is deprecated": 08 reads TorchScript detectors
+        standin_detector.save(tmp_path / "det.pt")
+    pixels = np.random.RandomState(0).randint(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+    os.makedirs(tmp_path / "images")
+    for i, image in enumerate(pixels):
+        PIL.Image.fromarray(image).save(tmp_path / "images" / f"{i:06d}.png")
+    ref = ["ref", "--data", tmp_path / "images", "--detector", tmp_path / "det.pt", "--batch", 2, "--device", "cpu",
+           "--dest", tmp_path / "ref2.npz"]
+    results = two_nodes("08_evaluate_fid.py", lambda node: ref, tmp_path)
+    assert all(status == 0 for status, _ in results), results
+    fid = load("08_evaluate_fid")
+    mu, sigma = fid.image_stats(fid.common.ImageFolder(str(tmp_path / "images")), np.arange(7),
+                                fid.load_detector(str(tmp_path / "det.pt"), "cpu"), 7, "cpu")
+    two = np.load(tmp_path / "ref2.npz")
+    np.testing.assert_allclose(two["mu"], mu, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(two["sigma"], sigma, rtol=1e-9, atol=1e-12)

@@ -109,6 +109,89 @@ def test_batched_and_merged_stats_equal_one_shot(fid):
 
 
 # ----------------------------------------------------------------------------
+# Ranks: each rank of a torchrun launch generates its share of the seeds. Here the ranks run one after the
+# other in this process (common.get_rank/get_world_size faked); tests/test_07_scale.py runs two real processes.
+
+# (seeds, batch): uneven last batches, fewer batches than ranks, a single seed, seeds that do not start at 0.
+RANK_CASES = [(list(range(7)), 2), (list(range(10)), 4), ([5], 3), (list(range(3, 16)), 5), ([0, 9, 4, 2], 1)]
+
+
+def seed_image(net, seeds, *args, **kwargs):
+    """A stand-in for generate_batch(net, seeds, ...): seed s's image is 1x2x2, every pixel = s (a mix-up shows in the PNG)."""
+    return torch.tensor(seeds, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()
+
+
+def as_ranks(monkeypatch, world):
+    """Yield rank 0, 1, ..., world-1 in turn, with 08 seeing that rank of `world`."""
+    import common
+    monkeypatch.setattr(common, "get_world_size", lambda: world)
+    for rank in range(world):
+        monkeypatch.setattr(common, "get_rank", lambda rank=rank: rank)
+        yield rank
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_seed_is_generated_by_exactly_one_rank(fid, monkeypatch, tmp_path, world):
+    import PIL.Image
+    monkeypatch.setattr(fid, "generate_batch", seed_image)
+    for seeds, batch in RANK_CASES:
+        written, batches = [], []
+        for rank in as_ranks(monkeypatch, world):
+            batches.append(len(fid.rank_batches(seeds, batch)))
+            assert all(len(b) <= batch for b in fid.rank_batches(seeds, batch))
+            out = tmp_path / f"{seeds[0]}-{len(seeds)}-{batch}-rank{rank}"
+            fid.generate_pngs(None, seeds, str(out), batch, "cpu")
+            names = sorted(os.listdir(out)) if out.exists() else []
+            written += names
+            for name in names:   # each PNG holds its own seed's image
+                assert np.all(np.array(PIL.Image.open(out / name)) == int(name[:6])), (world, rank, name)
+        assert sorted(written) == sorted(f"{s:06d}.png" for s in seeds), (world, seeds, batch)
+        assert len(set(batches)) == 1, batches   # collective calls line up: every rank has as many batches
+
+
+class SeedDetector:
+    """Features = one-hot of the image's seed (read back from seed_image's pixels): summed over all ranks,
+    feature s counts how often seed s was measured."""
+    feature_dim = 32
+
+    def __call__(self, images):
+        return torch.nn.functional.one_hot(images[:, 0, 0, 0].long(), self.feature_dim).float()
+
+
+class MergedStats:
+    """08's FeatureStats with all_reduce done by hand: every rank's accumulators are kept, then summed."""
+
+    def __init__(self, feature_stats):
+        self.real, self.ranks = feature_stats, []
+
+    def __call__(self, dim, device="cpu"):
+        stats = self.real(dim, device)
+        stats.mean_cov = lambda: None      # one rank's share alone may have < 2 images
+        self.ranks.append(stats)
+        return stats
+
+    def counts(self):
+        return sum(s.sum for s in self.ranks), sum(s.n for s in self.ranks)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_fid_statistics_count_every_seed_and_every_image_once(fid, monkeypatch, world):
+    monkeypatch.setattr(fid, "generate_batch", seed_image)
+    images = fid.TensorImages(seed_image(None, list(range(32))).expand(-1, 3, -1, -1))   # image i shows i
+    feature_stats = fid.FeatureStats
+    for seeds, batch in RANK_CASES:
+        generated, measured = MergedStats(feature_stats), MergedStats(feature_stats)
+        for _ in as_ranks(monkeypatch, world):
+            monkeypatch.setattr(fid, "FeatureStats", generated)
+            fid.generated_stats(None, seeds, SeedDetector(), batch, "cpu")
+            monkeypatch.setattr(fid, "FeatureStats", measured)        # ref/calc: images[indices] by rank
+            fid.image_stats(images, np.array(seeds), SeedDetector(), batch, "cpu")
+        for stats in (generated, measured):
+            counted, n = stats.counts()
+            assert counted.tolist() == [float(s in seeds) for s in range(32)] and n == len(seeds), (world, seeds)
+
+
+# ----------------------------------------------------------------------------
 # Seeds, subsets, pooling.
 
 def test_parse_seeds(fid):
@@ -524,6 +607,26 @@ def test_fid_records_solver_steps_measured_nfe_and_guidance(fid, tiny_network, o
         assert (result["solver"], result["sigma_steps"], result["nfe"], result["network_evaluations"]) == \
             (solver, kind, nfe, evaluations), options
         assert result["guidance"] == guidance and result["seeds"] == ["0-3", "4-7"], options
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_0_reports_nfe_per_image_of_its_own_share_on_any_number_of_ranks(fid, tiny_network, tmp_path,
+                                                                              monkeypatch, capsys, world):
+    # Rank 0 of `world` (faked): it generates only its share of the 8 seeds, so the NFE it reports must divide
+    # its own network calls by its own images (4 Heun steps: 7 NFE, Sec. 3), not by all 8 seeds.
+    monkeypatch.setattr(fid, "load_detector", lambda spec, device: StandInDetector())
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(6), sigma=np.eye(6))
+    next(as_ranks(monkeypatch, world))
+    run(fid, "fid", "--network", tiny_network, "--ref", tmp_path / "ref.npz", "-n", 8, "--batch", 2, "--steps", 4,
+        "--outdir", tmp_path / "fid")
+    result = json.loads((tmp_path / "fid" / "fid.json").read_text())
+    assert (result["nfe"], result["network_evaluations"], result["gpus"]) == (7, 7, world)
+    capsys.readouterr()
+    run(fid, "generate", "--network", tiny_network, "--seeds", "0-7", "--batch", 2, "--steps", 4,
+        "--outdir", tmp_path / "png")
+    assert "7 NFE per image (measured; 7 network evaluations)" in capsys.readouterr().out
+    share = [seed for batch in fid.rank_batches(list(range(8)), 2) for seed in batch.tolist()]
+    assert 0 < len(share) < 8 and sorted(os.listdir(tmp_path / "png")) == [f"{seed:06d}.png" for seed in share]
 
 
 @pytest.mark.parametrize("options, complaint", [

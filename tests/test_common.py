@@ -12,3 +12,88 @@ def test_to_uint8_quantizes_as_the_official_generate():
     got = common.to_uint8(x.view(1, 1, 1, -1).expand(1, 3, 1, -1))
     assert got.dtype == torch.uint8 and got.shape == (1, 1, len(x), 3)       # NCHW -> NHWC
     assert got[0, 0, :, 0].tolist() == expected and (got[..., 0] == got[..., 2]).all()
+
+
+class Labelled:
+    """D(x; sigma) = x / (1 + sigma^2), the exact denoiser of N(0, 1) data, recording the class labels of
+    every call (sigma 0-d or one per image)."""
+
+    def __init__(self):
+        self.labels = []
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.labels.append(class_labels)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        return x / (1 + sigma ** 2)
+
+
+def test_every_sampler_hands_extra_args_to_every_denoiser_call():
+    # The calling contract of 02/03/04/09/10 (k-diffusion's): model(x, sigma, **extra_args) on EVERY call. A call
+    # that forgets them makes a class-conditional network unconditional for that step only: images change,
+    # nothing fails.
+    load = common.load
+    ode, heun, sampler, fast, guidance = (load(n) for n in ("02_ode_sampler", "03_heun_and_schedules",
+                                          "04_stochastic_sampler", "09_fast_samplers", "10_guidance"))
+    labels = torch.eye(3)[[0, 2]]
+    extra = {"class_labels": labels}
+    latents = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.tensor([2.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    runs = {
+        "02 sample": lambda D: ode.sample(D, latents, sigmas, ode.EDM(), extra),
+        "02 sample, VP": lambda D: ode.sample(D, latents, sigmas, ode.VP(), extra),
+        "03 heun": lambda D: heun.heun(D, latents * 2, sigmas, ode.EDM(), extra),
+        "03 ablation_sampler": lambda D: heun.ablation_sampler(D, latents, extra, num_steps=3, S_churn=1),
+        "03 ablation_sampler, VP": lambda D: heun.ablation_sampler(D, latents, extra, num_steps=3, discretization="vp",
+                                                                   schedule="vp", scaling="vp"),
+        "04 edm_sampler": lambda D: sampler.edm_sampler(common.CountingDenoiser(D), latents, extra, num_steps=3,
+                                                        S_churn=1),
+        "04 sde_sampler": lambda D: sampler.sde_sampler(D, latents, extra, num_steps=3),
+        **{f"09 {name}": lambda D, name=name: fast.sample(D, latents, name, 5, extra_args=extra)
+           for name in fast.SOLVERS},
+        "10 autoguidance": lambda D: sampler.edm_sampler(guidance.guided(D, 2.0, D), latents, extra, num_steps=3),
+    }
+    for name, run in runs.items():
+        D = Labelled()
+        run(D)
+        assert len(D.labels) >= 3 and all(l is not None and torch.equal(l, labels) for l in D.labels), name
+    D = Labelled()                          # CFG: the guide is the same network given the zero class vector
+    sampler.edm_sampler(guidance.guided(D, 2.0), latents, extra, num_steps=3)
+    assert [torch.equal(l, labels) for l in D.labels] == [True, False] * (len(D.labels) // 2)
+    assert all(torch.equal(l, torch.zeros_like(labels)) for l in D.labels[1::2])
+
+
+class Scaled(torch.nn.Module):
+    """A network with parameters of one dtype: D = scale x / (1 + sigma^2), recording its inputs' dtypes."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.scale, self.seen = torch.nn.Parameter(torch.ones([], dtype=dtype)), []
+
+    def forward(self, x, sigma, class_labels=None):
+        self.seen.append((x.dtype, sigma.dtype))
+        return self.scale * x / (1 + sigma ** 2)
+
+
+def test_denoise_feeds_a_network_its_own_dtype_and_returns_float64():
+    x, sigma = torch.full([2, 1, 2, 2], 0.3, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        net = Scaled(dtype)
+        out = common.denoise(net, x, sigma)
+        assert net.seen == [(dtype, dtype)] and out.dtype == torch.float64, dtype
+        assert torch.allclose(out, x / 5, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6), dtype
+    exact = Labelled()                      # no parameters: the sampler's float64 goes in unchanged
+    assert torch.equal(common.denoise(exact, x, sigma, {"class_labels": None}), x / 5)
+    x32 = common.load("04_stochastic_sampler").edm_sampler(Scaled(torch.float32), x, num_steps=3)
+    assert x32.dtype == torch.float64
+
+
+def test_counting_denoiser_measures_images_per_call_exactly():
+    # NFE = network evaluations of images / images: whole when every image took every step, a fraction when
+    # some did not (e.g. a guide evaluated only on the rows inside its interval); never rounded.
+    counter = common.CountingDenoiser(Labelled())
+    x = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
+    for _ in range(5):
+        counter(x, torch.tensor(1.0), class_labels=None)
+    assert counter.evaluations == 15 and counter.per_image(3) == 5 and isinstance(counter.per_image(3), int)
+    counter(x[:1], torch.tensor(1.0))
+    assert counter.evaluations == 16 and counter.per_image(3) == 16 / 3
