@@ -554,7 +554,7 @@ def accelerate(net, args, device, world_size):
 def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device):
     """training_options.json, reals.png (new runs) and one line saying what is trained."""
     world_size, measured_std = common.get_world_size(), data_std(data)
-    os.makedirs(run_dir, exist_ok=True)
+    common.out_dir(__file__, run_dir)               # one clear line if --outdir is (inside) a file
     common.write_json(dict(vars(args), world_size=world_size, dataset=data.name, dataset_size=len(data),
                            data_std=measured_std, class_names=data.class_names,
                            network=dict(class_name=class_name, kwargs=net_kwargs), batch_gpu=batch_gpu,

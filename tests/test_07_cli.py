@@ -35,6 +35,11 @@ def folder(tmp_path, name, sizes=(), garbage=False):
     return str(path)
 
 
+def a_file(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    return str(tmp_path / "afile")
+
+
 BAD = {   # arguments -> a fragment of the one error line
     "missing path": (lambda p: ["--data", str(p / "nowhere")], "no such folder"),
     "empty folder": (lambda p: ["--data", folder(p, "empty"), "--no-cond"], "no images"),
@@ -46,6 +51,7 @@ BAD = {   # arguments -> a fragment of the one error line
     "probability > 1": (lambda p: ["--augment", "1.5"], "--augment: must be in [0, 1]"),
     "batch-gpu not dividing": (lambda p: ["--batch", "16", "--batch-gpu", "5"], "divisible"),
     "corrupt resume state": (lambda p: ["--resume", "auto"], "cannot read training state"),
+    "outdir is a file": (lambda p: ["--outdir", a_file(p)], "is (or lies inside) a file, not a folder"),
 }
 
 
