@@ -6,7 +6,8 @@ ramp-up, an EMA whose half-life is counted in images), App. F.2's non-leaking au
 machinery: atomic training states that `--resume auto` continues (bit for bit on CPUs; on GPUs see the README),
 ticks (with TFLOP/s and MFU), labelled previews, torchrun (DDP; gloo on CPUs; several nodes), gradient
 accumulation, autocast, --compile. Images come through common.py's reader (a folder or zip, labels from
-dataset.json or class sub-folders; CIFAR-10), which 08 shares.
+dataset.json or class sub-folders; CIFAR-10), which 08 shares; `--resolution` center-crops and resizes them as
+the official dataset_tool.py does, and under torchrun each node decodes them once.
 `--label-dropout p` (not in the paper; 0 in every preset) trains one network with and without its class,
 as classifier-free guidance needs.
 
