@@ -33,7 +33,6 @@ import math
 import os
 import resource
 import shlex
-import socket
 import sys
 import time
 
@@ -162,7 +161,8 @@ def decode_once_per_node(folder, run_dir):
     mapped it (the mapping outlives the name)."""
     if common.get_world_size() == 1:
         return folder.batch(range(len(folder)))
-    cache = os.path.join(run_dir, f"images-{socket.gethostname()}.npy")   # node-local even in a shared run folder
+    # GROUP_RANK is torchrun's node rank: one file per node, even in a run folder that all nodes share
+    cache = os.path.join(run_dir, f"images-node{os.environ.get('GROUP_RANK', '0')}.npy")
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
 
     def decode_or_map():
