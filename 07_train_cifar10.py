@@ -6,7 +6,8 @@ ramp-up, an EMA whose half-life is counted in images), App. F.2's non-leaking au
 machinery: atomic training states that `--resume auto` continues (bit for bit on CPUs; on GPUs see the README),
 ticks (with TFLOP/s and MFU), labelled previews, torchrun (DDP; gloo on CPUs; several nodes), gradient
 accumulation, autocast, --compile. Images come through common.py's reader (a folder or zip, labels from
-dataset.json or class sub-folders; CIFAR-10), which 08 shares.
+dataset.json or class sub-folders; CIFAR-10), which 08 shares; `--resolution` center-crops and resizes them as
+the official dataset_tool.py does, and under torchrun each node decodes them once.
 `--label-dropout p` (not in the paper; 0 in every preset) trains one network with and without its class,
 as classifier-free guidance needs. `--phema 0.05,0.10` (not in the paper; EDM2's) also keeps power-function
 EMAs and snapshots them, from which chapter 11 builds an EMA of any length.
@@ -52,10 +53,10 @@ sampler = common.load("04_stochastic_sampler")
 # What is trained: the paper's setups (Table 7). Explicit flags win over a preset.
 
 # Without a preset: Table 7's CIFAR-10 column (the official train.py defaults).
-DEFAULTS = dict(data=None, resolution=None, cond=False, xflip=False, arch="ddpmpp", precond="edm", cbase=None,
-                cres=None, blocks=None, attn=None, dropout=0.13, augment=0.12, label_dropout=0, duration=200,
-                batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, phema=[], precision="fp32", tick=50,
-                snap=2500, sigma_data=0.5, P_mean=-1.2, P_std=1.2)   # EDM's data std, ln(sigma) ~ N(P_mean, P_std^2)
+DEFAULTS = dict(data=None, resolution=None, resize=True, cond=False, xflip=False, arch="ddpmpp", precond="edm",
+                cbase=None, cres=None, blocks=None, attn=None, dropout=0.13, augment=0.12, label_dropout=0,
+                duration=200, batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, phema=[], precision="fp32",
+                tick=50, snap=2500, sigma_data=0.5, P_mean=-1.2, P_std=1.2)   # EDM data std; ln sigma ~ N(P_mean, P_std^2)
 PRESETS = {
     "cifar10": dict(data="cifar10"),
     # Table 7, ImageNet-64 column: class-conditional ADM, fp16 mixed precision, no augmentation.
@@ -124,28 +125,58 @@ class TrainingSet:
         return torch.where(flip, self.images[raw].flip(3), self.images[raw]), self.labels[raw]
 
 
-def load_dataset(args):
+def load_dataset(args, run_dir=None):
     """--data (cifar10 | shapes | a folder/zip) -> TrainingSet, checked against the network it will feed."""
-    if args.data == "cifar10":
-        (images, labels), name, names = common.load_cifar10(args.data_dir), "cifar10", CIFAR10_CLASSES
+    if args.data == "cifar10":   # one process per node downloads and extracts; the others wait, then read it
+        (images, labels), name, names = common.rank0_first(common.load_cifar10, args.data_dir), "cifar10", \
+            CIFAR10_CLASSES
     elif args.data == "shapes":
         (images, labels), names = make_shapes_dataset(4096, args.resolution or 16), SHAPES
         name = f"shapes{images.shape[2]}"
     else:
-        folder = common.ImageFolder(args.data)
-        images, labels, names = folder.batch(range(len(folder))), folder.labels, None
+        folder = common.ImageFolder(args.data, args.resolution if args.resize else None)
+        images, labels, names = decode_once_per_node(folder, run_dir or run_folder(args)), folder.labels, None
         name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
+        if folder.resized and common.get_rank() == 0:
+            print(f"{len(folder.resized)} of {len(folder)} images center-cropped and resized to "
+                  f"{args.resolution}x{args.resolution} (LANCZOS, as the official dataset_tool.py)")
     n, _, h, w = images.shape
     levels = len(args.cres or ([1, 2, 3, 4] if args.arch == "adm" else [2, 2, 2]))
     if h != w or h % 2 ** (levels - 1) or h != (args.resolution or h):
         raise ValueError(f"the images are {w}x{h}; the {levels}-level U-Net needs square images, a size divisible by "
-                         f"2^{levels - 1}" + f" and equal to --resolution {args.resolution}" * bool(args.resolution))
+                         f"2^{levels - 1}" + f" and equal to --resolution {args.resolution}" * bool(args.resolution)
+                         + ("; pass --resolution R to center-crop and resize them" if args.data not in
+                            ("cifar10", "shapes") and not (args.resolution and args.resize) else ""))
     if args.cond and labels is None:
         raise ValueError(f"--cond needs labels, and {args.data!r} has none (dataset.json or class sub-folders)")
     if args.cond and labels.min() < 0:
         raise ValueError(f"class labels must be non-negative integers; {args.data!r} has {labels.min()}")
     onehot = F.one_hot(torch.as_tensor(labels)).to(torch.float32) if args.cond else torch.zeros([n, 0])
     return TrainingSet(name, images, onehot, names or [f"class {k}" for k in range(onehot.shape[1])], args.xflip)
+
+
+def decode_once_per_node(folder, run_dir):
+    """Every image of `folder` as uint8 [N, C, H, W]. Under torchrun each node's first process decodes them
+    once into a .npy file in the run folder that the node's other processes memory-map (copy-on-write: the
+    pages are shared), so a node holds one decoded copy, not one per GPU; the file's name goes once all have
+    mapped it (the mapping outlives the name)."""
+    if common.get_world_size() == 1:
+        return folder.batch(range(len(folder)))
+    # GROUP_RANK is torchrun's node rank: one file per node, even in a run folder that all nodes share
+    cache = os.path.join(run_dir, f"images-node{os.environ.get('GROUP_RANK', '0')}.npy")
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+    def decode_or_map():
+        if first:
+            images = folder.batch(range(len(folder))).numpy()   # bad input fails here, before anything is written
+            with common.atomic_open(cache) as f:
+                np.save(f, images)
+        return torch.from_numpy(np.load(cache, mmap_mode="c"))
+    images = common.rank0_first(decode_or_map)
+    torch.distributed.barrier()
+    if first:
+        os.remove(cache)
+    return images
 
 
 # ----------------------------------------------------------------------------
@@ -302,7 +333,7 @@ def train(args, device=torch.device("cpu")):
     run_dir = run_folder(args)
 
     # Everything that can fail on bad input happens before the first file is written.
-    data = load_dataset(args)
+    data = load_dataset(args, run_dir)
     resume = find_resume(args, run_dir)
     class_name, net_kwargs = network_config(args, data)
 
@@ -830,7 +861,10 @@ def build_parser(preset):
         "is given", choices=sorted(PRESETS))
     add("--data", "cifar10 | shapes | a folder or .zip of images", "required")
     add("--data-dir", "where CIFAR-10 is found or downloaded to")
-    add("--resolution", "size of the shapes; for image data, a check", "16 for shapes", type=common.number(int, low=4))
+    add("--resolution", "size of the shapes; image data is center-cropped and resized to it (LANCZOS, as the "
+        "official dataset_tool.py)", "16 for shapes; the images' own size", type=common.number(int, low=4))
+    add("--resize", "with --resolution, crop and resize image data (--no-resize: require every image to be "
+        "RxR already)", **flag)
     add("--cond", "class-conditional (labels from dataset.json or class sub-folders)", **flag)
     add("--xflip", "add an x-flipped copy of every image", **flag)
     add("--arch", "network of chapter 06", choices=["ddpmpp", "ncsnpp", "adm"])

@@ -964,6 +964,96 @@ def plot_fid_vs_n(plt, ns, rows, true_fid, path):
 
 
 # ----------------------------------------------------------------------------
+# 11. Memorisation: is each generated image new, or a copy of a training image?
+#
+# A network trained long on few images learns to reproduce them. Following Carlini et al. (2023,
+# "Extracting training data from diffusion models"), a generated image counts as a near-copy when its
+# nearest training image is much closer than the second nearest: d1 < d2 / 3 (L2 in pixel space). The
+# ratio, not d1 alone, is the test: a plain image is close to many training images, a copy to one.
+
+NEAR_COPY_RATIO = 3
+
+
+def nearest_two(images, train, chunk=4096):
+    """For uint8 images [N, C, H, W]: (d [N, 2], idx [N, 2]) -- the RMS pixel distance (0-255 scale) to their two
+    nearest images in `train` (ImageFolder-like: len, batch) and those images' indices, nearest first."""
+    x = images.flatten(1).to(torch.float64)
+    best_d, best_i = torch.zeros([len(x), 0], dtype=torch.float64), torch.zeros([len(x), 0], dtype=torch.long)
+    for start in range(0, len(train), chunk):
+        idx = torch.arange(start, min(start + chunk, len(train)))
+        d = torch.cdist(x, train.batch(idx).flatten(1).to(torch.float64)) / x.shape[1] ** 0.5
+        best_d, order = torch.cat([best_d, d], 1).topk(2, dim=1, largest=False)
+        best_i = torch.cat([best_i, idx.expand(len(x), -1)], 1).gather(1, order)
+    return best_d, best_i
+
+
+def near_copies(d):
+    """Which rows of nearest_two's distances are near-copies: d1 < d2 / 3."""
+    return d[:, 0] < d[:, 1] / NEAR_COPY_RATIO
+
+
+def training_images(spec, data_dir, resolution):
+    """--data of `nearest`: what 07 trained on -- cifar10, shapes (07's built-in set, re-drawn) or a folder/.zip,
+    center-cropped and resized to the generated images' resolution as 07 --resolution does."""
+    if spec == "shapes":
+        return TensorImages(common.load("07_train_cifar10").make_shapes_dataset(4096, resolution)[0])
+    return TensorImages(common.load_cifar10(data_dir)[0]) if spec == "cifar10" else \
+        common.ImageFolder(spec, resolution)
+
+
+def nearest_inputs(args):
+    """(names, uint8 images [N, C, H, W], training set) for `nearest`; every check before anything is written."""
+    if not args.data:
+        raise ValueError("nearest needs --data: the training images (a folder/.zip, cifar10 or shapes)")
+    if (args.network is None) == (args.images is None):
+        raise ValueError("nearest needs either --network SNAPSHOT (to generate --seeds) or --images DIR")
+    if args.images:
+        folder = common.ImageFolder(args.images)
+        images, names = folder.batch(range(len(folder))), folder.names
+    else:
+        device, seeds = common.get_device(args.device), parse_seeds(args.seeds)
+        net = load_net(args.network, device)
+        options = {"num_steps": args.num_steps} if args.num_steps else {}
+        print(f"Generating {len(seeds)} images with 04's edm_sampler, {args.num_steps or 18} steps...")
+        images = torch.cat([generate_batch(net, batch.tolist(), device, **options).cpu()
+                            for batch in torch.as_tensor(seeds).split(args.batch)])
+        names = [f"seed {s}" for s in seeds]
+    train = training_images(args.data, args.data_dir, images.shape[-1])
+    if len(train) < 2:
+        raise ValueError(f"{args.data!r} holds {len(train)} image; the check needs at least 2 training images")
+    if train.batch([0]).shape[1:] != images.shape[1:]:
+        raise ValueError(f"the training images are {tuple(train.batch([0]).shape[1:])} (C, H, W) but the "
+                         f"generated ones {tuple(images.shape[1:])}; pass the --data the network was trained on")
+    return names, images, train
+
+
+def cmd_nearest(args):
+    names, images, train = nearest_inputs(args)
+    print(f"Finding each image's 2 nearest among {len(train)} training images ({args.data})...")
+    d, idx = nearest_two(images, train)
+    copies = near_copies(d)
+    outdir = common.out_dir(__file__, args.outdir or os.path.join("out", "08_evaluate_fid", "nearest"))
+    shown = d[:, 0].div(d[:, 1]).argsort()[:args.rows]          # the most copy-like first
+    grid = torch.stack([images[shown], train.batch(idx[shown, 0]), train.batch(idx[shown, 1])], 1).flatten(0, 1)
+    common.save_grid(grid, os.path.join(outdir, "nearest.png"),
+                     f"near-copies (d1 < d2/{NEAR_COPY_RATIO}): {int(copies.sum())} of {len(images)}", ncol=3,
+                     min_width=240, column_labels=["generated", "1st nearest", "2nd nearest"],
+                     row_labels=[f"{names[i]}: {d[i, 0]:.1f} | {d[i, 1]:.1f}" + " copy" * bool(copies[i])
+                                 for i in shown.tolist()])
+    result = dict(criterion=f"d1 < d2 / {NEAR_COPY_RATIO} (Carlini et al. 2023)",
+                  distance="RMS pixel difference, 0-255", near_copies=int(copies.sum()), images=len(images),
+                  near_copy_fraction=float(copies.float().mean()), data=args.data,
+                  source=os.path.abspath(args.network or args.images),
+                  per_image=[dict(name=n, d1=float(a), d2=float(b), nearest=[int(i), int(j)], near_copy=bool(c))
+                             for n, (a, b), (i, j), c in zip(names, d, idx, copies)])
+    common.write_json(result, os.path.join(outdir, "nearest.json"))
+    print(f"Near-copies (d1 < d2 / {NEAR_COPY_RATIO}, Carlini et al. 2023): {result['near_copies']} of "
+          f"{len(images)} = {result['near_copy_fraction']:.1%}; median d1 {d[:, 0].median():.1f}, d2 "
+          f"{d[:, 1].median():.1f} (RMS, 0-255). Grid (the {len(shown)} most copy-like, d1 | d2 per row): "
+          f"{os.path.join(outdir, 'nearest.png')}; every image: nearest.json")
+
+
+# ----------------------------------------------------------------------------
 # Command line: one parser per subcommand, each with exactly its own options.
 
 TORCHRUN_NUM = "under torchrun write -n, as torchrun mistakes --num for its --numa-binding"
@@ -1083,6 +1173,25 @@ def build_parser():
                    "pytorch-fid, or a local .pt/.pth/.pkl file")
     add_network(p)
     add_sampler_options(p)
+    add_device(p)
+
+    p = add("nearest", cmd_nearest, "Memorisation check: each generated image's 2 nearest training images (L2 in "
+            "pixel space); near-copy when d1 < d2 / 3 (Carlini et al. 2023). Writes nearest.png and nearest.json.")
+    p.add_argument("--data", help="the training images: a folder/.zip (center-cropped and resized as 07 "
+                   "--resolution does), cifar10 or shapes (07's built-in set) (required)")
+    p.add_argument("--data-dir", default=common.DATA_DIR,
+                   help=f"where cifar-10-python.tar.gz is looked for (default: {common.DATA_DIR})")
+    p.add_argument("--images", help="a folder/.zip of images to check instead of generating with --network")
+    p.add_argument("--seeds", default="0-63", help="with --network: the seeds to generate (default: 0-63)")
+    p.add_argument("--rows", type=common.number(int, 1), default=16,
+                   help="grid rows: the most copy-like images (default: 16)")
+    p.add_argument("--outdir", default=None, help="where nearest.png/.json go "
+                   "(default: out/08_evaluate_fid/nearest/)")
+    p.add_argument("--network", help="an official .pkl or a 07 snapshot to generate --seeds with (04's "
+                   "edm_sampler)")
+    p.add_argument("--steps", dest="num_steps", metavar="N", type=common.number(int, 2), default=None,
+                   help="with --network: sampling steps (default: 18)")
+    p.add_argument("--batch", type=common.number(int, 1), default=64, help="generation batch size (default: 64)")
     add_device(p)
     return parser
 

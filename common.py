@@ -307,13 +307,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 class ImageFolder:
     """The images of a folder or .zip (recursive, sorted by relative name), decoded only when read.
 
-    `read(i)` gives uint8 [C, H, W] (C = 1 greyscale or 3 RGB); every image must have the first one's
-    shape. `labels` come from dataset.json (the official dataset-tool layout: {"labels":
-    [["00000/img00000000.png", 6], ...]}), else from one sub-folder per class, else None.
+    `read(i)` gives uint8 [C, H, W]. Without `resolution` every image must have the first one's shape
+    (C = 1 greyscale or 3 RGB). With `resolution` R every image is made R x R RGB as the official
+    dataset_tool.py's center-crop transform does: the central square (side min(H, W)) is cropped, a greyscale
+    image repeated to RGB, and the square resized with PIL's antialiasing LANCZOS filter when it is not R x R;
+    `resized` holds the indices of the images that were cropped or resized. Images with an alpha channel are
+    refused (so does the official tool): what to composite them on is the user's decision. `labels` come from
+    dataset.json (the official dataset-tool layout: {"labels": [["00000/img00000000.png", 6], ...]}), else
+    from one sub-folder per class, else None.
     """
 
-    def __init__(self, path):
-        self.path, self._zip, self.shape = path, None, None
+    def __init__(self, path, resolution=None):
+        self.path, self._zip, self.shape, self.resolution, self.resized = path, None, None, resolution, set()
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path!r}: no such folder or .zip of images")
         if os.path.isdir(path):
@@ -345,15 +350,31 @@ class ImageFolder:
         name = self.names[i]
         try:
             with PIL.Image.open(io.BytesIO(self._bytes(name))) as image:
-                array = np.array(image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB"))
+                alpha = "A" in image.getbands() or "transparency" in image.info
+                if not alpha:
+                    image = image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB")
+                    array = np.array(image if self.resolution is None else self._square(image.convert("RGB"), i))
         except Exception as error:   # a damaged file can raise many kinds
             raise ValueError(f"cannot read image {name!r} in {self.path!r} ({type(error).__name__}: {error})")
+        if alpha:
+            raise ValueError(f"{name!r} in {self.path!r} has an alpha channel (transparency); convert it to RGB "
+                             f"first (e.g. composite it on a background of your choice)")
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         if self.shape is not None and array.shape != self.shape:
             size = lambda s: f"{s[2]}x{s[1]} with {s[0]} channel(s)"
             raise ValueError(f"{name!r} is {size(array.shape)} but {self.names[0]!r} is {size(self.shape)}; "
                              f"all images in {self.path!r} must have one size and channel count")
         return array
+
+    def _square(self, image, i):
+        """The official center crop: the central min(W, H) square, resized (LANCZOS) to resolution^2 if needed."""
+        import PIL.Image
+        w, h = image.size
+        side, r = min(w, h), self.resolution
+        if (w, h) != (r, r):
+            self.resized.add(i)
+        image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+        return image.resize((r, r), PIL.Image.Resampling.LANCZOS) if side != r else image
 
     def batch(self, indices):
         """Images `indices` as a uint8 tensor [N, C, H, W]."""

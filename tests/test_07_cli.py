@@ -43,7 +43,8 @@ def a_file(tmp_path):
 BAD = {   # arguments -> a fragment of the one error line
     "missing path": (lambda p: ["--data", str(p / "nowhere")], "no such folder"),
     "empty folder": (lambda p: ["--data", folder(p, "empty"), "--no-cond"], "no images"),
-    "mixed sizes": (lambda p: ["--data", folder(p, "mixed", [(8, 8), (16, 8)]), "--no-cond"], "one size"),
+    "mixed sizes": (lambda p: ["--data", folder(p, "mixed", [(8, 8), (16, 8)]), "--no-cond", "--no-resize"],
+                    "one size"),     # (with resizing, the default, they train: tests/test_07_own_data.py)
     "corrupt image": (lambda p: ["--data", folder(p, "bad", [(8, 8)], garbage=True), "--no-cond"], "cannot read"),
     "negative batch": (lambda p: ["--batch", "-4"], "--batch: must be >= 1, got -4"),
     "zero duration": (lambda p: ["--duration", "0"], "--duration: must be >= 1e-06"),

@@ -2,8 +2,12 @@
 import json
 import os
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
+
+import common
 
 SMALL = ["--preset", "tiny", "--resolution", "8", "--cbase", "8", "--cres", "1,2", "--batch", "16",
          "--lr-rampup", "0.0002", "--device", "cpu", "--duration", "0.000032"]
@@ -69,3 +73,111 @@ def test_edm_constants_with_another_preconditioning_are_one_error_line(T, option
                                          f"--precond vp has its own"):
         T.parse_args(SMALL + ["--precond", "vp", option, "0.7"])
     T.parse_args(SMALL + ["--precond", "vp"])            # the defaults are not a complaint
+
+
+# ----------------------------------------------------------------------------
+# Any image size: --resolution center-crops and resizes as the official dataset_tool.py (issue 21, item 2).
+
+def write_png(path, array, mode=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    PIL.Image.fromarray(array, mode).save(path)
+
+
+def official_center_crop(array, r):
+    """The official tool's center-crop transform, written out: central min(h, w) square by its index rule,
+    greyscale repeated to RGB, PIL LANCZOS resize to r x r; HWC uint8 in and out."""
+    h, w = array.shape[:2]
+    c = min(h, w)
+    array = array[(h - c) // 2:(h + c) // 2, (w - c) // 2:(w + c) // 2]
+    array = np.repeat(array[:, :, None], 3, 2) if array.ndim == 2 else array
+    return np.array(PIL.Image.fromarray(array, "RGB").resize((r, r), PIL.Image.Resampling.LANCZOS))
+
+
+def mixed_folder(tmp_path):
+    """Four classes of one image each: 8x8 RGB (kept), 13x9 RGB (portrait), 10x17 RGB (landscape), 12x12 grey."""
+    rng = np.random.default_rng(0)
+    arrays = {"a/same.png": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+              "b/tall.png": rng.integers(0, 256, (13, 9, 3), dtype=np.uint8),
+              "c/wide.png": rng.integers(0, 256, (10, 17, 3), dtype=np.uint8),
+              "d/grey.png": rng.integers(0, 256, (12, 12), dtype=np.uint8)}
+    for name, array in arrays.items():
+        write_png(str(tmp_path / "mixed" / name), array)
+    return str(tmp_path / "mixed"), arrays
+
+
+def test_mixed_sizes_are_cropped_and_resized_as_the_official_tool(tmp_path):
+    folder, arrays = mixed_folder(tmp_path)
+    f = common.ImageFolder(folder, resolution=8)
+    images = f.batch(range(len(f)))
+    assert images.shape == (4, 3, 8, 8) and f.names == sorted(arrays)
+    assert np.array_equal(images[0].permute(1, 2, 0).numpy(), arrays["a/same.png"])      # already 8x8: untouched
+    for i, name in enumerate(f.names):
+        assert np.array_equal(images[i].permute(1, 2, 0).numpy(), official_center_crop(arrays[name], 8)), name
+    assert f.resized == {1, 2, 3}
+    # the crop is the centre (not a squash): a landscape image's left and right borders are cut away
+    assert not np.array_equal(images[2].permute(1, 2, 0).numpy(),
+                              np.array(PIL.Image.fromarray(arrays["c/wide.png"]).resize((8, 8), PIL.Image.LANCZOS)))
+
+
+def test_07_trains_mixed_sizes_at_resolution_and_no_resize_keeps_the_strict_check(T, tmp_path, capsys, one_thread):
+    folder, arrays = mixed_folder(tmp_path)
+    argv = ["--data", folder, "--cond", "--resolution", "8", "--cbase", "8", "--cres", "1,2", "--batch", "4",
+            "--duration", "0.000004", "--device", "cpu"]
+    T.main(argv + ["--outdir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "3 of 4 images center-cropped and resized to 8x8" in out and "4 images 8x8x3, 4 classes" in out
+    data = T.load_dataset(T.parse_args(argv))
+    assert torch.equal(data.images[1].permute(1, 2, 0), torch.from_numpy(official_center_crop(arrays["b/tall.png"], 8)))
+    with pytest.raises(ValueError, match="'b/tall.png' is 9x13 with 3 channel"):
+        T.load_dataset(T.parse_args(argv + ["--no-resize"]))
+
+
+def test_alpha_is_refused_and_a_broken_file_named(tmp_path):
+    write_png(str(tmp_path / "rgba" / "a.png"), np.zeros((8, 8, 4), np.uint8), "RGBA")
+    with pytest.raises(ValueError, match="'a.png' .* has an alpha channel .* convert it to RGB"):
+        common.ImageFolder(str(tmp_path / "rgba"), resolution=8)
+    write_png(str(tmp_path / "broken" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "broken" / "b.jpg").write_bytes(b"GIF89a but not really")
+    with pytest.raises(ValueError, match="cannot read image 'b.jpg'"):
+        common.ImageFolder(str(tmp_path / "broken"), resolution=8).read(1)
+
+
+def test_bad_data_options_are_one_error_line_and_write_nothing(tmp_path, assert_one_line_errors):
+    write_png(str(tmp_path / "rgba" / "a.png"), np.zeros((8, 8, 4), np.uint8), "RGBA")
+    write_png(str(tmp_path / "broken" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "broken" / "b.png").write_bytes(b"not a png")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    run = tmp_path / "run"
+    texts = assert_one_line_errors("07_train_cifar10.py", [
+        ["--preset", "tiny", "--sigma-data", "0"],
+        ["--data", tmp_path / "broken", "--resolution", "8", "--cres", "1,2", "--device", "cpu"],
+        ["--data", tmp_path / "empty", "--cres", "1,2", "--device", "cpu"],
+        ["--data", tmp_path / "rgba", "--resolution", "8", "--cres", "1,2", "--device", "cpu"],
+    ], tmp_path, outdir=run)
+    assert "--sigma-data" in texts[0] and "'b.png'" in texts[1] and "no images" in texts[2] and "'a.png'" in texts[3]
+    assert not run.exists()
+
+
+# ----------------------------------------------------------------------------
+# sigma_data survives snapshot -> 08 (issue 21, item 1).
+
+def test_08_generate_samples_with_the_snapshots_sigma_data(T, load, fid, tmp_path, one_thread):
+    T.main(SMALL + ["--sigma-data", "0.3", "--outdir", str(tmp_path / "run")])
+    unet = load("06_unet")
+    snapshot = str(tmp_path / "run" / "network-snapshot-000000.pt")
+    forced = unet.load_network(snapshot)
+    config = forced.init_config                                # the same weights with 0.5: what 08 would
+    forced.init_config = dict(config, kwargs=dict(config["kwargs"], sigma_data=0.5))   # sample with if it fell back
+    unet.save_network(forced, str(tmp_path / "forced.pt"))
+    assert unet.load_network(str(tmp_path / "forced.pt")).sigma_data == 0.5
+    pngs = {}
+    for name, path in [("own", snapshot), ("forced", str(tmp_path / "forced.pt"))]:
+        fid.main(["generate", "--network", path, "--seeds", "0-1", "--steps", "4", "--device", "cpu",
+                  "--outdir", str(tmp_path / name)])
+        pngs[name] = [np.array(PIL.Image.open(tmp_path / name / f"{s:06d}.png")) for s in (0, 1)]
+    expected = fid.generate_batch(unet.load_network(snapshot).eval(), [0, 1], "cpu", num_steps=4)
+    assert unet.load_network(snapshot).sigma_data == 0.3
+    for s in (0, 1):
+        assert np.array_equal(pngs["own"][s], expected[s].permute(1, 2, 0).numpy())
+        assert not np.array_equal(pngs["own"][s], pngs["forced"][s])     # sigma_data 0.5 gives other images
