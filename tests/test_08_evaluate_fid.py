@@ -618,7 +618,7 @@ def test_rank_0_reports_nfe_per_image_of_its_own_share_on_any_number_of_ranks(fi
     np.savez(tmp_path / "ref.npz", mu=np.zeros(6), sigma=np.eye(6))
     next(as_ranks(monkeypatch, world))
     run(fid, "fid", "--network", tiny_network, "--ref", tmp_path / "ref.npz", "-n", 8, "--batch", 2, "--steps", 4,
-        "--outdir", tmp_path / "fid")
+        "--detector", tmp_path / "standin.pt", "--outdir", tmp_path / "fid")    # a local file: loaded first
     result = json.loads((tmp_path / "fid" / "fid.json").read_text())
     assert (result["nfe"], result["network_evaluations"], result["gpus"]) == (7, 7, world)
     capsys.readouterr()

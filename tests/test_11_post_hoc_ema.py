@@ -202,7 +202,7 @@ def test_the_written_snapshot_generates_images_with_08(P, load, run, tmp_path):
     reconstruct(P, run_dir, tmp_path / "ema.pt")
     load("08_evaluate_fid").main(["generate", "--network", str(tmp_path / "ema.pt"), "--seeds", "0-1", "--steps", "3",
                                   "--outdir", str(tmp_path / "images"), "--device", "cpu"])
-    assert sorted(os.listdir(tmp_path / "images")) == ["000000.png", "000001.png"]
+    assert sorted(os.listdir(tmp_path / "images")) == ["000000.png", "000001.png", "generation.json", "grid.png"]
 
 
 def test_bad_command_lines_give_one_error_line(run, tmp_path, assert_one_line_errors):
