@@ -49,6 +49,9 @@ the paper's symbols keep their case (--sigma-min, --S-churn), and the underscore
             (fid.json: FIDs, solver, sigma steps, measured NFE, guidance, ...)
             --network --ref -n/--num --repeats --outdir --detector --class --batch and
             generate's sampler and guidance options --device
+  nearest   memorisation check: each generated image (--network and --seeds, or --images) beside its two
+            nearest training images (--data), nearest.png and nearest.json; near-copy if d1 < d2 / 3
+            (after Carlini et al. 2023)
 
 Examples:
 
