@@ -233,7 +233,7 @@ BAD = {
     "cond without labels": (lambda p: ["--data", make_folder(p), "--cond"], "--cond needs labels"),
     "batch not divisible": (lambda p: ["--batch", "16", "--batch-gpu", "5"], "divisible"),
     "unreadable image": (lambda p: ["--data", make_folder(p, garbage=True), "--no-cond"], "cannot read image"),
-    "mixed sizes": (lambda p: ["--data", make_folder(p, ((8, 8), (16, 16))), "--no-cond"], "one size"),
+    "mixed sizes": (lambda p: ["--data", make_folder(p, ((8, 8), (16, 16))), "--no-cond", "--no-resize"], "one size"),
     "resume path missing": (lambda p: ["--resume", str(p / "missing.pt")], "no such file"),
 }
 
