@@ -181,3 +181,11 @@ def test_08_generate_samples_with_the_snapshots_sigma_data(T, load, fid, tmp_pat
     for s in (0, 1):
         assert np.array_equal(pngs["own"][s], expected[s].permute(1, 2, 0).numpy())
         assert not np.array_equal(pngs["own"][s], pngs["forced"][s])     # sigma_data 0.5 gives other images
+
+
+def test_an_image_only_cropped_counts_as_changed(tmp_path):
+    # 8x12 at --resolution 8: the central 8x8 square is kept without resizing, but the image did change.
+    write_png(str(tmp_path / "crop" / "a.png"), np.arange(8 * 12 * 3, dtype=np.uint8).reshape(12, 8, 3))
+    f = common.ImageFolder(str(tmp_path / "crop"), resolution=8)
+    assert np.array_equal(f.read(0).transpose(1, 2, 0), np.arange(8 * 12 * 3, dtype=np.uint8).reshape(12, 8, 3)[2:10])
+    assert f.resized == {0}

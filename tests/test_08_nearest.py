@@ -91,3 +91,8 @@ def test_bad_input_is_one_error_line_and_overwrites_nothing(shapes, tmp_path, as
     assert "--data" in texts[0] and "'002.png'" in texts[1] and "no images" in texts[2]
     assert "--network" in texts[3] and "--data the network was trained on" in texts[4]
     assert os.listdir(out) == ["nearest.png"] and (out / "nearest.png").read_bytes() == b"earlier result"
+
+
+def test_near_copy_criterion_is_d1_below_a_third_of_d2(fid):
+    d = torch.tensor([[1.0, 2.9], [1.0, 3.1], [1.0, 2.5], [0.0, 0.1]], dtype=torch.float64)
+    assert fid.near_copies(d).tolist() == [False, True, False, True]      # d1 < d2 / 3 (Carlini et al. 2023)
