@@ -384,7 +384,7 @@ def plot_metrics(settings, floor, file):
             ax.set_title(setting, fontsize=8)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle("As w grows, CFG leaves the data and loses diversity; autoguidance stays on the data", fontsize=10)
+    fig.suptitle("Past w = 1.5, CFG leaves the data and loses diversity; autoguidance stays on the data", fontsize=10)
     fig.tight_layout()
     fig.savefig(file, dpi=110)
     plt.close(fig)
@@ -504,7 +504,8 @@ What this shows
                            tightens every arm along its whole length; CFG on the interval stays close to w = 1.
   samples_blurry_main.png  the same with a main model whose components are 1.5x too wide, as a real network's
                            are too blurry (many w = 1 samples lie off the data): autoguidance puts them back on
-                           the arms, CFG scatters more of them the harder it guides.
+                           the arms; CFG puts some back at w = 1.5 - 2, then scatters more of them the harder
+                           it guides (the table's "off data").
   metrics.png              the tables as curves: mean log p(x | c), % off the data, energy distance and
                            diversity against w, for both main models; dashed: the values of true samples.
 Reading: guidance by the label (CFG) sharpens a class by pushing it away from the other classes -- off
