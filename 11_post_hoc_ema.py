@@ -74,8 +74,8 @@ What it finds (default run, as printed; W1 of two independent data draws, the no
       0.1 (profile error 3.4%) differs from the tracked 0.07 by 2.7e-4 of its norm, about 40x less than
       the raw weights do (1.1e-2).
 
-Run:  python 11_post_hoc_ema.py          (figures in out/11_post_hoc_ema/; sized for about two minutes on 2
-      CPU cores, but measured only on a heavily loaded machine so far: 443 s of CPU time, docs/BENCHMARKS.md)
+Run:  python 11_post_hoc_ema.py          (figures in out/11_post_hoc_ema/; about 40 s on 2 CPU cores,
+      docs/BENCHMARKS.md)
 
 After a real run (the command line; also prints the coefficients and the profile error):
   python 07_train_cifar10.py --preset tiny --phema 0.05,0.10 --outdir out/11_tiny
@@ -84,6 +84,7 @@ After a real run (the command line; also prints the coefficients and the profile
 (--at-kimg K: the average of a run stopped at K kimg; --from 0.05,0.10: which stored profiles to use.)
 """
 
+import contextlib
 import copy
 import glob
 import math
@@ -430,11 +431,15 @@ def print_study(study):
 def tiny_run(args, device, outdir):
     """07 --preset tiny at reduced length with --phema 0.05,0.07,0.1; 0.07 reconstructed from 0.05 and 0.1."""
     run_dir = os.path.join(outdir, "tiny-run")
+    log = os.path.join(run_dir, "log.txt")
     print(f"\n(c) 07 --preset tiny for {args.tiny_kimg:g} kimg with --phema 0.05,0.07,0.1, snapshots every "
-          f"{args.tiny_snap:g} kimg into {run_dir} (--resume auto: a finished run there is reused) ...", flush=True)
-    train.main(["--preset", "tiny", "--duration", str(args.tiny_kimg / 1000), "--snap", str(args.tiny_snap),
-                "--tick", str(args.tiny_snap), "--phema", "0.05,0.07,0.1", "--outdir", run_dir, "--resume", "auto",
-                "--device", str(device), "--seed", str(args.seed)])
+          f"{args.tiny_snap:g} kimg into {run_dir} (--resume auto: a finished run there is reused); 07's log: "
+          f"{log} ...", flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):   # 07's own report
+        train.main(["--preset", "tiny", "--duration", str(args.tiny_kimg / 1000), "--snap", str(args.tiny_snap),
+                    "--tick", str(args.tiny_snap), "--phema", "0.05,0.07,0.1", "--outdir", run_dir,
+                    "--resume", "auto", "--device", str(device), "--seed", str(args.seed)])
     net, used, coefficients, error = reconstruct(run_dir, 0.07, from_sigma_rel=[0.05, 0.1])
     last = max(s.nimg for s in used)
     tracked = unet.load_network(train.phema_path(run_dir, 0.07, last))
@@ -561,7 +566,7 @@ def print_conclusion(results, study, tiny, args, outdir, seconds):
     good = [r for r in end + middle if r["profile_error"] < 0.05]
     poor = [(step, r) for step, rows in ((args.toy_steps, end), (args.toy_steps // 2, middle)) for r in rows
             if r["profile_error"] >= 0.05]
-    gap = max(abs(r["tracked"] - r["reconstructed"]) for r in good)
+    gap = max(abs(round(r["tracked"], 4) - round(r["reconstructed"], 4)) for r in good)   # as the tables print them
     best = lambda rows: min(rows, key=lambda r: r["reconstructed"])
     stored = lambda rows: min((r for r in rows if r["sigma_rel"] in STORED), key=lambda r: r["reconstructed"])
     below = all(row[2] <= row[3] for rows in study.values() for row in rows)

@@ -2,6 +2,7 @@
 the least-squares reconstruction of a 07 run against the EMA that run tracked directly, and the command line."""
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -221,3 +222,26 @@ def test_bad_command_lines_give_one_error_line(run, tmp_path, assert_one_line_er
                                       "--out", "--sigma-rel"]):
         assert fragment in text, text
     assert not os.path.exists(tmp_path / "x.pt")
+
+
+def test_demo_keeps_07s_report_in_its_log_and_its_claims_match_its_tables(P, run, tmp_path, capsys, monkeypatch,
+                                                                          one_thread):
+    """The demo at reduced size, case (c)'s 07 run stood in for by the fixture's run: 07's own report goes to
+    tiny-run/log.txt, not into 11's output (one 'What this shows'); and 'differ by at most G in W1' holds for
+    the W1 values as the tables print them (rows with profile error under 5%)."""
+    run_dir, _ = run
+
+    def train_07(argv):
+        print("07's report")
+        shutil.copytree(run_dir, argv[argv.index("--outdir") + 1], dirs_exist_ok=True)
+    monkeypatch.setattr(P.train, "main", train_07)
+    P.main(["--toy-steps", "100", "--snapshot-every", "10", "--samples", "100", "--sampler-steps", "4",
+            "--outdir", str(tmp_path), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "07's report" not in out and "07's report" in (tmp_path / "tiny-run" / "log.txt").read_text()
+    assert out.count("What this shows") == 1 and (tmp_path / "post_hoc_ema.png").stat().st_size > 0
+    rows = re.findall(r"^ +[\d.]+ +([\d.]+) +([\d.]+) +([\d.e+-]+) +[\d.e+-]+$", out.split("(b)")[0], re.M)
+    good = [abs(float(a) - float(b)) for a, b, error in rows if float(error) < 0.05]
+    assert len(rows) == 18 and good, rows
+    (gap,) = re.findall(r"differ by at most ([\d.]+) in W1", " ".join(out.split()))
+    assert float(gap) == pytest.approx(max(good), abs=1e-9)
