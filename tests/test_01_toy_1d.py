@@ -149,7 +149,7 @@ def test_training_log_shows_the_mean_since_the_last_line(mix, capsys, one_thread
 
 
 @pytest.mark.slow
-def test_demo_claims_the_learned_denoiser_sets_the_quality(mix, trained, one_thread):
+def test_demo_claims_the_learned_denoiser_sets_the_quality(mix, trained):
     """The demo's claims about the learned D, at reduced size (10k samples): its loss has levelled off just above
     the irreducible loss, yet its samples are many times further from the data than the exact D's with the same
     steps, and the SDE suffers more from the same errors than the ODE."""
