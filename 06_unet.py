@@ -67,7 +67,7 @@ own snapshot (loadable with `torch.load(weights_only=True)`). A missing file rai
 FileNotFoundError, a truncated or corrupt one ValueError. Both sit under "Loading and
 saving", after the networks.
 
-Run `python 06_unet.py` (about 10 s on 2 CPU cores): it prints, for each paper
+Run `python 06_unet.py` (about 15 s on 2 CPU cores): it prints, for each paper
 configuration, the parameter count, the GFLOPs of one forward pass per image, and the
 forward / forward+backward throughput on the chosen device (on CPU only the CIFAR-10
 nets are timed unless --time says otherwise), and plots where the FLOPs go along the
