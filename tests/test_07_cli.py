@@ -168,8 +168,12 @@ def test_label_dropout_drops_the_class_as_often_as_asked(T, tmp_path, monkeypatc
 def test_ctrl_c_prints_one_line_with_the_saved_state_and_the_resume_command(tmp_path):
     out = tmp_path / "run"
     argv = SMALL + ["--duration", "1", "--tick", "0.016", "--snap", "0.016", "--outdir", str(out)]
+    # The child gets SIGINT's default disposition, as a terminal's Ctrl-C would find it: a suite started as a
+    # background job of a script (`cmd &`) inherits SIGINT *ignored*, and Python then installs no
+    # KeyboardInterrupt handler at all, so the signal would go unheard and training would run on.
     proc = subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=tmp_path, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while not (out / "training-state.pt").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
