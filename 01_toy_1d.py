@@ -116,21 +116,8 @@ def mode_weight(samples, threshold=0.0):
 
 
 # ----------------------------------------------------------------------------
-# The forward process and the two reverse processes, with sigma(t) = t.
-
-def noise_levels(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """Decreasing sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min, then sigma_N = 0.
-
-    The spacing is EDM's Eq. 5 (chapter 03 explains why rho = 7): dense at low noise,
-    where the trajectories bend most.
-    """
-    # Deliberate twin of 03_heun_and_schedules.edm_sigma_steps, Eq. 5's home (which has no
-    # trailing 0): the first chapter imports no later one, so it carries its own copy.
-    i = torch.arange(num_steps, dtype=torch.float64)
-    inv_rho = 1 / rho
-    t = (sigma_max ** inv_rho + i / (num_steps - 1) * (sigma_min ** inv_rho - sigma_max ** inv_rho)) ** rho
-    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-
+# The forward process and the two reverse processes, with sigma(t) = t. The samplers start from x at
+# t[0] and step through every t[i] (in the demo: Eq. 5's noise levels, common.edm_sigma_steps, then 0).
 
 def forward_paths(y, t, generator=None):
     """Random-walk paths x(t) = y + n(t), Var n(t) = sigma(t)^2 = t^2, on an increasing grid t.
@@ -418,7 +405,7 @@ def demo(args):
     plot_denoisers(mix, model, f"{outdir}/denoisers.png", device)
 
     # 4. Generate with ODE and SDE, exact and learned denoisers, from sigma_max = 80.
-    t = noise_levels(args.steps).to(device)
+    t = common.edm_sigma_steps(args.steps).to(device)       # Eq. 5 (chapter 03 explains rho = 7), then 0
     truth = mix.sample(args.samples, g)
     x_T = (torch.randn(args.samples, 1, generator=g, dtype=torch.float64) * t[0]).to(device)
     results = generate({"exact": mix, "learned": model}, x_T, t, seed=args.seed + 1)

@@ -1,52 +1,21 @@
 """02 -- The probability-flow ODE for any noise schedule sigma(t) and scale s(t); Euler's method.
 
-EDM (Karras et al. 2022, Sec. 2 and Table 1) observes that the "VP", "VE" and DDIM samplers
-of earlier papers all solve the *same* deterministic ODE, written in different coordinates.
-Two functions of time t pick the coordinates:
+EDM (Karras et al. 2022, Sec. 2 and Table 1) observes that the "VP", "VE" and DDIM samplers of earlier papers
+all solve the *same* deterministic ODE in different coordinates, picked by two functions of time t: the noise
+level sigma(t), and the scale s(t) of the state x = s(t) x~, x~ a noisy image at level sigma(t). With the
+ideal denoiser D and Tweedie's identity grad log p(x; sigma) = (D(x; sigma) - x) / sigma^2 (Eq. 3), Eq. 4 is
 
-* sigma(t), the noise schedule: the noise level reached at time t;
-* s(t), the scale schedule: the state is x = s(t) * x~, where x~ is a noisy image at level sigma(t).
+    dx/dt = (sigma_dot/sigma + s_dot/s) x  -  (sigma_dot s / sigma) D(x / s; sigma)                   (Eq. 4)
 
-With the ideal denoiser D(x; sigma) = E[y | x] and Tweedie's identity
-grad log p(x; sigma) = (D(x; sigma) - x) / sigma^2 (Eq. 3), the paper's Eq. 4 becomes
-
-    dx/dt = (sigma_dot/sigma + s_dot/s) * x  -  (sigma_dot * s / sigma) * D(x / s; sigma)      (Eq. 4)
-
-The three formulations of Table 1:
-
-    VP   sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),  s(t) = 1 / sqrt(1 + sigma(t)^2)
-         (beta_d = 19.9, beta_min = 0.1; Song et al.'s "variance preserving" SDE)
+    VP   sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),  s(t) = 1 / sqrt(1 + sigma(t)^2)   (Table 1)
     VE   sigma(t) = sqrt(t),                                      s(t) = 1
     EDM  sigma(t) = t,                                            s(t) = 1   (as in DDIM)
 
-Whatever the coordinates, x~ = x / s follows one curve as sigma falls: the exact solutions
-agree, and only the *numerical* error of a solver differs. EDM's choice makes Eq. 4 read
-dx/dt = (x - D(x; t)) / t, so the tangent at every point aims straight at the denoiser output
-(one Euler step from t to 0 lands exactly on D(x; t)): wherever D changes slowly with sigma
-the trajectories are nearly straight -- which is what a low-order solver wants.
-
-This chapter implements the general ODE and Euler's method over any time discretization, and
-measures how far Euler's answer is from the exact ODE solution in each formulation, all
-stepping through the *same* noise levels, on two kinds of data with an exact denoiser: the
-1-D toy of chapter 01, and a finite set of small images, whose ideal denoiser
-(`FiniteSetDenoiser`) carries every latent to one training image. What the demo finds
-(default settings; numbers from its output):
-
-* Images: EDM's coordinates beat VP's at every step count (7.0 % vs 13.3 % of samples end on
-  another image at 32 steps) and VE's from 8 steps on; at 4 steps every formulation sends most
-  samples elsewhere (57-91 %), VE's fewest. Once a latent has picked its image (sigma < 0.5) D
-  stops changing, the EDM path x = D + sigma n is a straight line and its Euler steps are exact
-  (local error 4e-16, VP's up to 5e-3) -- the straightness of Sec. 3, measured directly.
-* The 1-D toy is the surprising case: VP's coordinates beat EDM's at every step count
-  (mean |error| 0.0024 vs 0.0053 at 256 steps; VE's 0.0330). Its modes are Gaussians whose
-  denoiser keeps changing down to sigma ~ 0.1, and Gaussian data suit VP's coordinates: for
-  N(0, 0.5^2) VP's Euler error at 32 steps is 1.3e-2 vs EDM's 5.1e-2, and for N(0, 1) VP's
-  trajectories are constant and Euler is exact. (EDM's steps above sigma = 3 are straighter
-  even on the toy, but an error made at high noise shrinks on the way down -- for Gaussian
-  data by the trajectory's own factor sqrt((sigma_data^2) / (sigma^2 + sigma_data^2)).)
-
-So EDM's straight trajectories are a property of data whose denoiser settles (finite sets,
-real images), not of every density. Chapter 03 adds Heun's method and the choice of time steps.
+The exact solutions agree in every coordinate system; only a solver's numerical error differs. EDM's makes
+Eq. 4 read dx/dt = (x - D(x; t)) / t: the tangent aims straight at the denoiser output, so where D changes
+slowly with sigma the trajectories are straight lines -- what a low-order solver wants. The demo measures
+Euler's error against the exact ODE solution in each formulation on the 1-D toy of chapter 01 and on a
+finite set of small images (`FiniteSetDenoiser`, exact too); chapter 03 adds Heun's method.
 
 Run:  python 02_ode_sampler.py      (about 30 s on 2 CPU cores; figures in out/02_ode_sampler/)
 """
@@ -169,19 +138,15 @@ def euler(net, x, t_steps, f, extra_args=None):
     return x
 
 
-def initial_state(latents, t0, f):
-    """x(t_0) = s(t_0) sigma(t_0) n for unit-variance latents n: noise dominates at sigma_max."""
-    return latents.to(torch.float64) * (f.sigma(t0) * f.s(t0))
+def euler_sampler(net, x, sigmas, extra_args=None, f=None):
+    """Euler steps of Eq. 4 in formulation f (default EDM) from the noisy images x at sigmas[0] through every
+    sigmas[i] (ending at 0), one NFE per step; returns x~ at sigmas[-1] (common.py's sampler convention).
 
-
-def sample(net, latents, sigma_steps, f, extra_args=None):
-    """Euler sampling of x~(sigma = 0) from unit latents through the noise levels sigma_steps (ending at 0).
-
-    The noise levels are mapped to each formulation's own times, t_i = sigma^-1(sigma_i), so that
-    different formulations can be compared at identical noise levels.
-    """
-    t_steps = f.sigma_inv(sigma_steps)
-    x = euler(net, initial_state(latents, t_steps[0], f), t_steps, f, extra_args)
+    The noise levels are mapped to the formulation's own times t_i = sigma^-1(sigma_i), so that formulations
+    can be compared at identical noise levels; the state is x = s(t) x~."""
+    f = f or EDM()
+    t_steps = f.sigma_inv(sigmas)
+    x = euler(net, x.to(torch.float64) * f.s(t_steps[0]), t_steps, f, extra_args)
     return x / f.s(t_steps[-1])
 
 
@@ -241,15 +206,12 @@ def mean_abs_error(a, b):
     return float((a - b).abs().mean())
 
 
-def reference_solution(net, latents, noise_levels, num_steps=2048):
-    """The ODE's endpoint, far more accurate than any run measured: Richardson extrapolation of two fine Euler runs.
-
-    Euler's global error is c/N + O(1/N^2), so 2 x_{2N} - x_N cancels the first-order term.
-    """
-    f = EDM()
-    fine = sample(net, latents, noise_levels(2 * num_steps), f)
-    coarse = sample(net, latents, noise_levels(num_steps), f)
-    return 2 * fine - coarse
+def reference_solution(net, latents, num_steps=2048):
+    """The ODE's endpoint from unit latents (Eq. 5's steps), far more accurate than any run measured:
+    Richardson extrapolation of two fine Euler runs. Euler's global error is c/N + O(1/N^2), so 2 x_{2N} - x_N
+    cancels the first-order term."""
+    run = lambda n: euler_sampler(net, latents * 80.0, common.edm_sigma_steps(n).to(latents.device))  # noqa: E731
+    return 2 * run(2 * num_steps) - run(num_steps)
 
 
 def exact_states(net, x, sigmas, substeps=32):
@@ -289,27 +251,29 @@ def local_euler_errors(net, latents, sigmas, formulations):
     return errors
 
 
-def euler_errors(net, latents, noise_levels, steps, formulations, metrics, reference_steps=2048):
-    """{formulation: {metric: [value at each step count]}}, every formulation through the same noise levels."""
-    reference = reference_solution(net, latents, noise_levels, reference_steps)
+def euler_errors(net, latents, steps, formulations, metrics, reference_steps=2048):
+    """{formulation: {metric: [value at each step count]}}, every formulation through the same noise levels
+    (Eq. 5, 80 -> 0.002, then 0) from the same unit latents."""
+    reference = reference_solution(net, latents, reference_steps)
     results = {f.name: {m: [] for m in metrics} for f in formulations}
     for n in steps:
         for f in formulations:
-            x = sample(net, latents, noise_levels(n).to(latents.device), f)
+            x = euler_sampler(net, latents * 80.0, common.edm_sigma_steps(n).to(latents.device), f=f)
             for name, metric in metrics.items():
                 results[f.name][name].append(metric(x, reference))
     return results
 
 
-def gaussian_euler_error(std, num_steps, f, noise_levels, n=64):
+def gaussian_euler_error(std, num_steps, f, n=64):
     """Euler's RMS endpoint error for data N(0, std^2), where the ODE is solved in closed form.
 
     The ideal denoiser is the Wiener filter D = std^2 / (std^2 + sigma^2) x, and the exact trajectory
     scales each starting point by sqrt(sigma^2 + std^2) / sqrt(sigma_max^2 + std^2).
     """
     latents = torch.linspace(-2, 2, n, dtype=torch.float64)
-    sigmas = noise_levels(num_steps)
-    x = sample(lambda x, sigma, labels=None: std ** 2 / (std ** 2 + sigma ** 2) * x, latents, sigmas, f)
+    sigmas = common.edm_sigma_steps(num_steps)
+    wiener = lambda x, sigma: std ** 2 / (std ** 2 + sigma ** 2) * x  # noqa: E731
+    x = euler_sampler(wiener, latents * sigmas[0], sigmas, f=f)
     exact = latents * sigmas[0] * std / (sigmas[0] ** 2 + std ** 2).sqrt()
     return common.rms(x, exact)
 
@@ -334,7 +298,7 @@ def plot_trajectories(mix, formulations, file, sigma_start=3.0, num_points=13):
         ax.imshow(dens.T.numpy(), origin="lower", aspect="auto", cmap="Greys", alpha=0.6,
                   extent=[0, float(t_end), -3, 3])
         # Trajectories: many small Euler steps, recorded one interval at a time.
-        x = initial_state(x0 / sigma_start, t[0], f)
+        x = x0 * f.s(t[0])
         path = [x]
         for i in range(len(t) - 1):
             x = euler(mix, x, t[i:i + 2], f)
@@ -455,9 +419,9 @@ def demo(args):
     latents = torch.randn(args.samples, 1, generator=g, dtype=torch.float64).to(device)
     truth = mix.sample(args.samples, g)
     steps = [n for n in (4, 8, 16, 32, 64, 128, 256, 512) if n <= args.max_steps]
-    toy_err = euler_errors(mix, latents, toy.noise_levels, steps, formulations,
+    toy_err = euler_errors(mix, latents, steps, formulations,
                            {"mean": mean_abs_error, "w1": lambda x, ref: toy.wasserstein1(x.cpu(), truth)})
-    reference = reference_solution(mix, latents, toy.noise_levels)
+    reference = reference_solution(mix, latents)
     print("1-D toy: Euler through the same noise levels for every formulation "
           "(80 -> 0.002 by Eq. 5 with rho = 7, then 0)")
     print("mean |error| of the endpoint against the exact ODE solution | Wasserstein-1 distance (W1) to the data")
@@ -474,7 +438,7 @@ def demo(args):
     image_latents = torch.randn(args.image_latents, *images.shape[1:], generator=g, dtype=torch.float64).to(device)
     image_steps = [n for n in steps if n <= 128]
     wrong = lambda x, ref: 100 * float((image_net.nearest(x) != image_net.nearest(ref)).double().mean())  # noqa
-    img_err = euler_errors(image_net, image_latents, toy.noise_levels, image_steps, formulations,
+    img_err = euler_errors(image_net, image_latents, image_steps, formulations,
                            {"wrong": wrong})
     print(f"\nImages ({args.images} training images, {args.image_latents} latents): the same Euler runs")
     print("% of samples ending on another training image than the exact ODE solution")
@@ -484,7 +448,7 @@ def demo(args):
     plot_errors(steps, toy_err, img_err, f"{outdir}/euler_error.png")
 
     # (3) Why the two data sets disagree: curvature measured directly, as the error of one Euler step.
-    sigmas = toy.noise_levels(32).to(device)
+    sigmas = common.edm_sigma_steps(32).to(device)
     local = {"1-D toy (data std 0.96, modes of std 0.25)": {}, f"{args.images} images: each latent picks an image": {}}
     for title, net, lat in zip(local, (mix, image_net), (latents[:512], image_latents[:32])):
         local[title] = local_euler_errors(net, lat, sigmas, formulations)
@@ -498,7 +462,7 @@ def demo(args):
         for name, errors in curves.items():
             worst[label, name] = band_maxima(sigmas[:-1].tolist(), errors, bands)
             print(f"{label:<10}{name:>5}" + "".join(f"{v:>14.2e}" for v in worst[label, name]))
-    gauss = {(std, f.name): gaussian_euler_error(std, 32, f, toy.noise_levels)
+    gauss = {(std, f.name): gaussian_euler_error(std, 32, f)
              for std in (0.5, 1.0) for f in (formulations[0], formulations[2])}
     print("Gaussian data N(0, std^2), 32 Euler steps, RMS endpoint error (closed-form ODE solution):")
     for std in (0.5, 1.0):

@@ -1,64 +1,20 @@
 """03 -- Heun's 2nd-order method, time discretizations, and the paper's generalized ablation sampler.
 
-EDM (Karras et al. 2022), Sec. 3 and Appendix D. Chapter 02 wrote the probability-flow ODE
-for any sigma(t), s(t) (Eq. 4) and solved it with Euler's method. Generating an image costs
-one network evaluation (NFE) per derivative, so the question of Sec. 3 is: how few NFE reach
-the ODE's true solution? Three choices decide it.
+EDM (Karras et al. 2022), Sec. 3 and App. D. Generating an image costs one network evaluation (NFE) per
+derivative of the ODE (Eq. 4, chapter 02), so Sec. 3 asks how few NFE reach its true solution. Three choices:
 
-* The solver. Heun's method (Algorithm 1) takes an Euler step to t_{i+1}, evaluates the
-  derivative there too, and redoes the step with the average of the two slopes. Its error
-  falls like h^2 instead of h. The step that ends at sigma = 0 stays Euler (the derivative
-  divides by sigma), so N steps cost 2N - 1 NFE. Appendix D.2 generalizes the second
-  evaluation to t' = t_i + alpha h with weights (1 - 1/(2 alpha), 1/(2 alpha)); alpha = 1 is Heun.
+* The solver. Heun's method (Algorithm 1) takes an Euler step to t_{i+1}, evaluates the slope there too and
+  redoes the step with the average of both: error O(h^2) instead of O(h). The last step, into sigma = 0,
+  stays Euler, so N steps cost 2N - 1 NFE. App. D.2 generalizes the second point to t_i + alpha h.
+* The time steps. EDM's Eq. 5 (common.edm_sigma_steps) is uniform in sigma^(1/rho); rho = 7 spends more
+  steps at low sigma (App. D.1). Earlier samplers used uniform t in VP's time, a geometric sequence in
+  sigma^2 (VE), or the table of improved DDPM (iDDPM) -- Table 1, `sigma_steps`.
+* The formulation sigma(t), s(t) of chapter 02.
 
-* The time steps. EDM spaces the noise levels as (Eq. 5)
-      sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
-  i.e. uniformly in sigma^(1/rho): rho = 1 is uniform in sigma, rho -> infinity geometric.
-  Earlier samplers used uniform t in VP's time (from 1 to epsilon_s = 1e-3), a geometric
-  sequence in sigma^2 (VE), or the u_j table of improved DDPM (iDDPM, Nichol & Dhariwal).
-  Appendix D.1: rho = 3 nearly equalizes the local truncation error of every step, but
-  rho = 7 -- which spends more steps at low sigma -- gives better images.
-
-* The formulation sigma(t), s(t) of chapter 02 (schedule vp | ve | linear, scaling vp | none).
-
-`ablation_sampler` combines every choice the paper ablates, with the official API, so its
-numbers can be compared one for one with the official generate.py. With solver='heun',
-discretization='edm', schedule='linear', scaling='none' it is exactly chapter 04's EDM sampler.
-
-The demo measures what the paper measures with FID, but exactly: with the *ideal* denoiser
-(the 1-D Gaussian mixture of chapter 01, and chapter 02's `FiniteSetDenoiser` of a finite set
-of small images -- the softmax-weighted average of the training images), the only error left
-is the solver's truncation error, which we compare against a many-step Heun reference. On the
-finite image set the ODE carries each latent to one training image, so a truncation error
-shows up as landing on a *different* image; the tables count how often that happens.
-
-What the demo finds (default settings; numbers from its output):
-
-* Heun beats Euler at equal NFE once its steps are short enough: on images from 15 NFE (EDM
-  steps at 31 NFE: 2.3 % of samples on another image vs 7.8 %; at 7 NFE Heun's 4 steps are
-  too long and it loses, 71.9 vs 45.3 %); on the 1-D toy from 63 NFE on every discretization,
-  and at 127 NFE Heun is 16x more accurate (its error falls 4.5x per doubling, Euler's 1.9x).
-* Below that Heun loses on the toy, on every discretization at 7 NFE (EDM steps: 3.00 vs 0.305).
-  A step that more than halves sigma extrapolates the change of D by (r - 1)/2, and the toy's D
-  keeps changing down to sigma ~ 0.05 (modes of std 0.25): of EDM's 4 steps, 9.72 -> 0.47
-  (r = 20.7) alone leaves an error of 2.28. On images D has settled where those long low-sigma
-  steps are. Euler does worst on EDM steps at every NFE on the toy: at 31 NFE rho = 7 starts 11
-  steps in sigma 0.05 - 3, where the toy's modes separate (iDDPM 23, VP and VE 14), and 5 below.
-* The paper's Fig. 2 ladders reproduce: VP at 31 NFE, original sampler 13.3 % -> Heun and
-  Eq. 5 7.8 % -> sigma(t) = t, s = 1 2.3 %; VE at 63 NFE 18.0 % -> 4.7 % -> 0.0 %. Below 63 NFE
-  VE's middle rung is worse than its start (33.6 vs 29.7 % at 31): in VE's t = sigma^2 a Heun step
-  weights D's change by (r^2 - 1)/4, (r + 1)/2 times as much as with sigma(t) = t.
-* Heun on iDDPM steps loses to Euler at every NFE (50.8 vs 14.8 % at 31 NFE). The cause is the
-  table's first step: spaced evenly in the index j, it jumps 80.2 -> 8.63 (r = sigma_0 /
-  sigma_1 = 9.3). One Heun step works out to x_0/r + (1 - 1/r) D_0 + (r - 1)/2 (D_1 - D_0),
-  while the exact ODE moves x toward D_1 by at most (1 - 1/r): past r = 2 Heun extrapolates
-  the change of the denoiser (weight 4.15 vs at most 0.89 here). That one step alone sends
-  49.2 % of samples to another image; splitting it in two (+2 NFE) brings the run to 10.9 %.
-  EDM's first step has r = 1.45.
-* The local error of each step peaks around sigma ~ 1-10, where the toy's modes and the
-  images' basins separate; below that the finite-set ODE is a straight line and Heun makes no
-  error at all. On the toy rho = 5..10 beat rho = 1..3 (rho = 7: 2.6e-2, rho = 2: 1.4e-1); on
-  images rho = 3..10 tie within the counting noise of 128 samples; the paper picks rho = 7 on FID.
+`ablation_sampler` combines every choice the paper ablates; with Heun on Eq. 5's steps and EDM's formulation
+it is chapter 04's Algorithm 2. The demo measures what the paper measures with FID, but exactly: with the
+ideal denoisers of chapter 01's toy and of chapter 02's finite image set the only error left is the solver's,
+and on the image set a truncation error shows up as landing on a *different* training image.
 
 Run:  python 03_heun_and_schedules.py     (about 40 s on 2 CPU cores; figures in out/03_heun_and_schedules/)
 """
@@ -71,146 +27,41 @@ import torch
 
 import common
 
-ode = common.load("02_ode_sampler")
+ch02 = common.load("02_ode_sampler")
 
 
 # ----------------------------------------------------------------------------
 # Heun's method (Algorithm 1) for the general ODE of chapter 02.
 
 def heun(net, x, t_steps, f, extra_args=None):
-    """Algorithm 1: Heun steps of Eq. 4 from x at t_steps[0] through every t_steps[i]; the denoiser is
-    called as `net(x, sigma, **extra_args)` (02's ode_derivative)."""
+    """Algorithm 1: Heun steps of Eq. 4 from x at t_steps[0] through every t_steps[i], in formulation f's own
+    time and coordinates; the denoiser is called as `net(x, sigma, **extra_args)` (02's ode_derivative)."""
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
         h = t_next - t_cur
-        d_cur = ode.ode_derivative(net, x, t_cur, f, extra_args)     # line 4: Euler slope
+        d_cur = ch02.ode_derivative(net, x, t_cur, f, extra_args)     # line 4: Euler slope
         x_next = x + h * d_cur                                           # line 5: Euler step
         if f.sigma(t_next) != 0:                                         # line 6: 2nd-order correction
-            d_prime = ode.ode_derivative(net, x_next, t_next, f, extra_args)
+            d_prime = ch02.ode_derivative(net, x_next, t_next, f, extra_args)
             x_next = x + h * (0.5 * d_cur + 0.5 * d_prime)               # line 8: trapezoidal rule
         x = x_next
     return x
 
 
-# ----------------------------------------------------------------------------
-# Time discretizations: N decreasing noise levels sigma_0 = sigma_max ... sigma_{N-1} = sigma_min.
-# (Samplers append sigma_N = 0.)
-
-def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80, rho=7):
-    """Eq. 5: uniform steps in sigma^(1/rho)."""
-    # Eq. 5's home. Deliberate twins, so that those chapters copy without this one: 01_toy_1d's
-    # noise_levels (appends sigma_N = 0) and 04_stochastic_sampler's edm_sigma_steps.
-    i = torch.arange(num_steps, dtype=torch.float64)
-    return (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-
-def vp_betas(sigma_min, sigma_max, epsilon_s=1e-3):
-    """beta_d, beta_min of the VP schedule that runs from sigma(epsilon_s) = sigma_min to sigma(1) = sigma_max.
-
-    ln(1 + sigma(t)^2) = beta_d t^2 / 2 + beta_min t; two points fix the two betas. With the VP
-    defaults sigma_min = sigma(1e-3), sigma_max = sigma(1) this returns beta_d = 19.9, beta_min = 0.1.
-    """
-    a, b = math.log(sigma_min ** 2 + 1), math.log(sigma_max ** 2 + 1)
-    beta_d = 2 * (a / epsilon_s - b) / (epsilon_s - 1)
-    return beta_d, b - 0.5 * beta_d
-
-
-def vp_sigma_steps(num_steps, sigma_min, sigma_max, epsilon_s=1e-3):
-    """VP (Song et al.): t uniform from 1 down to epsilon_s, mapped through the VP sigma(t)."""
-    sigma, _, _ = ode.vp_schedule(*vp_betas(sigma_min, sigma_max, epsilon_s))
-    return sigma(1 + torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1) * (epsilon_s - 1))
-
-
-def ve_sigma_steps(num_steps, sigma_min, sigma_max):
-    """VE (Song et al.): t = sigma^2 geometric from sigma_max^2 to sigma_min^2."""
-    i = torch.arange(num_steps, dtype=torch.float64)
-    return (sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** (i / (num_steps - 1))).sqrt()
-
-
-def iddpm_u(M=1000, C_1=0.001, C_2=0.008):
-    """The noise levels u_0 > u_1 > ... > u_M = 0 of iDDPM's cosine schedule (Table 1).
-
-    alpha_bar(j) = sin^2(pi/2 * j / (M (C_2 + 1))) and u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar(j-1)/alpha_bar(j), C_1) - 1).
-    The official code evaluates alpha_bar on integer tensors, i.e. in float32; we do the same,
-    so that the selected noise levels agree with it bit for bit (float64 would move them by ~1e-6).
-    """
-    # Deliberate twin: 05_preconditioning.iddpm_u_table, the same table for the iDDPM
-    # preconditioner, kept entirely in float32 there as the official network code keeps it; here
-    # u is float64 (alpha_bar float32) as in the official sampler. 05 must copy without 03.
-    j = torch.arange(M + 1)
-    alpha_bar = torch.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2                 # float32, as official
-    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)                        # alpha_bar(j-1) / alpha_bar(j)
-    u = torch.zeros(M + 1, dtype=torch.float64)
-    for k in range(M, 0, -1):     # (torch's sqrt, not math.sqrt: they differ in the last bit now and then)
-        u[k - 1] = ((u[k] * u[k] + 1) / ratio[k - 1] - 1).sqrt()
-    return u
-
-
-def iddpm_sigma_steps(num_steps, sigma_min, sigma_max, C_1=0.001, C_2=0.008, M=1000):
-    """iDDPM: num_steps entries of the u_j table inside [sigma_min, sigma_max], evenly spaced in j."""
-    u = iddpm_u(M, C_1, C_2)
-    u = u[(u >= sigma_min) & (u <= sigma_max)]
-    index = ((len(u) - 1) / (num_steps - 1) * torch.arange(num_steps, dtype=torch.float64)).round().long()
-    return u[index]
-
-
-def default_sigma_range(discretization, epsilon_s=1e-3):
-    """The noise range each discretization was published with (Table 1)."""
-    if discretization == "vp":
-        sigma, _, _ = ode.vp_schedule(19.9, 0.1)
-        return sigma(epsilon_s), sigma(1)
-    return {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}[discretization]
-
-
-def sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho=7, epsilon_s=1e-3, C_1=0.001, C_2=0.008,
-                M=1000):
-    """Dispatch to one of the four discretizations."""
-    if discretization == "vp":
-        return vp_sigma_steps(num_steps, sigma_min, sigma_max, epsilon_s)
-    if discretization == "ve":
-        return ve_sigma_steps(num_steps, sigma_min, sigma_max)
-    if discretization == "iddpm":
-        return iddpm_sigma_steps(num_steps, sigma_min, sigma_max, C_1, C_2, M)
-    return edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)
-
-
-# ----------------------------------------------------------------------------
-# The generalized sampler of the paper's ablations (Sec. 3 and 4; official API).
-
-def ablation_sampler(
-    net, latents, extra_args=None, randn_like=torch.randn_like,
-    num_steps=18, sigma_min=None, sigma_max=None, rho=7,
-    solver='heun', discretization='edm', schedule='linear', scaling='none',
-    epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
-    S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
-):
-    """Every sampler of Sec. 3-4: returns float64 samples at sigma = 0 from unit-variance latents.
-
-    Calling contract (every sampler's, k-diffusion's): the denoiser is called as `net(x, sigma, **extra_args)`
-    with a 0-d sigma (a class-conditional network gets extra_args = {"class_labels": labels}); its output is
-    taken in float64, and a float32 network gets float32 inputs (common.denoise). The noise range is clamped
-    to `net.sigma_min`/`net.sigma_max` and rounded by `net.round_sigma` where the network has them.
-
-    Each quantity is evaluated with the same operations, in the same order, as in the official
-    generate.py, so for equal latents and noise the outputs agree with it bit for bit.
-    """
-    if solver not in ("euler", "heun") or discretization not in ("vp", "ve", "iddpm", "edm"):
-        raise ValueError(f"unknown solver {solver!r} or discretization {discretization!r}")
-
-    # Noise range: the discretization's default, clamped to what the network supports.
-    default_min, default_max = default_sigma_range(discretization, epsilon_s)
-    sigma_min = max(default_min if sigma_min is None else sigma_min, getattr(net, "sigma_min", 0))
-    sigma_max = min(default_max if sigma_max is None else sigma_max, getattr(net, "sigma_max", float("inf")))
+def ablation_sampler(net, x, sigmas, extra_args=None, randn_like=torch.randn_like, f=None, solver="heun", alpha=1,
+                     S_churn=0, S_min=0, S_max=float("inf"), S_noise=1):
+    """Every sampler of Sec. 3-4: from the noisy images x at sigmas[0] through every sigmas[i] (ending at 0), in
+    formulation f (default EDM), Euler or Heun (App. D.2: second point at t + alpha h), with Algorithm 2's churn.
+    Returns float64 images at sigma = 0 (common.py's sampler convention; `net.round_sigma` rounds the churned
+    noise levels where the network has one). Each quantity is evaluated with the same operations, in the same
+    order, as in the official generate.py."""
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"unknown solver {solver!r}; choose euler or heun")
+    f = f or ch02.EDM()
     round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
+    num_steps = len(sigmas) - 1
+    t_steps = torch.cat([f.sigma_inv(sigmas[:-1]), torch.zeros_like(sigmas[:1])])    # the formulation's times
 
-    # sigma(t), s(t); a VP schedule is refitted to run from sigma_min at epsilon_s to sigma_max at t = 1.
-    f = ode.formulation(schedule, scaling, *vp_betas(sigma_min, sigma_max, epsilon_s))
-
-    # Time steps: the discretization's noise levels, mapped to this formulation's t; t_N = 0.
-    sigmas = sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M)
-    t_steps = f.sigma_inv(round_sigma(sigmas.to(latents.device)))
-    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
-
-    x_next = ode.initial_state(latents, t_steps[0], f)
+    x_next = x.to(torch.float64) * f.s(t_steps[0])                       # x = s(t) x~
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
 
@@ -222,25 +73,111 @@ def ablation_sampler(
 
         # Euler step (Algorithm 1, lines 4-5).
         h = t_next - t_hat
-        d_cur = ode.ode_derivative(net, x_hat, t_hat, f, extra_args)
+        d_cur = ch02.ode_derivative(net, x_hat, t_hat, f, extra_args)
 
-        # Second-order correction, except on the last step into sigma = 0 (Appendix D.2: t' = t_hat + alpha h).
+        # Second-order correction, except on the last step into sigma = 0 (App. D.2: t' = t_hat + alpha h).
         if solver == "euler" or i == num_steps - 1:
             x_next = x_hat + h * d_cur
         else:
             t_prime, x_prime = t_hat + alpha * h, x_hat + alpha * h * d_cur
-            d_prime = ode.ode_derivative(net, x_prime, t_prime, f, extra_args)
+            d_prime = ch02.ode_derivative(net, x_prime, t_prime, f, extra_args)
             x_next = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
-
     return x_next
 
 
 # ----------------------------------------------------------------------------
-# Ground truth for images, from chapter 02: the ideal denoiser of a finite set of small shape images.
-# (Named here too, as schedules.FiniteSetDenoiser and schedules.shape_images, for the later chapters.)
+# Time discretizations of Table 1: N decreasing noise levels sigma_max ... sigma_min, then sigma_N = 0.
 
-FiniteSetDenoiser = ode.FiniteSetDenoiser
-shape_images = ode.shape_images
+def vp_betas(sigma_min, sigma_max, epsilon_s=1e-3):
+    """beta_d, beta_min of the VP schedule running from sigma(epsilon_s) = sigma_min to sigma(1) = sigma_max.
+
+    ln(1 + sigma(t)^2) = beta_d t^2 / 2 + beta_min t; two points fix the two betas. With the VP
+    defaults sigma_min = sigma(1e-3), sigma_max = sigma(1) this returns beta_d = 19.9, beta_min = 0.1.
+    """
+    a, b = math.log(sigma_min ** 2 + 1), math.log(sigma_max ** 2 + 1)
+    beta_d = 2 * (a / epsilon_s - b) / (epsilon_s - 1)
+    return beta_d, b - 0.5 * beta_d
+
+
+def vp_sigma_steps(num_steps, sigma_min, sigma_max, epsilon_s=1e-3, rho=1):
+    """VP (Song et al.): t uniform from 1 down to epsilon_s, mapped through the VP sigma(t) fitted to the range.
+    rho > 1 spaces t^(1/rho) uniformly instead (DPM-Solver's "time_quadratic" is rho = 2; chapter 09)."""
+    sigma, _, _ = ch02.vp_schedule(*vp_betas(sigma_min, sigma_max, epsilon_s))
+    i = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
+    return sigma((1 + i * (epsilon_s ** (1 / rho) - 1)) ** rho)
+
+
+def ve_sigma_steps(num_steps, sigma_min, sigma_max):
+    """VE (Song et al.): t = sigma^2 geometric from sigma_max^2 to sigma_min^2."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    return (sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** (i / (num_steps - 1))).sqrt()
+
+
+def iddpm_sigma_steps(num_steps, sigma_min, sigma_max, C_1=0.001, C_2=0.008, M=1000):
+    """iDDPM: num_steps entries of the u_j table (common.iddpm_noise_levels, float64 as the official sampler)
+    inside [sigma_min, sigma_max], evenly spaced in j."""
+    u = common.iddpm_noise_levels(M, C_1, C_2)
+    u = u[(u >= sigma_min) & (u <= sigma_max)]
+    index = ((len(u) - 1) / (num_steps - 1) * torch.arange(num_steps, dtype=torch.float64)).round().long()
+    return u[index]
+
+
+def default_sigma_range(discretization, epsilon_s=1e-3):
+    """The noise range each discretization was published with (Table 1)."""
+    if discretization == "vp":
+        sigma, _, _ = ch02.vp_schedule(19.9, 0.1)
+        return sigma(epsilon_s), sigma(1)
+    return {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}[discretization]
+
+
+DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
+
+
+def sigma_steps(discretization, num_steps, sigma_min=None, sigma_max=None, rho=7, net=None, epsilon_s=1e-3):
+    """num_steps noise levels of a Table 1 discretization, then sigma_N = 0 (float64). The range defaults to the
+    discretization's own (`default_sigma_range`); with `net`, it is clamped to what the network supports and
+    every level rounded to one it has, as the official sampler does."""
+    if discretization not in DISCRETIZATIONS:
+        raise ValueError(f"unknown discretization {discretization!r}; choose from {', '.join(DISCRETIZATIONS)}")
+    default_min, default_max = default_sigma_range(discretization, epsilon_s)
+    lo, hi = common.noise_range(net, default_min if sigma_min is None else sigma_min,
+                                default_max if sigma_max is None else sigma_max)
+    if discretization == "edm":
+        return common.edm_sigma_steps(num_steps, lo, hi, rho, net)                  # Eq. 5
+    levels = {"vp": lambda: vp_sigma_steps(num_steps, lo, hi, epsilon_s), "ve": lambda: ve_sigma_steps(num_steps, lo, hi),
+              "iddpm": lambda: iddpm_sigma_steps(num_steps, lo, hi)}[discretization]()
+    return common.with_zero(levels, net)
+
+
+def make_sampler(num_steps=18, sigma_min=None, sigma_max=None, rho=7, solver="heun", discretization="edm",
+                 schedule="linear", scaling="none", epsilon_s=1e-3, alpha=1, **churn):
+    """The ablation sampler with the official generate.py's options, as 08's protocol takes a sampler:
+    sample(net, latents, extra_args=None, randn_like=torch.randn_like) from unit latents; `sample.settings`
+    names it. The noise range is the discretization's, clamped to the network's, and a VP schedule sigma(t)
+    is refitted to run from sigma_min at epsilon_s to sigma_max at t = 1, as the official code does."""
+    if solver not in ("euler", "heun") or discretization not in DISCRETIZATIONS:
+        raise ValueError(f"the ablation sampler's solver is euler or heun and its discretization one of "
+                         f"{', '.join(DISCRETIZATIONS)}, not {solver} and {discretization}")
+    default_min, default_max = default_sigma_range(discretization, epsilon_s)
+    sigma_min, sigma_max = default_min if sigma_min is None else sigma_min, default_max if sigma_max is None else sigma_max
+
+    def sample(net, latents, extra_args=None, randn_like=torch.randn_like):
+        lo, hi = common.noise_range(net, sigma_min, sigma_max)
+        sigmas = sigma_steps(discretization, num_steps, lo, hi, rho, net, epsilon_s).to(latents.device)
+        f = ch02.formulation(schedule, scaling, *vp_betas(lo, hi, epsilon_s))
+        return ablation_sampler(net, latents.to(torch.float64) * sigmas[0], sigmas, extra_args, randn_like, f,
+                                solver, alpha, **churn)
+    sample.settings = dict(function="ablation_sampler", solver=solver, sigma_steps=discretization,
+                           options=dict(num_steps=num_steps, schedule=schedule, scaling=scaling, **churn))
+    return sample
+
+
+# ----------------------------------------------------------------------------
+# Ground truth for images, from chapter 02: the ideal denoiser of a finite set of small shape images.
+# (Named here too, as ch03.FiniteSetDenoiser and ch03.shape_images, for the later chapters.)
+
+FiniteSetDenoiser = ch02.FiniteSetDenoiser
+shape_images = ch02.shape_images
 
 
 # ----------------------------------------------------------------------------
@@ -248,7 +185,7 @@ shape_images = ode.shape_images
 
 def reference(net, latents, sigma_max, num_steps=256):
     """Near-exact ODE endpoint from x = sigma_max * latents: many Heun steps of the EDM ODE (rho = 7)."""
-    return ablation_sampler(net, latents, num_steps=num_steps, sigma_min=0.002, sigma_max=sigma_max)
+    return make_sampler(num_steps, sigma_min=0.002, sigma_max=sigma_max)(net, latents)
 
 
 def wrong_image_percent(net):
@@ -270,15 +207,15 @@ def error_vs_nfe(net, latents, configs, heun_steps, metric=common.rms, reference
             sigma0 = float(sigma_steps(kwargs["discretization"], steps, lo, hi)[0])
             if sigma0 not in references:
                 references[sigma0] = reference(net, latents, sigma0, reference_steps)
-            x = ablation_sampler(net, latents, num_steps=steps, **kwargs)
+            x = make_sampler(steps, **kwargs)(net, latents)
             results[name].append((2 * n - 1, metric(x, references[sigma0])))
     return results
 
 
 def local_errors(net, latents, sigmas):
     """RMS error of one Heun step (EDM ODE) from the exact state at each sigma_i to sigma_{i+1} (sigma_N = 0)."""
-    f = ode.EDM()
-    exact = ode.exact_states(net, latents.to(torch.float64) * sigmas[0], sigmas, substeps=16)
+    f = ch02.EDM()
+    exact = ch02.exact_states(net, latents.to(torch.float64) * sigmas[0], sigmas, substeps=16)
     return [common.rms(heun(net, exact[i], sigmas[i:i + 2], f), exact[i + 1]) for i in range(len(sigmas) - 1)]
 
 
@@ -308,8 +245,8 @@ def heun_step_weight_ve(r):
 def heun_step_damage(net, latents, sigmas, metric, reference_steps=256):
     """For each step of a Heun run through `sigmas` (ending in 0): the error at sigma = 0 when that one step is
     Heun's and the rest of the way is exact (from the exact state at sigma_i; then the reference solve)."""
-    f = ode.EDM()
-    exact = ode.exact_states(net, latents.to(torch.float64) * sigmas[0], sigmas)
+    f = ch02.EDM()
+    exact = ch02.exact_states(net, latents.to(torch.float64) * sigmas[0], sigmas)
     damage = []
     for i in range(len(sigmas) - 1):
         x = heun(net, exact[i], sigmas[i:i + 2], f)
@@ -326,9 +263,8 @@ def first_step_study(net, latents, discretization, num_steps, reference_steps=12
     step alone (one Heun step, then the exact ODE), the whole run, and the run with the first step split in
     two at the geometric mean (one Heun step more, +2 NFE).
     """
-    f = ode.EDM()
-    zero = torch.zeros(1, dtype=torch.float64, device=latents.device)
-    sigmas = torch.cat([sigma_steps(discretization, num_steps, *default_sigma_range(discretization)).to(zero), zero])
+    f = ch02.EDM()
+    sigmas = sigma_steps(discretization, num_steps).to(latents.device)
     wrong = wrong_image_percent(net)
     ref = reference(net, latents, float(sigmas[0]), reference_steps)
     x1 = heun(net, latents * sigmas[0], sigmas[:2], f)
@@ -346,10 +282,10 @@ def plot_discretizations(num_steps, file):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for disc in ("vp", "ve", "iddpm", "edm"):
-        s = sigma_steps(disc, num_steps, *default_sigma_range(disc))
+        s = sigma_steps(disc, num_steps)[:-1]
         ax.semilogy(range(num_steps), s.numpy(), "o-", ms=3, color=COLOURS[disc], label=disc)
     for rho in (1, 3):
-        ax.semilogy(range(num_steps), edm_sigma_steps(num_steps, rho=rho).numpy(), "--", lw=1, label=f"edm, rho={rho}")
+        ax.semilogy(range(num_steps), common.edm_sigma_steps(num_steps, rho=rho)[:-1].numpy(), "--", lw=1, label=f"edm, rho={rho}")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("step index i")
     ax.set_ylabel("noise level sigma_i (log scale)")
@@ -502,8 +438,7 @@ def demo(args):
     grid_img = error_vs_nfe(image_net, image_latents, SOLVER_GRID, heun_steps[:4], wrong, reference_steps=128)
     ladder = error_vs_nfe(image_net, image_latents, LADDER, heun_steps[:4], wrong, reference_steps=128)
     print_table("1-D toy: RMS error vs a 256-step Heun reference (sigma(t) = t, s = 1)", grid_toy)
-    zero = torch.zeros(1, dtype=torch.float64)
-    toy4 = torch.cat([edm_sigma_steps(4), zero]).to(device)
+    toy4 = common.edm_sigma_steps(4).to(device)
     toy_damage = heun_step_damage(toy, toy_latents, toy4, common.rms)
     print("Why Heun loses to Euler on the toy at few NFE: Heun on EDM steps at 7 NFE, the error left when only one "
           "step is\nHeun's and the rest of the way exact. Past r = 2 a step extrapolates the change of D, and the "
@@ -514,7 +449,7 @@ def demo(args):
               f"D's change (r-1)/2 = {heun_step_weights(r)[1]:5.1f}: error {err:.3f}")
     band = {}
     for disc in ("vp", "ve", "iddpm", "edm"):
-        levels = sigma_steps(disc, 31, *default_sigma_range(disc))
+        levels = sigma_steps(disc, 31)[:-1]
         band[disc] = (int(((levels >= 0.05) & (levels <= 3)).sum()), int((levels < 0.05).sum()))
     print("Euler at 31 NFE (31 steps): steps that start at sigma 0.05 - 3, where the toy's modes separate, and below "
           "0.05:\n  " + ", ".join(f"{d} {a} and {b}" for d, (a, b) in band.items()))
@@ -541,7 +476,7 @@ def demo(args):
           f"1 - 1/r.)")
 
     print_table("Images, the paper's Fig. 2 ladders: % landing on another image", ladder, ".1f")
-    ratios = {n: max(float(a / b) for a, b in zip(edm_sigma_steps(n)[:-1], edm_sigma_steps(n)[1:]) if a >= 0.5)
+    ratios = {n: max(float(a / b) for a, b in zip(common.edm_sigma_steps(n)[:-2], common.edm_sigma_steps(n)[1:-1]) if a >= 0.5)
               for n in heun_steps[:4]}
     print("Heun in VE's coordinates (t = sigma^2) weights D's change by (r^2 - 1)/4, (r + 1)/2 times EDM's (r - 1)/2, "
           "for the\nsame noise levels. The longest of N EDM steps that start at sigma >= 0.5 (below, the images' D "
@@ -563,13 +498,13 @@ def demo(args):
     print(f"{'rho':>5}{'toy: worst local':>18}{'at sigma':>10}{'toy: global':>13}"
           f"{'img: worst local':>18}{'at sigma':>10}{'img: % wrong':>14}")
     for rho in rhos:
-        sigmas = torch.cat([edm_sigma_steps(18, rho=rho), torch.zeros(1, dtype=torch.float64)]).to(device)
+        sigmas = common.edm_sigma_steps(18, rho=rho).to(device)
         row = ""
         for title, net, lat, metric in (("1-D toy", toy, toy_latents, common.rms),
                                         ("images", image_net, image_latents, wrong)):
             err = np.array(local_errors(net, lat[:args.local_latents], sigmas))
             local[title][rho] = (sigmas[:-1].cpu().numpy(), err)
-            x = ablation_sampler(net, lat, num_steps=18, rho=rho)
+            x = make_sampler(18, rho=rho)(net, lat)
             worst = err.argmax()
             row += f"{err[worst]:>18.2e}{float(sigmas[worst]):>10.3f}"
             ref = reference(net, lat, 80.0, 256 if net is toy else 128)
@@ -581,14 +516,13 @@ def demo(args):
 
     # (3) Look at it: where the samplers of the tables carry the same 8 latents.
     latents8 = image_latents[:8]
-    rows = {"reference\n(Heun, 64 steps,\n127 NFE)": ablation_sampler(image_net, latents8, num_steps=64),
-            "Heun, EDM steps\n15 NFE": ablation_sampler(image_net, latents8, num_steps=8),
-            "Euler, EDM steps\n15 NFE": ablation_sampler(image_net, latents8, num_steps=15, solver="euler"),
-            "original VP sampler\n15 NFE": ablation_sampler(image_net, latents8, num_steps=15,
-                                                            **LADDER["VP orig (euler, vp, vp/vp)"]),
-            "Heun, iDDPM steps\n31 NFE": ablation_sampler(image_net, latents8, num_steps=16, discretization="iddpm"),
-            "Euler, iDDPM steps\n31 NFE": ablation_sampler(image_net, latents8, num_steps=31, solver="euler",
-                                                           discretization="iddpm")}
+    samplers = {"reference\n(Heun, 64 steps,\n127 NFE)": make_sampler(64),
+                "Heun, EDM steps\n15 NFE": make_sampler(8),
+                "Euler, EDM steps\n15 NFE": make_sampler(15, solver="euler"),
+                "original VP sampler\n15 NFE": make_sampler(15, **LADDER["VP orig (euler, vp, vp/vp)"]),
+                "Heun, iDDPM steps\n31 NFE": make_sampler(16, discretization="iddpm"),
+                "Euler, iDDPM steps\n31 NFE": make_sampler(31, solver="euler", discretization="iddpm")}
+    rows = {label: sample(image_net, latents8) for label, sample in samplers.items()}
     plot_samples(rows, image_net.nearest(next(iter(rows.values()))).cpu(), image_net, f"{outdir}/samples.png")
 
     def at(results, name, nfe):

@@ -1,28 +1,19 @@
 """04 -- Stochastic sampling: EDM's churn sampler (Algorithm 2) and the SDE it improves on (Eq. 6).
 
-EDM (Karras et al. 2022), Sec. 4. The probability-flow ODE of chapters 02-03 is not the only
-way down from sigma_max to 0. Eq. 6 adds a Langevin term to it,
+EDM (Karras et al. 2022), Sec. 4. The probability-flow ODE of chapters 02-03 is not the only way down from
+sigma_max to 0. Eq. 6 adds a Langevin term to it,
 
     dx = -sigma_dot sigma grad log p dt  -  beta(t) sigma^2 grad log p dt  +  sqrt(2 beta(t)) sigma dw,     (Eq. 6)
          \\---- probability-flow ODE ---/    \\------- Langevin diffusion: replaces noise at rate beta -------/
 
-which leaves every marginal p(x; sigma) unchanged for any beta(t) >= 0 (Song et al.'s reverse SDE:
-beta = sigma_dot / sigma, solved with Euler-Maruyama). Fresh noise lets errors of earlier steps be
-forgotten, but an imperfect denoiser adds its own at every replacement. Algorithm 2 splits the two:
-
-    for i = 0 .. N-1:
-        gamma_i = min(S_churn / N, sqrt(2) - 1) if t_i in [S_min, S_max] else 0
-        t_hat   = (1 + gamma_i) t_i                                  # raise the noise level ...
-        x_hat   = x_i + sqrt(t_hat^2 - t_i^2) S_noise eps            # ... by adding fresh noise
-        x_{i+1} = one Heun step of the ODE from (x_hat, t_hat) to t_{i+1} (Euler if t_{i+1} = 0)
-
-S_churn sets the total stochasticity, [S_min, S_max] where it acts; S_noise slightly above 1 counters a
-denoiser removing a bit too much noise. The paper's ImageNet-64 uses 256 steps, S_churn = 40, S_min = 0.05,
-S_max = 50, S_noise = 1.003 (Table 5); CIFAR-10, FFHQ and AFHQ use S_churn = 0: the ODE with Heun steps.
+which leaves every marginal p(x; sigma) unchanged for any beta(t) >= 0. Fresh noise lets the errors of earlier
+steps be forgotten, but an imperfect denoiser adds its own at every replacement. Algorithm 2 splits the two:
+at each noise level t_i it first adds noise to climb to t_hat = (1 + gamma_i) t_i (S_churn sets how much,
+[S_min, S_max] where, S_noise slightly above 1 counters a denoiser that removes too much noise), then takes one
+Heun step of the ODE down to t_{i+1}. Table 5: ImageNet-64 uses S_churn = 40, S_min = 0.05, S_max = 50,
+S_noise = 1.003 at 256 steps; CIFAR-10 uses S_churn = 0, the ODE with Heun steps.
 
 Run:  python 04_stochastic_sampler.py      (about 10 s on 2 CPU cores; figures in out/04_stochastic_sampler/)
-It samples chapter 01's 1-D toy with the exact D and with one removing too much noise, and says what
-churn does to each (default run: Wasserstein-1 0.126 -> 0.103 at S_churn = 10, 0.092 with S_noise = 1.02).
 """
 
 import math
@@ -34,46 +25,22 @@ import common
 
 
 # ----------------------------------------------------------------------------
-# Algorithm 2.
+# Algorithm 2, with sigma(t) = t and s(t) = 1.
 
-def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80, rho=7):
-    """Eq. 5: uniform steps in sigma^(1/rho), sigma_max down to sigma_min. A deliberate twin of 03's
-    `edm_sigma_steps` (its home), carried here as the official sampler does: 04 + common.py is all it needs."""
-    i = torch.arange(num_steps, dtype=torch.float64)
-    return (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+def edm_sampler(net, x, sigmas, extra_args=None, randn_like=torch.randn_like,
+                S_churn=0, S_min=0, S_max=float("inf"), S_noise=1):
+    """Algorithm 2 from the noisy images x at t_0 = sigmas[0] through every t_i = sigmas[i] (Eq. 5's steps and
+    t_N = 0: common.edm_sigma_steps); returns float64 images at sigma = 0 (common.py's sampler convention).
 
-
-def edm_sampler(
-    net, latents, extra_args=None, randn_like=torch.randn_like,
-    num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
-    S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
-):
-    """Algorithm 2 with sigma(t) = t, s(t) = 1: returns float64 samples at sigma = 0.
-
-    `latents` are unit-variance; all randomness comes from `randn_like`, so with a per-seed
-    generator (common.StackedRandomGenerator) each sample depends only on its own seed.
-
-    Calling contract (every sampler's, k-diffusion's): the denoiser is called as `net(x, sigma, **extra_args)`
-    with a 0-d sigma -- a class-conditional network gets extra_args = {"class_labels": labels}; its output is
-    taken in float64, and a network with parameters (a plain float32 nn.Module too) gets x and sigma in
-    their dtype (common.denoise). `net.sigma_min`, `net.sigma_max`, `net.round_sigma` are used if present.
+    All randomness comes from `randn_like`: with a per-seed generator (common.StackedRandomGenerator) each
+    sample depends only on its own seed. `net.round_sigma` rounds t_hat where the network has one.
     """
-    # The network may only support part of the range.
-    sigma_min = max(sigma_min, getattr(net, "sigma_min", 0))
-    sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
     round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
-
-    # Time steps t_0 .. t_{N-1} of Eq. 5 (times = noise levels here), and t_N = 0.
-    t_steps = round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device))
-    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
-
-    def D(x, t):                                       # the denoiser, evaluated in float64
-        return common.denoise(net, x, t, extra_args)
-
-    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)  # churn per step, capped (line 4)
-    x = latents.to(torch.float64) * t_steps[0]                                     # line 1: x_0 ~ N(0, t_0^2 I)
-    for i in range(num_steps):                                                      # line 2
-        t_i, t_next = t_steps[i], t_steps[i + 1]
+    num_steps = len(sigmas) - 1
+    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)          # churn per step, capped (line 4)
+    x = x.to(torch.float64)                                          # line 1: x_0 ~ N(0, t_0^2 I)
+    for i in range(num_steps):                                       # line 2
+        t_i, t_next = sigmas[i], sigmas[i + 1]
 
         # Lines 3-6: add noise to climb from t_i to t_hat = (1 + gamma_i) t_i.
         gamma_i = gamma_max if S_min <= t_i <= S_max else 0
@@ -83,36 +50,45 @@ def edm_sampler(
 
         # Lines 7-8: an Euler step of dx/dt = (x - D(x; t)) / t from t_hat down to t_{i+1}.
         h = t_next - t_hat
-        d_i = (x_hat - D(x_hat, t_hat)) / t_hat
+        d_i = (x_hat - common.denoise(net, x_hat, t_hat, extra_args)) / t_hat
         x_euler = x_hat + h * d_i
 
         # Lines 9-11: Heun's correction averages the slopes at both ends -- except on the
         # last step, where t_{i+1} = 0 and the slope there would divide by zero.
         if t_next > 0:
-            d_prime = (x_euler - D(x_euler, t_next)) / t_next
+            d_prime = (x_euler - common.denoise(net, x_euler, t_next, extra_args)) / t_next
             x = x_hat + h * (d_i + d_prime) / 2
         else:
             x = x_euler
-    return x                                                                        # line 12
+    return x                                                         # line 12
+
+
+def make_sampler(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, **churn):
+    """Algorithm 2 on Eq. 5's steps (fitted to the network's range), as 08's protocol and the demos take a sampler:
+    sample(net, latents, extra_args=None, randn_like=torch.randn_like) from unit latents. Default: the paper's
+    CIFAR-10 setting, 18 steps = 35 NFE, no churn."""
+    def sample(net, latents, extra_args=None, randn_like=torch.randn_like):
+        sigmas = common.edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, net).to(latents.device)
+        return edm_sampler(net, latents.to(torch.float64) * sigmas[0], sigmas, extra_args, randn_like, **churn)
+    sample.settings = dict(function="edm_sampler", solver="heun", sigma_steps="edm",
+                           options=dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, **churn))
+    return sample
 
 
 # ----------------------------------------------------------------------------
 # The baseline: Euler-Maruyama for the reverse SDE of Eq. 6.
 
-def sde_sampler(net, latents, extra_args=None, randn_like=torch.randn_like,
-                num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, beta=lambda t: 1 / t):
-    """Euler-Maruyama for Eq. 6 backwards, sigma(t) = t, score (D - x) / t^2 (Eq. 3): one NFE per step dt < 0
-    moves x by (x - D)/t dt + beta(t) (D - x) |dt| + sqrt(2 beta(t) |dt|) t eps. beta = 1/t is Song et al.'s
-    reverse SDE, beta = 0 the ODE with Euler. The last step, to t = 0, is the ODE's: noise there would stay.
-    The denoiser is called as in edm_sampler, `net(x, sigma, **extra_args)`."""
-    t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
-    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
-    x = latents.to(torch.float64) * t_steps[0]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+def sde_sampler(net, x, sigmas, extra_args=None, randn_like=torch.randn_like, beta=lambda t: 1 / t):
+    """Euler-Maruyama for Eq. 6 backwards from x at sigmas[0], sigma(t) = t, score (D - x) / t^2 (Eq. 3): one NFE
+    per step dt < 0 moves x by (x - D)/t dt + beta(t) (D - x) |dt| + sqrt(2 beta(t) |dt|) t eps. beta = 1/t is
+    Song et al.'s reverse SDE, beta = 0 the ODE with Euler. The last step, to t = 0, is the ODE's: noise there
+    would stay in the image."""
+    x = x.to(torch.float64)
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = common.denoise(net, x, t_cur, extra_args)
         dt = t_next - t_cur
         x_next = x + (x - denoised) / t_cur * dt                                      # ODE drift
-        if i < num_steps - 1:
+        if i < len(sigmas) - 2:
             b = beta(t_cur)
             x_next = x_next + b * (denoised - x) * dt.abs() + (2 * b * dt.abs()).sqrt() * t_cur * randn_like(x)
         x = x_next
@@ -142,7 +118,7 @@ def seeded_randn_like(seed):
     return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
 
 
-def describe(toy, samples, truth):
+def scores(toy, samples, truth):
     """W1 to the data, weight of the right mode, std within the right mode (the toy's 'detail')."""
     right = samples[samples > 0]
     return toy.wasserstein1(samples.cpu(), truth), float((samples > 0).double().mean()), float(right.std())
@@ -152,7 +128,7 @@ CHURNS = [0, 1, 2, 5, 10, 20, 40, 80]
 NOISES = [1.0, 1.007, 1.02]
 
 
-def measure(samples=8192, steps=64, eps=0.4, seed=0, device="cpu"):
+def churn_sweep(samples=8192, steps=64, eps=0.4, seed=0, device="cpu"):
     """(W1, right-mode weight, std) per denoiser, S_noise, S_churn; Euler-Maruyama at equal NFE; the noise floor."""
     toy = common.load("01_toy_1d")
     mix = toy.default_mixture()
@@ -163,12 +139,15 @@ def measure(samples=8192, steps=64, eps=0.4, seed=0, device="cpu"):
     # The noise floor: how far `samples` fresh data points are from the reference (5th, 50th, 95th percentile).
     floor = np.percentile([toy.wasserstein1(mix.sample(samples, g), truth) for _ in range(100)], [5, 50, 95])
 
+    sigmas = common.edm_sigma_steps(steps).to(device)
+
     def churn(net, **kwargs):
-        return edm_sampler(net, latents, randn_like=seeded_randn_like(seed + 1), num_steps=steps, **kwargs).cpu()
-    sweep = {(name, S_noise): [describe(toy, churn(net, S_churn=c, S_noise=S_noise), truth) for c in CHURNS]
+        return edm_sampler(net, latents * sigmas[0], sigmas, randn_like=seeded_randn_like(seed + 1), **kwargs).cpu()
+    sweep = {(name, S_noise): [scores(toy, churn(net, S_churn=c, S_noise=S_noise), truth) for c in CHURNS]
              for name, net in nets.items() for S_noise in NOISES}
-    sde = {name: describe(toy, sde_sampler(net, latents, randn_like=seeded_randn_like(seed + 1),
-                                           num_steps=2 * steps - 1), truth) for name, net in nets.items()}
+    sde_sigmas = common.edm_sigma_steps(2 * steps - 1).to(device)
+    sde = {name: scores(toy, sde_sampler(net, latents * sde_sigmas[0], sde_sigmas,
+                                           randn_like=seeded_randn_like(seed + 1)), truth) for name, net in nets.items()}
     hists = {c: churn(nets["imperfect D"], S_churn=c) for c in (0, 10, 80)}
     return dict(sweep=sweep, sde=sde, hists=hists, truth=truth, floor=floor, data=mix)
 
@@ -247,7 +226,7 @@ def parse_args(argv=None):
 def demo(args):
     device, outdir = common.start(__file__, args)
     torch.set_num_threads(1)  # 1-D toy tensors are far too small for intra-op threads to pay off
-    r = measure(args.samples, args.steps, args.eps, args.seed, device)
+    r = churn_sweep(args.samples, args.steps, args.eps, args.seed, device)
     plot_churn(r, f"{outdir}/w1_vs_churn.png")
     plot_histograms(r, f"{outdir}/histograms.png")
     report(r, args.steps, args.eps, outdir)

@@ -95,23 +95,6 @@ def vp_sigma_inv(sigma, beta_d, beta_min):
     return ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
 
 
-def iddpm_u_table(M, C_1, C_2):
-    """The M+1 discrete noise levels u_0 > u_1 > ... > u_M = 0 of iDDPM (Table 1): from u_M = 0 backwards,
-    u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar_{j-1} / alpha_bar_j, C_1) - 1), alpha_bar_j = sin^2(pi/2 j / (M (C_2 + 1))).
-
-    Twin of 03's iddpm_u (its home), the same arithmetic, but u is float32 here, as in the official
-    network code (its checkpoints store this table as the buffer `u`; they match it to 1e-6), where 03
-    keeps u in float64 as the official sampler does. alpha_bar is float32 in both, as official.
-    """
-    j = torch.arange(M + 1)
-    alpha_bar = torch.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2                 # float32, as official
-    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)                        # alpha_bar(j-1) / alpha_bar(j)
-    u = torch.zeros(M + 1)                                                        # float32, as official
-    for k in range(M, 0, -1):
-        u[k - 1] = ((u[k] * u[k] + 1) / ratio[k - 1] - 1).sqrt()
-    return u
-
-
 def sigma_column(sigma, x):
     """sigma (python number, 0-d, [N] or [N, 1, ...]) as a float32 column [N or 1, 1, ..., 1] that broadcasts
     against x. A single sigma stays a single value, so the network embeds it once for the whole batch."""
@@ -212,7 +195,7 @@ class iDDPMPrecond(Precond):
         self.C_1 = C_1    # clamp on alpha_bar ratios (keeps the largest u_j finite)
         self.C_2 = C_2    # offset of the cosine schedule at high noise
         self.M = M        # number of timesteps
-        self.register_buffer("u", iddpm_u_table(M, C_1, C_2))
+        self.register_buffer("u", common.iddpm_noise_levels(M, C_1, C_2, torch.float32))   # as official
         self.sigma_min = float(self.u[M - 1])
         self.sigma_max = float(self.u[0])
 
@@ -304,7 +287,7 @@ class iDDPMLoss:
     """sigma = u_j, j ~ U{0, ..., M-1}; lambda = 1/sigma^2 (iDDPM's extra L_vlb term is left out, as in Table 1)."""
 
     def __init__(self, C_1=0.001, C_2=0.008, M=1000):
-        self.u = iddpm_u_table(M, C_1, C_2)
+        self.u = common.iddpm_noise_levels(M, C_1, C_2, torch.float32)
         self.M = M
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
@@ -415,7 +398,7 @@ def experiment(toy, mix, sigma_data, seeds, train_steps=2000, batch=512, lr=2e-3
     exact D* makes from the same latents (`W1 paired`: the latents' luck cancels) -- also when only its
     errors above SPLIT (`W1 high`) or at and below it (`W1 low`) reach the sampler.
     Returns {metric: {name: [per seed]}} and what the figures need."""
-    edm_sampler = common.load("04_stochastic_sampler").edm_sampler
+    sample_with = common.load("04_stochastic_sampler").make_sampler(num_steps)
     g = torch.Generator().manual_seed(seeds[0])
     latents = torch.randn([samples, 1], generator=g, dtype=torch.float64)
     truth = mix.sample(samples, g)
@@ -423,7 +406,7 @@ def experiment(toy, mix, sigma_data, seeds, train_steps=2000, batch=512, lr=2e-3
 
     def sample(D):
         with torch.no_grad():
-            return edm_sampler(D, latents.to(device), num_steps=num_steps).cpu()
+            return sample_with(D, latents.to(device)).cpu()
     exact = sample(mix)
     r = {k: {name: [] for name in NAMES} for k in ("loss", "error", "W1", "W1 paired", "W1 high", "W1 low")}
     first = {}

@@ -803,7 +803,7 @@ def throughput(net, batch, iters, device, precision, channels_last, backward, wa
     x, sigma, labels, extra = example_inputs(net, batch, device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    dtype = common.get_dtype(precision)
+    dtype = common.PRECISIONS[precision]
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -46,7 +46,7 @@ import common
 
 precond = common.load("05_preconditioning")
 unet = common.load("06_unet")
-sampler = common.load("04_stochastic_sampler")
+ch04 = common.load("04_stochastic_sampler")
 
 
 # ----------------------------------------------------------------------------
@@ -75,6 +75,21 @@ RESUMABLE = set(RUN_DEFAULTS) - {"tf32", "seed"} | {"duration", "tick", "snap", 
 # ----------------------------------------------------------------------------
 # Data: images become a uint8 tensor [N, C, H, W] and integer class labels (or none); folders, zips and
 # CIFAR-10 are read by common.py's ImageFolder and load_cifar10, which 08 measures FID with.
+
+DATA_DIR = os.path.join("out", "data")       # where CIFAR-10's tarball is looked for (07 and 08)
+def load_cifar10(data_dir=None):
+    """The 50,000 CIFAR-10 training images (uint8 [50000, 3, 32, 32]) and classes (int64 [50000])."""
+    import torchvision
+    data_dir = data_dir or DATA_DIR
+    try:
+        dataset = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+    except Exception as error:   # offline: urllib/socket/integrity errors all end here
+        raise OSError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(error).__name__}); "
+                      f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
+                      f"into {data_dir!r}") from None
+    return torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous(), np.asarray(dataset.targets, np.int64)
+
+
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -128,13 +143,13 @@ class TrainingSet:
 def load_dataset(args, run_dir=None):
     """--data (cifar10 | shapes | a folder/zip) -> TrainingSet, checked against the network it will feed."""
     if args.data == "cifar10":   # one process per node downloads and extracts; the others wait, then read it
-        (images, labels), name, names = common.rank0_first(common.load_cifar10, args.data_dir), "cifar10", \
+        (images, labels), name, names = common.rank0_first(load_cifar10, args.data_dir), "cifar10", \
             CIFAR10_CLASSES
     elif args.data == "shapes":
         (images, labels), names = make_shapes_dataset(4096, args.resolution or 16), SHAPES
         name = f"shapes{images.shape[2]}"
     else:
-        folder = common.ImageFolder(args.data, args.resolution if args.resize else None)
+        folder = common.load("08_evaluate_fid").ImageFolder(args.data, args.resolution if args.resize else None)
         images, labels, names = decode_once_per_node(folder, run_dir or run_folder(args)), folder.labels, None
         name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
         if folder.resized and common.get_rank() == 0:
@@ -579,7 +594,7 @@ def accelerate(net, args, device, world_size):
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else net
     ddp = torch.compile(ddp) if args.compile else ddp     # the same weights: net, ema and snapshots are unchanged
-    return ddp, lambda: torch.autocast(device.type, common.get_dtype(args.precision), args.precision != "fp32")
+    return ddp, lambda: torch.autocast(device.type, common.PRECISIONS[args.precision], args.precision != "fp32")
 
 
 def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device):
@@ -589,9 +604,9 @@ def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg
     common.write_json(dict(vars(args), world_size=world_size, dataset=data.name, dataset_size=len(data),
                            data_std=measured_std, class_names=data.class_names,
                            network=dict(class_name=class_name, kwargs=net_kwargs), batch_gpu=batch_gpu,
-                           accumulation_rounds=rounds), os.path.join(run_dir, "training_options.json"))
+                           accumulation_rounds=rounds), os.path.join(run_dir, OPTIONS))
     if resume is None:
-        common.save_grid(data.batch(torch.arange(64) % len(data))[0] / 127.5 - 1,
+        save_grid(data.batch(torch.arange(64) % len(data))[0] / 127.5 - 1,
                          os.path.join(run_dir, "reals.png"), f"{data.name}: training images 0-63")
     print(f"{f'resuming {resume[1]} at {cur_nimg / 1e3:g} kimg' if resume else 'new run'} -> {run_dir}\n"
           f"{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, {data.label_dim} "
@@ -603,6 +618,18 @@ def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg
         print(f"warning: the data's std {measured_std:.3f} differs from sigma_data {args.sigma_data:g} by more than "
               f"25 %; pass --sigma-data {measured_std:.2f} so that the network's inputs and targets have unit "
               f"variance (chapter 05)", file=sys.stderr, flush=True)
+
+
+OPTIONS = "training_options.json"
+
+
+def read_run_options(folder):
+    """The options, data set and network a 07 run recorded in `folder` (its training_options.json), or {}."""
+    path = os.path.join(folder, OPTIONS)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def train_flops(class_name, net_kwargs):
@@ -799,6 +826,29 @@ def restore_phema(state, phema):
         average.load_state_dict(saved_state)
 
 
+def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512, column_labels=None):
+    """Save a batch [N, C, H, W] (float in [-1, 1], or uint8) as a titled grid of `ncol` columns (N divisible by
+    ncol), each pixel an integer-sized block so that tiny images stay sharp; rows and columns may be labelled."""
+    from matplotlib.figure import Figure
+    images = x.cpu() if x.dtype == torch.uint8 else common.to_uint8(x).permute(0, 3, 1, 2)
+    images = F.pad(images, [1, 0, 1, 0], value=255)                # 1-pixel white gaps
+    n, c, h, w = images.shape
+    grid = images.reshape(n // ncol, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // ncol * h, ncol * w, c)
+    inches = [size * -(-min_width // (ncol * w)) / 100 for size in grid.shape[1::-1]]   # at 100 dpi
+    left = max(1.2, 0.09 * max(map(len, row_labels))) if row_labels else 0.1   # room for the row labels
+    top = 1.0 if column_labels else 0.5                               # room for the title (and column labels)
+    fig = Figure(figsize=(inches[0] + left + 0.1, inches[1] + top), dpi=100)
+    ax = fig.add_axes([left / fig.get_figwidth(), 0.05 / fig.get_figheight(),
+                       inches[0] / fig.get_figwidth(), inches[1] / fig.get_figheight()])
+    ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    fig.suptitle(title, fontsize=11, y=1 - 0.08 / fig.get_figheight(), va="top")
+    ax.set_xticks([(j + 0.5) * w for j in range(len(column_labels or []))], column_labels or [], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks([(r + 0.5) * h for r in range(len(row_labels or []))], row_labels or [])
+    ax.tick_params(length=0, labelsize=10)
+    fig.savefig(path)
+
+
 @torch.no_grad()
 def save_preview(ema, path, device, cur_nimg, class_names):
     """Seeds 0..63 (row r: class r mod label_dim) through 04's deterministic sampler (18 steps, 35 NFE),
@@ -807,8 +857,8 @@ def save_preview(ema, path, device, cur_nimg, class_names):
     latents = rnd.randn([64, ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
     classes = torch.arange(64, device=device) // 8 % max(ema.label_dim, 1)
     labels = F.one_hot(classes, ema.label_dim).to(torch.float32) if ema.label_dim else None
-    images = sampler.edm_sampler(ema, latents, {"class_labels": labels}, randn_like=rnd.randn_like)   # the training RNGs are untouched
-    common.save_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
+    images = ch04.make_sampler(18)(ema, latents, {"class_labels": labels}, rnd.randn_like)   # training RNGs untouched
+    save_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
                      [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
 
 
@@ -848,7 +898,7 @@ def build_parser(preset):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False, epilog=f"{UNITS}\nDefaults shown: " +
                                      (f"--preset {preset}." if preset else "no preset (Table 7's CIFAR-10 values)."))
-    d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=common.DATA_DIR, preset=preset)
+    d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=DATA_DIR, preset=preset)
     kimg, probability, positive = common.number(float, low=0.001), common.number(float, 0, 1), common.number(int, low=1)
     flag = dict(action=argparse.BooleanOptionalAction)   # --x / --no-x
 

@@ -375,6 +375,101 @@ def features_of(detector, images):
 # 4. Image sets: a folder or zip of images through common.py's ImageFolder (the official
 # dataset-tool layout, searched recursively, sorted), or CIFAR-10's training set.
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ImageFolder:
+    """The images of a folder or .zip (recursive, sorted by relative name), decoded only when read.
+
+    `read(i)` gives uint8 [C, H, W]. Without `resolution` every image must have the first one's shape
+    (C = 1 greyscale or 3 RGB). With `resolution` R every image is made R x R RGB as the official
+    dataset_tool.py's center-crop transform does: the central square (side min(H, W)) is cropped, a greyscale
+    image repeated to RGB, and the square resized with PIL's antialiasing LANCZOS filter when it is not R x R;
+    `resized` holds the indices of the images that were cropped or resized. Images with an alpha channel are
+    refused (so does the official tool): what to composite them on is the user's decision. `labels` come from
+    dataset.json (the official dataset-tool layout: {"labels": [["00000/img00000000.png", 6], ...]}), else
+    from one sub-folder per class, else None.
+    """
+
+    def __init__(self, path, resolution=None):
+        self.path, self._zip, self.shape, self.resolution, self.resized = path, None, None, resolution, set()
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r}: no such folder or .zip of images")
+        if os.path.isdir(path):
+            files = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                     for root, _, names in os.walk(path) for f in names]
+        elif zipfile.is_zipfile(path):
+            self._zip = zipfile.ZipFile(path)
+            files = [n for n in self._zip.namelist() if not n.endswith("/")]
+        else:
+            raise ValueError(f"{path!r} is neither a folder nor a .zip file of images")
+        self._files = set(files)
+        self.names = sorted(n for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.names:
+            raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {path!r}")
+        self.shape = self.read(0).shape                 # every later image must match the first
+
+    def __len__(self):
+        return len(self.names)
+
+    def _bytes(self, name):
+        if self._zip is not None:
+            return self._zip.read(name)
+        with open(os.path.join(self.path, name), "rb") as f:
+            return f.read()
+
+    def read(self, i):
+        """Image i as a uint8 numpy array [C, H, W]."""
+        import PIL.Image
+        name = self.names[i]
+        try:
+            with PIL.Image.open(io.BytesIO(self._bytes(name))) as image:
+                alpha = "A" in image.getbands() or "transparency" in image.info
+                if not alpha:
+                    image = image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB")
+                    array = np.array(image if self.resolution is None else self._square(image.convert("RGB"), i))
+        except Exception as error:   # a damaged file can raise many kinds
+            raise ValueError(f"cannot read image {name!r} in {self.path!r} ({type(error).__name__}: {error})")
+        if alpha:
+            raise ValueError(f"{name!r} in {self.path!r} has an alpha channel (transparency); convert it to RGB "
+                             f"first (e.g. composite it on a background of your choice)")
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        if self.shape is not None and array.shape != self.shape:
+            size = lambda s: f"{s[2]}x{s[1]} with {s[0]} channel(s)"
+            raise ValueError(f"{name!r} is {size(array.shape)} but {self.names[0]!r} is {size(self.shape)}; "
+                             f"all images in {self.path!r} must have one size and channel count")
+        return array
+
+    def _square(self, image, i):
+        """The official center crop: the central min(W, H) square, resized (LANCZOS) to resolution^2 if needed."""
+        import PIL.Image
+        w, h = image.size
+        side, r = min(w, h), self.resolution
+        if (w, h) != (r, r):
+            self.resized.add(i)
+        image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+        return image.resize((r, r), PIL.Image.Resampling.LANCZOS) if side != r else image
+
+    def batch(self, indices):
+        """Images `indices` as a uint8 tensor [N, C, H, W]."""
+        return torch.from_numpy(np.stack([self.read(int(i)) for i in indices]))
+
+    @property
+    def labels(self):
+        """int64 [N] class indices, or None."""
+        if "dataset.json" in self._files:
+            labels = dict(json.loads(self._bytes("dataset.json")).get("labels") or [])
+            missing = [n for n in self.names if n not in labels]
+            if labels and missing:
+                raise ValueError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}")
+            return np.asarray([labels[n] for n in self.names], np.int64) if labels else None
+        folders = [n.split("/")[0] if "/" in n else None for n in self.names]
+        if None in folders or len(set(folders)) < 2:
+            return None
+        return np.unique(folders, return_inverse=True)[1].astype(np.int64)   # index of the sorted folder name
+
+
+
 class TensorImages:
     """uint8 images [N, C, H, W] held in memory (CIFAR-10), with ImageFolder's `len` and `batch`."""
 
@@ -395,7 +490,7 @@ GRID, SETTINGS = "grid.png", "generation.json"     # what `generate` writes besi
 def open_folder(path):
     """common.ImageFolder, without the grid.png that `generate` writes beside its images (a folder with
     its generation.json): `calc` and `ref` read the generated images only."""
-    folder = common.ImageFolder(path)
+    folder = ImageFolder(path)
     if GRID in folder.names and os.path.isfile(os.path.join(path, SETTINGS)):
         folder.names.remove(GRID)
     return folder
@@ -406,7 +501,7 @@ def open_images(spec, data_dir, resolution=None):
     `shapes` (07's built-in set, `resolution` pixels square, default 16 as 07's) or a folder/.zip of
     images (with `resolution`: checked to be that size, as 07 checks)."""
     if spec == "cifar10":
-        images = TensorImages(common.load_cifar10(data_dir)[0])
+        images = TensorImages(common.load("07_train_cifar10").load_cifar10(data_dir)[0])
     elif spec == "shapes":     # drawn by 07's code, so the reference is the very training set of a 07 run
         shapes = common.load("07_train_cifar10").make_shapes_dataset(SHAPES_SIZE, resolution or 16)[0]
         return TensorImages(shapes)
@@ -478,12 +573,12 @@ def parse_seeds(text):
     return seeds
 
 
-def generate_batch(net, seeds, device, class_idx=None, sampler=None, **options):
-    """uint8 images [N, C, H, W] for the given seeds, each depending on its own seed only; `sampler` is
-    called as 04's edm_sampler (the default) is.
+def generate_batch(net, seeds, device, sample=None, class_idx=None):
+    """uint8 images [N, C, H, W] for the given seeds, each depending on its own seed only.
 
-    As in the official generate.py, each seed's generator first draws the latents, then
-    (for a conditional network) the class label, then the sampler's churn noise.
+    As in the official generate.py, each seed's generator first draws the latents, then (for a conditional
+    network) the class label, then the sampler's noise. `sample(net, latents, extra_args, randn_like)` is a
+    sampler as 03's, 04's and 09's make_sampler make them (default: 04's Algorithm 2, 18 steps = 35 NFE).
     """
     rnd = common.StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
@@ -493,9 +588,9 @@ def generate_batch(net, seeds, device, class_idx=None, sampler=None, **options):
         if class_idx is not None:
             class_labels = torch.zeros_like(class_labels)
             class_labels[:, class_idx] = 1
-    sampler = sampler or common.load("04_stochastic_sampler").edm_sampler
+    sample = sample or common.load("04_stochastic_sampler").make_sampler()
     with torch.no_grad():
-        x = sampler(net, latents, {"class_labels": class_labels}, randn_like=rnd.randn_like, **options)
+        x = sample(net, latents, {"class_labels": class_labels}, rnd.randn_like)
     return common.to_uint8(x).permute(0, 3, 1, 2)
 
 
@@ -525,12 +620,12 @@ def png_path(outdir, seed, subdirs):
     return os.path.join(folder, f"{seed:06d}.png")
 
 
-def generate_pngs(net, seeds, outdir, batch_size, device, subdirs=False, class_idx=None, **sampler_call):
-    """Write {seed:06d}.png for this rank's share of the seeds (sampler_call: sampler=..., its options)."""
+def generate_pngs(net, seeds, outdir, batch_size, device, subdirs=False, class_idx=None, sample=None):
+    """Write {seed:06d}.png for this rank's share of the seeds."""
     for batch_seeds in progress(rank_batches(seeds, batch_size), "generate"):
         if len(batch_seeds) == 0:
             continue
-        images = generate_batch(net, batch_seeds.tolist(), device, class_idx, **sampler_call)
+        images = generate_batch(net, batch_seeds.tolist(), device, sample, class_idx)
         for seed, image in zip(batch_seeds.tolist(), images.permute(0, 2, 3, 1)):
             path = png_path(outdir, seed, subdirs)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -540,12 +635,12 @@ def generate_pngs(net, seeds, outdir, batch_size, device, subdirs=False, class_i
 # ----------------------------------------------------------------------------
 # 7. Statistics of generated images (no PNGs written) and of image sets.
 
-def generated_stats(net, seeds, detector, batch_size, device, class_idx=None, **sampler_call):
+def generated_stats(net, seeds, detector, batch_size, device, class_idx=None, sample=None):
     """(mu, sigma) of the detector features of the images `generate` would write for these seeds."""
     stats = FeatureStats(detector.feature_dim, device)
     for batch_seeds in progress(rank_batches(seeds, batch_size), "generate + features"):
         if len(batch_seeds):
-            images = generate_batch(net, batch_seeds.tolist(), device, class_idx, **sampler_call)
+            images = generate_batch(net, batch_seeds.tolist(), device, sample, class_idx)
             stats.update(features_of(detector, images.to(device)))
     stats.all_reduce()
     return stats.mean_cov()
@@ -596,24 +691,15 @@ def ref_and_detector(ref_spec, detector_spec, device):
 
 
 # ----------------------------------------------------------------------------
-# 8. From command-line options to a sampler and a denoiser. Chapters 09 (fast solvers)
-# and 10 (guidance) come after this one, so the library above never loads them; these
-# command-line helpers do, inside the functions that need them (the house rule lets the
-# command line use later chapters).
-#
-# Three samplers, all called by generate_batch as `sampler(net, latents, extra_args, randn_like, **options)`
-# and all calling the denoiser as `net(x, sigma, **extra_args)` (extra_args = {"class_labels": labels}):
-#   * the default, and --solver heun: 04's edm_sampler (Algorithm 2, --S-churn etc.), 18 steps = 35 NFE;
-#   * --disc/--schedule/--scaling: 03's ablation_sampler (Sec. 3 ablations), --solver euler or heun;
-#   * any other --solver, or --sigma-steps: 09's deterministic solvers on their authors' sigma steps.
-# --nfe N is the budget for every one of them (09's steps_for_nfe: Heun 2n - 1, the others n).
+# 8. From command-line options to a sampler and a denoiser. The chapters that own them build them: 04
+# (Algorithm 2, the default), 03 (--disc/--schedule/--scaling: the ablation sampler), 09 (--solver, --nfe,
+# --sigma-steps) -- each chapter's make_sampler(...) gives sample(net, latents, extra_args, randn_like) with
+# `.settings` for the JSON records -- and 10 (--guidance ...). A later chapter is loaded only by the flag
+# that asks for it (the house rule lets the command line use later chapters).
 
-EDM_OPTIONS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")
 CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise")
-ABLATION_OPTIONS = ("discretization", "schedule", "scaling")
-SIGMA_STEP_KINDS = ("edm", "logsnr", "time_uniform")            # 09's sigma_steps(kind=...)
 SOLVER_NAMES = ("euler", "heun", "dpmpp2m", "dpmpp3m", "ipndm")  # 09's SOLVERS, for --help without 09 (tested)
-DEFAULT_RHO = {"edm": 7.0, "time_uniform": 1.0}                # Eq. 5's rho; rho = 1: uniform in VP's t
+SIGMA_STEP_KINDS = ("edm", "logsnr", "time_uniform")            # 09's sigma_steps kinds
 
 
 def flag(name):
@@ -622,72 +708,33 @@ def flag(name):
 
 
 def sampler_from_args(args):
-    """(sampler, options) for the sampler options given on the command line.
-
-    The one place where command-line options become a sampler call: generate and fid both
-    pass the result to generate_batch as `sampler=sampler, **options`. For 04's and 03's
-    samplers, options left out are the sampler's own defaults; for 09's solvers every
-    setting is resolved here (solver, sigma-step kind, steps, rho), so fid.json names them.
-    """
-    options = {k: getattr(args, k) for k in EDM_OPTIONS + ABLATION_OPTIONS if getattr(args, k) is not None}
-    for name in ("sigma_min", "sigma_max", "rho"):
-        if options.get(name, 1) <= 0:
-            raise ValueError(f"{flag(name)} must be positive, got {options[name]}")
-    if options.get("sigma_min", 0) >= options.get("sigma_max", float("inf")):
-        raise ValueError(f"--sigma-min {options['sigma_min']} must be below --sigma-max {options['sigma_max']}")
+    """The sampler the command line asks for (see section 8's comment), checked before anything runs."""
+    steps = {k: getattr(args, k) for k in ("sigma_min", "sigma_max", "rho") if getattr(args, k) is not None}
+    churn = {k: getattr(args, k) for k in CHURN_OPTIONS if getattr(args, k) is not None}
+    for name, value in steps.items():
+        if value <= 0:
+            raise ValueError(f"{flag(name)} must be positive, got {value}")
+    if steps.get("sigma_min", 0) >= steps.get("sigma_max", float("inf")):
+        raise ValueError(f"--sigma-min {steps['sigma_min']} must be below --sigma-max {steps['sigma_max']}")
     solver = args.solver or "heun"
+    num_steps = args.num_steps
     if args.nfe is not None:
-        options["num_steps"] = common.load("09_fast_samplers").steps_for_nfe(solver, args.nfe)   # 09's NFE rule
-
-    if any(k in options for k in ABLATION_OPTIONS):
+        num_steps = common.load("09_fast_samplers").steps_for_nfe(solver, args.nfe)      # 09's NFE rule
+    if args.discretization or args.schedule or args.scaling:
         if solver not in ("euler", "heun"):
             raise ValueError(f"--disc/--schedule/--scaling run chapter 03's ablation sampler, whose --solver is "
                              f"euler or heun, not {solver}")
         if args.sigma_steps:
             raise ValueError("--sigma-steps chooses the steps of 09's solvers; the ablation sampler's are --disc")
-        if args.solver:
-            options["solver"] = args.solver
-        return common.load("03_heun_and_schedules").ablation_sampler, options
+        ablation = {k: getattr(args, k) for k in ("discretization", "schedule", "scaling") if getattr(args, k)}
+        return common.load("03_heun_and_schedules").make_sampler(num_steps or 18, solver=solver, **ablation,
+                                                                  **steps, **churn)
     if solver == "heun" and args.sigma_steps is None:
-        return common.load("04_stochastic_sampler").edm_sampler, options
-
-    churn = [k for k in CHURN_OPTIONS if k in options]
+        return common.load("04_stochastic_sampler").make_sampler(num_steps or 18, **steps, **churn)
     if churn:
-        raise ValueError(f"{flag(churn[0])} is Algorithm 2's churn (04's sampler: --solver heun without "
+        raise ValueError(f"{flag(next(iter(churn)))} is Algorithm 2's churn (04's sampler: --solver heun without "
                          f"--sigma-steps); 09's {solver} is deterministic")
-    kind = args.sigma_steps or common.load("09_fast_samplers").SOLVERS[solver].schedule
-    if kind == "logsnr" and "rho" in options:
-        raise ValueError("--rho shapes the edm and time_uniform sigma steps; logsnr steps are uniform in log sigma")
-    options.update(solver=solver, sigma_steps=kind, num_steps=options.get("num_steps", 18))
-    if kind != "logsnr":
-        options.setdefault("rho", DEFAULT_RHO[kind])
-    return solver_sampler, options
-
-
-def solver_sampler(net, latents, extra_args=None, randn_like=None, solver="heun", sigma_steps="edm",
-                   num_steps=18, sigma_min=0.002, sigma_max=80, rho=7.0):
-    """Chapter 09's `solver` on `num_steps` intervals of its `sigma_steps` kind: float64 samples at sigma = 0.
-
-    Called like 04's edm_sampler: unit-variance `latents`, the noise range clamped to the
-    network's, the levels rounded to those the network supports (as 04 does). The solvers
-    draw no noise, so `randn_like` is unused and each image depends on its seed only.
-    """
-    fast = common.load("09_fast_samplers")  # a later chapter: only the command line runs its solvers
-    sigma_min = max(sigma_min, getattr(net, "sigma_min", 0))
-    sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
-    round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
-    sigmas = fast.sigma_steps(num_steps, sigma_min, sigma_max, sigma_steps, rho).to(latents.device)
-    sigmas = torch.cat([round_sigma(sigmas[:-1]).to(sigmas.dtype), sigmas[-1:]])     # the last level stays 0
-    return fast.SOLVERS[solver].sample(net, latents.to(torch.float64) * sigmas[0], sigmas, extra_args)
-
-
-def solver_and_steps(sampler, options):
-    """(solver, sigma-step kind) that `sampler` runs with `options`, as fid.json records them."""
-    if sampler is solver_sampler:
-        return options["solver"], options["sigma_steps"]
-    if sampler.__name__ == "ablation_sampler":         # 03's; its defaults: Heun on EDM's steps
-        return options.get("solver", "heun"), options.get("discretization", "edm")
-    return "heun", "edm"                               # Algorithm 2 on Eq. 5's steps
+    return common.load("09_fast_samplers").make_sampler(solver, num_steps=num_steps, kind=args.sigma_steps, **steps)
 
 
 def denoiser_from_args(args, net, device):
@@ -724,11 +771,11 @@ def check_same_task(net, guide, path):
                          f"autoguidance needs a (weaker) network of the same task")
 
 
-def describe(sampler, options, guidance):
+def sampler_line(sample, guidance):
     """One line for the log: the sampler, its options, the guidance."""
-    solver, kind = solver_and_steps(sampler, options)
-    settings = "".join(f", {k}={v}" for k, v in options.items() if k not in ("solver", "sigma_steps"))
-    line = f"{sampler.__name__}: {solver} on {kind} steps{settings}; "
+    settings = sample.settings
+    options = "".join(f", {k}={v}" for k, v in settings["options"].items())
+    line = f"{settings['function']}: {settings['solver']} on {settings['sigma_steps']} steps{options}; "
     if guidance["method"] == "none":
         return line + "no guidance"
     by = "CFG" if guidance["method"] == "cfg" else f"autoguidance by {guidance['guide_network']}"
@@ -743,25 +790,25 @@ def describe(sampler, options, guidance):
 def cmd_generate(args):
     _, _, device = common.init_distributed(args.device)
     seeds = parse_seeds(args.seeds)
-    sampler, options = sampler_from_args(args)
+    sample = sampler_from_args(args)
     net = common.rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
     outdir = args.outdir or os.path.join("out", "08_evaluate_fid", "images")
     earlier = check_outdir(outdir, seeds, args.subdirs, args.add)
     outdir = common.out_dir(__file__, outdir)
-    print0(f"Generating {len(seeds)} images into {outdir} ({describe(sampler, options, guidance)})...")
+    print0(f"Generating {len(seeds)} images into {outdir} ({sampler_line(sample, guidance)})...")
     counter, start = common.CountingDenoiser(denoiser), time.time()
-    generate_pngs(counter, seeds, outdir, args.batch, device, args.subdirs, args.class_idx, sampler=sampler, **options)
+    generate_pngs(counter, seeds, outdir, args.batch, device, args.subdirs, args.class_idx, sample)
     common.gather(None)             # every rank's images are written before rank 0 draws the grid
     if common.get_rank() == 0:      # rank 0 always has images (other ranks may have none): its count is the NFE
         images = rank_images(seeds, args.batch)
         nfe, evaluations = counter.per_image(images), sum(c.per_image(images) for c in counters)
-        solver, kind = solver_and_steps(sampler, options)
+        settings = sample.settings
         common.write_json(earlier + [dict(
             network=location(args.network), seeds=args.seeds, num_images=len(seeds), subdirs=args.subdirs,
-            class_idx=args.class_idx, solver=solver, sigma_steps=kind, nfe=nfe, network_evaluations=evaluations,
-            sampler={"function": sampler.__name__, "options": options},   # options not listed: the defaults
+            class_idx=args.class_idx, solver=settings["solver"], sigma_steps=settings["sigma_steps"], nfe=nfe,
+            network_evaluations=evaluations, sampler={"function": settings["function"], "options": settings["options"]},
             guidance=guidance, gpus=common.get_world_size(), seconds=round(time.time() - start, 1))],
             os.path.join(outdir, SETTINGS))
         grid = save_folder_grid(outdir)
@@ -810,13 +857,14 @@ def check_outdir(outdir, seeds, subdirs, add):
 
 def save_folder_grid(outdir, count=64):
     """grid.png of the folder's first `count` images (by name: the lowest seeds), 8 per row."""
+    import torchvision
     folder = open_folder(outdir)
     ncol = min(8, len(folder))
-    n = min(count, len(folder)) // ncol * ncol                       # save_grid fills whole rows
+    images = folder.batch(range(min(count, len(folder)) // ncol * ncol)).float() / 255   # whole rows of ncol
+    scale = max(1, -(-512 // (ncol * images.shape[-1])))             # at least 512 pixels wide, pixels sharp
     path = os.path.join(outdir, GRID)
-    seed = lambda i: os.path.splitext(os.path.basename(folder.names[i]))[0].lstrip("0") or "0"
-    common.save_grid(folder.batch(range(n)), path, f"{os.path.basename(os.path.abspath(outdir))}/: seeds "
-                     f"{seed(0)} to {seed(n - 1)} ({n} of its {len(folder)} images)", ncol=ncol)
+    torchvision.utils.save_image(F.interpolate(images, scale_factor=scale), path, nrow=ncol, padding=scale,
+                                 pad_value=1)
     return path
 
 
@@ -855,7 +903,7 @@ def cmd_calc(args):
 
 def cmd_fid(args):
     _, _, device = common.init_distributed(args.device)
-    sampler, options = sampler_from_args(args)
+    sample = sampler_from_args(args)
     net = common.rank0_first(load_net, args.network, device)
     check_class(net, args.class_idx)
     denoiser, counters, guidance = denoiser_from_args(args, net, device)
@@ -863,22 +911,22 @@ def cmd_fid(args):
     path = os.path.join(common.out_dir(__file__, args.outdir), "fid.json")   # a bad --outdir fails now, not at the end
     counter = common.CountingDenoiser(denoiser)              # the sampler's calls: NFE as the paper counts it
     start, result, images = time.time(), {"fid": [], "seeds": []}, 0
-    print0(describe(sampler, options, guidance))
+    print0(sampler_line(sample, guidance))
     for k in range(args.repeats):
         seeds = list(range(k * args.num, (k + 1) * args.num))
         print0(f"Seeds {seeds[0]}-{seeds[-1]}: generating {args.num} images into statistics...")
-        mu, sigma = generated_stats(counter, seeds, detector, args.batch, device, args.class_idx,
-                                    sampler=sampler, **options)
+        mu, sigma = generated_stats(counter, seeds, detector, args.batch, device, args.class_idx, sample)
         images += rank_images(seeds, args.batch)
         result["fid"].append(frechet_distance(mu, sigma, *ref))
         result["seeds"].append(f"{seeds[0]}-{seeds[-1]}")
         print0(f"  FID {result['fid'][-1]:g}")
     if common.get_rank() == 0:      # rank 0 always has images (other ranks may have none): its count is the NFE
-        solver, kind = solver_and_steps(sampler, options)
-        result.update(fid_min=min(result["fid"]), solver=solver, sigma_steps=kind, nfe=counter.per_image(images),
+        settings = sample.settings
+        result.update(fid_min=min(result["fid"]), solver=settings["solver"], sigma_steps=settings["sigma_steps"],
+                      nfe=counter.per_image(images),
                       network_evaluations=sum(c.per_image(images) for c in counters), guidance=guidance,
                       class_idx=args.class_idx,
-                      sampler={"function": sampler.__name__, "options": options},  # options not listed: defaults
+                      sampler={"function": settings["function"], "options": settings["options"]},
                       num_images=args.num, network=location(args.network), ref=args.ref,
                       detector=args.detector, gpus=common.get_world_size(), seconds=round(time.time() - start, 1))
         common.write_json(result, path)
@@ -1000,8 +1048,8 @@ def training_images(spec, data_dir, resolution):
     center-cropped and resized to the generated images' resolution as 07 --resolution does."""
     if spec == "shapes":
         return TensorImages(common.load("07_train_cifar10").make_shapes_dataset(4096, resolution)[0])
-    return TensorImages(common.load_cifar10(data_dir)[0]) if spec == "cifar10" else \
-        common.ImageFolder(spec, resolution)
+    return TensorImages(common.load("07_train_cifar10").load_cifar10(data_dir)[0]) if spec == "cifar10" else \
+        ImageFolder(spec, resolution)
 
 
 def nearest_inputs(args):
@@ -1011,14 +1059,14 @@ def nearest_inputs(args):
     if (args.network is None) == (args.images is None):
         raise ValueError("nearest needs either --network SNAPSHOT (to generate --seeds) or --images DIR")
     if args.images:
-        folder = common.ImageFolder(args.images)
+        folder = ImageFolder(args.images)
         images, names = folder.batch(range(len(folder))), folder.names
     else:
         device, seeds = common.get_device(args.device), parse_seeds(args.seeds)
         net = load_net(args.network, device)
-        options = {"num_steps": args.num_steps} if args.num_steps else {}
+        sample = common.load("04_stochastic_sampler").make_sampler(args.num_steps or 18)
         print(f"Generating {len(seeds)} images with 04's edm_sampler, {args.num_steps or 18} steps...")
-        images = torch.cat([generate_batch(net, batch.tolist(), device, **options).cpu()
+        images = torch.cat([generate_batch(net, batch.tolist(), device, sample).cpu()
                             for batch in torch.as_tensor(seeds).split(args.batch)])
         names = [f"seed {s}" for s in seeds]
     train = training_images(args.data, args.data_dir, images.shape[-1])
@@ -1038,7 +1086,7 @@ def cmd_nearest(args):
     outdir = common.out_dir(__file__, args.outdir or os.path.join("out", "08_evaluate_fid", "nearest"))
     shown = d[:, 0].div(d[:, 1]).argsort()[:args.rows]          # the most copy-like first
     grid = torch.stack([images[shown], train.batch(idx[shown, 0]), train.batch(idx[shown, 1])], 1).flatten(0, 1)
-    common.save_grid(grid, os.path.join(outdir, "nearest.png"),
+    common.load("07_train_cifar10").save_grid(grid, os.path.join(outdir, "nearest.png"),
                      f"near-copies (d1 < d2/{NEAR_COPY_RATIO}): {int(copies.sum())} of {len(images)}", ncol=3,
                      min_width=240, column_labels=["generated", "1st nearest", "2nd nearest"],
                      row_labels=[f"{names[i]}: {d[i, 0]:.1f} | {d[i, 1]:.1f}" + " copy" * bool(copies[i])
@@ -1147,8 +1195,8 @@ def build_parser():
     p = add("ref", cmd_ref, "Reference statistics (mu, sigma) of a dataset, written to an .npz.")
     p.add_argument("--data", required=True, help="what 07 trained on: cifar10 (the training set), shapes (07's "
                    "built-in set, e.g. the default run's), or a folder/.zip of images")
-    p.add_argument("--data-dir", default=common.DATA_DIR,
-                   help=f"where cifar-10-python.tar.gz is looked for / downloaded (default: {common.DATA_DIR})")
+    p.add_argument("--data-dir", default=None,
+                   help="where cifar-10-python.tar.gz is looked for / downloaded (default: 07's out/data)")
     p.add_argument("--resolution", type=common.number(int, 4), default=None, help="as 07's: the size of the "
                    "shapes (default: 16, the default run's); for image data, a check")
     p.add_argument("--dest", required=True, help="output .npz")
@@ -1182,8 +1230,8 @@ def build_parser():
             "pixel space); near-copy when d1 < d2 / 3 (Carlini et al. 2023). Writes nearest.png and nearest.json.")
     p.add_argument("--data", help="the training images: a folder/.zip (center-cropped and resized as 07 "
                    "--resolution does), cifar10 or shapes (07's built-in set) (required)")
-    p.add_argument("--data-dir", default=common.DATA_DIR,
-                   help=f"where cifar-10-python.tar.gz is looked for (default: {common.DATA_DIR})")
+    p.add_argument("--data-dir", default=None,
+                   help="where cifar-10-python.tar.gz is looked for (default: 07's out/data)")
     p.add_argument("--images", help="a folder/.zip of images to check instead of generating with --network")
     p.add_argument("--seeds", default="0-63", help="with --network: the seeds to generate (default: 0-63)")
     p.add_argument("--rows", type=common.number(int, 1), default=16,

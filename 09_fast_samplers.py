@@ -1,117 +1,21 @@
 """09 -- Beyond the paper: fast ODE solvers that reach good samples in 5-10 network evaluations.
 
-EDM (Karras et al. 2022) samples with Heun's method (Algorithm 1, chapter 03): 18 steps =
-35 network evaluations (NFE) for its best CIFAR-10 FID. Later work keeps EDM's ODE and its
-networks but spends the NFE better. All solvers here integrate the same probability-flow ODE,
-with sigma(t) = t and s(t) = 1 (Eq. 1 / Eq. 4 of the paper),
+EDM samples with Heun's method (Algorithm 1, chapter 03): 18 steps = 35 network evaluations (NFE) for its best
+CIFAR-10 FID. Later work keeps EDM's ODE and networks but spends the NFE better. Every solver here integrates
+the same probability-flow ODE with sigma(t) = t, s(t) = 1 (Eq. 1 / Eq. 4),
 
-    dx/dsigma = (x - D(x; sigma)) / sigma,                                            (Eq. 4)
+    dx/dsigma = (x - D(x; sigma)) / sigma,                                                          (Eq. 4)
 
-from x = sigma_max * z, z ~ N(0, I), down to sigma = 0, and differ only in how they use the
-denoiser outputs.
+from x = sigma_max z down to sigma = 0, and they differ only in how they use the denoiser outputs: Euler and Heun
+(chapter 03), DPM-Solver++(2M, 3M) (Lu et al. 2022), exponential integrators in lambda = -log sigma, and iPNDM
+(Zhang & Chen 2023), Adams-Bashforth on Eq. 4. The multistep methods reuse earlier outputs instead of spending
+evaluations inside a step: order k for 1 NFE per step. Each runs on its authors' time steps (`sigma_steps`).
 
-* Euler (1st order, 1 NFE/step) and Heun (2nd order, 2 NFE/step; its last step into
-  sigma = 0 stays Euler, so n steps cost 2n - 1 NFE as the paper counts) -- chapter 03.
+All follow common.py's sampler convention, k-diffusion's: sample_<name>(model, x, sigmas, extra_args=None).
+The demo measures each solver's distance to a converged solution of the same ODE from the same noise, at
+5-35 NFE, on the 1-D toy (01), on a finite image set (02) and on a network trained by `07 --preset tiny`.
 
-* Multistep methods reuse the outputs of earlier steps instead of spending new evaluations
-  inside a step: order k for 1 NFE per step. The first steps, with no history yet, use lower
-  orders (a "warm start"). Strictly, the O(h^2) local error of that first step caps every
-  multistep method at global order 2, but its constant is the trajectory's curvature at
-  sigma_max, which on EDM's ODE is tiny (trajectories are nearly straight at sigma = 80): from
-  there the methods show their full order (tests/test_09; started at sigma = 3 they do not).
-
-* DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
-  Probabilistic Models") changes variable to lambda = -log sigma. Then dx/dlambda = D - x,
-  whose linear part is solved exactly (variation of constants, an "exponential integrator"):
-
-      x(lambda + h) = e^-h x(lambda) + integral_0^h e^(u - h) D(lambda + u) du.
-
-  Expanding D around the current point, D(lambda + u) = D + u D' + u^2/2 D'' + ..., turns
-  the integral into exact weights (integration by parts gives the recursion)
-
-      I_0 = 1 - e^-h,   I_1 = h - I_0,   I_2 = h^2/2 - I_1,       e^-h = sigma_next / sigma,
-
-  and the multistep variants estimate D', D'' from the last denoiser outputs:
-  (2M) D' from one earlier output, in the paper's midpoint form (Algorithm 2):
-      D_hat = D_i + (D_i - D_{i-1}) h_i / (2 h_{i-1}),   x_{i+1} = e^-h x_i + (1 - e^-h) D_hat;
-  (3M) D' and D'' from the quadratic through the last three outputs (divided differences on
-  the non-uniform lambda grid): x_{i+1} = e^-h x_i + I_0 D_i + I_1 D' + I_2 D''.
-  The last step into sigma = 0 (h = infinity) is x = D(x; sigma_{N-1}) for both, the exact
-  limit of the update and the same final step Euler and Heun take.
-
-  A note on 3M. The reference implementations -- DPM-Solver's `multistep_dpm_solver_third_update`
-  (zju-pi/diff-sampler's solver_utils.py carries it unchanged) and k-diffusion's
-  `sample_dpmpp_3m_sde` at eta = 0 -- weight the second divided difference
-  D2 = (D1_0 - D1_1) / (r0 + r1), which is ~ h^2 D'' / 2, by -phi_3 = I_2 / h^2: half the Taylor
-  weight of the D'' term, so their local error is O(h^3) and the method 2nd order. Ours uses
-  the Taylor weight; tests/test_09 measures both (slopes ~3 vs -> 2). At 5-35 NFE on the toy
-  the two stay within a factor 1.6 of each other, neither consistently ahead.
-
-* iPNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator",
-  DEIS; "improved PNDM") is plain Adams-Bashforth on Eq. 4 with the fixed equal-step
-  coefficients, warmed up with orders 1, 2, 3 (zju-pi/diff-sampler's `ipndm_sampler`):
-
-      d_i = (x_i - D(x_i; sigma_i)) / sigma_i
-      x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * (55 d_i - 59 d_{i-1} + 37 d_{i-2} - 9 d_{i-3}) / 24.
-
-  On EDM's rho-steps the step sizes vary, so the fixed coefficients are exact only to 2nd
-  order in the limit (tests: slope ~4 on equal steps, -> 2 on rho-steps); at 5-10 NFE it is
-  nevertheless the best published solver -- asymptotic order does not decide small budgets.
-  Its last step into sigma = 0 is the same AB update (D is never evaluated at sigma = 0).
-
-* UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling
-  of Diffusion Models") is left out: it is DPM-Solver++'s multistep predictor plus a corrector
-  that reuses the next step's evaluation, with coefficients from a small linear solve per
-  step (B(h) variants bh1/bh2) -- much more machinery for the same CIFAR-10 FID as 3M
-  at 10 NFE (2.89 vs 3.00, table below). 3M shows the idea in a few lines.
-
-Time steps (`sigma_steps`, n intervals, n + 1 values ending in 0), as the methods' authors use them:
-  edm           EDM's Eq. 5: uniform in sigma^(1/rho), rho = 7 (Euler, Heun, iPNDM);
-  logsnr        uniform in lambda = -log sigma (DPM-Solver++, DPM-Solver's "logSNR" steps);
-  time_uniform  uniform in t^(1/rho) of the VP time t from 1 to epsilon_s = 1e-3, mapped through
-                VP's sigma(t) refitted to [sigma_min, sigma_max] (zju-pi/diff-sampler's
-                `get_schedule`; rho = 1 is DPM-Solver's "time_uniform", rho = 2 its
-                "time_quadratic", which DEIS uses).
-
-Published FID (50k images, official edm-cifar10-32x32-uncond-vp network; zju-pi/diff-sampler
-README, "FID on CIFAR-10"; their grids end at sigma_min, so Heun is counted 2 NFE per step):
-
-    NFE   Heun (EDM)   DPM-Solver++(3M)   UniPC-3   iPNDM-4
-     4      319.87          46.52           45.20     24.82
-     5        --            24.97           23.98     13.59
-    10       15.93           3.00            2.89      2.77
-
-Measuring it here. FID needs a real network and 50k samples; the solvers' truncation error
-does not. The demo measures the RMS distance to a converged reference solution of the same
-ODE from the same noise, at NFE 5, 6, 8, 10, 12, 15, 20, 35, on (a) the 1-D two-mode toy of
-chapter 01 (exact denoiser), (b) the exact denoiser of a finite set of 32x32 images
-(chapter 03), and (c) a network trained by `07 --preset tiny`.
-
-What the demo finds (default settings; "Heun@n": Heun at the odd n = budget - 1 NFE it can spend):
-  (a) toy, 1024 samples: at NFE 5, 6, 8, 10 the best multistep solver's error is 1/14, 1/15,
-      1/36, 1/42 of Heun's (Heun@5 3.1, Heun@9 1.2: its 3-5 long steps overshoot -- the second
-      slope of each, taken at a low sigma from a point not yet near the data, is huge). iPNDM
-      wins at 5, 8 and 12-35 NFE (3.2e-3 at 35, Heun 2.6e-2), 2M at 6, 3M at 10.
-  (b) 1024 images 32x32, 64 samples: the ordering fails at small budgets. At NFE <= 12 every
-      solver sends 19-97% of the samples to another training image than the reference; the
-      best fast solver's RMS error is only 1/1.9 to 1/1.5 of Heun's at NFE <= 10 -- at NFE 10,
-      3M's error is 0.66x Heun@9's and 1.23x Heun@11's -- and iPNDM is the worst of them up to
-      15 NFE. The reason is the denoiser: the exact D of a finite set switches from an average
-      to one image within a narrow band of sigma, and no 5-10-step polynomial extrapolation of
-      past outputs follows that. From 20 NFE the ordering returns: another image for 1.6% / 0%
-      of the samples at 20 / 35 NFE with iPNDM, 6.2% / 3.1% with 3M, 14% / 4.7% with Heun.
-  (c) 07 --preset tiny network (16 kimg), 16 samples: the published ordering holds -- Heun's error
-      is 18-32x the best fast solver's at NFE <= 10; 2M wins at 5-6 NFE, iPNDM at 8-20, 3M at
-      35 (6.3e-4 vs Heun's 1.1e-2). A trained network is smooth in sigma; (c) looks like (a).
-  The references converge: halving their 512 steps moves them by 4e-6 (a), 0 (b), 1.4e-6 (c).
-
-Run:  python 09_fast_samplers.py     (figures in out/09_fast_samplers/). Measured: 3 min 17 s wall,
-      64 s of CPU time, on the 2-core machine shared with heavy other work, with case (c)'s tiny
-      network already there. Case (c) takes the 16-kimg snapshot of 07's default run
-      (out/07_train_cifar10) when its training_options.json matches -- 07's schedules depend on the
-      images seen, not on --duration, so it is the very network a 16-kimg run trains -- and otherwise
-      trains one quietly into out/09_fast_samplers/tiny-run (16 kimg of 07, ~40 s at 07's ~400
-      images/s on a quiet machine; 07's log in tiny-run/log.txt). --network PATH uses a snapshot instead.
+Run:  python 09_fast_samplers.py     (a few minutes on 2 CPU cores; figures in out/09_fast_samplers/)
 """
 
 import contextlib
@@ -128,53 +32,52 @@ import common
 
 
 # ----------------------------------------------------------------------------
-# Calling contract of every solver here (k-diffusion's): sample_<name>(model, x, sigmas, extra_args=None)
-# integrates from x at sigmas[0] through every sigmas[i] and calls the denoiser as
-# `model(x, sigma, **extra_args)` with sigma a [batch] tensor (a class-conditional network gets
-# extra_args = {"class_labels": labels}); outputs are taken in float64 (common.denoise).
-
-def _denoise(model, x, sigma, extra_args):
-    """D(x; sigma) with sigma given as a [batch] tensor, as k-diffusion passes it."""
-    return common.denoise(model, x, sigma.reshape(1).expand(x.shape[0]), extra_args)
-
-
-# ----------------------------------------------------------------------------
 # The baselines of chapter 03 on Eq. 4 (sigma(t) = t, s(t) = 1).
 
 def sample_euler(model, x, sigmas, extra_args=None):
     """Euler's method: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i, d_i = (x_i - D(x_i; sigma_i)) / sigma_i."""
+    x = x.to(torch.float64)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - _denoise(model, x, sigma, extra_args)) / sigma
+        d = (x - common.denoise(model, x, sigma, extra_args)) / sigma
         x = x + (sigma_next - sigma) * d
     return x
 
 
 def sample_heun(model, x, sigmas, extra_args=None):
     """Heun's method (Algorithm 1): an Euler step, then the trapezoidal rule with the slope at its end.
-
     The step into sigma = 0 stays Euler (the slope divides by sigma), so n steps cost 2n - 1 NFE."""
+    x = x.to(torch.float64)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - _denoise(model, x, sigma, extra_args)) / sigma
+        d = (x - common.denoise(model, x, sigma, extra_args)) / sigma
         x_next = x + (sigma_next - sigma) * d                                   # Algorithm 1, line 5
         if sigma_next > 0:
-            d_prime = (x_next - _denoise(model, x_next, sigma_next, extra_args)) / sigma_next
+            d_prime = (x_next - common.denoise(model, x_next, sigma_next, extra_args)) / sigma_next
             x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_prime)      # line 8
         x = x_next
     return x
 
 
 # ----------------------------------------------------------------------------
-# DPM-Solver++: exponential integrators in lambda = -log sigma, data (D) prediction.
+# DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+# Models"): in lambda = -log sigma, Eq. 4 is dx/dlambda = D - x, whose linear part is solved exactly
+# (variation of constants, an "exponential integrator"):
+#
+#     x(lambda + h) = e^-h x(lambda) + integral_0^h e^(u - h) D(lambda + u) du.
+#
+# Expanding D(lambda + u) = D + u D' + u^2/2 D'' + ... turns the integral into exact weights (integration by
+# parts gives the recursion) I_0 = 1 - e^-h, I_1 = h - I_0, I_2 = h^2/2 - I_1, with e^-h = sigma_next / sigma;
+# the multistep variants estimate D', D'' from the last denoiser outputs. The last step into sigma = 0
+# (h = infinity) is x = D(x; sigma_{N-1}) for both, the exact limit of the update and the same final step
+# Euler and Heun take.
 
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None):
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): one NFE per step, 2nd order.
-
-    x_{i+1} = (sigma_{i+1} / sigma_i) x_i + (1 - sigma_{i+1} / sigma_i) D_hat, where D_hat
-    extrapolates D to the step's midpoint in lambda from the previous output (first step: D_hat = D).
-    """
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): one NFE per step, 2nd order. x_{i+1} = (sigma_{i+1} /
+    sigma_i) x_i + (1 - sigma_{i+1} / sigma_i) D_hat, where D_hat = D_i + (D_i - D_{i-1}) h_i / (2 h_{i-1})
+    extrapolates D to the step's midpoint in lambda from the previous output (first step: D_hat = D)."""
+    x = x.to(torch.float64)
     D_prev = h_prev = None
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        D = _denoise(model, x, sigma, extra_args)
+        D = common.denoise(model, x, sigma, extra_args)
         if sigma_next == 0:               # h = infinity: the update's limit is the denoiser output
             return D
         h = math.log(sigma / sigma_next)  # step in lambda = -log sigma
@@ -185,15 +88,22 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None):
     return x
 
 
-def sample_dpmpp_3m(model, x, sigmas, extra_args=None):
-    """DPM-Solver++(3M) with the Taylor weights: one NFE per step, 3rd order (module docstring).
+# 3M estimates D' and D'' from the quadratic through the last three outputs (divided differences on the
+# non-uniform lambda grid) and weights them by the Taylor weights I_1, I_2. The reference implementations --
+# DPM-Solver's `multistep_dpm_solver_third_update` (zju-pi/diff-sampler's solver_utils.py carries it unchanged)
+# and k-diffusion's `sample_dpmpp_3m_sde` at eta = 0 -- weight the second divided difference
+# D2 = (D1_0 - D1_1) / (r0 + r1), ~ h^2 D'' / 2, by -phi_3 = I_2 / h^2: half the Taylor weight, so their local
+# error is O(h^3) and the method 2nd order. Ours is 3rd order; tests/test_09 measures both (slopes ~3 vs -> 2).
+# UniPC (Zhao et al. 2023) is left out: 3M's predictor plus a corrector with coefficients from a small linear
+# solve per step -- much more machinery for the same CIFAR-10 FID as 3M at 10 NFE (docs/BENCHMARKS.md).
 
-    x_{i+1} = e^-h x_i + I_0 D_i + I_1 D' + I_2 D'', with D', D'' at lambda_i from the last
-    three outputs (fewer on the first two steps: orders 1 and 2).
-    """
+def sample_dpmpp_3m(model, x, sigmas, extra_args=None):
+    """DPM-Solver++(3M) with the Taylor weights: one NFE per step, 3rd order. x_{i+1} = e^-h x_i + I_0 D_i +
+    I_1 D' + I_2 D'', with D', D'' at lambda_i from the last three outputs (fewer on the first two steps)."""
+    x = x.to(torch.float64)
     D_hist, lambda_hist = [], []          # newest first
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        D = _denoise(model, x, sigma, extra_args)
+        D = common.denoise(model, x, sigma, extra_args)
         if sigma_next == 0:
             return D
         D_hist, lambda_hist = [D] + D_hist[:2], [-math.log(sigma)] + lambda_hist[:2]
@@ -216,22 +126,28 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None):
 
 
 # ----------------------------------------------------------------------------
-# iPNDM: Adams-Bashforth on Eq. 4 with the fixed coefficients and a lower-order warm start.
+# iPNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator", DEIS; "improved
+# PNDM"): plain Adams-Bashforth on Eq. 4 with the fixed equal-step coefficients, warmed up with orders 1, 2, 3
+# (zju-pi/diff-sampler's `ipndm_sampler`). On EDM's rho-steps the step sizes vary, so the fixed coefficients are
+# exact only to 2nd order in the limit (tests: slope ~4 on equal steps, -> 2 on rho-steps); at 5-10 NFE it is
+# nevertheless the best published solver -- asymptotic order does not decide small budgets. Strictly, the
+# O(h^2) local error of any warm start caps a multistep method at global order 2, but its constant is the
+# trajectory's curvature at sigma_max, tiny on EDM's ODE.
 
 ADAMS_BASHFORTH = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
 def sample_ipndm(model, x, sigmas, extra_args=None, max_order=4):
-    """iPNDM (Zhang & Chen 2023): x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_j b_j d_{i-j}, one NFE per step.
-
-    Step i uses order min(i + 1, max_order) with the equal-step Adams-Bashforth weights b_j.
-    """
+    """iPNDM: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_j b_j d_{i-j}, one NFE per step, d_i = (x_i - D_i) /
+    sigma_i; step i uses order min(i + 1, max_order) with the equal-step Adams-Bashforth weights b_j. Its last
+    step into sigma = 0 is the same update (D is never evaluated at sigma = 0)."""
     if max_order not in ADAMS_BASHFORTH:
         raise ValueError(f"max_order must be 1, 2, 3 or 4, got {max_order}")
+    x = x.to(torch.float64)
     d_hist = []                                            # newest first
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - _denoise(model, x, sigma, extra_args)) / sigma
+        d = (x - common.denoise(model, x, sigma, extra_args)) / sigma
         d_hist = [d] + d_hist[:max_order - 1]
         slope = sum(b * d_j for b, d_j in zip(ADAMS_BASHFORTH[len(d_hist)], d_hist))
         x = x + (sigma_next - sigma) * slope
@@ -239,46 +155,41 @@ def sample_ipndm(model, x, sigmas, extra_args=None, max_order=4):
 
 
 # ----------------------------------------------------------------------------
-# Time steps.
+# Time steps, as the methods' authors use them: num_steps noise levels from sigma_max to sigma_min, then 0.
+#   edm           Eq. 5, uniform in sigma^(1/rho), rho = 7 (Euler, Heun, iPNDM): common.edm_sigma_steps;
+#   logsnr        uniform in lambda = -log sigma (DPM-Solver++, DPM-Solver's "logSNR" steps);
+#   time_uniform  uniform in t^(1/rho) of VP's time t from 1 to epsilon_s = 1e-3, through VP's sigma(t) fitted
+#                 to the range: chapter 03's VP discretization (rho = 1, DPM-Solver's "time_uniform"; rho = 2
+#                 its "time_quadratic", which DEIS uses).
 
-def vp_sigma_fit(sigma_min, sigma_max, epsilon_s=1e-3):
-    """VP's sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), fitted so that sigma(epsilon_s) = sigma_min
-    and sigma(1) = sigma_max (chapter 02's VP schedule with 03's `vp_betas`, repeated so that this file
-    needs only common.py)."""
-    a, b = math.log(sigma_min ** 2 + 1), math.log(sigma_max ** 2 + 1)
-    beta_d = 2 * (a / epsilon_s - b) / (epsilon_s - 1)
-    beta_min = b - 0.5 * beta_d
-    return lambda t: torch.sqrt(torch.exp(0.5 * beta_d * t ** 2 + beta_min * t) - 1)
+SIGMA_STEP_KINDS = ("edm", "logsnr", "time_uniform")
+DEFAULT_RHO = {"edm": 7.0, "logsnr": None, "time_uniform": 1.0}
 
 
-def sigma_steps(n, sigma_min=0.002, sigma_max=80.0, kind="edm", rho=7.0):
-    """n intervals: n noise levels from sigma_max down to sigma_min, then 0 (float64, n + 1 values).
-
-    kind "edm": Eq. 5, uniform in sigma^(1/rho); "logsnr": uniform in log sigma (rho unused);
-    "time_uniform": uniform in t^(1/rho) of VP's time t in [epsilon_s = 1e-3, 1] (module docstring).
-    """
-    if n < 2:
-        raise ValueError(f"need at least 2 intervals (sigma_max, sigma_min, 0), got n = {n}")
+def sigma_steps(kind, num_steps, sigma_min=0.002, sigma_max=80.0, rho=None, net=None):
+    """num_steps noise levels of a kind of time steps, then 0 (float64); rho defaults to the kind's own. With
+    `net`, on the range it supports and rounded as it needs (the same order of arguments as 03's sigma_steps)."""
+    if kind not in SIGMA_STEP_KINDS:
+        raise ValueError(f"unknown schedule kind {kind!r}; choose edm, logsnr or time_uniform")
+    if num_steps < 2:
+        raise ValueError(f"need at least 2 intervals (sigma_max, sigma_min, 0), got num_steps = {num_steps}")
+    sigma_min, sigma_max = common.noise_range(net, sigma_min, sigma_max)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min = {sigma_min}, sigma_max = {sigma_max}")
-    if kind not in ("edm", "logsnr", "time_uniform"):
-        raise ValueError(f"unknown schedule kind {kind!r}; choose edm, logsnr or time_uniform")
+    rho = DEFAULT_RHO[kind] if rho is None else rho
     if kind != "logsnr" and not rho > 0:
         raise ValueError(f"the {kind} schedule needs rho > 0, got {rho}")
-    i = torch.arange(n, dtype=torch.float64) / (n - 1)
-    if kind == "edm":                                                            # Eq. 5
-        sigmas = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    elif kind == "logsnr":
-        sigmas = torch.exp(math.log(sigma_max) + i * (math.log(sigma_min) - math.log(sigma_max)))
-    else:
-        epsilon_s = 1e-3
-        t = (1 + i * (epsilon_s ** (1 / rho) - 1)) ** rho                       # 1 -> epsilon_s
-        sigmas = vp_sigma_fit(sigma_min, sigma_max, epsilon_s)(t)
-    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+    if kind == "edm":
+        return common.edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, net)
+    if kind == "time_uniform":           # a later chapter may load an earlier one: 03 holds VP's discretization
+        return common.with_zero(common.load("03_heun_and_schedules").vp_sigma_steps(
+            num_steps, sigma_min, sigma_max, rho=rho), net)
+    i = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
+    return common.with_zero(torch.exp(math.log(sigma_max) + i * (math.log(sigma_min) - math.log(sigma_max))), net)
 
 
 # ----------------------------------------------------------------------------
-# The registry 08 uses: name -> solver, its authors' schedule, and the NFE budget -> steps.
+# The registry: name -> solver and its authors' time steps; an NFE budget -> steps.
 
 class Solver(NamedTuple):
     sample: Callable       # sample_<name>(model, x, sigmas, extra_args=None) -> x at sigmas[-1]
@@ -296,7 +207,7 @@ SOLVERS = {
 
 
 def steps_for_nfe(solver, nfe):
-    """The number of intervals n whose sigma_steps(n, ...) makes `solver` spend exactly `nfe` evaluations.
+    """The number of intervals n whose sigma_steps(kind, n) makes `solver` spend exactly `nfe` evaluations.
 
     Heun: nfe = 2n - 1 (odd, >= 3); every other solver: nfe = n (>= 2). Raises ValueError otherwise."""
     if solver not in SOLVERS:
@@ -310,16 +221,25 @@ def steps_for_nfe(solver, nfe):
     return nfe
 
 
-def sample(model, latents, solver="heun", nfe=35, sigma_min=0.002, sigma_max=80.0, extra_args=None):
-    """Generate from unit-variance `latents` with a registered solver and budget; returns (x_0, measured NFE).
-
-    The schedule is the solver's own (SOLVERS); x starts at sigma_max * latents."""
-    n = steps_for_nfe(solver, nfe)
+def make_sampler(solver="ipndm", nfe=None, num_steps=None, kind=None, sigma_min=0.002, sigma_max=80.0, rho=None):
+    """A registered solver spending `nfe` evaluations (or on `num_steps` intervals; default 18) of `kind` steps
+    (default: its authors'), as 08's protocol and the demo take a sampler: sample(net, latents, extra_args=None,
+    randn_like=None) from unit latents (the solvers draw no noise); `sample.settings` names it. Bad settings
+    raise here, before anything runs."""
+    n = steps_for_nfe(solver, nfe) if nfe is not None else 18 if num_steps is None else num_steps
     method = SOLVERS[solver]
-    sigmas = sigma_steps(n, sigma_min, sigma_max, method.schedule, method.rho).to(latents.device)
-    counter = common.CountingDenoiser(model)
-    x = method.sample(counter, latents.to(torch.float64) * sigmas[0], sigmas, extra_args)
-    return x, counter.per_image(len(latents))
+    kind = kind or method.schedule
+    if kind == "logsnr" and rho is not None:
+        raise ValueError("rho shapes the edm and time_uniform sigma steps; logsnr steps are uniform in log sigma")
+    rho = DEFAULT_RHO[kind] if rho is None else rho
+    sigma_steps(kind, n, sigma_min, sigma_max, rho)                                  # checks every setting
+
+    def sample(net, latents, extra_args=None, randn_like=None):
+        sigmas = sigma_steps(kind, n, sigma_min, sigma_max, rho, net).to(latents.device)
+        return method.sample(net, latents.to(torch.float64) * sigmas[0], sigmas, extra_args)
+    sample.settings = dict(function=method.sample.__name__, solver=solver, sigma_steps=kind,
+                           options=dict(num_steps=n, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho))
+    return sample
 
 
 # ----------------------------------------------------------------------------
@@ -346,19 +266,24 @@ def reference_solve(denoise, latents, sigma_min, sigma_max, steps, check=8):
     with half as many steps. Halving a 3rd-order method's step multiplies its error by ~8, so a
     small change shows that the reference has converged (its own error is ~1/7 of the change).
     Samples are independent, so a few of them suffice for the check."""
-    solve = lambda z, n: sample_dpmpp_3m(denoise, z.to(torch.float64) * sigma_max,
-                                         sigma_steps(n, sigma_min, sigma_max, "logsnr").to(z.device))
+    solve = lambda z, n: make_sampler("dpmpp3m", num_steps=n, sigma_min=sigma_min, sigma_max=sigma_max)(denoise, z)
     x = solve(latents, steps)
     return x, common.rms(x[:check], solve(latents[:check], steps // 2))
 
 
 def run_solvers(denoise, latents, sigma_min, sigma_max):
     """{solver: [(NFE as counted, x_0)] for each budget}, every solver on its own schedule."""
-    return {name: [sample(denoise, latents, name, spend(name, budget), sigma_min, sigma_max) for budget in BUDGETS]
-            for name in SOLVERS}
+    runs = {}
+    for name in SOLVERS:
+        runs[name] = []
+        for budget in BUDGETS:
+            counter = common.CountingDenoiser(denoise)
+            x = make_sampler(name, spend(name, budget), sigma_min=sigma_min, sigma_max=sigma_max)(counter, latents)
+            runs[name].append((x, counter.per_image(len(latents))))
+    return runs
 
 
-def measure(samples, reference, metric):
+def errors(samples, reference, metric):
     return {name: [(nfe, metric(x, reference)) for x, nfe in runs] for name, runs in samples.items()}
 
 
@@ -372,10 +297,10 @@ def print_table(title, table, fmt="{:.2e}"):
         print(f"{label:<24}" + "".join(f"{c:>12}" for c in cells))
 
 
-def winners(table, measure):
-    """'<measure> per budget: 5: ipndm, 6: dpmpp2m/ipndm, ...': the solver(s) with the smallest value per budget."""
+def winners(table, what):
+    """'<what> per budget: 5: ipndm, 6: dpmpp2m/ipndm, ...': the solver(s) with the smallest value per budget."""
     best = [min(points[k][1] for points in table.values()) for k in range(len(BUDGETS))]
-    return f"{measure} per budget: " + ", ".join(
+    return f"{what} per budget: " + ", ".join(
         f"{b}: {'/'.join(name for name in table if table[name][k][1] == best[k])}" for k, b in enumerate(BUDGETS))
 
 
@@ -425,7 +350,7 @@ def toy_case(args, device):
     mix = common.load("01_toy_1d").default_mixture()
     g = torch.Generator().manual_seed(args.seed)
     latents = torch.randn(args.toy_latents, 1, generator=g, dtype=torch.float64).to(device)
-    return (lambda x, sigma: mix(x, sigma[:, None])), latents, 0.002, 80.0
+    return mix, latents, 0.002, 80.0
 
 
 def image_case(args, device):
@@ -443,8 +368,7 @@ def matching_snapshot(folder, options, nimg, resumable):
     process) and wrote a snapshot at nimg (its stats.jsonl); else None. 07's schedules depend on the images
     seen, not on --duration, so such a snapshot is the network a run of nimg images would train."""
     try:
-        with open(os.path.join(folder, "training_options.json")) as f:
-            saved = json.load(f)
+        saved = common.load("07_train_cifar10").read_run_options(folder)
         with open(os.path.join(folder, "stats.jsonl")) as f:
             snapped = {round(json.loads(line)["kimg"] * 1e3) for line in f if "rank_digests" in line}
     except (OSError, ValueError, KeyError):
@@ -541,7 +465,7 @@ def demo(args):
         case_start = time.time()
         reference, change = reference_solve(denoise, latents, sigma_min, sigma_max, args.reference_steps)
         samples = run_solvers(denoise, latents, sigma_min, sigma_max)
-        tables[key] = measure(samples, reference, common.rms)
+        tables[key] = errors(samples, reference, common.rms)
         print_table(f"{title}: RMS error vs the reference ({len(latents)} samples, sigma {sigma_max:g} -> 0)",
                     tables[key])
         smallest = min(e for points in tables[key].values() for _, e in points if e > 0)
@@ -553,7 +477,7 @@ def demo(args):
         if key == "images":
             nearest = common.load("03_heun_and_schedules").FiniteSetDenoiser.nearest
             wrong = lambda x, ref: 100 * float((nearest(denoise, x) != nearest(denoise, ref)).double().mean())
-            wrong_table = measure(samples, reference, wrong)
+            wrong_table = errors(samples, reference, wrong)
             print_table("(b) the same runs: % of samples that land on another training image than the reference",
                         wrong_table, "{:.1f}")
             print("  " + winners(wrong_table, "fewest samples on another image"))

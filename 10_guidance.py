@@ -72,7 +72,6 @@ CFG and under autoguidance, sampled by 04's Algorithm 2 through 08's seed-only g
 FID and any sampler, 08's generate/fid take --guidance, --guide-network, --guidance-interval.
 """
 
-import json
 import math
 import os
 import re
@@ -304,7 +303,7 @@ def methods(main, interval):
 
 def run_setting(truth, main, latents, classes, reference, off_threshold, interval, steps, device):
     """Sample every method at every w; returns {method: {w: (samples, scores)}}."""
-    sampler = common.load("04_stochastic_sampler").edm_sampler
+    sample = common.load("04_stochastic_sampler").make_sampler(steps)
     labels = one_hot(classes, truth.label_dim).to(device)
     results, unguided = {}, None
     for name, make in methods(main, interval).items():
@@ -313,7 +312,7 @@ def run_setting(truth, main, latents, classes, reference, off_threshold, interva
             if w == 1 and unguided is not None:      # w = 1 is D_main exactly: one run serves every method
                 results[name][w] = unguided
                 continue
-            x = sampler(make(w), latents, {"class_labels": labels}, num_steps=steps).cpu()
+            x = sample(make(w), latents, {"class_labels": labels}).cpu()
             results[name][w] = (x, evaluate(truth, x, classes, reference, off_threshold))
             if w == 1:
                 unguided = results[name][w]
@@ -457,12 +456,12 @@ def run(args, interval, device):
 
     # Why the interval: CFG at w = 3 applied in one band of sigma only (exact main model).
     bands = [(0.0, interval[0]), interval, (interval[1], math.inf)]
-    sampler = common.load("04_stochastic_sampler").edm_sampler
+    sample = common.load("04_stochastic_sampler").make_sampler(args.steps)
     labels = one_hot(classes, C).to(device)
     print(f"\nWhere in sigma CFG helps and where it hurts: w = 3, guidance only for sigma in one band (exact main)")
     print(f"{'band':<18}{'mean log p':>12}{'off data':>10}{'energy dist':>13}{'diversity':>11}")
     for lo, hi in bands:
-        x = sampler(guided(truth, 3, interval=(lo, hi)), latents, {"class_labels": labels}, num_steps=args.steps).cpu()
+        x = sample(guided(truth, 3, interval=(lo, hi)), latents, {"class_labels": labels}).cpu()
         s = evaluate(truth, x, classes, reference, off_threshold)
         print(f"{f'[{lo:g}, {hi:g}]':<18}{s['log_p']:>12.3f}{100 * s['off']:>9.1f}%{s['distance']:>13.4f}"
               f"{s['diversity']:>11.3f}")
@@ -538,14 +537,15 @@ def network_grid(args, device):
     if warning:
         print(warning, file=sys.stderr)
     classes = [j % max(net.label_dim, 1) for j in range(len(seeds))]
+    sample = common.load("04_stochastic_sampler").make_sampler(args.network_steps)
 
     def row(denoiser):
         """uint8 [N, C, H, W]: the seeds, each with its column's class, through Algorithm 2."""
         images = [None] * len(seeds)
         for c in sorted(set(classes)):
             columns = [j for j in range(len(seeds)) if classes[j] == c]
-            batch = evaluation.generate_batch(denoiser, [seeds[j] for j in columns], device,
-                                              c if net.label_dim else None, num_steps=args.network_steps)
+            batch = evaluation.generate_batch(denoiser, [seeds[j] for j in columns], device, sample,
+                                              c if net.label_dim else None)
             for j, image in zip(columns, batch):
                 images[j] = image
         return torch.stack(images)
@@ -560,7 +560,8 @@ def network_grid(args, device):
     title = f"Guidance on {snapshot_name(args.network)}" + \
         (f", autoguided by {snapshot_name(args.guide_network)}" if guide is not None else "")
     path = f"{common.out_dir(__file__, args.outdir)}/network_grid.png"
-    common.save_grid(torch.cat(list(rows.values())), path, title, list(rows), len(seeds), column_labels=column_labels)
+    common.load("07_train_cifar10").save_grid(torch.cat(list(rows.values())), path, title, list(rows), len(seeds),
+                                                column_labels=column_labels)
     print(f"{len(seeds)} seeds x {len(rows)} rows, 04's Algorithm 2 with {args.network_steps} steps "
           f"({time.time() - start:.0f} s). How far each row moves from the unguided images, and its contrast:")
     print(f"{'row':<24}{'RMS change (of 255)':>21}{'pixel std':>11}")
@@ -588,11 +589,7 @@ def snapshot_name(path):
 
 def run_options(path):
     """The options a 07 run recorded beside its snapshots (training_options.json), or {} for other networks."""
-    options = os.path.join(os.path.dirname(os.path.abspath(path)), "training_options.json")
-    if not os.path.isfile(options):
-        return {}
-    with open(options) as f:
-        return json.load(f)
+    return common.load("07_train_cifar10").read_run_options(os.path.dirname(os.path.abspath(path)))
 
 
 def class_names(path, label_dim):

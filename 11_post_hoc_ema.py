@@ -346,7 +346,7 @@ STORED = (0.05, 0.10)
 def toy_run(args, device, log):
     """Train the toy with the tracker; W1 of the final weights, the tracked and the reconstructed EMAs."""
     toy, precond = common.load("01_toy_1d"), common.load("05_preconditioning")
-    sampler = common.load("04_stochastic_sampler").edm_sampler
+    sample = common.load("04_stochastic_sampler").make_sampler(args.sampler_steps)
     mix = toy.default_mixture()
     sigma_data = float(mix.sample(100000, torch.Generator().manual_seed(1)).std())
     torch.manual_seed(args.seed)
@@ -363,7 +363,7 @@ def toy_run(args, device, log):
 
     @torch.no_grad()
     def w1(weights):
-        samples = sampler(with_weights(net, weights), latents.to(device), num_steps=args.sampler_steps)
+        samples = sample(with_weights(net, weights), latents.to(device))
         return w1_to_mixture(samples.cpu(), mix)
     results = {"floor": w1_to_mixture(mix.sample(args.samples, torch.Generator().manual_seed(2)), mix)}
     for t in (middle, args.toy_steps):

@@ -1,36 +1,28 @@
-"""common.py -- the little that several chapters share, and no concept of its own.
+"""common.py -- the little that several chapters' concepts share, and no concept of its own.
 
-* `load("04_stochastic_sampler")` imports a numbered script as a module, so a later
-  chapter can reuse an earlier one (file names that start with a digit cannot be
-  imported with a plain `import` statement).
-* Seeding, and `StackedRandomGenerator`: one torch.Generator per seed, so that the
-  latents and noise of each sample depend only on its own seed and never on which
-  other seeds share its batch (the behaviour of the official generate.py).
-* `to_uint8` quantizes as the official code does ((x * 127.5 + 128) clipped and truncated to
-  uint8); `save_grid` draws titled, labelled sample grids.
-* The one denoiser calling convention, `model(x, sigma, **extra_args)` (`denoise`), and
-  `CountingDenoiser`, which measures NFE.
-* The image reader 07 trains from and 08 measures FID on: `ImageFolder` (a folder or .zip;
-  labels from dataset.json or class sub-folders) and `load_cifar10`.
-* Device / precision selection, a shared argparse base (with range-checked numbers), a demo's
-  start (`start`: seed, device, output folder `out/<script name>/`), files written atomically
-  (`atomic_open`), one download cache (`download`), and torchrun: joining the process group,
-  `rank0_first` (07 trains and 08 generates under torchrun).
+* `load("04_stochastic_sampler")` imports a numbered chapter (a name starting with a digit cannot be imported).
+* `StackedRandomGenerator`: one generator per seed, so each image depends only on its own seed (official generate.py).
+* The samplers' conventions: every denoiser is called as `model(x, sigma, **extra_args)` (`denoise`), NFE is
+  counted (`CountingDenoiser`), and a sampler integrates from x at sigmas[0] through noise levels that end in 0,
+  made by EDM's Eq. 5 (`edm_sigma_steps`) on the range a network supports (`noise_range`, `with_zero`).
+* iDDPM's table of noise levels (Table 1), shared by the ablation sampler (03) and its preconditioner (05).
+* `to_uint8` quantizes as the official code does.
+* Running a chapter: options (`base_parser`, `number`, `number_list`), `start`, `out_dir`, `run` (one `error:`
+  line, exit 1), devices, atomic files, one download cache, and torchrun (`init_distributed`, `rank0_first`, `gather`).
 
-Errors: library code raises (ValueError for bad values, FileNotFoundError/OSError for paths);
-`run`, each script's `main()`, turns them into one `error: ...` line and exit 1.
+Library code raises (ValueError for bad values, OSError for paths); `run` turns that into the one error line.
 """
 
 import argparse
 import contextlib
 import importlib.util
-import io
 import json
+import math
 import os
 import random
+import re
 import sys
 import urllib.parse
-import zipfile
 
 import numpy as np
 import torch
@@ -38,12 +30,8 @@ import torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-# ----------------------------------------------------------------------------
-# Loading earlier chapters.
-
 def load(name):
-    """Import `<ROOT>/<name>.py` (e.g. "05_preconditioning") once, cached in sys.modules under its file
-    name, so every chapter that loads it gets the same module object (and the same classes)."""
+    """Import `<ROOT>/<name>.py` (e.g. "05_preconditioning") once, cached in sys.modules under its file name."""
     if name in sys.modules:
         return sys.modules[name]
     path = os.path.join(ROOT, name + ".py")
@@ -72,12 +60,8 @@ def seed_all(seed):
 
 
 class StackedRandomGenerator:
-    """A batch of independent generators, one per seed.
-
-    `randn([B, ...])` draws row i from generator i only, so sample i is the same
-    whether it is generated alone, in a batch of 8, or on another GPU. Pass
-    `rnd.randn_like` to a sampler as its `randn_like`.
-    """
+    """A batch of independent generators, one per seed: `randn([B, ...])` draws row i from generator i only, so
+    sample i is the same alone, in a batch of 8 or on another GPU. Pass `rnd.randn_like` to a sampler."""
 
     def __init__(self, device, seeds):
         self.device = torch.device(device)
@@ -100,17 +84,14 @@ class StackedRandomGenerator:
 
 
 # ----------------------------------------------------------------------------
-# Denoisers: the one calling convention of every sampler, and counting their evaluations.
-#
-# Every denoiser -- exact ones, networks, guided ones -- is called as k-diffusion calls its models,
-# `model(x, sigma, **extra_args)`; a class-conditional network gets extra_args = {"class_labels": labels}.
+# The samplers' conventions (k-diffusion's): `sample_x(model, x, sigmas, extra_args=None, ...)` integrates from the
+# noisy images x at noise level sigmas[0] through every sigmas[i] down to sigmas[-1] = 0, calling the denoiser as
+# `model(x, sigma, **extra_args)` with sigma a 0-d tensor (a class-conditional network gets
+# extra_args = {"class_labels": labels}). Unit-variance latents z start as x = z * sigmas[0].
 
 def denoise(model, x, sigma, extra_args=None):
-    """D(x; sigma) = model(x, sigma, **extra_args) as float64, the precision samplers integrate in.
-
-    A network with parameters gets x and sigma in its parameters' dtype (as the official EDMPrecond casts
-    its inputs to float32), so a plain float32 nn.Module works; an exact denoiser gets them unchanged.
-    """
+    """D(x; sigma) = model(x, sigma, **extra_args) as float64, the precision samplers integrate in. A network with
+    parameters gets x and sigma in its parameters' dtype (as the official EDMPrecond casts its inputs)."""
     params = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
     if params is not None:
         x, sigma = x.to(params.dtype), torch.as_tensor(sigma, device=x.device).to(params.dtype)
@@ -119,11 +100,7 @@ def denoise(model, x, sigma, extra_args=None):
 
 class CountingDenoiser:
     """Wraps a denoiser and counts the images that go through it: NFE is measured, never computed.
-
-    `evaluations` sums the batch size of every call, so `per_image(n)` = evaluations / n is the NFE
-    per image whatever the batch sizes. Attributes samplers read (sigma_min, round_sigma, label_dim,
-    ...) are the wrapped denoiser's.
-    """
+    `per_image(n)` = evaluations / n; attributes samplers read (sigma_min, round_sigma, ...) are the model's."""
 
     def __init__(self, model):
         self.model, self.evaluations = model, 0
@@ -140,6 +117,41 @@ class CountingDenoiser:
         return int(n) if n.is_integer() else n
 
 
+def noise_range(net, sigma_min, sigma_max):
+    """[sigma_min, sigma_max] clamped to the noise levels `net` supports (its sigma_min / sigma_max, if any)."""
+    return max(sigma_min, getattr(net, "sigma_min", 0)), min(sigma_max, getattr(net, "sigma_max", math.inf))
+
+
+def with_zero(sigmas, net=None):
+    """The noise levels, each rounded to one `net` has (its round_sigma: iDDPM's table), then sigma_N = 0."""
+    if hasattr(net, "round_sigma"):
+        sigmas = torch.as_tensor(net.round_sigma(sigmas), dtype=torch.float64)
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80, rho=7, net=None):
+    """Eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < N, then
+    sigma_N = 0 (float64). Uniform in sigma^(1/rho): rho = 1 is uniform in sigma, rho -> inf geometric; rho = 7
+    spends its steps at low noise (chapter 03). With `net`, on the range it supports, rounded as it needs."""
+    sigma_min, sigma_max = noise_range(net, sigma_min, sigma_max)
+    i = torch.arange(num_steps, dtype=torch.float64)
+    sigmas = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return with_zero(sigmas, net)
+
+
+def iddpm_noise_levels(M=1000, C_1=0.001, C_2=0.008, dtype=torch.float64):
+    """iDDPM's noise levels u_0 > ... > u_M = 0 (Table 1): u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar_{j-1} /
+    alpha_bar_j, C_1) - 1), alpha_bar_j = sin^2(pi/2 j / (M (C_2 + 1))). alpha_bar is float32 (the official code
+    evaluates it on integer tensors); u is float64 in the official sampler (03), float32 in its network (05)."""
+    j = torch.arange(M + 1)
+    alpha_bar = torch.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)                        # alpha_bar(j-1) / alpha_bar(j)
+    u = torch.zeros(M + 1, dtype=dtype)
+    for k in range(M, 0, -1):     # (torch's sqrt, not math.sqrt: they differ in the last bit now and then)
+        u[k - 1] = ((u[k] * u[k] + 1) / ratio[k - 1] - 1).sqrt()
+    return u
+
+
 def rms(a, b):
     """Root-mean-square distance between two batches (data units)."""
     return float(((a - b) ** 2).mean().sqrt())
@@ -153,37 +165,11 @@ def to_uint8(x):
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512, column_labels=None):
-    """Save a batch [N, C, H, W] (float in [-1, 1], or uint8) as a titled grid of `ncol` columns (N divisible
-    by ncol).
-
-    Each pixel becomes an integer-sized block (nearest neighbour), so tiny images stay sharp and the
-    grid is at least `min_width` pixels wide; `row_labels` name the rows (kimg, w, NFE, class...),
-    `column_labels` the columns (above them; seeds, classes).
-    """
-    import torch.nn.functional as F
-    from matplotlib.figure import Figure
-    images = x.cpu() if x.dtype == torch.uint8 else to_uint8(x).permute(0, 3, 1, 2)
-    images = F.pad(images, [1, 0, 1, 0], value=255)                # 1-pixel white gaps
-    n, c, h, w = images.shape
-    grid = images.reshape(n // ncol, ncol, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // ncol * h, ncol * w, c)
-    inches = [size * int(np.ceil(min_width / (ncol * w))) / 100 for size in grid.shape[1::-1]]   # at 100 dpi
-    left = max(1.2, 0.09 * max(map(len, row_labels))) if row_labels else 0.1   # room for the row labels
-    top = 1.0 if column_labels else 0.5                               # room for the title (and column labels)
-    fig = Figure(figsize=(inches[0] + left + 0.1, inches[1] + top), dpi=100)
-    ax = fig.add_axes([left / fig.get_figwidth(), 0.05 / fig.get_figheight(),
-                       inches[0] / fig.get_figwidth(), inches[1] / fig.get_figheight()])
-    ax.imshow(grid.squeeze(2).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    fig.suptitle(title, fontsize=11, y=1 - 0.08 / fig.get_figheight(), va="top")   # centred on the figure
-    ax.set_xticks([(j + 0.5) * w for j in range(len(column_labels or []))], column_labels or [], fontsize=8)
-    ax.xaxis.tick_top()
-    ax.set_yticks([(r + 0.5) * h for r in range(len(row_labels or []))], row_labels or [])
-    ax.tick_params(length=0, labelsize=10)
-    fig.savefig(path)
-
-
 # ----------------------------------------------------------------------------
-# Devices, precision, command lines, output folders.
+# Running a chapter: devices, options, output folders, the one error exit.
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def get_device(name="auto"):
     """'auto' picks CUDA when present, else CPU; anything else is passed to torch.device."""
@@ -198,22 +184,9 @@ def get_device(name="auto"):
     return device
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def get_dtype(precision):
-    """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
 def number(kind=int, low=None, high=None):
-    """An argparse `type` that parses `kind` and requires low <= value <= high (None: unbounded).
-
-    `--batch -4` then fails with one line ("argument --batch: must be >= 1, got -4") instead of
-    failing deep inside the program.
-    """
+    """An argparse `type` that parses `kind` and requires low <= value <= high (None: unbounded), so that
+    `--batch -4` fails with one line ("argument --batch: must be >= 1, got -4")."""
     def parse(text):
         try:
             value = kind(text)
@@ -228,6 +201,23 @@ def number(kind=int, low=None, high=None):
     return parse
 
 
+def number_list(kind=float, low=None, high=None, ranges=False):
+    """An argparse `type` for comma-separated numbers, each checked as `number` checks it ('' = none); with
+    `ranges`, 'a-b' stands for a, a + 1, ..., b (seed lists: '0-49999' or '0,5,7-9', as the official code)."""
+    one = number(kind, low, high)
+
+    def parse(text):
+        values = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part) if ranges else None
+            if m and int(m[2]) < int(m[1]):
+                raise argparse.ArgumentTypeError(f"range {part!r} runs backwards")
+            values += [one(v) for v in range(int(m[1]), int(m[2]) + 1)] if m else [one(part)]
+        return values
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
 def base_parser(doc, seed=0):
     """An ArgumentParser with the options every chapter's demo shares (no abbreviated flags)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -239,8 +229,8 @@ def base_parser(doc, seed=0):
 
 
 def run(demo, args):
-    """A chapter's `main()`: run `demo(args)`; a ValueError or OSError -- or an ImportError, such as `load`'s
-    for a chapter file that is not there -- becomes one `error:` line, exit 1."""
+    """A chapter's `main()`: run `demo(args)`; a ValueError or OSError -- or an ImportError, such as `load`'s for a
+    chapter file that is not there -- becomes one `error:` line, exit 1."""
     try:
         demo(args)
     except (ValueError, OSError, ImportError) as error:
@@ -298,126 +288,13 @@ def download(url, what):
 
 
 # ----------------------------------------------------------------------------
-# Image sets: a uint8 tensor [N, C, H, W] and integer class labels (or none), for 07 and 08 alike.
-
-DATA_DIR = os.path.join("out", "data")       # where CIFAR-10's tarball is looked for (07 and 08)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class ImageFolder:
-    """The images of a folder or .zip (recursive, sorted by relative name), decoded only when read.
-
-    `read(i)` gives uint8 [C, H, W]. Without `resolution` every image must have the first one's shape
-    (C = 1 greyscale or 3 RGB). With `resolution` R every image is made R x R RGB as the official
-    dataset_tool.py's center-crop transform does: the central square (side min(H, W)) is cropped, a greyscale
-    image repeated to RGB, and the square resized with PIL's antialiasing LANCZOS filter when it is not R x R;
-    `resized` holds the indices of the images that were cropped or resized. Images with an alpha channel are
-    refused (so does the official tool): what to composite them on is the user's decision. `labels` come from
-    dataset.json (the official dataset-tool layout: {"labels": [["00000/img00000000.png", 6], ...]}), else
-    from one sub-folder per class, else None.
-    """
-
-    def __init__(self, path, resolution=None):
-        self.path, self._zip, self.shape, self.resolution, self.resized = path, None, None, resolution, set()
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path!r}: no such folder or .zip of images")
-        if os.path.isdir(path):
-            files = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                     for root, _, names in os.walk(path) for f in names]
-        elif zipfile.is_zipfile(path):
-            self._zip = zipfile.ZipFile(path)
-            files = [n for n in self._zip.namelist() if not n.endswith("/")]
-        else:
-            raise ValueError(f"{path!r} is neither a folder nor a .zip file of images")
-        self._files = set(files)
-        self.names = sorted(n for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not self.names:
-            raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {path!r}")
-        self.shape = self.read(0).shape                 # every later image must match the first
-
-    def __len__(self):
-        return len(self.names)
-
-    def _bytes(self, name):
-        if self._zip is not None:
-            return self._zip.read(name)
-        with open(os.path.join(self.path, name), "rb") as f:
-            return f.read()
-
-    def read(self, i):
-        """Image i as a uint8 numpy array [C, H, W]."""
-        import PIL.Image
-        name = self.names[i]
-        try:
-            with PIL.Image.open(io.BytesIO(self._bytes(name))) as image:
-                alpha = "A" in image.getbands() or "transparency" in image.info
-                if not alpha:
-                    image = image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB")
-                    array = np.array(image if self.resolution is None else self._square(image.convert("RGB"), i))
-        except Exception as error:   # a damaged file can raise many kinds
-            raise ValueError(f"cannot read image {name!r} in {self.path!r} ({type(error).__name__}: {error})")
-        if alpha:
-            raise ValueError(f"{name!r} in {self.path!r} has an alpha channel (transparency); convert it to RGB "
-                             f"first (e.g. composite it on a background of your choice)")
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        if self.shape is not None and array.shape != self.shape:
-            size = lambda s: f"{s[2]}x{s[1]} with {s[0]} channel(s)"
-            raise ValueError(f"{name!r} is {size(array.shape)} but {self.names[0]!r} is {size(self.shape)}; "
-                             f"all images in {self.path!r} must have one size and channel count")
-        return array
-
-    def _square(self, image, i):
-        """The official center crop: the central min(W, H) square, resized (LANCZOS) to resolution^2 if needed."""
-        import PIL.Image
-        w, h = image.size
-        side, r = min(w, h), self.resolution
-        if (w, h) != (r, r):
-            self.resized.add(i)
-        image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
-        return image.resize((r, r), PIL.Image.Resampling.LANCZOS) if side != r else image
-
-    def batch(self, indices):
-        """Images `indices` as a uint8 tensor [N, C, H, W]."""
-        return torch.from_numpy(np.stack([self.read(int(i)) for i in indices]))
-
-    @property
-    def labels(self):
-        """int64 [N] class indices, or None."""
-        if "dataset.json" in self._files:
-            labels = dict(json.loads(self._bytes("dataset.json")).get("labels") or [])
-            missing = [n for n in self.names if n not in labels]
-            if labels and missing:
-                raise ValueError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}")
-            return np.asarray([labels[n] for n in self.names], np.int64) if labels else None
-        folders = [n.split("/")[0] if "/" in n else None for n in self.names]
-        if None in folders or len(set(folders)) < 2:
-            return None
-        return np.unique(folders, return_inverse=True)[1].astype(np.int64)   # index of the sorted folder name
-
-
-def load_cifar10(data_dir=DATA_DIR):
-    """The 50,000 CIFAR-10 training images (uint8 [50000, 3, 32, 32]) and classes (int64 [50000])."""
-    import torchvision
-    try:
-        dataset = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
-    except Exception as error:   # offline: urllib/socket/integrity errors all end here
-        raise OSError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(error).__name__}); "
-                      f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
-                      f"into {data_dir!r}") from None
-    return torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous(), np.asarray(dataset.targets, np.int64)
-
-
-# ----------------------------------------------------------------------------
 # torchrun: plain `python` is one process; torchrun sets RANK, WORLD_SIZE and LOCAL_RANK.
 
 def init_distributed(device_name="auto"):
-    """Join torchrun's process group if there is one. Returns (rank, world_size, device).
+    """Join torchrun's process group if there is one (even with one process). Returns (rank, world_size, device).
 
-    NCCL on GPUs, gloo on CPUs; each process takes the GPU numbered by its LOCAL_RANK, and tells NCCL so
-    (device_id): without it NCCL's first collective guesses the GPU from the global rank, the wrong one on a
-    second node or with fewer processes than GPUs. Under torchrun the group is joined even with one
-    process, so `--nproc_per_node=1` tests that path.
-    """
+    NCCL on GPUs, gloo on CPUs; each process takes the GPU of its LOCAL_RANK and tells NCCL so (device_id):
+    without it NCCL guesses the GPU from the global rank, the wrong one on a second node."""
     if "RANK" not in os.environ:
         return 0, 1, get_device(device_name)
     device = get_device(device_name)

@@ -1,12 +1,14 @@
 """01_toy_1d: checks added in the mutation round (docs/TESTING.md) for bugs the other tests let through.
 
-Each test compares against a formula written out here: Eq. 5, the log-normal p_train of Table 1,
+Each test compares against a formula written out here: Eq. 5 (common.edm_sigma_steps, which 01 uses), the log-normal p_train of Table 1,
 the inside of Eq. 2, and MLPDenoiser's documented input scaling.
 """
 import math
 
 import pytest
 import torch
+
+import common
 
 
 @pytest.fixture(scope="module")
@@ -16,14 +18,14 @@ def toy(load):
 
 @pytest.mark.parametrize("N, sigma_min, sigma_max, rho", [(2, 0.002, 80.0, 7.0), (7, 0.002, 80.0, 7.0),
                                                           (18, 0.01, 20.0, 3.0), (256, 0.002, 80.0, 7.0)])
-def test_noise_levels_are_eq5_then_zero(toy, N, sigma_min, sigma_max, rho):
+def test_edm_sigma_steps_are_eq5_then_zero(N, sigma_min, sigma_max, rho):
     """sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < N, then sigma_N = 0."""
     expected = [(sigma_max ** (1 / rho) + i / (N - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
                 for i in range(N)] + [0.0]
-    got = toy.noise_levels(N, sigma_min, sigma_max, rho)
+    got = common.edm_sigma_steps(N, sigma_min, sigma_max, rho)
     assert got.dtype == torch.float64 and len(got) == N + 1
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0,
-                               msg=lambda text: f"noise_levels({N}) is not Eq. 5 followed by 0\n{text}")
+                               msg=lambda text: f"edm_sigma_steps({N}) is not Eq. 5 followed by 0\n{text}")
     assert got[0].item() == pytest.approx(sigma_max, rel=1e-12)
     assert got[N - 1].item() == pytest.approx(sigma_min, rel=1e-12)
 

@@ -62,7 +62,7 @@ W1_BOUND = 0.03  # two independent data draws of 10k samples are ~0.006 apart
 
 def _generated(sampler, mix, n=10_000, steps=256):
     g = torch.Generator().manual_seed(1)
-    t = toy.noise_levels(steps)
+    t = common.edm_sigma_steps(steps)
     x_T = torch.randn(n, 1, generator=g, dtype=torch.float64) * t[0]
     truth = mix.sample(n, g)
     return toy.wasserstein1(truth, sampler(x_T, t, g)[-1]), truth
@@ -102,7 +102,7 @@ def test_demo_claims_flow_lines_never_cross_and_exact_d_recovers_the_data(mix, o
     assert torch.all(flow.diff(dim=1) > 0)          # deterministic flow lines keep their order: they never cross
     assert 15 <= int((flow[-1] > 0).sum()) <= 25     # and end in both modes, more of them in the heavier one
     g = torch.Generator().manual_seed(4)
-    steps = toy.noise_levels(256)
+    steps = common.edm_sigma_steps(256)
     truth = mix.sample(10_000, g)
     x_T = torch.randn(10_000, 1, generator=g, dtype=torch.float64) * steps[0]
     results = toy.generate({"exact": mix}, x_T, steps, seed=5)
@@ -156,7 +156,7 @@ def test_demo_claims_the_learned_denoiser_sets_the_quality(mix, trained):
     losses = toy.held_out_loss({"learned": trained, "exact": mix}, mix, 100_000, 2, "cpu")
     assert 0 < losses["learned"] - losses["exact"] < 0.03 * losses["exact"], losses
     g = torch.Generator().manual_seed(4)
-    steps = toy.noise_levels(256)
+    steps = common.edm_sigma_steps(256)
     truth = mix.sample(10_000, g)
     x_T = torch.randn(10_000, 1, generator=g, dtype=torch.float64) * steps[0]
     w1 = {name: toy.wasserstein1(truth, x) for name, x in

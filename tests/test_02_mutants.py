@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+import common
+
 
 @pytest.fixture(scope="module")
 def ode(load):
@@ -31,7 +33,7 @@ def test_reference_solution_is_second_order(ode, toy):
     mu, std = 0.3, 0.5
     latents = torch.linspace(-2, 2, 9, dtype=torch.float64)
     exact = mu + (80 * latents - mu) * std / math.sqrt(80 ** 2 + std ** 2)
-    errors = [float((ode.reference_solution(wiener(std, mu), latents, toy.noise_levels, n) - exact).abs().max())
+    errors = [float((ode.reference_solution(wiener(std, mu), latents, n) - exact).abs().max())
               for n in (32, 64)]
     assert 3.5 < errors[0] / errors[1] < 4.5, f"reference error {errors} does not fall like 1/N^2"
 
@@ -43,7 +45,7 @@ def test_local_euler_errors_match_the_closed_form(ode, toy, std):
     x~_0 sqrt((sigma_1^2 + std^2) / (sigma_0^2 + std^2)). VP with std = 1: x = s x~ is constant, so Euler
     is exact. (The exact states are good to ~1e-6, hence the absolute tolerance.)"""
     latents = torch.linspace(-2, 2, 9, dtype=torch.float64)
-    sigmas = toy.noise_levels(16)
+    sigmas = common.edm_sigma_steps(16)
     errors = ode.local_euler_errors(wiener(std), latents, sigmas, [ode.VP(), ode.EDM()])
     closed = []
     for s0, s1 in zip(sigmas[:-1], sigmas[1:]):

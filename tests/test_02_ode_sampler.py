@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+import common
+
 MU, S_DATA = 0.3, 0.5   # a single Gaussian N(MU, S_DATA^2): its ODE has a closed-form solution
 
 
@@ -97,7 +99,8 @@ def test_exact_denoiser_sampling_recovers_the_mixture(ode, load):
     latents = torch.randn(2000, 1, generator=g, dtype=torch.float64)
     truth = mix.sample(20000, g)
     for f in (ode.VP(), ode.EDM()):
-        x = ode.sample(mix, latents, toy.noise_levels(128), f)
+        sigmas = common.edm_sigma_steps(128)
+        x = ode.euler_sampler(mix, latents * sigmas[0], sigmas, f=f)
         assert toy.wasserstein1(x, truth) < 0.04, f.name
         assert abs(float((x > 0).double().mean()) - 0.7) < 0.03, f.name
 
@@ -106,7 +109,7 @@ def test_exact_states_follow_the_closed_form_trajectory(ode, load):
     """The demo's 'exact' trajectory (Richardson-extrapolated Euler per interval) against the Gaussian closed form,
     on the demo's grid: within 1e-6, far below the local errors it measures (>= 1e-4 where they matter)."""
     x0 = torch.linspace(-2, 2, 9, dtype=torch.float64) * 80
-    sigmas = load("01_toy_1d").noise_levels(32)
+    sigmas = common.edm_sigma_steps(32)
     states = ode.exact_states(gaussian_denoiser, x0, sigmas)
     for sigma, x in zip(sigmas, states):
         assert torch.allclose(x, exact_unscaled(x0, sigmas[0], sigma), rtol=0, atol=1e-6), float(sigma)
@@ -137,13 +140,13 @@ def test_demo_claims_images_favour_edm_coordinates_the_toy_favours_vp(ode, load,
 
     # Images: EDM's coordinates give Euler fewer samples on the wrong image, at every step count.
     wrong = lambda x, ref: 100 * float((net.nearest(x) != net.nearest(ref)).double().mean())  # noqa: E731
-    img = ode.euler_errors(net, latents, toy.noise_levels, [8, 16, 32], [vp, edm], {"wrong": wrong},
+    img = ode.euler_errors(net, latents, [8, 16, 32], [vp, edm], {"wrong": wrong},
                            reference_steps=512)
     assert all(e <= v for v, e in zip(img["VP"]["wrong"], img["EDM"]["wrong"])), img
     assert sum(img["EDM"]["wrong"]) < sum(img["VP"]["wrong"]), img
 
     # Curvature measured directly: below sigma = 0.5 (every latent has picked its image) EDM's steps are exact.
-    sigmas = toy.noise_levels(32)
+    sigmas = common.edm_sigma_steps(32)
     local = ode.local_euler_errors(net, latents[:8], sigmas, [vp, edm])
     low = [i for i, s in enumerate(sigmas[:-1].tolist()) if s < 0.5]
     assert max(local["EDM"][i] for i in low) < 1e-12 < 1e-5 < min(local["VP"][i] for i in low), local
@@ -151,14 +154,13 @@ def test_demo_claims_images_favour_edm_coordinates_the_toy_favours_vp(ode, load,
     # The 1-D toy, the surprising case: VP's coordinates give the smaller error ...
     mix = toy.default_mixture()
     points = torch.randn(512, 1, generator=g, dtype=torch.float64)
-    err = ode.euler_errors(mix, points, toy.noise_levels, [16, 64, 256], [vp, edm], {"mean": ode.mean_abs_error},
+    err = ode.euler_errors(mix, points, [16, 64, 256], [vp, edm], {"mean": ode.mean_abs_error},
                            reference_steps=1024)
     assert all(v < e for v, e in zip(err["VP"]["mean"], err["EDM"]["mean"])), err
     # ... as on Gaussian data, where VP's trajectories are constant (Euler exact) for unit variance.
-    assert ode.gaussian_euler_error(1.0, 32, vp, toy.noise_levels) < 1e-12
-    assert ode.gaussian_euler_error(1.0, 32, edm, toy.noise_levels) > 1e-2
-    assert 2 * ode.gaussian_euler_error(0.5, 32, vp, toy.noise_levels) < ode.gaussian_euler_error(0.5, 32, edm,
-                                                                                                   toy.noise_levels)
+    assert ode.gaussian_euler_error(1.0, 32, vp) < 1e-12
+    assert ode.gaussian_euler_error(1.0, 32, edm) > 1e-2
+    assert 2 * ode.gaussian_euler_error(0.5, 32, vp) < ode.gaussian_euler_error(0.5, 32, edm)
 
 def test_demo_claims_edm_leads_on_images_except_at_4_steps_where_ve_does(ode, load, one_thread):
     """The corrected claim, at reduced size: EDM's coordinates misplace the fewest images from 8 steps on, but
@@ -169,7 +171,7 @@ def test_demo_claims_edm_leads_on_images_except_at_4_steps_where_ve_does(ode, lo
     net = ode.FiniteSetDenoiser(images)
     latents = torch.randn(32, *images.shape[1:], generator=g, dtype=torch.float64)
     wrong = lambda x, ref: 100 * float((net.nearest(x) != net.nearest(ref)).double().mean())  # noqa: E731
-    img = ode.euler_errors(net, latents, toy.noise_levels, [4, 8, 16], [ode.VP(), ode.VE(), ode.EDM()],
+    img = ode.euler_errors(net, latents, [4, 8, 16], [ode.VP(), ode.VE(), ode.EDM()],
                            {"wrong": wrong}, reference_steps=512)
     assert img["VE"]["wrong"][0] < img["EDM"]["wrong"][0] < img["VP"]["wrong"][0], img
     assert ode.best_counts(img, "wrong") == {"VP": 0, "VE": 1, "EDM": 2}, img

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+import common
+
 MU, S_DATA = 0.3, 0.5
 
 
@@ -40,7 +42,7 @@ def toy(load):
 
 def test_heun_is_second_order(m):
     """Halving the step cuts Heun's global error about 4x (every formulation), on a smooth problem."""
-    ode = m.ode
+    ode = m.ch02
     x0 = torch.linspace(-3, 3, 7, dtype=torch.float64)
     for f in (ode.VP(), ode.VE(), ode.EDM()):
         errors = []
@@ -59,7 +61,7 @@ def test_ablation_heun_vs_euler_order_on_the_edm_ode(m):
     exact = exact_unscaled(latents * 80, torch.tensor(80.0, dtype=torch.float64), torch.tensor(0.0))
 
     def error(n, **kwargs):
-        return float((m.ablation_sampler(gaussian_denoiser, latents, num_steps=n, **kwargs) - exact).abs().max())
+        return float((m.make_sampler(num_steps=n, **kwargs)(gaussian_denoiser, latents) - exact).abs().max())
     # The final Euler jump from sigma_min = 0.002 adds a fixed ~1e-5 error, far below these.
     heun = [error(n) for n in (32, 64, 128)]
     euler = [error(n, solver="euler") for n in (64, 128, 256)]
@@ -72,21 +74,21 @@ def test_ablation_heun_vs_euler_order_on_the_edm_ode(m):
 def test_nfe_counts(m):
     for solver, nfe in (("heun", 2 * 18 - 1), ("euler", 18)):
         net = Counting(gaussian_denoiser)
-        m.ablation_sampler(net, torch.zeros(3, dtype=torch.float64), num_steps=18, solver=solver)
+        m.make_sampler(num_steps=18, solver=solver)(net, torch.zeros(3, dtype=torch.float64))
         assert len(net.sigmas) == nfe
         assert min(net.sigmas) > 0          # sigma = 0 is never evaluated
     net = Counting(gaussian_denoiser)
-    t = torch.cat([m.edm_sigma_steps(10), torch.zeros(1, dtype=torch.float64)])
-    m.heun(net, torch.zeros(3, dtype=torch.float64), t, m.ode.EDM())
+    t = common.edm_sigma_steps(10)
+    m.heun(net, torch.zeros(3, dtype=torch.float64), t, m.ch02.EDM())
     assert len(net.sigmas) == 2 * 10 - 1
 
 
 def test_edm_discretization_eq5(m):
-    s = m.edm_sigma_steps(18, 0.002, 80, 7)
+    s = m.sigma_steps("edm", 18, 0.002, 80, 7)[:-1]
     assert math.isclose(s[0], 80, rel_tol=1e-12) and math.isclose(s[-1], 0.002, rel_tol=1e-12)
     roots = s ** (1 / 7)
     assert torch.allclose(roots.diff(), roots.diff()[:1].expand(17), rtol=1e-10)   # uniform in sigma^(1/rho)
-    assert torch.allclose(m.edm_sigma_steps(5, 1.0, 5.0, rho=1), torch.tensor([5.0, 4, 3, 2, 1], dtype=torch.float64))
+    assert torch.allclose(m.sigma_steps("edm", 5, 1.0, 5.0, rho=1)[:-1], torch.tensor([5.0, 4, 3, 2, 1], dtype=torch.float64))
 
 
 def test_vp_discretization(m):
@@ -110,7 +112,7 @@ def test_ve_discretization_is_geometric(m):
 
 def test_iddpm_table(m):
     M, C_1, C_2 = 1000, 0.001, 0.008
-    u = m.iddpm_u(M, C_1, C_2)
+    u = common.iddpm_noise_levels(M, C_1, C_2)
     alpha_bar = lambda j: math.sin(0.5 * math.pi * j / (M * (C_2 + 1))) ** 2  # noqa: E731
     assert u[M] == 0 and torch.all(u.diff() < 0)
     # The recurrence: (u_{j-1}^2 + 1) / (u_j^2 + 1) = 1 / max(alpha_bar(j-1) / alpha_bar(j), C_1), for every j,
@@ -157,12 +159,13 @@ def test_every_discretization_matches_table1_step_by_step(m, discretization, N):
     """
     expected = torch.tensor(table1_sigma_steps(discretization, N), dtype=torch.float64)
     rtol = {"vp": 1e-8, "ve": 1e-12, "iddpm": 1e-3, "edm": 1e-12}[discretization]
-    steps = m.sigma_steps(discretization, N, *m.default_sigma_range(discretization))
+    steps = m.sigma_steps(discretization, N)
+    assert steps[-1] == 0
+    steps = steps[:-1]
     torch.testing.assert_close(steps, expected, rtol=rtol, atol=0, msg=lambda text: f"{discretization}, N = {N}: "
                                f"sigma_i differ at i = {((steps - expected).abs() > rtol * expected).nonzero().flatten().tolist()}\n{text}")
     net = Counting(gaussian_denoiser)
-    m.ablation_sampler(net, torch.zeros(3, dtype=torch.float64), num_steps=N, solver="euler",
-                       discretization=discretization)
+    m.make_sampler(num_steps=N, solver="euler", discretization=discretization)(net, torch.zeros(3, dtype=torch.float64))
     torch.testing.assert_close(torch.tensor(net.sigmas, dtype=torch.float64), expected, rtol=rtol, atol=0)
 
 
@@ -178,11 +181,10 @@ def test_every_combination_converges(m, toy, one_thread):
     references, failures = {}, []
     for solver, disc, schedule, scaling in itertools.product(("euler", "heun"), ("vp", "ve", "iddpm", "edm"),
                                                              ("vp", "ve", "linear"), ("vp", "none")):
-        sigma0 = float(m.sigma_steps(disc, 8, *m.default_sigma_range(disc))[0])
+        sigma0 = float(m.sigma_steps(disc, 8)[0])
         if sigma0 not in references:
-            references[sigma0] = m.ablation_sampler(mix, latents, num_steps=256, sigma_min=0.002, sigma_max=sigma0)
-        errors = [m.common.rms(m.ablation_sampler(mix, latents, num_steps=n, solver=solver, discretization=disc,
-                                           schedule=schedule, scaling=scaling), references[sigma0])
+            references[sigma0] = m.make_sampler(num_steps=256, sigma_min=0.002, sigma_max=sigma0)(mix, latents)
+        errors = [m.common.rms(m.make_sampler(num_steps=n, solver=solver, discretization=disc, schedule=schedule, scaling=scaling)(mix, latents), references[sigma0])
                   for n in ((32, 128) if solver == "heun" else (64, 256))]
         if not errors[1] < errors[0] / (3 if solver == "heun" else 2):
             failures.append((solver, disc, schedule, scaling, errors))
@@ -193,7 +195,7 @@ def test_network_range_and_rounding_are_honoured(m):
     grid = 0.01
     net = Counting(gaussian_denoiser, sigma_min=0.05, sigma_max=20.0,
                    round_sigma=lambda s: (torch.as_tensor(s) / grid).round() * grid)
-    m.ablation_sampler(net, torch.zeros(2, dtype=torch.float64), num_steps=12)
+    m.make_sampler(num_steps=12)(net, torch.zeros(2, dtype=torch.float64))
     assert math.isclose(max(net.sigmas), 20.0, rel_tol=1e-12) and math.isclose(min(net.sigmas), 0.05, rel_tol=1e-9)
     assert all(abs(s / grid - round(s / grid)) < 1e-9 for s in net.sigmas)
 
@@ -205,7 +207,7 @@ def test_ablation_sampler_lands_on_training_images(m):
     assert images.shape == (32, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
     net = m.FiniteSetDenoiser(images)
     latents = torch.randn(16, 3, 8, 8, generator=g, dtype=torch.float64)
-    x = m.ablation_sampler(net, latents)
+    x = m.make_sampler()(net, latents)
     assert torch.allclose(x, images[net.nearest(x)], atol=1e-6)
 
 
@@ -219,7 +221,7 @@ def test_heun_step_weights_are_one_heun_step(m):
         D1 = net(x0 + (s1 - s0) * (x0 - D0) / s0, s1)           # D at the Euler prediction (Algorithm 1, line 5)
         w_ode, w_heun = m.heun_step_weights(s0 / s1)
         expected = x0 * s1 / s0 + w_ode * D0 + w_heun * (D1 - D0)
-        x1 = m.heun(net, x0, torch.tensor([s0, s1], dtype=torch.float64), m.ode.EDM())
+        x1 = m.heun(net, x0, torch.tensor([s0, s1], dtype=torch.float64), m.ch02.EDM())
         assert torch.allclose(x1, expected, rtol=1e-12, atol=1e-12)
     assert m.heun_step_weights(2.0) == (0.5, 0.5)             # Heun starts extrapolating at r = 2
 
@@ -229,7 +231,7 @@ def test_heun_step_weights_are_one_heun_step(m):
 def test_heun_weight_on_the_change_of_d(m, formulation, weight):
     """With a denoiser that ignores x (D_0 at sigma_0, D_1 at sigma_1), x_1 is linear in D_1; its coefficient is
     Heun's weight on D_1 - D_0: (r - 1)/2 with sigma(t) = t, (r^2 - 1)/4 in VE's t = sigma^2."""
-    f = getattr(m.ode, formulation)()
+    f = getattr(m.ch02, formulation)()
     for s0, s1 in ((9.72, 0.47), (3.0, 2.0)):
         def step(d1):
             net = lambda x, sigma, labels=None: torch.full_like(x, 0.3 if float(sigma) == s0 else d1)  # noqa: E731
@@ -259,7 +261,7 @@ def test_demo_claims_heun_loses_on_the_toy_at_few_nfe(m, toy, one_thread):
         assert grid[f"heun, {disc} steps"][7] > 3 * grid[f"euler, {disc} steps"][7], grid
         assert grid[f"heun, {disc} steps"][63] < grid[f"euler, {disc} steps"][63] / 2, grid
     assert all(grid["euler, edm steps"][n] > grid["euler, iddpm steps"][n] for n in (7, 63)), grid
-    sigmas = torch.cat([m.edm_sigma_steps(4), torch.zeros(1, dtype=torch.float64)])
+    sigmas = common.edm_sigma_steps(4)
     damage = m.heun_step_damage(mix, latents, sigmas, m.common.rms)
     assert damage[1] == max(damage) > 0.6 * grid["heun, edm steps"][7] > damage[0] + damage[2], damage
 

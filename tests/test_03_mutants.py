@@ -29,8 +29,7 @@ def test_churn_in_scaled_coordinates_matches_the_closed_form(m, schedule, solver
     gamma = min(S_churn / N, sqrt(2) - 1). So the whole run is known in closed form."""
     N, S_churn, S_noise = 6, 1.5, 1.3
     latents = torch.tensor([-1.5, 0.2, 0.9], dtype=torch.float64)
-    out = m.ablation_sampler(unit_gaussian, latents, randn_like=torch.ones_like, num_steps=N, solver=solver,
-                             schedule=schedule, scaling="vp", S_churn=S_churn, S_noise=S_noise)
+    out = m.make_sampler(num_steps=N, solver=solver, schedule=schedule, scaling="vp", S_churn=S_churn, S_noise=S_noise)(unit_gaussian, latents, randn_like=torch.ones_like)
     sigmas = [(80 ** (1 / 7) + i / (N - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(N)] + [0.0]
     gamma = min(S_churn / N, math.sqrt(2) - 1)
     x = latents * sigmas[0]                                                    # x~ at sigma_0
@@ -47,7 +46,7 @@ def test_churned_noise_levels_are_rounded_by_the_network(m):
     grid = 0.01
     net = Counting(unit_gaussian, sigma_min=0.05, sigma_max=20.0,
                    round_sigma=lambda s: (torch.as_tensor(s) / grid).round() * grid)
-    m.ablation_sampler(net, torch.zeros(2, dtype=torch.float64), num_steps=12, S_churn=3)
+    m.make_sampler(num_steps=12, S_churn=3)(net, torch.zeros(2, dtype=torch.float64))
     assert net.sigmas[0] == pytest.approx(20.0 * (1 + 3 / 12), rel=1e-12)
     off_grid = [s for s in net.sigmas if abs(s / grid - round(s / grid)) > 1e-9]
     assert not off_grid, f"noise levels not on the network's grid: {off_grid}"

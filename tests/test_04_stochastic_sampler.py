@@ -35,6 +35,12 @@ def toy(load):
     return load("01_toy_1d")
 
 
+def sde(m, net, latents, num_steps, **kwargs):
+    """04's SDE sampler from unit latents on Eq. 5's num_steps noise levels (common.edm_sigma_steps)."""
+    sigmas = common.edm_sigma_steps(num_steps)
+    return m.sde_sampler(net, latents * sigmas[0], sigmas, **kwargs)
+
+
 def seeded(seed):
     g = torch.Generator().manual_seed(seed)
     return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)
@@ -48,8 +54,7 @@ def test_algorithm2_noise_levels_and_churn(m):
     gamma = [S_churn / N if S_min <= v <= S_max else 0.0 for v in t.tolist()]
     net = Recording(gaussian_denoiser)
     latents = torch.tensor([0.7], dtype=torch.float64)
-    m.edm_sampler(net, latents, randn_like=torch.ones_like, num_steps=N, S_churn=S_churn, S_min=S_min,
-                  S_max=S_max, S_noise=S_noise)
+    m.make_sampler(num_steps=N, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)(net, latents, randn_like=torch.ones_like)
     expected = []
     for k in range(N):
         expected.append(float(t[k]) * (1 + gamma[k]))
@@ -59,8 +64,7 @@ def test_algorithm2_noise_levels_and_churn(m):
     # States: with D = 0 every step is exact, x_{i+1} = x_hat_i t_{i+1} / t_hat_i, and with eps = 1
     # x_hat_i = x_i + sqrt(t_hat_i^2 - t_i^2) S_noise (lines 5-6), so the inputs are known in closed form.
     zero = Recording(lambda x, sigma: torch.zeros_like(x))
-    out = m.edm_sampler(zero, latents, randn_like=torch.ones_like, num_steps=N, S_churn=S_churn, S_min=S_min,
-                        S_max=S_max, S_noise=S_noise)
+    out = m.make_sampler(num_steps=N, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)(zero, latents, randn_like=torch.ones_like)
     x = latents * t[0]                                                         # line 1
     for k in range(N):
         t_hat = t[k] * (1 + gamma[k])
@@ -72,7 +76,7 @@ def test_algorithm2_noise_levels_and_churn(m):
 
 def test_gamma_is_capped(m):
     net = Recording(gaussian_denoiser)
-    m.edm_sampler(net, torch.zeros(1, dtype=torch.float64), num_steps=4, S_churn=100)
+    m.make_sampler(num_steps=4, S_churn=100)(net, torch.zeros(1, dtype=torch.float64))
     t0 = 80.0
     assert net.calls[0][1] == pytest.approx(t0 * math.sqrt(2), rel=1e-12)
 
@@ -81,16 +85,16 @@ def test_gamma_is_capped(m):
                                     dict(num_steps=7, sigma_min=0.01, sigma_max=20, rho=3, S_churn=5)])
 def test_ablation_sampler_equals_edm_sampler(m, toy, load, kwargs):
     """heun / edm / linear / none is Algorithm 2, to float64 precision, including the churn noise."""
-    ablation = load("03_heun_and_schedules").ablation_sampler
+    ablation = load("03_heun_and_schedules").make_sampler
     mix = toy.default_mixture()
     latents = torch.randn(64, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    a = m.edm_sampler(mix, latents, randn_like=seeded(5), **kwargs)
-    b = ablation(mix, latents, randn_like=seeded(5), solver="heun", discretization="edm", schedule="linear",
-                 scaling="none", **kwargs)
+    a = m.make_sampler(**kwargs)(mix, latents, randn_like=seeded(5))
+    b = ablation(solver="heun", discretization="edm", schedule="linear", scaling="none", **kwargs)(
+        mix, latents, randn_like=seeded(5))
     assert a.dtype == b.dtype == torch.float64
     assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     if kwargs.get("S_churn"):   # the comparison is not vacuous: churn really uses the noise
-        assert not torch.allclose(a, m.edm_sampler(mix, latents, randn_like=seeded(6), **kwargs))
+        assert not torch.allclose(a, m.make_sampler(**kwargs)(mix, latents, randn_like=seeded(6)))
 
 
 def test_per_seed_determinism_independent_of_batch(m, toy):
@@ -100,7 +104,7 @@ def test_per_seed_determinism_independent_of_batch(m, toy):
     def run(batch):
         rnd = common.StackedRandomGenerator("cpu", batch)
         latents = rnd.randn([len(batch), 1], dtype=torch.float64)
-        return m.edm_sampler(mix, latents, randn_like=rnd.randn_like, num_steps=10, S_churn=20)
+        return m.make_sampler(num_steps=10, S_churn=20)(mix, latents, randn_like=rnd.randn_like)
     together = run(seeds)
     apart = torch.cat([run(seeds[:2]), run(seeds[2:3]), run(seeds[3:])])
     assert torch.equal(together, apart)
@@ -111,7 +115,7 @@ def test_network_range_and_rounding_are_honoured(m):
     grid = 0.01
     net = Recording(gaussian_denoiser, sigma_min=0.05, sigma_max=20.0,
                     round_sigma=lambda s: (torch.as_tensor(s) / grid).round() * grid)
-    m.edm_sampler(net, torch.zeros(2, dtype=torch.float64), num_steps=12, S_churn=3)
+    m.make_sampler(num_steps=12, S_churn=3)(net, torch.zeros(2, dtype=torch.float64))
     sigmas = [s for _, s in net.calls]
     assert max(sigmas) <= 20.0 * (1 + 3 / 12) + 1e-9 and sigmas[0] == pytest.approx(20.0 * 1.25, abs=grid)
     assert min(sigmas) >= 0.05 - 1e-12
@@ -129,12 +133,12 @@ def test_exact_denoiser_recovers_the_mixture(m, toy, one_thread):
     latents = torch.randn(20000, 1, generator=g, dtype=torch.float64)
     truth = mix.sample(100000, g)
     runs = {
-        "ODE": lambda: m.edm_sampler(mix, latents, num_steps=64),
-        "churn": lambda: m.edm_sampler(mix, latents, randn_like=seeded(1), num_steps=64, S_churn=10),
-        "SDE": lambda: m.sde_sampler(mix, latents, randn_like=seeded(1), num_steps=256),
+        "ODE": lambda: m.make_sampler(num_steps=64)(mix, latents),
+        "churn": lambda: m.make_sampler(num_steps=64, S_churn=10)(mix, latents, randn_like=seeded(1)),
+        "SDE": lambda: sde(m, mix, latents, 256, randn_like=seeded(1)),
     }
     for name, run in runs.items():
-        w1, weight, std = m.describe(toy, run(), truth)
+        w1, weight, std = m.scores(toy, run(), truth)
         assert w1 < 0.03 and abs(weight - 0.7) < 0.013 and abs(std - 0.25) < 0.01, (name, w1, weight, std)
 
 
@@ -142,9 +146,9 @@ def test_sde_without_langevin_is_the_euler_ode(m, load):
     """beta = 0 removes the Langevin term of Eq. 6, leaving chapter 02's Euler method on the EDM ODE."""
     ode = load("02_ode_sampler")
     latents = torch.linspace(-2, 2, 5, dtype=torch.float64)
-    x = m.sde_sampler(gaussian_denoiser, latents, num_steps=20, beta=lambda t: 0 * t)
-    sigmas = torch.cat([load("03_heun_and_schedules").edm_sigma_steps(20), torch.zeros(1, dtype=torch.float64)])
-    assert torch.allclose(x, ode.sample(gaussian_denoiser, latents, sigmas, ode.EDM()), rtol=1e-12)
+    x = sde(m, gaussian_denoiser, latents, 20, beta=lambda t: 0 * t)
+    sigmas = common.edm_sigma_steps(20)
+    assert torch.allclose(x, ode.euler_sampler(gaussian_denoiser, latents * sigmas[0], sigmas), rtol=1e-12)
 
 
 def test_sde_step_moments(m):
@@ -153,30 +157,23 @@ def test_sde_step_moments(m):
     t0 = 80.0
     t1 = float((80 ** (1 / 7) + 1 / 2 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7)    # N = 3
     net = Recording(gaussian_denoiser)
-    m.sde_sampler(net, latents, randn_like=torch.zeros_like, num_steps=3)
+    sde(m, net, latents, 3, randn_like=torch.zeros_like)
     x0 = latents * t0
     D = gaussian_denoiser(x0, torch.tensor(t0, dtype=torch.float64))
     mean = x0 + 2 * (t0 - t1) / t0 * (D - x0)
     assert torch.allclose(net.calls[1][0], mean, rtol=1e-12)
     net = Recording(gaussian_denoiser)
-    m.sde_sampler(net, latents, randn_like=torch.ones_like, num_steps=3)
+    sde(m, net, latents, 3, randn_like=torch.ones_like)
     assert torch.allclose(net.calls[1][0] - mean, torch.tensor([math.sqrt(2 * t0 * (t0 - t1))], dtype=torch.float64),
                           rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------
-# Eq. 5's deliberate twin, the demo's claims, the command line.
-
-def test_edm_sigma_steps_is_the_twin_of_chapter_03(m, load):
-    """04 carries Eq. 5 itself (so that 04 + common.py is all Algorithm 2 needs); it must stay 03's Eq. 5."""
-    home = load("03_heun_and_schedules").edm_sigma_steps
-    for args in [(18,), (64,), (7, 0.01, 20, 3), (2, 0.002, 80, 7)]:
-        assert torch.equal(m.edm_sigma_steps(*args), home(*args))
-
+# The demo's claims, the command line.
 
 def test_demo_claims_hold_at_reduced_size(m, one_thread):
     """The "What this shows" block, on 2048 samples and N = 24 (the demo: 8192 and 64)."""
-    r = m.measure(samples=2048, steps=24, seed=0)
+    r = m.churn_sweep(samples=2048, steps=24, seed=0)
     at = lambda name, S_noise, S_churn: r["sweep"][(name, S_noise)][m.CHURNS.index(S_churn)]  # noqa: E731
     # The imperfect D: churn lowers W1 and re-widens the too narrow modes; S_noise > 1 lowers W1 further.
     assert at("imperfect D", 1.0, 0)[0] > at("imperfect D", 1.0, 10)[0] > at("imperfect D", 1.02, 10)[0]

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 
@@ -215,7 +217,7 @@ def test_loss_is_weighted_denoising_error_with_table1_sigmas(P, name):
         t = np.array([vp_t_of_sigma(v) for v in s])
         assert ks_distance(t, lambda v: (v - 1e-5) / (1 - 1e-5)) < 2 / math.sqrt(N)
     else:                    # sigma = u_j, j ~ U{0, ..., 999}
-        u = P.iddpm_u_table(1000, 0.001, 0.008).double().numpy()   # checked against Table 1 above
+        u = common.iddpm_noise_levels(1000, 0.001, 0.008, torch.float32).double().numpy()   # as 05's buffer, above
         j = np.abs(s[:, None] - u[None, :]).argmin(1)
         assert np.array_equal(s, u[j])
         assert j.max() <= 999 and np.abs(np.bincount(j // 100, minlength=10) / N - 0.1).max() < 0.015
@@ -274,7 +276,7 @@ def test_lowest_elsewhere_names_the_sigmas_where_another_model_is_closer(P):
 
 
 # ----------------------------------------------------------------------------
-# Deliberate twins: 05 carries the VP sigma(t) and the iDDPM table so that it copies with common.py alone.
+# The VP sigma(t): a deliberate twin of 02's (05 copies with common.py alone); the iDDPM table: common.py's.
 
 def test_vp_sigma_twins_agree_with_chapter_02(P, load):
     sigma, _, sigma_inv = load("02_ode_sampler").vp_schedule(19.9, 0.1)
@@ -287,9 +289,9 @@ def test_vp_sigma_twins_agree_with_chapter_02(P, load):
         assert torch.equal(P.vp_sigma_inv(s, 19.9, 0.1), sigma_inv(s))       # the same arithmetic
 
 
-def test_iddpm_table_twin_agrees_with_chapter_03_and_the_official_buffer(P, load):
-    mine = P.iddpm_u_table(1000, 0.001, 0.008)
-    home = load("03_heun_and_schedules").iddpm_u(1000, 0.001, 0.008)        # float64 u, as the official sampler
+def test_iddpm_table_in_both_precisions_and_the_official_buffer(P):
+    mine = make(P, "iDDPM", 0).u                                           # float32 u, as the official network
+    home = common.iddpm_noise_levels(1000, 0.001, 0.008)                    # float64 u, as the official sampler (03)
     assert mine.dtype == torch.float32 and home.dtype == torch.float64
     # Same recursion; float32 rounding accumulated over 1000 steps in 1 + u^2 (small u lose digits to 1 + u^2 - 1).
     np.testing.assert_allclose(1 + mine.double().numpy() ** 2, 1 + home.numpy() ** 2, rtol=1e-5)

@@ -29,9 +29,9 @@ def rank_main(tmp):
             time.sleep(1)
             open(marker, "w").close()
         return torch.zeros([4, 3, 8, 8], dtype=torch.uint8), np.arange(4) % 2
-    common.load_cifar10, at_call = fake_cifar10, []
+    T.load_cifar10, at_call = fake_cifar10, []
     T.load_dataset(T.parse_args(["--data", "cifar10", "--cres", "1,2", "--data-dir", tmp]))
-    folder = common.ImageFolder(os.path.join(tmp, "data"))
+    folder = common.load("08_evaluate_fid").ImageFolder(os.path.join(tmp, "data"))
     if rank == 1:
         folder.read = None               # rank 1 decoding anything fails: it must map rank 0's file
     images = T.decode_once_per_node(folder, os.path.join(tmp, "run"))

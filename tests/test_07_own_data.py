@@ -107,7 +107,7 @@ def mixed_folder(tmp_path):
 
 def test_mixed_sizes_are_cropped_and_resized_as_the_official_tool(tmp_path):
     folder, arrays = mixed_folder(tmp_path)
-    f = common.ImageFolder(folder, resolution=8)
+    f = common.load("08_evaluate_fid").ImageFolder(folder, resolution=8)
     images = f.batch(range(len(f)))
     assert images.shape == (4, 3, 8, 8) and f.names == sorted(arrays)
     assert np.array_equal(images[0].permute(1, 2, 0).numpy(), arrays["a/same.png"])      # already 8x8: untouched
@@ -135,11 +135,11 @@ def test_07_trains_mixed_sizes_at_resolution_and_no_resize_keeps_the_strict_chec
 def test_alpha_is_refused_and_a_broken_file_named(tmp_path):
     write_png(str(tmp_path / "rgba" / "a.png"), np.zeros((8, 8, 4), np.uint8), "RGBA")
     with pytest.raises(ValueError, match="'a.png' .* has an alpha channel .* convert it to RGB"):
-        common.ImageFolder(str(tmp_path / "rgba"), resolution=8)
+        common.load("08_evaluate_fid").ImageFolder(str(tmp_path / "rgba"), resolution=8)
     write_png(str(tmp_path / "broken" / "a.png"), np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "broken" / "b.jpg").write_bytes(b"GIF89a but not really")
     with pytest.raises(ValueError, match="cannot read image 'b.jpg'"):
-        common.ImageFolder(str(tmp_path / "broken"), resolution=8).read(1)
+        common.load("08_evaluate_fid").ImageFolder(str(tmp_path / "broken"), resolution=8).read(1)
 
 
 def test_bad_data_options_are_one_error_line_and_write_nothing(tmp_path, assert_one_line_errors):
@@ -176,7 +176,7 @@ def test_08_generate_samples_with_the_snapshots_sigma_data(T, load, fid, tmp_pat
         fid.main(["generate", "--network", path, "--seeds", "0-1", "--steps", "4", "--device", "cpu",
                   "--outdir", str(tmp_path / name)])
         pngs[name] = [np.array(PIL.Image.open(tmp_path / name / f"{s:06d}.png")) for s in (0, 1)]
-    expected = fid.generate_batch(unet.load_network(snapshot).eval(), [0, 1], "cpu", num_steps=4)
+    expected = fid.generate_batch(unet.load_network(snapshot).eval(), [0, 1], "cpu", fid.common.load("04_stochastic_sampler").make_sampler(4))
     assert unet.load_network(snapshot).sigma_data == 0.3
     for s in (0, 1):
         assert np.array_equal(pngs["own"][s], expected[s].permute(1, 2, 0).numpy())
@@ -186,6 +186,6 @@ def test_08_generate_samples_with_the_snapshots_sigma_data(T, load, fid, tmp_pat
 def test_an_image_only_cropped_counts_as_changed(tmp_path):
     # 8x12 at --resolution 8: the central 8x8 square is kept without resizing, but the image did change.
     write_png(str(tmp_path / "crop" / "a.png"), np.arange(8 * 12 * 3, dtype=np.uint8).reshape(12, 8, 3))
-    f = common.ImageFolder(str(tmp_path / "crop"), resolution=8)
+    f = common.load("08_evaluate_fid").ImageFolder(str(tmp_path / "crop"), resolution=8)
     assert np.array_equal(f.read(0).transpose(1, 2, 0), np.arange(8 * 12 * 3, dtype=np.uint8).reshape(12, 8, 3)[2:10])
     assert f.resized == {0}

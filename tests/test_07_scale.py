@@ -222,7 +222,7 @@ def test_08_ref_on_two_nodes_counts_every_image_once(load, tmp_path):
     results = two_nodes("08_evaluate_fid.py", lambda node: ref, tmp_path)
     assert all(status == 0 for status, _ in results), results
     fid = load("08_evaluate_fid")
-    mu, sigma = fid.image_stats(fid.common.ImageFolder(str(tmp_path / "images")), np.arange(7),
+    mu, sigma = fid.image_stats(fid.ImageFolder(str(tmp_path / "images")), np.arange(7),
                                 fid.load_detector(str(tmp_path / "det.pt"), "cpu"), 7, "cpu")
     two = np.load(tmp_path / "ref2.npz")
     np.testing.assert_allclose(two["mu"], mu, rtol=1e-12, atol=1e-15)

@@ -167,7 +167,7 @@ def test_tiny_run_loss_falls_and_the_snapshot_loads_and_samples(T, load, tmp_pat
         assert torch.equal(tensor, ema[name]), name                 # the snapshot holds the EMA weights
     latents = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.eye(4)
-    images = sampler.edm_sampler(net, latents, {"class_labels": labels}, num_steps=8)
+    images = sampler.make_sampler(8)(net, latents, {"class_labels": labels})
     assert images.shape == (4, 3, 8, 8) and torch.isfinite(images).all()
     assert os.path.exists(out / "preview-000001.png") and os.path.exists(out / "training_options.json")
 

@@ -355,7 +355,8 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
 
     # Its statistics equal those of the PNGs `generate` wrote, read back from disk.
     net = fid.load_net(tiny_network, "cpu")
-    mu_g, sigma_g = fid.generated_stats(net, list(range(8)), detector, 3, "cpu", num_steps=4, S_churn=10.0)
+    mu_g, sigma_g = fid.generated_stats(net, list(range(8)), detector, 3, "cpu", None,
+                                        fid.common.load("04_stochastic_sampler").make_sampler(4, S_churn=10.0))
     mu_c, sigma_c = fid.image_stats(fid.open_folder(pngs[8]), np.arange(8), detector, 5, "cpu")
     np.testing.assert_allclose(mu_g, mu_c, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(sigma_g, sigma_c, rtol=1e-10, atol=1e-15)
@@ -379,39 +380,38 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
 
 def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_network):
     parser = fid.build_parser()
-    options_of = lambda *argv: fid.sampler_from_args(parser.parse_args(["generate", "--network", "x", *argv]))
+    sampler_of = lambda *argv: fid.sampler_from_args(parser.parse_args(["generate", "--network", "x", *argv]))
     net = fid.load_net(tiny_network, "cpu")
 
-    def measured_nfe(sampler, options):                  # network calls per image, counted on 2 images
+    def measured_nfe(sample):                            # network calls per image, counted on 2 images
         counter = fid.common.CountingDenoiser(net)
-        fid.generate_batch(counter, [3, 4], "cpu", None, sampler, **options)
+        fid.generate_batch(counter, [3, 4], "cpu", sample)
         return counter.per_image(2)
 
-    # Each (options -> sampler, options) with its NFE: Heun 2n - 1 (Sec. 3), Euler and the multistep solvers n.
+    # Each options -> (sampler function, solver, step kind, options it runs with) and its NFE: Heun 2n - 1
+    # (Sec. 3), Euler and the multistep solvers n.
     cases = [
-        ((), fid.common.load("04_stochastic_sampler").edm_sampler, {}, 35),                                  # Table 2's 35 NFE
-        (("--steps", "5", "--S_churn", "2"), fid.common.load("04_stochastic_sampler").edm_sampler, {"num_steps": 5, "S_churn": 2.0}, 9),
-        (("--solver", "heun", "--nfe", "7"), fid.common.load("04_stochastic_sampler").edm_sampler, {"num_steps": 4}, 7),
-        (("--solver", "euler", "--disc", "vp", "--nfe", "6"), fid.common.load("03_heun_and_schedules").ablation_sampler,
-         {"solver": "euler", "discretization": "vp", "num_steps": 6}, 6),
-        (("--disc", "ve", "--steps", "3"), fid.common.load("03_heun_and_schedules").ablation_sampler, {"discretization": "ve", "num_steps": 3}, 5),
-        (("--solver", "ipndm", "--nfe", "10"), fid.solver_sampler,
-         {"solver": "ipndm", "sigma_steps": "edm", "num_steps": 10, "rho": 7.0}, 10),
-        (("--solver", "ipndm",), fid.solver_sampler,                         # no --steps/--nfe: 18 steps, as 04's
-         {"solver": "ipndm", "sigma_steps": "edm", "num_steps": 18, "rho": 7.0}, 18),
-        (("--solver", "dpmpp3m", "--steps", "6"), fid.solver_sampler,
-         {"solver": "dpmpp3m", "sigma_steps": "logsnr", "num_steps": 6}, 6),
-        (("--solver", "dpmpp2m", "--nfe", "5", "--sigma-steps", "time_uniform"), fid.solver_sampler,
-         {"solver": "dpmpp2m", "sigma_steps": "time_uniform", "num_steps": 5, "rho": 1.0}, 5),
-        (("--sigma-steps", "logsnr", "--nfe", "9"), fid.solver_sampler,       # Heun on other steps: 09's Heun
-         {"solver": "heun", "sigma_steps": "logsnr", "num_steps": 5}, 9),
-        (("--solver", "euler", "--steps", "4", "--rho", "3"), fid.solver_sampler,
-         {"solver": "euler", "sigma_steps": "edm", "num_steps": 4, "rho": 3.0}, 4),
+        ((), ("edm_sampler", "heun", "edm"), {"num_steps": 18}, 35),                             # Table 2's 35 NFE
+        (("--steps", "5", "--S_churn", "2"), ("edm_sampler", "heun", "edm"), {"num_steps": 5, "S_churn": 2.0}, 9),
+        (("--solver", "heun", "--nfe", "7"), ("edm_sampler", "heun", "edm"), {"num_steps": 4}, 7),
+        (("--solver", "euler", "--disc", "vp", "--nfe", "6"), ("ablation_sampler", "euler", "vp"), {"num_steps": 6}, 6),
+        (("--disc", "ve", "--steps", "3"), ("ablation_sampler", "heun", "ve"), {"num_steps": 3}, 5),
+        (("--solver", "ipndm", "--nfe", "10"), ("sample_ipndm", "ipndm", "edm"), {"num_steps": 10, "rho": 7.0}, 10),
+        (("--solver", "ipndm",), ("sample_ipndm", "ipndm", "edm"), {"num_steps": 18, "rho": 7.0}, 18),  # as 04's
+        (("--solver", "dpmpp3m", "--steps", "6"), ("sample_dpmpp_3m", "dpmpp3m", "logsnr"), {"num_steps": 6}, 6),
+        (("--solver", "dpmpp2m", "--nfe", "5", "--sigma-steps", "time_uniform"),
+         ("sample_dpmpp_2m", "dpmpp2m", "time_uniform"), {"num_steps": 5, "rho": 1.0}, 5),
+        (("--sigma-steps", "logsnr", "--nfe", "9"), ("sample_heun", "heun", "logsnr"), {"num_steps": 5}, 9),  # 09's Heun
+        (("--solver", "euler", "--steps", "4", "--rho", "3"), ("sample_euler", "euler", "edm"),
+         {"num_steps": 4, "rho": 3.0}, 4),
     ]
-    for argv, sampler, options, nfe in cases:
-        assert options_of(*argv) == (sampler, options), argv
+    for argv, (function, solver, kind), options, nfe in cases:
+        sample = sampler_of(*argv)
+        settings = sample.settings
+        assert (settings["function"], settings["solver"], settings["sigma_steps"]) == (function, solver, kind), argv
+        assert options.items() <= settings["options"].items(), (argv, settings)
         if argv:                                         # the default's 35 NFE: counted in the fid test
-            assert measured_nfe(sampler, options) == nfe, argv
+            assert measured_nfe(sample) == nfe, argv
 
     for bad, complaint in [(["--rho", "0"], "--rho"), (["--sigma-min", "2", "--sigma-max", "1"], "--sigma-min"),
                            (["--nfe", "10"], "odd"), (["--solver", "ipndm", "--nfe", "1"], "at least 2 NFE"),
@@ -420,12 +420,12 @@ def test_sampler_options_select_the_sampler_and_the_measured_nfe(fid, tiny_netwo
                            (["--solver", "dpmpp3m", "--disc", "vp"], "euler or heun"),
                            (["--sigma-steps", "edm", "--scaling", "vp"], "--disc")]:
         with pytest.raises(ValueError, match=complaint):
-            options_of(*bad)
+            sampler_of(*bad)
 
     # generate_batch calls the chosen sampler with the seeds' noise: the ablation sampler with EDM
     # settings and Heun is Algorithm 2, and gives the same images as edm_sampler.
-    a = fid.generate_batch(net, [3, 4], "cpu", None, fid.common.load("04_stochastic_sampler").edm_sampler, num_steps=3)
-    b = fid.generate_batch(net, [3, 4], "cpu", None, fid.common.load("03_heun_and_schedules").ablation_sampler, num_steps=3, solver="heun")
+    a = fid.generate_batch(net, [3, 4], "cpu", fid.common.load("04_stochastic_sampler").make_sampler(3))
+    b = fid.generate_batch(net, [3, 4], "cpu", fid.common.load("03_heun_and_schedules").make_sampler(3, solver="heun"))
     assert a.dtype == torch.uint8 and torch.equal(a, b)
 
 
@@ -435,31 +435,30 @@ def test_class_conditions_every_seed_on_that_class(fid):
         seen.append(extra_args["class_labels"])
         return torch.zeros_like(latents)
     net = types.SimpleNamespace(img_channels=3, img_resolution=4, label_dim=5)
-    fid.generate_batch(net, [0, 1, 2, 3], "cpu", 3, sampler)
+    fid.generate_batch(net, [0, 1, 2, 3], "cpu", sampler, 3)
     assert torch.equal(seen[-1], torch.eye(5)[[3, 3, 3, 3]]), "--class 3 must give every seed class 3"
-    fid.generate_batch(net, [0, 1, 2, 3], "cpu", None, sampler)   # no --class: each seed draws its own
+    fid.generate_batch(net, [0, 1, 2, 3], "cpu", sampler)   # no --class: each seed draws its own
     drawn = seen[-1].argmax(1)
     assert torch.equal(seen[-1], torch.eye(5)[drawn]) and len(set(drawn.tolist())) > 1
 
 
-def test_solver_sampler_runs_09s_solvers_on_their_steps(fid, load, tiny_network):
-    # The same samples as 09's own entry point, sample(denoise, latents, solver, nfe), which picks
-    # each solver's schedule itself -- and on a chosen step kind, 09's sigma_steps with its rho.
+def test_solver_options_run_09s_solvers_on_their_steps(fid, load, tiny_network):
+    # The samples of 09's solver itself on its step kind, fitted to the network's range, from latents * sigma_0:
+    # what --solver/--nfe/--sigma-steps must run, with exactly the NFE asked for.
     fast = load("09_fast_samplers")
     net = fid.load_net(tiny_network, "cpu")
     latents = torch.randn([3, 3, 16, 16], generator=torch.Generator().manual_seed(1))
-    labels = torch.eye(4)[[0, 2, 3]]
+    extra = {"class_labels": torch.eye(4)[[0, 2, 3]]}
     parser = fid.build_parser()
-    for solver, nfe in [("ipndm", 10), ("dpmpp3m", 6), ("heun", 7)]:
-        _, options = fid.sampler_from_args(parser.parse_args(["generate", "--network", "x", "--solver", solver,
-                                                              "--nfe", str(nfe), "--sigma-steps",
-                                                              fast.SOLVERS[solver].schedule]))
-        want, count = fast.sample(net, latents, solver, nfe, extra_args={"class_labels": labels})
-        assert count == nfe and torch.equal(fid.solver_sampler(net, latents, {"class_labels": labels}, **options), want), solver
-    sigmas = fast.sigma_steps(5, 0.002, 80.0, "time_uniform", 1.0)
-    want = fast.sample_dpmpp_2m(net, latents.to(torch.float64) * sigmas[0], sigmas, {"class_labels": labels})
-    got = fid.solver_sampler(net, latents, {"class_labels": labels}, solver="dpmpp2m", sigma_steps="time_uniform", num_steps=5, rho=1.0)
-    assert torch.equal(got, want)
+    for solver, nfe, kind in [("ipndm", 10, "edm"), ("dpmpp3m", 6, "logsnr"), ("heun", 7, "edm"),
+                              ("dpmpp2m", 5, "time_uniform")]:
+        sample = fid.sampler_from_args(parser.parse_args(["generate", "--network", "x", "--solver", solver,
+                                                          "--nfe", str(nfe), "--sigma-steps", kind]))
+        sigmas = fast.sigma_steps(kind, fast.steps_for_nfe(solver, nfe), *fid.common.noise_range(net, 0.002, 80.0))
+        want = fast.SOLVERS[solver].sample(net, latents.to(torch.float64) * sigmas[0], sigmas, extra)
+        counter = fid.common.CountingDenoiser(net)
+        assert torch.equal(sample(counter, latents, extra), want), solver
+        assert counter.per_image(len(latents)) == nfe, solver
 
 
 def test_bad_network_and_class_raise(fid, tiny_network, tmp_path):
@@ -541,7 +540,9 @@ def test_default_generation_is_algorithm_2_with_18_steps(fid, tiny_network, tmp_
     rnd = common.StackedRandomGenerator("cpu", seeds)
     latents = rnd.randn([3, 3, 16, 16])
     labels = torch.eye(4)[rnd.randint(4, size=[3])]
-    want = common.to_uint8(fid.common.load("04_stochastic_sampler").edm_sampler(net, latents, {"class_labels": labels}, randn_like=rnd.randn_like, num_steps=18))
+    sigmas = common.edm_sigma_steps(18, net=net)                         # Eq. 5 on the network's range, then 0
+    want = common.to_uint8(fid.common.load("04_stochastic_sampler").edm_sampler(
+        net, latents.to(torch.float64) * sigmas[0], sigmas, {"class_labels": labels}, randn_like=rnd.randn_like))
     default = generated(fid, tiny_network, tmp_path / "default", seeds="0-2")
     assert same_images(default, list(want.numpy()))
     assert same_images(generated(fid, tiny_network, tmp_path / "heun35", "--solver", "heun", "--nfe", 35,

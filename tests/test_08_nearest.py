@@ -62,7 +62,7 @@ def test_nearest_generates_with_a_network(fid, load, shapes, tmp_path, one_threa
               write_folder(tmp_path / "train", shapes[0][:8]), "--device", "cpu", "--outdir", str(tmp_path / "out")])
     with open(tmp_path / "out" / "nearest.json") as f:
         result = json.load(f)
-    expected = fid.generate_batch(net.eval(), [0, 1, 2], "cpu", num_steps=2)
+    expected = fid.generate_batch(net.eval(), [0, 1, 2], "cpu", fid.common.load("04_stochastic_sampler").make_sampler(2))
     d, _ = fid.nearest_two(expected, fid.TensorImages(shapes[0][:8]))
     assert [r["name"] for r in result["per_image"]] == ["seed 0", "seed 1", "seed 2"]
     assert [r["d1"] for r in result["per_image"]] == d[:, 0].tolist()

@@ -57,7 +57,8 @@ def test_generate_refuses_a_used_folder_adds_with_add_and_records_every_setting(
     assert sorted(os.listdir(out)) == [f"{s:06d}.png" for s in range(10)] + ["generation.json", "grid.png"]
     (entry,) = json.loads((out / "generation.json").read_text())
     assert entry["network"] == os.path.abspath(tiny_network) and entry["seeds"] == "0-9" and entry["num_images"] == 10
-    assert entry["sampler"] == {"function": "edm_sampler", "options": {"num_steps": 2, "S_churn": 5.0}}
+    assert entry["sampler"] == {"function": "edm_sampler", "options": {"num_steps": 2, "sigma_min": 0.002,
+                                                                       "sigma_max": 80, "rho": 7, "S_churn": 5.0}}
     assert (entry["solver"], entry["sigma_steps"], entry["nfe"], entry["network_evaluations"]) == ("heun", "edm", 3, 3)
     assert entry["guidance"]["method"] == "none" and entry["class_idx"] is None and entry["subdirs"] is False
     with PIL.Image.open(out / "grid.png") as grid:    # 8 of the 10 images: whole rows of 8, sharp pixels

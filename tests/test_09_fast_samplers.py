@@ -108,7 +108,7 @@ def mixture(load):
     uniform steps; 2000 steps agree with it to 1e-10, far below the smallest error measured (4e-6)."""
     toy = load("01_toy_1d")
     mix = toy.GaussianMixture1D(weights=[0.3, 0.7], means=[-1.0, 1.0], stds=[0.5, 0.5])
-    denoise = lambda x, sigma: mix(x, sigma[:, None])
+    denoise = mix
     x0 = SIGMA_MAX * torch.linspace(-2.5, 2.5, 64, dtype=torch.float64)[:, None]
     lam = torch.linspace(-math.log(SIGMA_MAX), -math.log(SIGMA_LO), 1001, dtype=torch.float64)
     f = lambda x, l: denoise(x, torch.exp(-l).reshape(1).expand(len(x))) - x
@@ -134,7 +134,7 @@ def slopes(fs, mixture, sampler, grid, steps):
 
 
 def rho_grid(fs, kind):
-    return lambda n: fs.sigma_steps(n + 1, SIGMA_LO, SIGMA_MAX, kind)[:-1]   # n intervals ending at SIGMA_LO
+    return lambda n: fs.sigma_steps(kind, n + 1, SIGMA_LO, SIGMA_MAX)[:-1]   # n intervals ending at SIGMA_LO
 
 
 def uniform_grid(n):
@@ -203,11 +203,13 @@ def test_order_ipndm(fs, mixture, one_thread):
 def test_nfe_is_counted_exactly(fs, solver):
     x0 = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
     for nfe in (5, 7, 9, 11, 15, 35) if solver == "heun" else (2, 3, 5, 6, 8, 10, 12, 15, 20, 35):
-        x, counted = fs.sample(gaussian, x0, solver, nfe)
+        counter = common.CountingDenoiser(gaussian)
+        fs.make_sampler(solver, nfe)(counter, x0)
+        counted = counter.per_image(len(x0))
         assert counted == nfe
         # ... and the counter sees one call per evaluation of the schedule's steps.
         n = fs.steps_for_nfe(solver, nfe)
-        assert len(fs.sigma_steps(n)) == n + 1
+        assert len(fs.sigma_steps(fs.SOLVERS[solver].schedule, n)) == n + 1
         assert counted == (2 * n - 1 if solver == "heun" else n)
 
 
@@ -228,18 +230,18 @@ def test_registry(fs):
     assert fs.SOLVERS["ipndm"] == (fs.sample_ipndm, "edm", 7.0)
     assert fs.SOLVERS["dpmpp3m"] == (fs.sample_dpmpp_3m, "logsnr", None)
     for method in fs.SOLVERS.values():
-        fs.sigma_steps(6, kind=method.schedule, rho=method.rho)   # every default schedule is valid
+        fs.sigma_steps(method.schedule, 6, rho=method.rho)   # every default schedule is valid
 
 
-def test_sigma_steps_edm_equals_03(fs, load):
-    ch03 = load("03_heun_and_schedules")
+def test_sigma_steps_edm_is_eq5(fs, load):
     for n, rho in ((2, 7.0), (18, 7.0), (10, 3.0)):
-        expected = torch.cat([ch03.edm_sigma_steps(n, 0.002, 80, rho), torch.zeros(1, dtype=torch.float64)])
-        assert torch.equal(fs.sigma_steps(n, 0.002, 80.0, "edm", rho), expected)
+        assert torch.equal(fs.sigma_steps("edm", n, 0.002, 80.0, rho), common.edm_sigma_steps(n, 0.002, 80, rho))
+        assert torch.equal(fs.sigma_steps("edm", n, 0.002, 80.0, rho),
+                           load("03_heun_and_schedules").sigma_steps("edm", n, 0.002, 80, rho))
 
 
 def test_sigma_steps_logsnr(fs):
-    s = fs.sigma_steps(11, 0.002, 80.0, "logsnr")
+    s = fs.sigma_steps("logsnr", 11, 0.002, 80.0)
     assert len(s) == 12 and s[-1] == 0
     assert s[0].item() == pytest.approx(80.0, rel=1e-14) and s[-2].item() == pytest.approx(0.002, rel=1e-14)
     steps = s[:-2].log() - s[1:-1].log()
@@ -252,7 +254,7 @@ def test_sigma_steps_time_uniform(fs, load, rho):
     # t^(1/rho) must be uniform from 1 to epsilon_s^(1/rho) (rho = 1: DPM-Solver's time_uniform).
     ch02, ch03 = load("02_ode_sampler"), load("03_heun_and_schedules")
     _, _, sigma_inv = ch02.vp_schedule(*ch03.vp_betas(0.002, 80.0, 1e-3))
-    s = fs.sigma_steps(9, 0.002, 80.0, "time_uniform", rho)
+    s = fs.sigma_steps("time_uniform", 9, 0.002, 80.0, rho)
     assert len(s) == 10 and s[-1] == 0
     t = sigma_inv(s[:-1])
     expected = torch.linspace(1.0, 1e-3 ** (1 / rho), 9, dtype=torch.float64)
@@ -261,13 +263,13 @@ def test_sigma_steps_time_uniform(fs, load, rho):
 
 def test_sigma_steps_rejects(fs):
     with pytest.raises(ValueError, match="at least 2"):
-        fs.sigma_steps(1)
+        fs.sigma_steps("edm", 1)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
-        fs.sigma_steps(5, 80.0, 0.002)
+        fs.sigma_steps("edm", 5, 80.0, 0.002)
     with pytest.raises(ValueError, match="unknown schedule"):
-        fs.sigma_steps(5, kind="karras")
+        fs.sigma_steps("karras", 5)
     with pytest.raises(ValueError, match="rho > 0"):
-        fs.sigma_steps(5, kind="edm", rho=0)
+        fs.sigma_steps("edm", 5, rho=0)
 
 
 # ----------------------------------------------------------------------------
@@ -279,9 +281,9 @@ def test_equals_03(fs, load, one_thread, solver):
     mix = load("01_toy_1d").default_mixture()
     latents = torch.linspace(-2, 2, 33, dtype=torch.float64)[:, None]
     for n in (2, 5, 18):
-        expected = ch03.ablation_sampler(mix, latents, num_steps=n, solver=solver)     # EDM ODE, Eq. 5 steps
-        sigmas = fs.sigma_steps(n, 0.002, 80.0, "edm", 7.0)
-        x = fs.SOLVERS[solver].sample(lambda x, sigma: mix(x, sigma[:, None]), latents * 80.0, sigmas)
+        expected = ch03.make_sampler(n, solver=solver)(mix, latents)                   # EDM ODE, Eq. 5 steps
+        sigmas = fs.sigma_steps("edm", n, 0.002, 80.0, 7.0)
+        x = fs.SOLVERS[solver].sample(mix, latents * 80.0, sigmas)
         # Equal up to rounding (the order of operations differs; n = 2's step 80 -> 0.002 amplifies it to 2e-12).
         assert torch.allclose(x, expected, rtol=1e-11, atol=1e-12)
 
@@ -294,8 +296,8 @@ def test_generation_depends_on_seed_only(fs, load, one_thread, solver):
     seeds = [3, 1, 4, 1592, 65, 35, 89, 79]
     nfe = 7 if solver == "heun" else 6
     latents = lambda s: common.StackedRandomGenerator("cpu", s).randn([len(s), 3, 8, 8], dtype=torch.float64)
-    x8, _ = fs.sample(denoise, latents(seeds), solver, nfe)
-    x3, _ = fs.sample(denoise, latents(seeds[2:5]), solver, nfe)
+    x8 = fs.make_sampler(solver, nfe)(denoise, latents(seeds))
+    x3 = fs.make_sampler(solver, nfe)(denoise, latents(seeds[2:5]))
     assert torch.allclose(x8[2:5], x3, rtol=0, atol=1e-12)
 
 

@@ -16,7 +16,10 @@ def m(load):
 
 @pytest.fixture(scope="module")
 def sampler(load):
-    return load("04_stochastic_sampler").edm_sampler
+    """Algorithm 2 from unit latents, with the official call's options (04's make_sampler)."""
+    make = load("04_stochastic_sampler").make_sampler
+    return lambda net, latents, extra_args=None, randn_like=torch.randn_like, num_steps=18, **churn: \
+        make(num_steps, **churn)(net, latents, extra_args, randn_like)
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +136,13 @@ def test_sampler_calls_the_guide_only_inside_the_interval(m, sampler):
 
 
 def test_fast_solvers_take_the_wrapper_as_denoise(m, sampler, load):
-    """09's solvers call denoise(x, sigma) with a [batch] sigma: guided Heun there is 04's Algorithm 2, S_churn = 0."""
+    """09's solvers call the guided denoiser as every sampler does: guided Heun there is 04's Algorithm 2, S_churn = 0."""
     fast = load("09_fast_samplers")
     mix = small_mixture(m)
     labels = torch.eye(3, dtype=torch.float64)[[0, 1, 2, 1]]
     latents = torch.randn(4, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     for D in (m.guided(mix, 3), m.guided(mix, 2, guide_net=mix.widened(2), interval=(0.1, 1.0))):
-        sigmas = fast.sigma_steps(8)
+        sigmas = fast.sigma_steps("edm", 8)
         out = fast.sample_heun(D, latents * sigmas[0], sigmas, {"class_labels": labels})
         torch.testing.assert_close(out, sampler(D, latents, {"class_labels": labels}, num_steps=8), rtol=1e-12, atol=1e-12)
 

@@ -41,7 +41,7 @@ def test_grid_rows_are_08s_images_and_a_guide_equal_to_main_changes_nothing(m, l
     net = fid.load_net(main, "cpu")
     for j, seed in enumerate(range(3, 8)):
         for label, denoiser in [("unguided (w = 1)", net), ("CFG, w = 2", m.guided(net, 2))]:
-            want = fid.generate_batch(denoiser, [seed], "cpu", j % 4, num_steps=3)[0]
+            want = fid.generate_batch(denoiser, [seed], "cpu", fid.common.load("04_stochastic_sampler").make_sampler(3), j % 4)[0]
             assert torch.equal(rows[label][j], want), (label, seed)
     for w in ("1.5", "2", "3"):
         assert torch.equal(rows[f"autoguidance, w = {w}"], rows["unguided (w = 1)"])

@@ -19,16 +19,18 @@ class Labelled:
     every call (sigma 0-d or one per image)."""
 
     def __init__(self):
-        self.labels = []
+        self.labels, self.sigma_shapes = [], []
 
     def __call__(self, x, sigma, class_labels=None):
         self.labels.append(class_labels)
+        self.sigma_shapes.append(torch.as_tensor(sigma).shape)
         sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
         return x / (1 + sigma ** 2)
 
 
 def test_every_sampler_hands_extra_args_to_every_denoiser_call():
-    # The calling contract of 02/03/04/09/10 (k-diffusion's): model(x, sigma, **extra_args) on EVERY call. A call
+    # The calling contract of 02/03/04/09/10 (k-diffusion's; common.py): sampler(model, x, sigmas, extra_args) and
+    # model(x, sigma, **extra_args) on EVERY call, sigma a 0-d tensor. A call
     # that forgets them makes a class-conditional network unconditional for that step only: images change,
     # nothing fails.
     load = common.load
@@ -38,26 +40,26 @@ def test_every_sampler_hands_extra_args_to_every_denoiser_call():
     extra = {"class_labels": labels}
     latents = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sigmas = torch.tensor([2.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    x = latents * sigmas[0]                 # the noisy images at sigmas[0]: every sampler's starting point
+    vp = heun.make_sampler(3, discretization="vp", schedule="vp", scaling="vp")
     runs = {
-        "02 sample": lambda D: ode.sample(D, latents, sigmas, ode.EDM(), extra),
-        "02 sample, VP": lambda D: ode.sample(D, latents, sigmas, ode.VP(), extra),
-        "03 heun": lambda D: heun.heun(D, latents * 2, sigmas, ode.EDM(), extra),
-        "03 ablation_sampler": lambda D: heun.ablation_sampler(D, latents, extra, num_steps=3, S_churn=1),
-        "03 ablation_sampler, VP": lambda D: heun.ablation_sampler(D, latents, extra, num_steps=3, discretization="vp",
-                                                                   schedule="vp", scaling="vp"),
-        "04 edm_sampler": lambda D: sampler.edm_sampler(common.CountingDenoiser(D), latents, extra, num_steps=3,
-                                                        S_churn=1),
-        "04 sde_sampler": lambda D: sampler.sde_sampler(D, latents, extra, num_steps=3),
-        **{f"09 {name}": lambda D, name=name: fast.sample(D, latents, name, 5, extra_args=extra)
-           for name in fast.SOLVERS},
-        "10 autoguidance": lambda D: sampler.edm_sampler(guidance.guided(D, 2.0, D), latents, extra, num_steps=3),
+        "02 euler_sampler": lambda D: ode.euler_sampler(D, x, sigmas, extra),
+        "02 euler_sampler, VP": lambda D: ode.euler_sampler(D, x, sigmas, extra, f=ode.VP()),
+        "03 heun": lambda D: heun.heun(D, x, sigmas, ode.EDM(), extra),
+        "03 ablation_sampler": lambda D: heun.ablation_sampler(D, x, sigmas, extra, S_churn=1),
+        "03 ablation_sampler, VP": lambda D: vp(D, latents, extra),
+        "04 edm_sampler": lambda D: sampler.edm_sampler(common.CountingDenoiser(D), x, sigmas, extra, S_churn=1),
+        "04 sde_sampler": lambda D: sampler.sde_sampler(D, x, sigmas, extra),
+        **{f"09 {name}": lambda D, name=name: fast.SOLVERS[name].sample(D, x, sigmas, extra) for name in fast.SOLVERS},
+        "10 autoguidance": lambda D: sampler.edm_sampler(guidance.guided(D, 2.0, D), x, sigmas, extra),
     }
     for name, run in runs.items():
         D = Labelled()
         run(D)
         assert len(D.labels) >= 3 and all(l is not None and torch.equal(l, labels) for l in D.labels), name
+        assert set(D.sigma_shapes) == {torch.Size([])}, (name, D.sigma_shapes)     # sigma passed one way: 0-d
     D = Labelled()                          # CFG: the guide is the same network given the zero class vector
-    sampler.edm_sampler(guidance.guided(D, 2.0), latents, extra, num_steps=3)
+    sampler.edm_sampler(guidance.guided(D, 2.0), x, sigmas, extra)
     assert [torch.equal(l, labels) for l in D.labels] == [True, False] * (len(D.labels) // 2)
     assert all(torch.equal(l, torch.zeros_like(labels)) for l in D.labels[1::2])
 
@@ -83,7 +85,7 @@ def test_denoise_feeds_a_network_its_own_dtype_and_returns_float64():
         assert torch.allclose(out, x / 5, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6), dtype
     exact = Labelled()                      # no parameters: the sampler's float64 goes in unchanged
     assert torch.equal(common.denoise(exact, x, sigma, {"class_labels": None}), x / 5)
-    x32 = common.load("04_stochastic_sampler").edm_sampler(Scaled(torch.float32), x, num_steps=3)
+    x32 = common.load("04_stochastic_sampler").make_sampler(3)(Scaled(torch.float32), x)
     assert x32.dtype == torch.float64
 
 

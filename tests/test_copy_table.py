@@ -44,7 +44,8 @@ ROWS = {
         m = common.load("04_stochastic_sampler")
         torch.manual_seed(0)
         latents = torch.randn(4000, 1, dtype=torch.float64)
-        x = m.edm_sampler(Gaussian(), latents, num_steps=18)   # Algorithm 2, deterministic setting
+        sigmas = common.edm_sigma_steps(18)                     # Eq. 5, then 0
+        x = m.edm_sampler(Gaussian(), latents * sigmas[0], sigmas)   # Algorithm 2, deterministic setting
         check_std(x)
         class Float32Gaussian(torch.nn.Module):   # a plain float32 network: fails on float64 inputs
             def __init__(self):
@@ -53,7 +54,7 @@ ROWS = {
             def forward(self, x, sigma, class_labels=None):
                 assert x.dtype == sigma.dtype == torch.float32, (x.dtype, sigma.dtype)
                 return self.s ** 2 / (self.s ** 2 + sigma ** 2) * x
-        y = m.edm_sampler(Float32Gaussian(), latents, num_steps=18)
+        y = m.make_sampler(18)(Float32Gaussian(), latents)     # the same from unit latents
         assert y.dtype == torch.float64 and (y - x).abs().max() < 1e-4, float((y - x).abs().max())
     """),
     "ablation_sampler": (["03_heun_and_schedules.py", "02_ode_sampler.py"], """
@@ -61,9 +62,8 @@ ROWS = {
         torch.manual_seed(0)
         latents = torch.randn(4000, 1, dtype=torch.float64)
         for disc in ["vp", "ve", "iddpm", "edm"]:
-            x = m.ablation_sampler(Gaussian(), latents, num_steps=32, solver="heun", discretization=disc,
-                                   schedule="linear", scaling="none")
-            check_std(x)
+            sigmas = m.sigma_steps(disc, 32)
+            check_std(m.ablation_sampler(Gaussian(), latents * sigmas[0], sigmas, solver="heun"))
     """),
     "preconditioning": (["05_preconditioning.py"], """
         m = common.load("05_preconditioning")
@@ -99,7 +99,7 @@ ROWS = {
                     "--duration", "0.000064", "--snap", "1", "--outdir", "run", "--device", "cpu"])
         (snapshot,) = glob.glob("run/network-snapshot-*.pt")
         net = common.load("06_unet").load_network(snapshot)
-        x = common.load("04_stochastic_sampler").edm_sampler(net, torch.randn(2, 3, 8, 8), num_steps=4)
+        x = common.load("04_stochastic_sampler").make_sampler(4)(net, torch.randn(2, 3, 8, 8))
         assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
     """),
     "fid_only": (["08_evaluate_fid.py"], """
@@ -114,7 +114,7 @@ ROWS = {
         os.makedirs("imgs/dogs")
         for i in range(4):
             PIL.Image.fromarray(np.full([4, 4, 3], 60 * i, np.uint8)).save(f"imgs/{['cats', 'dogs'][i % 2]}/{i}.png")
-        images = fid.open_images("imgs", common.DATA_DIR)                     # calc's and ref's reader
+        images = fid.open_images("imgs", None)                               # calc's and ref's reader
         assert len(images) == 4 and images.batch([3]).shape == (1, 3, 4, 4) and list(images.labels) == [0, 0, 1, 1]
         fid.main(["demo", "--outdir", "demo", "--device", "cpu"])
         assert os.path.isfile("demo/fid_vs_n.png")
@@ -153,7 +153,7 @@ ROWS = {
     "fast_samplers": (["09_fast_samplers.py"], """
         m = common.load("09_fast_samplers")
         torch.manual_seed(0)
-        sigmas = m.sigma_steps(10, 0.002, 80.0, kind="logsnr")
+        sigmas = m.sigma_steps("logsnr", 10, 0.002, 80.0)
         D = Gaussian()
         x = m.sample_dpmpp_2m(D, torch.randn(4000, 1, dtype=torch.float64) * 80.0, sigmas)
         check_std(x)

@@ -92,7 +92,7 @@ def test_sampler_on_the_device_equals_the_cpu(load, fp32):
     latents = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     # An exact denoiser for data ~ N(0, 0.5^2 I): D = x sigma_d^2 / (sigma_d^2 + sigma^2).
     gaussian = lambda x, sigma, labels=None: x * 0.25 / (0.25 + sigma ** 2)
-    cpu, dev = (sampler.edm_sampler(gaussian, latents.to(d)).cpu() for d in ("cpu", fp32))
+    cpu, dev = (sampler.make_sampler()(gaussian, latents.to(d)).cpu() for d in ("cpu", fp32))
     torch.testing.assert_close(dev, cpu, rtol=1e-12, atol=1e-12)
     # A real network (official-layout DDPM++ with the reference weights).
     class_name, config, state, inputs, _ = read_reference("ddpmpp_edm_cond_aug")
@@ -101,7 +101,8 @@ def test_sampler_on_the_device_equals_the_cpu(load, fp32):
     r = config["img_resolution"]
     latents = torch.randn(4, config["img_channels"], r, r, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = [sampler.edm_sampler(net.to(d), latents.to(d), inputs["class_labels"].to(d)).cpu() for d in ("cpu", fp32)]
+        out = [sampler.make_sampler()(net.to(d), latents.to(d), {"class_labels": inputs["class_labels"].to(d)}).cpu()
+               for d in ("cpu", fp32)]
     assert (out[1] - out[0]).abs().max().item() <= 1e-3 * out[0].abs().max().item()
 
 
