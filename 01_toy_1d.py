@@ -343,7 +343,8 @@ def plot_denoisers(mix, model, file, device):
     plt.close(fig)
 
 
-def plot_histograms(truth, results, file):
+def plot_histograms(truth, results, file, title):
+    """One panel per sample set: its histogram over the data's, titled with its W1 to the data (04 plots with it too)."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.8), sharey=True)
     bins = torch.linspace(-2.5, 2.5, 101).numpy()
@@ -355,7 +356,7 @@ def plot_histograms(truth, results, file):
         ax.set_xlabel("sample value x (data units)")
     axes[0].set_ylabel("probability density")
     axes[0].legend(loc="upper left", fontsize=8)
-    fig.suptitle("Samples from sigma = 80 to 0 against the data: ODE (Eq. 1) and SDE (Eq. 6), exact and learned D")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
@@ -409,7 +410,8 @@ def demo(args):
     truth = mix.sample(args.samples, g)
     x_T = (torch.randn(args.samples, 1, generator=g, dtype=torch.float64) * t[0]).to(device)
     results = generate({"exact": mix, "learned": model}, x_T, t, seed=args.seed + 1)
-    plot_histograms(truth, results, f"{outdir}/histograms.png")
+    plot_histograms(truth, results, f"{outdir}/histograms.png",
+                    "Samples from sigma = 80 to 0 against the data: ODE (Eq. 1) and SDE (Eq. 6), exact and learned D")
 
     floor = wasserstein1(truth, mix.sample(args.samples, g))
     w1 = {name: wasserstein1(truth, samples) for name, samples in results.items()}

@@ -1,17 +1,16 @@
 """04 -- Stochastic sampling: EDM's churn sampler (Algorithm 2) and the SDE it improves on (Eq. 6).
 
 EDM (Karras et al. 2022), Sec. 4. The probability-flow ODE of chapters 02-03 is not the only way down from
-sigma_max to 0. Eq. 6 adds a Langevin term to it,
+sigma_max to 0. Eq. 6 adds a Langevin term, which replaces noise at rate beta(t) and leaves every marginal
+p(x; sigma) unchanged:
 
-    dx = -sigma_dot sigma grad log p dt  -  beta(t) sigma^2 grad log p dt  +  sqrt(2 beta(t)) sigma dw,     (Eq. 6)
-         \\---- probability-flow ODE ---/    \\------- Langevin diffusion: replaces noise at rate beta -------/
+    dx = -sigma_dot sigma grad log p dt  -  beta(t) sigma^2 grad log p dt  +  sqrt(2 beta(t)) sigma dw      (Eq. 6)
 
-which leaves every marginal p(x; sigma) unchanged for any beta(t) >= 0. Fresh noise lets the errors of earlier
-steps be forgotten, but an imperfect denoiser adds its own at every replacement. Algorithm 2 splits the two:
-at each noise level t_i it first adds noise to climb to t_hat = (1 + gamma_i) t_i (S_churn sets how much,
-[S_min, S_max] where, S_noise slightly above 1 counters a denoiser that removes too much noise), then takes one
-Heun step of the ODE down to t_{i+1}. Table 5: ImageNet-64 uses S_churn = 40, S_min = 0.05, S_max = 50,
-S_noise = 1.003 at 256 steps; CIFAR-10 uses S_churn = 0, the ODE with Heun steps.
+Fresh noise lets the errors of earlier steps be forgotten, but an imperfect denoiser adds its own at every
+replacement. Algorithm 2 splits the two: at each t_i it adds noise to climb to t_hat = (1 + gamma_i) t_i
+(S_churn sets how much, [S_min, S_max] where, S_noise > 1 counters a denoiser that removes too much noise),
+then takes one Heun step of the ODE down to t_{i+1}. Table 5: ImageNet-64 uses S_churn = 40, S_min = 0.05,
+S_max = 50, S_noise = 1.003; CIFAR-10 uses S_churn = 0, the ODE with Heun steps.
 
 Run:  python 04_stochastic_sampler.py      (about 10 s on 2 CPU cores; figures in out/04_stochastic_sampler/)
 """
@@ -29,12 +28,9 @@ import common
 
 def edm_sampler(net, x, sigmas, extra_args=None, randn_like=torch.randn_like,
                 S_churn=0, S_min=0, S_max=float("inf"), S_noise=1):
-    """Algorithm 2 from the noisy images x at t_0 = sigmas[0] through every t_i = sigmas[i] (Eq. 5's steps and
-    t_N = 0: common.edm_sigma_steps); returns float64 images at sigma = 0 (common.py's sampler convention).
-
-    All randomness comes from `randn_like`: with a per-seed generator (common.StackedRandomGenerator) each
-    sample depends only on its own seed. `net.round_sigma` rounds t_hat where the network has one.
-    """
+    """Algorithm 2 from the noisy images x at t_0 = sigmas[0] through every t_i = sigmas[i] (Eq. 5 and t_N = 0:
+    common.edm_sigma_steps); float64 images at sigma = 0. All randomness comes from `randn_like` (per seed:
+    common.StackedRandomGenerator); `net.round_sigma` rounds t_hat where the network has one."""
     round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
     num_steps = len(sigmas) - 1
     gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)          # churn per step, capped (line 4)
@@ -79,10 +75,9 @@ def make_sampler(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, **churn):
 # The baseline: Euler-Maruyama for the reverse SDE of Eq. 6.
 
 def sde_sampler(net, x, sigmas, extra_args=None, randn_like=torch.randn_like, beta=lambda t: 1 / t):
-    """Euler-Maruyama for Eq. 6 backwards from x at sigmas[0], sigma(t) = t, score (D - x) / t^2 (Eq. 3): one NFE
-    per step dt < 0 moves x by (x - D)/t dt + beta(t) (D - x) |dt| + sqrt(2 beta(t) |dt|) t eps. beta = 1/t is
-    Song et al.'s reverse SDE, beta = 0 the ODE with Euler. The last step, to t = 0, is the ODE's: noise there
-    would stay in the image."""
+    """Euler-Maruyama for Eq. 6 with sigma(t) = t and the score (D - x) / t^2 (Eq. 3): a step dt < 0 moves x by
+    (x - D)/t dt + beta (D - x) |dt| + sqrt(2 beta |dt|) t eps. beta = 1/t is Song et al.'s reverse SDE, beta = 0
+    the ODE with Euler. The last step, to t = 0, is the ODE's: noise added there would stay in the image."""
     x = x.to(torch.float64)
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = common.denoise(net, x, t_cur, extra_args)
@@ -96,12 +91,11 @@ def sde_sampler(net, x, sigmas, extra_args=None, randn_like=torch.randn_like, be
 
 
 # ----------------------------------------------------------------------------
-# Demo: an imperfect denoiser, and churn with and without it.
+# Demo: chapter 01's 1-D toy with its exact denoiser, and with one that removes too much noise.
 
 class OverDenoiser:
-    """The exact denoiser of `data`, made to remove too much noise: D' = D - eps c(sigma) (x - D) with
-    c = sigma_data / sqrt(sigma^2 + sigma_data^2) takes (1 + eps) times the noise it estimates at low sigma;
-    c fades at high sigma, where a preconditioned network's error stays bounded (c_out, chapter 05)."""
+    """`data`'s exact D, removing (1 + eps) times the noise at low sigma: D' = D - eps c(sigma) (x - D), where
+    c = sigma_data / sqrt(sigma^2 + sigma_data^2) fades at high sigma as a preconditioned network's error (05)."""
 
     def __init__(self, data, eps, sigma_data=0.5):
         self.data, self.eps, self.sigma_data = data, eps, sigma_data
@@ -120,8 +114,7 @@ def seeded_randn_like(seed):
 
 def scores(toy, samples, truth):
     """W1 to the data, weight of the right mode, std within the right mode (the toy's 'detail')."""
-    right = samples[samples > 0]
-    return toy.wasserstein1(samples.cpu(), truth), float((samples > 0).double().mean()), float(right.std())
+    return toy.wasserstein1(samples.cpu(), truth), float((samples > 0).double().mean()), float(samples[samples > 0].std())
 
 
 CHURNS = [0, 1, 2, 5, 10, 20, 40, 80]
@@ -138,88 +131,74 @@ def churn_sweep(samples=8192, steps=64, eps=0.4, seed=0, device="cpu"):
     truth = mix.sample(50000, g)
     # The noise floor: how far `samples` fresh data points are from the reference (5th, 50th, 95th percentile).
     floor = np.percentile([toy.wasserstein1(mix.sample(samples, g), truth) for _ in range(100)], [5, 50, 95])
-
-    sigmas = common.edm_sigma_steps(steps).to(device)
+    sigmas, sde_sigmas = common.edm_sigma_steps(steps).to(device), common.edm_sigma_steps(2 * steps - 1).to(device)
 
     def churn(net, **kwargs):
         return edm_sampler(net, latents * sigmas[0], sigmas, randn_like=seeded_randn_like(seed + 1), **kwargs).cpu()
     sweep = {(name, S_noise): [scores(toy, churn(net, S_churn=c, S_noise=S_noise), truth) for c in CHURNS]
              for name, net in nets.items() for S_noise in NOISES}
-    sde_sigmas = common.edm_sigma_steps(2 * steps - 1).to(device)
-    sde = {name: scores(toy, sde_sampler(net, latents * sde_sigmas[0], sde_sigmas,
-                                           randn_like=seeded_randn_like(seed + 1)), truth) for name, net in nets.items()}
+    sde = {name: scores(toy, sde_sampler(net, latents * sde_sigmas[0], sde_sigmas, randn_like=seeded_randn_like(seed + 1)),
+                        truth) for name, net in nets.items()}
     hists = {c: churn(nets["imperfect D"], S_churn=c) for c in (0, 10, 80)}
     return dict(sweep=sweep, sde=sde, hists=hists, truth=truth, floor=floor, data=mix)
 
 
-def plot_churn(r, file):
+def plot(r, outdir):
+    """w1_vs_churn.png: W1 against S_churn for both denoisers; histograms.png: the imperfect D's samples (01's plot)."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, name in zip(axes, ["exact D", "imperfect D"]):
+    for ax, name, title in zip(axes, ["exact D", "imperfect D"], ["Exact D: ODE and churn all within the noise floor",
+                                                                 "D removing too much noise: churn and S_noise > 1 help"]):
         for S_noise in NOISES:
             ax.plot(CHURNS, [w1 for w1, _, _ in r["sweep"][(name, S_noise)]], "o-", ms=4, label=f"S_noise = {S_noise}")
         ax.axhspan(r["floor"][0], r["floor"][2], color="0.85", label="noise floor: data vs data, 5-95 %")
         ax.axhline(r["floor"][1], color="k", ls="--", lw=1, label="noise floor, median")
         ax.set_xscale("symlog", linthresh=1)
         ax.set(xlim=(0, 90), ylim=(0, None), xlabel="S_churn (0 = deterministic ODE)",
-               ylabel="Wasserstein-1 distance to the data")
+               ylabel="Wasserstein-1 distance to the data", title=title)
         ax.legend(fontsize=8)
-    axes[0].set_title("Exact D: ODE and churn all within the noise floor", fontsize=10)
-    axes[1].set_title("D removing too much noise: churn and S_noise > 1 help", fontsize=10)
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
-
-
-def plot_histograms(r, file):
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(r["hists"]), figsize=(4 * len(r["hists"]), 3.4), sharey=True)
-    bins = np.linspace(-2, 2, 121)
-    for ax, (S_churn, samples) in zip(axes, r["hists"].items()):
-        ax.hist(r["truth"].flatten().numpy(), bins=bins, density=True, color="0.8", label="data")
-        ax.hist(samples.flatten().numpy(), bins=bins, density=True, histtype="step", lw=1.5, label="generated")
-        ax.set(title=f"imperfect D, S_churn = {S_churn}: mode std {samples[samples > 0].std():.3f}", xlabel="x (sample value)")
-    axes[0].set_ylabel("probability density")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Churn re-widens the modes an over-denoising D makes too narrow (data: {float(r['data'].stds[1]):.3f})")
-    fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
+    fig.savefig(f"{outdir}/w1_vs_churn.png", dpi=120)
+    common.load("01_toy_1d").plot_histograms(r["truth"], {f"imperfect D, S_churn = {c} (mode std {x[x > 0].std():.3f})": x
+                                                          for c, x in r["hists"].items()}, f"{outdir}/histograms.png",
+                                             "Churn re-widens the modes an over-denoising D makes too narrow (data: "
+                                             f"mode std {float(r['data'].stds[1]):.3f})")
+    plt.close("all")
 
 
 def report(r, steps, eps, outdir):
-    """The tables, then what the figures show, with this run's numbers."""
+    """The tables (W1 and the right mode's std per setting), then what the figures show, with this run's numbers."""
     at = lambda name, S_noise, S_churn: r["sweep"][(name, S_noise)][CHURNS.index(S_churn)]  # noqa: E731
-    ode, sde, data_std = at("exact D", 1.0, 0), r["sde"]["exact D"], float(r["data"].stds[1])
     print(f"Algorithm 2, N = {steps} steps ({2 * steps - 1} NFE), S_min = 0, S_max = inf (gamma reaches its cap "
-          f"sqrt(2) - 1 at S_churn = {(math.sqrt(2) - 1) * steps:.0f}); imperfect D: eps = {eps}")
-    print(f"Wasserstein-1 distance W1 to the data (noise floor: fresh data samples are {r['floor'][1]:.4f} away, "
-          f"90 % of the time {r['floor'][0]:.4f}-{r['floor'][2]:.4f}):")
-    print(f"{'S_churn':<34}" + "".join(f"{c:>8}" for c in CHURNS))
-    for (name, S_noise), rows in r["sweep"].items():
-        print(f"{f'{name}, S_noise = {S_noise}':<34}" + "".join(f"{row[0]:>8.4f}" for row in rows))
-    print(f"Std within the right mode (the toy's detail; data: {data_std:.3f}):")
-    for name, S_noise in [("exact D", 1.0), ("exact D", 1.02), ("imperfect D", 1.0), ("imperfect D", 1.02)]:
-        print(f"{f'{name}, S_noise = {S_noise}':<34}" + "".join(f"{row[2]:>8.3f}" for row in r["sweep"][(name, S_noise)]))
+          f"sqrt(2) - 1 at S_churn = {(math.sqrt(2) - 1) * steps:.0f}); imperfect D: eps = {eps}; SDE: Euler-Maruyama "
+          f"(Eq. 6) at {2 * steps - 1} NFE.\nNoise floor of W1: fresh data samples are {r['floor'][1]:.4f} from the "
+          f"data, 90 % of the time {r['floor'][0]:.4f}-{r['floor'][2]:.4f}. Std of the data's right mode "
+          f"{float(r['data'].stds[1]):.3f}.")
+    for column, title in ((0, "Wasserstein-1 distance W1 to the data"), (2, "std within the right mode")):
+        print(f"{title:<34}" + "".join(f"{c:>8}" for c in CHURNS) + f"{'SDE':>8}")
+        for (name, S_noise), rows in r["sweep"].items():
+            print(f"{f'  {name}, S_noise = {S_noise}':<34}" + "".join(f"{row[column]:>8.4f}" for row in rows)
+                  + (f"{r['sde'][name][column]:>8.4f}" if S_noise == 1 else ""))
     print(f"""
-What this shows
-  {outdir}/w1_vs_churn.png  right: the D removing too much noise is far off with the ODE (W1 {at('imperfect D', 1.0, 0)[0]:.4f});
-    churn lowers W1 to {at('imperfect D', 1.0, 10)[0]:.4f} at S_churn = 10, S_noise = 1.02 to {at('imperfect D', 1.02, 10)[0]:.4f}: fresh noise corrects earlier
-    errors, extra noise counters excessive denoising (Sec. 4, Fig. 4, Table 5). Left: with the exact D the
-    ODE is already within the grey noise floor (W1 {ode[0]:.4f}); churn has nothing to correct.
-  {outdir}/histograms.png  the imperfect D's modes, too narrow with the ODE (std {at('imperfect D', 1.0, 0)[2]:.3f}), re-widened by
-    churn ({at('imperfect D', 1.0, 10)[2]:.3f} at S_churn = 10, {at('imperfect D', 1.0, 80)[2]:.3f} at 80; data {data_std:.3f}). With the exact D, S_noise = 1.02 at S_churn = 80
-    makes them too wide ({at('exact D', 1.02, 80)[2]:.3f}): S_noise > 1 pays only when D removes too much noise. Euler-Maruyama
-    ({2 * steps - 1} NFE) is churn too and corrects the imperfect D (W1 {r['sde']['imperfect D'][0]:.4f}), but its first-order steps widen
-    even the exact D's modes (std {sde[2]:.3f}, W1 {sde[0]:.4f} vs the ODE's {ode[0]:.4f}); on images it needs far more NFE (Fig. 4).
-    The paper's "loss of detail" from excessive churn does not show here: more churn only widens the modes.""")
+What this shows (figures in {outdir}/)
+  w1_vs_churn.png  a D that removes too much noise is far off with the ODE (W1 {at('imperfect D', 1.0, 0)[0]:.4f}); churn, \
+fresh noise
+    that corrects earlier errors, brings it to {at('imperfect D', 1.0, 10)[0]:.4f} at S_churn = 10, and S_noise = 1.02 to \
+{at('imperfect D', 1.02, 10)[0]:.4f} (Sec. 4, Table 5).
+    With the exact D the ODE is already within the noise floor (W1 {at('exact D', 1.0, 0)[0]:.4f}): churn has nothing \
+to correct.
+  histograms.png   churn re-widens the imperfect D's too narrow modes (std {at('imperfect D', 1.0, 0)[2]:.3f} -> \
+{at('imperfect D', 1.0, 10)[2]:.3f}). Euler-Maruyama corrects
+    it too, but its first-order steps widen even the exact D's modes (std {r['sde']['exact D'][2]:.3f}).""")
 
 
 def parse_args(argv=None):
     parser = common.base_parser(__doc__)
-    parser.add_argument("--samples", type=common.number(int, low=2), default=8192, help="samples per configuration (default: 8192)")
+    parser.add_argument("--samples", type=common.number(int, low=2), default=8192,
+                        help="samples per configuration (default: 8192)")
     parser.add_argument("--steps", type=common.number(int, low=2), default=64, help="sampler steps N (default: 64)")
-    parser.add_argument("--eps", type=common.number(float, 0, 10), default=0.4, help="excess noise removed by the imperfect D (default: 0.4)")
+    parser.add_argument("--eps", type=common.number(float, 0, 10), default=0.4,
+                        help="excess noise removed by the imperfect D (default: 0.4)")
     return parser.parse_args(argv)
 
 
@@ -227,13 +206,13 @@ def demo(args):
     device, outdir = common.start(__file__, args)
     torch.set_num_threads(1)  # 1-D toy tensors are far too small for intra-op threads to pay off
     r = churn_sweep(args.samples, args.steps, args.eps, args.seed, device)
-    plot_churn(r, f"{outdir}/w1_vs_churn.png")
-    plot_histograms(r, f"{outdir}/histograms.png")
+    plot(r, outdir)
     report(r, args.steps, args.eps, outdir)
 
 
 def main(argv=None):
     common.run(demo, parse_args(argv))
+
 
 if __name__ == "__main__":
     main()

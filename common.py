@@ -1,16 +1,8 @@
-"""common.py -- the little that several chapters' concepts share, and no concept of its own.
-
-* `load("04_stochastic_sampler")` imports a numbered chapter (a name starting with a digit cannot be imported).
-* `StackedRandomGenerator`: one generator per seed, so each image depends only on its own seed (official generate.py).
-* The samplers' conventions: every denoiser is called as `model(x, sigma, **extra_args)` (`denoise`), NFE is
-  counted (`CountingDenoiser`), and a sampler integrates from x at sigmas[0] through noise levels that end in 0,
-  made by EDM's Eq. 5 (`edm_sigma_steps`) on the range a network supports (`noise_range`, `with_zero`).
-* iDDPM's table of noise levels (Table 1), shared by the ablation sampler (03) and its preconditioner (05).
-* `to_uint8` quantizes as the official code does.
-* Running a chapter: options (`base_parser`, `number`, `number_list`), `start`, `out_dir`, `run` (one `error:`
-  line, exit 1), devices, atomic files, one download cache, and torchrun (`init_distributed`, `rank0_first`, `gather`).
-
-Library code raises (ValueError for bad values, OSError for paths); `run` turns that into the one error line.
+"""common.py -- the little that several chapters' concepts share, and no concept of its own: loading a chapter,
+per-seed random generators, the samplers' conventions (the denoiser call, NFE counting, Eq. 5's time steps on a
+network's range, iDDPM's noise levels), the official uint8 quantisation, running a chapter (options, output
+folder, one `error:` line), atomic files, one download cache, and torchrun. Library code raises (ValueError,
+OSError); `run` turns that into the one error line and exit 1.
 """
 
 import argparse
@@ -31,7 +23,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def load(name):
-    """Import `<ROOT>/<name>.py` (e.g. "05_preconditioning") once, cached in sys.modules under its file name."""
+    """Import `<ROOT>/<name>.py` (e.g. "05_preconditioning") once, as sys.modules[name]."""
     if name in sys.modules:
         return sys.modules[name]
     path = os.path.join(ROOT, name + ".py")
@@ -53,34 +45,33 @@ def load(name):
 # Randomness.
 
 def seed_all(seed):
-    """Seed Python, NumPy and torch (CPU and every GPU) for a reproducible demo."""
+    """Seed Python, NumPy and torch (CPU and every GPU)."""
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
 
 
 class StackedRandomGenerator:
-    """A batch of independent generators, one per seed: `randn([B, ...])` draws row i from generator i only, so
-    sample i is the same alone, in a batch of 8 or on another GPU. Pass `rnd.randn_like` to a sampler."""
+    """One generator per seed: row i of `randn([B, ...])` comes from generator i only, so sample i is the same alone,
+    in a batch of 8 or on another GPU (the official generate.py). Pass `rnd.randn_like` to a sampler."""
 
     def __init__(self, device, seeds):
         self.device = torch.device(device)
         self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
-    def _check(self, size):
-        if size[0] != len(self.generators):
-            raise ValueError(f"batch size {size[0]} does not match the {len(self.generators)} seeds")
-
     def randn(self, size, **kwargs):
-        self._check(size)
-        return torch.stack([torch.randn(size[1:], generator=g, **kwargs) for g in self.generators])
+        return self.stack(torch.randn, size, **kwargs)
 
     def randn_like(self, input):
         return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
 
-    def randint(self, *args, size, **kwargs):
-        self._check(size)
-        return torch.stack([torch.randint(*args, size=size[1:], generator=g, **kwargs) for g in self.generators])
+    def randint(self, high, size, **kwargs):
+        return self.stack(lambda *shape, **kw: torch.randint(high, shape, **kw), size, **kwargs)
+
+    def stack(self, draw, size, **kwargs):
+        if size[0] != len(self.generators):
+            raise ValueError(f"batch size {size[0]} does not match the {len(self.generators)} seeds")
+        return torch.stack([draw(*size[1:], generator=g, **kwargs) for g in self.generators])
 
 
 # ----------------------------------------------------------------------------
@@ -185,8 +176,7 @@ def get_device(name="auto"):
 
 
 def number(kind=int, low=None, high=None):
-    """An argparse `type` that parses `kind` and requires low <= value <= high (None: unbounded), so that
-    `--batch -4` fails with one line ("argument --batch: must be >= 1, got -4")."""
+    """An argparse `type`: `kind` within [low, high] (None: open), so `--batch -4` fails in one line."""
     def parse(text):
         try:
             value = kind(text)
@@ -202,8 +192,8 @@ def number(kind=int, low=None, high=None):
 
 
 def number_list(kind=float, low=None, high=None, ranges=False):
-    """An argparse `type` for comma-separated numbers, each checked as `number` checks it ('' = none); with
-    `ranges`, 'a-b' stands for a, a + 1, ..., b (seed lists: '0-49999' or '0,5,7-9', as the official code)."""
+    """An argparse `type` for 'a,b,c' ('' = none), each checked as `number`; with `ranges`, 'a-b' is a, a + 1, ...,
+    b (seed lists such as '0-49999' or '0,5,7-9', as the official code)."""
     one = number(kind, low, high)
 
     def parse(text):
@@ -229,8 +219,7 @@ def base_parser(doc, seed=0):
 
 
 def run(demo, args):
-    """A chapter's `main()`: run `demo(args)`; a ValueError or OSError -- or an ImportError, such as `load`'s for a
-    chapter file that is not there -- becomes one `error:` line, exit 1."""
+    """A chapter's `main()`: demo(args), a ValueError, OSError or ImportError (`load`'s) becoming one `error:` line."""
     try:
         demo(args)
     except (ValueError, OSError, ImportError) as error:
@@ -244,7 +233,7 @@ def start(script_file, args):
 
 
 def out_dir(script_file, outdir=None):
-    """Create and return the output folder: `outdir`, or out/<script name>/ under the working directory."""
+    """Create and return the output folder: `outdir`, or out/<script name>/."""
     path = outdir or os.path.join("out", os.path.splitext(os.path.basename(script_file))[0])
     try:
         os.makedirs(path, exist_ok=True)
@@ -255,8 +244,7 @@ def out_dir(script_file, outdir=None):
 
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
-    """`with atomic_open(path) as f:` writes a temporary file that replaces `path` only once complete, so a
-    reader (or a crash) never sees half a file; after an error the temporary file is removed."""
+    """Write a temporary file that replaces `path` only once complete: no reader (or crash) sees half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -274,8 +262,7 @@ def write_json(obj, path):
 
 
 def download(url, what):
-    """Path of `url`'s file in the one download cache (torch.hub's: ~/.cache/torch/hub/checkpoints, or under
-    $TORCH_HOME), downloaded on first use; `what` names it in the error when that fails."""
+    """Path of `url`'s file in torch.hub's cache (~/.cache/torch/hub/checkpoints), downloaded on first use."""
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -291,13 +278,11 @@ def download(url, what):
 # torchrun: plain `python` is one process; torchrun sets RANK, WORLD_SIZE and LOCAL_RANK.
 
 def init_distributed(device_name="auto"):
-    """Join torchrun's process group if there is one (even with one process). Returns (rank, world_size, device).
-
-    NCCL on GPUs, gloo on CPUs; each process takes the GPU of its LOCAL_RANK and tells NCCL so (device_id):
-    without it NCCL guesses the GPU from the global rank, the wrong one on a second node."""
-    if "RANK" not in os.environ:
-        return 0, 1, get_device(device_name)
+    """Join torchrun's process group if there is one (even of one process); (rank, world_size, device). NCCL on
+    GPUs (told the GPU of this LOCAL_RANK: else it guesses from the global rank, wrong on a second node), gloo."""
     device = get_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -315,8 +300,8 @@ def get_world_size():
 
 
 def rank0_first(fn, *args):
-    """fn(*args) on each node's first process (LOCAL_RANK 0) first -- it downloads into the cache the node
-    shares -- then on that node's other processes, which wait at a barrier until it is done."""
+    """fn(*args) on each node's first process (LOCAL_RANK 0) -- it may download into the node's cache -- then on
+    the node's other processes, which wait at a barrier until it is done."""
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if not first:
         torch.distributed.barrier()
