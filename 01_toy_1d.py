@@ -426,25 +426,20 @@ def demo(args):
     costlier = "SDE more than the ODE" if w1["SDE, learned D"] > w1["ODE, learned D"] else "ODE more than the SDE"
     print(f"""
 What this shows (figures in {outdir}/, {time.time() - start:.0f} s)
-  forward_paths.png  noise of standard deviation sigma = t blurs the two modes (weights 0.3, 0.7 at -1, +1)
-                     into one broad Gaussian; each path is a random walk whose variance grows like t^2 (Sec. 2).
-  ode_flow.png       the probability-flow ODE (Eq. 1) run backwards from t = 3: deterministic flow lines that
-                     never cross; {right} of {len(x_start)} evenly spaced starts end in the heavier right mode.
-  sde_paths.png      the reverse SDE (Eq. 6) from the same starts: noisy paths, the same distribution at t = 0.
-  denoisers.png      the exact denoiser D(x; sigma) = E[y | x] (the minimiser of Eq. 2) and the MLP trained on
-                     Eq. 2 for {args.train_steps} steps: D ~ x at sigma = 0.05, D ~ the data mean at sigma = 5; the MLP
-                     stays within {denoiser_gap(mix, model, device):.3f} of it for |x| < 2 at every sigma shown.
-  histograms.png     {args.samples} samples, {args.steps} steps from sigma = 80. With the exact D the ODE and the SDE \
-come close
-                     to the data (W1 {w1["ODE, exact D"]:.4f} and {w1["SDE, exact D"]:.4f}; two independent data \
-draws differ by {floor:.4f}):
-                     a denoiser is all a sampler needs (Eq. 3). With the learned D, W1 is {w1["ODE, learned D"]:.4f} \
-(ODE) and
-                     {w1["SDE, learned D"]:.4f} (SDE), {w1["ODE, learned D"] / w1["ODE, exact D"]:.0f} and \
-{w1["SDE, learned D"] / w1["SDE, exact D"]:.0f} times the exact D's with the same steps: the MLP's errors
-                     set the quality, though its loss is only {losses["learned"] - losses["exact"]:.4f} above the \
-irreducible {losses["exact"]:.4f}. The same learned
-                     D costs the {costlier} (the SDE's drift weights D twice as strongly, Eq. 6).""")
+  forward_paths.png  noise of std sigma = t blurs the two modes into one broad Gaussian; each path is a random walk.
+  ode_flow.png       the probability-flow ODE (Eq. 1) backwards from t = 3: flow lines that never cross; {right} of \
+{len(x_start)}
+                     evenly spaced starts end in the heavier right mode. sde_paths.png: the reverse SDE (Eq. 6), noisy
+                     paths to the same distribution.
+  denoisers.png      the exact D(x; sigma) = E[y | x] (Eq. 2's minimiser) and the MLP trained on Eq. 2: at most \
+{denoiser_gap(mix, model, device):.3f} apart for |x| < 2
+                     at the noise levels shown.
+  histograms.png     with the exact D, ODE and SDE come close to the data (W1 {w1["ODE, exact D"]:.4f}, {w1["SDE, exact D"]:.4f}; \
+data vs data {floor:.4f}):
+                     a denoiser is all a sampler needs (Eq. 3). With the learned D, W1 is {w1["ODE, learned D"] / w1["ODE, exact D"]:.0f} \
+(ODE) and {w1["SDE, learned D"] / w1["SDE, exact D"]:.0f} (SDE) times larger, though its loss is
+                     only {losses["learned"] - losses["exact"]:.4f} above the irreducible {losses["exact"]:.4f}; the \
+same errors cost the {costlier}.""")
 
 
 def main(argv=None):

@@ -469,41 +469,24 @@ def demo(args):
         print(f"  std = {std}: VP {gauss[(std, 'VP')]:.1e}   EDM {gauss[(std, 'EDM')]:.1e}")
 
     toy_best, img_best = best_counts(toy_err, "mean"), best_counts(img_err, "wrong")
-    img_vs = {name: sum(e < v for v, e in zip(img_err[name]["wrong"], img_err["EDM"]["wrong"]))
-              for name in ("VP", "VE")}
     others = [i for i in range(len(image_steps))
               if min(img_err[k]["wrong"][i] for k in names) < img_err["EDM"]["wrong"][i]]
     exceptions = "; ".join(f"at {image_steps[i]} steps: " + ", ".join(f"{k} {img_err[k]['wrong'][i]:.1f}" for k in names)
                            + " %" for i in others)
     exceptions = f" (not {exceptions})" if others else ""
-    i32 = image_steps.index(min(32, max(image_steps)))
     print(f"""
 What this shows (figures in {outdir}/, {time.time() - start:.0f} s)
-  trajectories.png  x(t) from the same starting points in the VP, VE and EDM coordinates of Table 1. Only with
-                    sigma(t) = t, s = 1 does every dashed tangent end on the denoiser output (red): one Euler
-                    step to t = 0 lands on D(x; t) (Sec. 3, Fig. 3).
-  euler_error.png   Euler through the same sigma_i in each coordinate system. Left, the surprising case: on the
-                    1-D toy VP's coordinates give the smallest error at {toy_best['VP']} of {len(steps)} step counts \
-({toy_err['VP']['mean'][-1]:.4f}; EDM
-                    {toy_err['EDM']['mean'][-1]:.4f}, VE {toy_err['VE']['mean'][-1]:.4f} at {steps[-1]}). \
-Right, images: EDM's give the smallest share of samples on
-                    another image at {img_best['EDM']} of {len(image_steps)} step counts \
-({img_err['EDM']['wrong'][i32]:.1f} % vs VP {img_err['VP']['wrong'][i32]:.1f} %, VE \
-{img_err['VE']['wrong'][i32]:.1f} % at {image_steps[i32]} steps); they beat
-                    VP's at {img_vs['VP']} and VE's at {img_vs['VE']} of {len(image_steps)}\
-{exceptions}.
-  local_error.png   why, with curvature measured directly as the error of one Euler step. Images: once a latent
-                    has picked its image (sigma < 0.5) D stops changing and the EDM path x = D + sigma n is a
-                    straight line: its steps there are exact (table: largest error \
-{worst['images', 'EDM'][2]:.0e}; VP's {worst['images', 'VP'][2]:.0e}).
-                    The toy is the opposite kind of data: Gaussian modes (std 0.25) whose denoiser keeps
-                    changing as sigma falls. Its paths are smooth in the variance sigma^2, the clock VP and VE
-                    run on at low noise, and VP's s(t) = 1/sqrt(1 + sigma^2) matches the toy's spread (std
-                    0.96). On Gaussian data VP's Euler wins outright (std 0.5: {gauss[(0.5, 'VP')]:.1e} vs \
-{gauss[(0.5, 'EDM')]:.1e} at 32 steps;
-                    std 1: {gauss[(1.0, 'VP')]:.0e} vs {gauss[(1.0, 'EDM')]:.0e}).
-  So the straight trajectories of Sec. 3 belong to data whose denoiser settles -- a finite image set, real
-  images -- not to every density. Chapter 03 adds Heun's method, where this straightness pays most.\
+  trajectories.png  the same starting points in the VP, VE and EDM coordinates of Table 1: only with sigma(t) = t,
+                    s = 1 does every tangent end on the denoiser output, so one Euler step to t = 0 lands on D (Fig. 3).
+  euler_error.png   Euler through the same sigma_i. Images: EDM's coordinates put the fewest samples on another
+                    image at {img_best['EDM']} of {len(image_steps)} step counts{exceptions}.
+                    The 1-D toy: VP's give the smallest error at {toy_best['VP']} of {len(steps)}.
+  local_error.png   why: once a latent has picked its image (sigma < 0.5) the EDM path is a straight line and its
+                    Euler steps are exact ({worst['images', 'EDM'][2]:.0e}; VP {worst['images', 'VP'][2]:.0e}). The \
+toy's Gaussian modes keep
+                    bending the path; on Gaussian data VP's coordinates win outright (std 1: Euler is exact there).
+  So Sec. 3's straight trajectories belong to data whose denoiser settles -- finite sets, real images -- not to
+  every density. Chapter 03 adds Heun's method, where this straightness pays most.\
 """)
 
 

@@ -527,72 +527,29 @@ def demo(args):
 
     def at(results, name, nfe):
         return dict(results[name])[nfe]
+    discs = ("vp", "ve", "iddpm", "edm")
+    toy_losses = {n: sum(at(grid_toy, f"heun, {d} steps", n) > at(grid_toy, f"euler, {d} steps", n) for d in discs)
+                  for n in (7, 15)}
     heun_toy, euler_toy = (at(grid_toy, f"{solver}, edm steps", 63) / at(grid_toy, f"{solver}, edm steps", 127)
                            for solver in ("heun", "euler"))
-    img = {(solver, disc, nfe): at(grid_img, f"{solver}, {disc} steps", nfe)
-           for solver in ("heun", "euler") for disc in ("edm", "iddpm") for nfe in (7, 31)}
-    iddpm16, edm16 = studies[("iddpm", 16)], studies[("edm", 16)]
-    r_iddpm, r_edm = iddpm16["sigma_0"] / iddpm16["sigma_1"], edm16["sigma_0"] / edm16["sigma_1"]
-    vp_orig, vp_heun, edm = (at(ladder, name, 31) for name in LADDER if "VE" not in name)
-    nfes = [nfe for nfe, _ in grid_img["heun, iddpm steps"]]
-    iddpm_losses = sum(at(grid_img, "heun, iddpm steps", n) > at(grid_img, "euler, iddpm steps", n) for n in nfes)
-    discs = ("vp", "ve", "iddpm", "edm")
-    toy_nfes = [nfe for nfe, _ in grid_toy["heun, edm steps"]]
-    toy_losses = {n: sum(at(grid_toy, f"heun, {d} steps", n) > at(grid_toy, f"euler, {d} steps", n) for d in discs)
-                  for n in toy_nfes}
-    euler_edm_worst = sum(max(discs, key=lambda d: at(grid_toy, f"euler, {d} steps", n)) == "edm" for n in toy_nfes)
-    ve_orig, ve_heun = "VE orig (euler, ve, ve/none)", "VE + heun & edm steps"
-    ve_orig_31, ve_heun_31, ve_orig_63, ve_heun_63 = (at(ladder, name, n) for n in (31, 63)
-                                                      for name in (ve_orig, ve_heun))
-    ve_63 = "better" if ve_heun_63 < ve_orig_63 else "not better"
-    heun7_loses = img["heun", "edm", 7] > img["euler", "edm", 7]
-    ve_worse = "/".join(str(n) for n in nfes if at(ladder, ve_heun, n) > at(ladder, ve_orig, n)) or "no"
+    iddpm16 = studies[("iddpm", 16)]
+    vp_ladder = [at(ladder, name, 31) for name in LADDER if "VE" not in name]
     print(f"""
 What this shows (figures in {outdir}/, {time.time() - start:.0f} s)
-  discretizations.png     the four noise-level sequences of Table 1 at N = 18 (and Eq. 5 with rho = 1, 3).
-  error_vs_nfe_toy.png    1-D toy, every solver x discretization at equal NFE (not the paper's Fig. 2, which
-                          measures FID on images). Heun beats Euler on every discretization from {toy_from} NFE; at \
-7 and 15
-                          NFE it loses on {toy_losses[7]} and {toy_losses[15]} of 4 (EDM steps at 7: \
-{at(grid_toy, "heun, edm steps", 7):.2f} vs {at(grid_toy, "euler, edm steps", 7):.3f}). Its long steps
-                          extrapolate the change of D by (r-1)/2 where the toy's D still changes: of EDM's 4 steps,
-                          the one from {float(toy4[1]):.2f} to {float(toy4[2]):.2f} \
-(r = {float(toy4[1] / toy4[2]):.1f}) alone leaves an error of {toy_damage[1]:.2f}. On EDM steps from 63 to
-                          127 NFE Heun's error falls {heun_toy:.1f}x (second order), Euler's {euler_toy:.1f}x; at 127 \
-NFE Heun is {at(grid_toy, "euler, edm steps", 127) / at(grid_toy, "heun, edm steps", 127):.0f}x
-                          more accurate (Sec. 3, Algorithm 1). Euler does worst on EDM steps at \
-{euler_edm_worst} of {len(toy_nfes)} NFE: at 31
-                          NFE Eq. 5 starts {band["edm"][0]} of its steps in sigma 0.05 - 3, where the toy's modes \
-separate (iDDPM {band["iddpm"][0]},
-                          VP {band["vp"][0]}, VE {band["ve"][0]}), and {band["edm"][1]} below 0.05, where its D hardly \
-changes; rho = 7 was chosen on images' FID.
-  error_vs_nfe_images.png left: on images Heun on EDM steps misplaces {img["heun", "edm", 31]:.1f} % of samples at \
-31 NFE, Euler
-                          {img["euler", "edm", 31]:.1f} %; at 7 NFE Heun \
-{"loses" if heun7_loses else "wins"} ({img["heun", "edm", 7]:.1f} vs \
-{img["euler", "edm", 7]:.1f} %){": its 4 steps are too long" if heun7_loses else ""}. Heun on iDDPM
-                          steps loses at {iddpm_losses} of {len(nfes)} NFE ({img["heun", "iddpm", 31]:.1f} vs \
-{img["euler", "iddpm", 31]:.1f} % at 31): the table's first step
-                          {iddpm16["sigma_0"]:.1f} -> {iddpm16["sigma_1"]:.2f} (r = {r_iddpm:.1f}) alone sends \
-{iddpm16["first_step_only"]:.1f} % elsewhere, because Heun extrapolates
-                          the change of D once r > 2; split in two it gives {iddpm16["first_step_split"]:.1f} % \
-(EDM's first step: r = {r_edm:.2f}).
-                          Right: the paper's Fig. 2 ladders at 31 NFE -- the original VP sampler misplaces \
-{vp_orig:.1f} %,
-                          with Heun & Eq. 5 {vp_heun:.1f} %, then with sigma(t) = t, s = 1 {edm:.1f} % (Sec. 3, Fig. 2).
-                          VE's middle rung is worse than VE's original sampler at {ve_worse} NFE
-                          ({ve_heun_31:.1f} vs {ve_orig_31:.1f} % at 31) and {ve_63} at 63 ({ve_heun_63:.1f} vs \
-{ve_orig_63:.1f} %): in VE's t = sigma^2 Heun
-                          weights D's change by (r^2-1)/4, so EDM's long steps (above sigma = 0.5 up to r = \
-{ratios[8]:.1f} at 15 NFE:
-                          {heun_step_weight_ve(ratios[8]):.1f} vs {heun_step_weights(ratios[8])[1]:.1f} with \
-sigma(t) = t) extrapolate more there.
-  local_error_vs_sigma.png  the error of each Heun step peaks at sigma ~ 1 - 10, where the toy's modes and the
-                          images' basins separate; on images every step below sigma ~ 0.5 is exact. On the toy
-                          rho = 7 ends {toy_global[7]:.1e} from the exact solution, rho = 2 {toy_global[2]:.1e}, \
-rho = 1 {toy_global[1]:.1e} (App. D.1).
-  samples.png             the same 8 latents through six samplers; red frames mark samples that ended on
-                          another image than the reference (top row).""")
+  discretizations.png      the noise levels of Table 1 at N = 18: iDDPM's first step jumps, rho = 7 packs low sigma.
+  error_vs_nfe_toy.png     Heun beats Euler on every discretization from {toy_from} NFE and falls {heun_toy:.1f}x per \
+doubling (Euler {euler_toy:.1f}x),
+                           but at 7 and 15 NFE it loses on {toy_losses[7]} and {toy_losses[15]} of 4: a step that more \
+than halves sigma
+                           extrapolates the change of D by (r - 1)/2, and the toy's D still changes there.
+  error_vs_nfe_images.png  on images Heun wins from {img_from} NFE except on iDDPM's steps, whose first step alone \
+(r = {iddpm16["sigma_0"] / iddpm16["sigma_1"]:.1f})
+                           sends {iddpm16["first_step_only"]:.1f} % of samples elsewhere; Fig. 2's VP ladder at 31 NFE: \
+{vp_ladder[0]:.1f} -> {vp_ladder[1]:.1f} -> {vp_ladder[2]:.1f} %.
+  local_error_vs_sigma.png each Heun step's error peaks at sigma ~ 1-10; on the toy rho = 7 ends {toy_global[7]:.1e} \
+from the ODE's
+                           solution, rho = 2 {toy_global[2]:.1e} (App. D.1); samples.png shows where the samplers land.""")
+
 
 def main(argv=None):
     common.run(demo, parse_args(argv))
