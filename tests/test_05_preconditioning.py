@@ -254,16 +254,16 @@ def test_demo_claims_hold_at_reduced_size(P, load, one_thread):
     """What this shows, with 400 training steps and one seed (the demo: 2000 steps, two seeds): EDM's denoiser is
     the closest to D*, above sigma = 5 by far although VP trains there more; VP's samples owe more to its errors
     at sigma <= 5 than to its large errors above."""
-    toy = load("01_toy_1d")
-    mix = toy.default_mixture()
-    r, info = P.experiment(toy, mix, 0.95, [0], train_steps=400, batch=256, samples=2000, num_steps=32, log=lambda _: None)
+    ch01 = load("01_toy_1d")
+    mix = ch01.default_mixture()
+    r, info = P.experiment(ch01, mix, 0.95, [0], train_steps=400, batch=256, samples=2000, num_steps=32, log=lambda _: None)
     high = info["sigmas"] > P.SPLIT
     error = {name: np.mean(r["error"][name], axis=0) for name in P.NAMES}
     assert min(P.NAMES, key=lambda n: error[n].mean()) == "EDM"
     assert any(P.lowest_elsewhere(error, info["sigmas"]).values())    # closest on average, not at every sigma
     assert all(error["EDM"][high].mean() < error[n][high].mean() / 3 for n in P.NAMES if n != "EDM")
     shares = {n: float((P.training_sigmas(loss_fn, 20000) > P.SPLIT).double().mean())
-              for n, (_, loss_fn) in P.make_setups(toy, 0.95, 0).items()}
+              for n, (_, loss_fn) in P.make_setups(ch01, 0.95, 0).items()}
     assert shares["VP"] > 0.3 > 0.05 > shares["EDM"]
     assert r["W1 high"]["VP"][0] < r["W1 low"]["VP"][0]
 
