@@ -1,10 +1,10 @@
 """06_unet: checks added in the mutation round (docs/TESTING.md) for bugs the other tests let through.
 
 The reference outputs load official weights, so they cannot see the initialization. Here every layer's
-initial weights are checked against the scheme the module docstring documents (the official one):
-DDPM++ / NCSN++ Xavier-uniform, the last layer of each block and the output conv at 1e-5 of it, attention
-qkv at sqrt(0.2) of it, zero biases; ADM PyTorch-default-like U(+-1/sqrt(fan_in)), exactly zero last layers,
-an N(0, 1) class embedding.
+initial weights are checked against the scheme SongUNet's and DhariwalUNet's docstrings document (the
+official one): DDPM++ / NCSN++ Xavier-uniform, the last layer of each block and the output conv at 1e-5
+of it, attention qkv at sqrt(0.2) of it, zero biases; ADM PyTorch-default-like U(+-1/sqrt(fan_in)),
+exactly zero last layers, an N(0, 1) class embedding.
 """
 import math
 
