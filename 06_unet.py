@@ -546,9 +546,7 @@ def save_network(net, path):
 
     The file is {"format", "class_name", "kwargs", "state_dict"}, readable with
     torch.load(weights_only=True); an interrupted save never leaves a half-written `path`."""
-    config = getattr(net, "init_config", None)
-    if config is None:
-        raise ValueError("save_network needs a network built by from_official_config (it has no init_config)")
+    config = net.init_config
     data = {"format": SNAPSHOT_FORMAT, "class_name": config["class_name"], "kwargs": config["kwargs"],
             "state_dict": {name: t.detach().cpu() for name, t in net.state_dict().items()}}
     with common.atomic_open(path) as f:
@@ -574,20 +572,18 @@ def load_network(path):
             raise UnsafePickleError(f"{path}: {e}") from None
         except Exception as e:   # torch's and pickle's own messages name their internals, not the problem
             raise ValueError(f"cannot read {path}: truncated or corrupt ({type(e).__name__}); {expected}") from e
-    if is_snapshot and isinstance(data, dict) and "cur_nimg" in data and "ema" in data:
+    if is_snapshot and isinstance(data, dict) and "cur_nimg" in data:
         raise ValueError(f"{path}: a training state of 07 (for --resume), not a network; pass a "
                          "network-snapshot-*.pt from the same run folder")
-    if is_snapshot and (not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT):
-        raise ValueError(f"{path}: a torch.save file, but not a {SNAPSHOT_FORMAT} snapshot; {expected}")
-    if not is_snapshot and (not isinstance(data, dict) or "ema" not in data):
-        raise ValueError(f"{path}: not an EDM network pickle (expected a dict with an 'ema' entry)")
+    if not isinstance(data, dict) or (data.get("format") != SNAPSHOT_FORMAT if is_snapshot else "ema" not in data):
+        raise ValueError(f"{path}: not an EDM network file; {expected}")
     try:
         if not is_snapshot:
             return network_from_record(data["ema"]).eval()
         net = from_official_config(data["class_name"], data["kwargs"])
         load_weights(net, data["state_dict"])
         return net.eval()
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:   # missing entries, wrong arguments or tensors
+    except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as e:   # missing entries, wrong arguments or tensors
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: the network in the file is inconsistent ({message})") from e
 
@@ -710,11 +706,6 @@ def record_state_dict(record, prefix=""):
 
 def network_from_record(record):
     """Rebuild an official preconditioned network (e.g. the 'ema' entry) from its record."""
-    if not isinstance(record, Record) or record.class_name not in DEFAULT_MODEL_TYPE:
-        found = record.class_name if isinstance(record, Record) else type(record).__name__
-        raise ValueError(f"expected an EDMPrecond/VPPrecond/VEPrecond/iDDPMPrecond record, found {found}")
-    if record.state.get("_init_args"):
-        raise ValueError("the network was constructed with positional arguments; expected keyword arguments only")
     net = from_official_config(record.class_name, dict(record.state["_init_kwargs"]))
     load_weights(net, record_state_dict(record))
     return net
@@ -722,10 +713,6 @@ def network_from_record(record):
 
 # ============================================================================
 # Demo: parameters, FLOPs and throughput of the paper's networks.
-
-def count_parameters(net):
-    return sum(p.numel() for p in net.parameters())
-
 
 def example_inputs(net, batch, device):
     """Random images, noise levels, one-hot labels and (if used) augmentation labels for `net`."""
@@ -736,7 +723,7 @@ def example_inputs(net, batch, device):
     if net.label_dim:
         labels = F.one_hot(torch.randint(net.label_dim, (batch,), device=device), net.label_dim).to(torch.float32)
     extra = {}
-    if getattr(net.model, "map_augment", None) is not None:
+    if net.model.map_augment is not None:
         extra["augment_labels"] = torch.zeros(batch, net.model.map_augment.in_features, device=device)
     return x, sigma, labels, extra
 
@@ -757,7 +744,7 @@ def size_and_flops(class_name, kwargs):
         for name in getattr(net.model, part):
             key = next((k for k in per_module if k.endswith(f"model.{part}.{name}")), None)
             blocks[f"{part}.{name}"] = sum(per_module[key].values()) if key else 0
-    return count_parameters(net), counter.get_total_flops(), blocks
+    return sum(p.numel() for p in net.parameters()), counter.get_total_flops(), blocks
 
 
 def throughput(net, batch, iters, device, precision, channels_last, backward, warmup):
@@ -832,7 +819,7 @@ def plot_flops(results, file):
 
 def inspect_checkpoint(path):
     net = load_network(path)
-    print(f"{path}: {net.init_config['class_name']} with {count_parameters(net):,} parameters")
+    print(f"{path}: {net.init_config['class_name']} with {sum(p.numel() for p in net.parameters()):,} parameters")
     for key, value in net.init_config["kwargs"].items():
         print(f"  {key} = {value!r}")
 
