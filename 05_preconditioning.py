@@ -1,68 +1,19 @@
 """05 -- Preconditioning and training: the network and training rows of Table 1.
 
-Sec. 5 of the paper (Eq. 7-8, Table 1, Appendix B.6). Chapters 01-04 assumed an
-ideal denoiser D(x; sigma). In practice D is a neural network, and how the raw
-network F_theta is wrapped and trained matters as much as the sampler. EDM writes
-every method in one form (Eq. 7):
+Sec. 5 of the paper (Eq. 7-8, Table 1, App. B.6). Chapters 01-04 assumed an ideal denoiser; in practice
+D is a network F wrapped in the preconditioning of Eq. 7,
 
-    D(x; sigma) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x; c_noise(sigma))
+    D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)),
 
-and trains it with the lambda-weighted denoising loss of Sec. 5,
+and trained with the weighted denoising loss E_{sigma ~ p_train, y ~ p_data, n ~ N(0, sigma^2 I)}
+[lambda(sigma) |D(y + n; sigma) - y|^2], which Eq. 8 turns into a regression of F onto the effective target
+(y - c_skip (y + n)) / c_out with weight lambda c_out^2. VP, VE, iDDPM and EDM differ only in these choices
+(Table 1): `VPPrecond` ... `EDMPrecond` hold the scalings, `VPLoss` ... `EDMLoss` p_train and lambda.
+Chapter 06 supplies the U-Nets F; 07's `AugmentPipe` the losses' optional augmentation.
 
-    E_{sigma ~ p_train, y ~ p_data, n ~ N(0, sigma^2 I)} [ lambda(sigma) * |D(y + n; sigma) - y|^2 ],
-
-which, substituting Eq. 7, is a plain regression of F onto an *effective target* (Eq. 8):
-
-    lambda(sigma) c_out(sigma)^2 * | F(c_in (y + n); c_noise) - (y - c_skip (y + n)) / c_out |^2 .
-
-Table 1 lists the four choices this file implements (sd = sigma_data, s = sigma):
-
-             c_skip(s)          c_out(s)               c_in(s)              c_noise(s)
-    VP       1                  -s                     1/sqrt(s^2 + 1)      (M - 1) t(s), t = sigma^-1
-    VE       1                  s                      1                    ln(s / 2)
-    iDDPM    1                  -s                     1/sqrt(s^2 + 1)      M - 1 - argmin_j |u_j - s|
-    EDM      sd^2/(s^2 + sd^2)  s sd/sqrt(s^2 + sd^2)  1/sqrt(s^2 + sd^2)   ln(s) / 4
-
-             p_train(sigma)                             lambda(sigma)
-    VP       sigma = sigma(t), t ~ U(eps_t, 1)          1/sigma^2
-    VE       ln sigma ~ U(ln sigma_min, ln sigma_max)   1/sigma^2
-    iDDPM    sigma = u_j, j ~ U{0, ..., M-1}            1/sigma^2  (iDDPM adds an L_vlb term; not used)
-    EDM      ln sigma ~ N(P_mean, P_std^2)              (sigma^2 + sd^2) / (sigma sd)^2
-
-Why EDM's column (Appendix B.6): for data of standard deviation sigma_data,
-  * c_in makes the network input c_in (y + n) unit variance at every sigma;
-  * c_out makes the effective target unit variance, and c_skip is the choice that
-    minimizes c_out, so the network's errors are amplified as little as possible;
-  * lambda = 1/c_out^2 makes the effective weight lambda c_out^2 = 1 at every sigma.
-VP, VE and iDDPM predict the noise n/sigma (c_skip = 1, c_out = +-sigma): at large
-sigma the output must cancel almost all of x and any error in F is multiplied by sigma.
-
-The preconditioners wrap any raw network `model(x_in, noise_labels, class_labels=None,
-**kwargs)` (chapter 06 supplies the U-Nets) and store it as `self.model`, so their
-state-dict keys are `model.*` (and `u` for iDDPM) exactly as in the official
-checkpoints; their float32/float64 handling follows the official implementation,
-so a checkpoint gives the same outputs to float32 rounding.
-
-The losses take an optional `augment_pipe`: App. F.2's non-leaking augmentation (07's `AugmentPipe`, which
-trains with it) transforms y before the noise is added and tells the network which transform it sees.
-
-Run `python 05_preconditioning.py` (about 90 s on 2 CPU cores): it prints what the four
-preconditionings do to the network's input and to its errors, plots c_skip/c_out/c_in/c_noise
-against sigma (scalings.png), trains chapter 01's small MLP under each preconditioning and loss
-with the same budget (two seeds), and compares them on ONE metric -- the distance to the exact
-denoiser D* per noise level, weighted as EDM weights (loss_per_sigma.png) -- and by their
-samples (chapter 04's EDM sampler; samples.png). Its "What this shows" explains each figure.
-
-What it shows on the toy (data std 0.95, used as sigma_data; default run): lambda c_out^2 = 1
-for all four, so that column of Table 1 does not separate them; c_in and |c_out| do (VE's input
-variance is 6393 at sigma = 80; |c_out| is 80 there for VP/VE/iDDPM, 0.95 for EDM). EDM's
-denoiser is the closest to D* on average over every range of sigma (0.018 vs 0.17-0.81; at 5
-of 25 single noise levels VP, VE or iDDPM is closer), above sigma = 5 by
-10x although VP spends 43 % of its training samples there and EDM 1 %. Its samples are not
-clearly better than VP's: W1 to the data moves with the latents alone (the exact D* itself is
-0.032 away with the demo's latents), and against D*'s samples from the same latents EDM and VP
-overlap (0.021 vs 0.023), ahead of iDDPM (0.026) and VE (0.037); splicing D* into the sampler
-shows why -- in 1-D the samples are decided at sigma <= 5, where both are close to D*.
+Run `python 05_preconditioning.py` (about 90 s on 2 CPU cores): it trains chapter 01's small MLP under each
+preconditioning and loss with the same budget and compares them by their distance to the exact denoiser D*
+per noise level and by their samples (scalings.png, loss_per_sigma.png, samples.png).
 """
 
 import math
@@ -74,36 +25,10 @@ import torch
 import common
 
 # ----------------------------------------------------------------------------
-# Noise levels of Table 1. Each is a deliberate twin of its home in an earlier chapter, carried
-# here so that this file and common.py are all the preconditioners and losses need.
-
-def vp_sigma(t, beta_d, beta_min):
-    """VP noise level at time t: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (Table 1).
-
-    Twin of 02's vp_schedule (its home). Written with exp(), as the official network and loss code
-    write it; 02 writes e ** (...), as the official sampler does. The two differ by a few units in
-    the last place of e^(...), which the cancellation in e^(...) - 1 at small t turns into up to 4e-12
-    relative in float64 (0.3 % in float32 near t = 2e-4; sigma(1) = 152.16698 here, 152.16696 there)."""
-    t = torch.as_tensor(t)
-    return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
-
-
-def vp_sigma_inv(sigma, beta_d, beta_min):
-    """The inverse t(sigma) of vp_sigma: solves beta_d t^2 / 2 + beta_min t = ln(1 + sigma^2).
-    Twin of 02's vp_schedule sigma_inv, the same arithmetic."""
-    sigma = torch.as_tensor(sigma)
-    return ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
-
-
-def sigma_column(sigma, x):
-    """sigma (python number, 0-d, [N] or [N, 1, ...]) as a float32 column [N or 1, 1, ..., 1] that broadcasts
-    against x. A single sigma stays a single value, so the network embeds it once for the whole batch."""
-    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32)
-    return sigma.reshape(-1, *[1] * (x.ndim - 1))
-
-
-# ----------------------------------------------------------------------------
-# Preconditioners: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Eq. 7).
+# Preconditioners: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Eq. 7), one column of Table 1 each.
+# They wrap any raw network `model(x_in, noise_labels, class_labels=None, **kwargs)` (06's U-Nets) as
+# `self.model`, so the state-dict keys are `model.*` (and `u` for iDDPM) as in the official checkpoints,
+# and cast to float32 where the official code does, so a checkpoint gives its outputs to float32 rounding.
 
 class Precond(torch.nn.Module):
     """What the four preconditioners share; each subclass supplies its column of Table 1 (`scalings`)."""
@@ -162,6 +87,8 @@ class VPPrecond(Precond):
         return vp_sigma_inv(sigma, self.beta_d, self.beta_min)
 
     def scalings(self, sigma):
+        # VP, VE and iDDPM predict the noise (c_skip = 1, |c_out| = sigma): at large sigma F's output must
+        # cancel almost all of x, and any error of F enters D multiplied by sigma.
         c_skip = torch.ones_like(sigma)
         c_out = -sigma
         c_in = 1 / (sigma ** 2 + 1).sqrt()
@@ -227,11 +154,40 @@ class EDMPrecond(Precond):
         self.sigma_data = sigma_data  # standard deviation of the training data
 
     def scalings(self, sigma):
+        # App. B.6, for data of std sigma_data: c_in makes the input c_in (y + n) unit variance, c_out the
+        # effective target of Eq. 8, and c_skip is the choice that minimizes c_out, so F's errors are
+        # amplified as little as possible. EDMLoss's lambda = 1/c_out^2 then weights every sigma by 1.
         c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
         c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
+
+
+def sigma_column(sigma, x):
+    """sigma (python number, 0-d, [N] or [N, 1, ...]) as a float32 column [N or 1, 1, ..., 1] that broadcasts
+    against x. A single sigma stays a single value, so the network embeds it once for the whole batch."""
+    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32)
+    return sigma.reshape(-1, *[1] * (x.ndim - 1))
+
+
+# VP's noise level sigma(t) of Table 1 and its inverse: deliberate twins of 02's vp_schedule (their home),
+# carried here so that this file and common.py are all the preconditioners and losses need.
+
+def vp_sigma(t, beta_d, beta_min):
+    """VP noise level at time t: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (Table 1)."""
+    # Written with exp(), as the official network and loss code write it; 02 writes e ** (...), as the
+    # official sampler does. The two differ by a few units in the last place of e^(...), which the
+    # cancellation in e^(...) - 1 at small t turns into up to 4e-12 relative in float64 (0.3 % in float32
+    # near t = 2e-4; sigma(1) = 152.16698 here, 152.16696 there).
+    t = torch.as_tensor(t)
+    return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
+
+
+def vp_sigma_inv(sigma, beta_d, beta_min):
+    """The inverse t(sigma) of vp_sigma: solves beta_d t^2 / 2 + beta_min t = ln(1 + sigma^2), as 02 does."""
+    sigma = torch.as_tensor(sigma)
+    return ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
 
 
 # ----------------------------------------------------------------------------
@@ -241,8 +197,9 @@ class EDMPrecond(Precond):
 def denoising_loss(net, images, labels, augment_pipe, sigma, weight):
     """lambda(sigma) |D(y + n; sigma) - y|^2 for a drawn sigma (Eq. 2 weighted as in Sec. 5).
 
-    With an augment_pipe the clean images are augmented first; the pipe's labels tell
-    the network which augmentation it sees (Appendix C.4), and D must undo only the noise.
+    With an augment_pipe (App. F.2's non-leaking augmentation, 07's AugmentPipe) the clean images are
+    augmented first; the pipe's labels tell the network which augmentation it sees (App. C.4), and D must
+    undo only the noise.
     """
     y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
     n = torch.randn_like(y) * sigma
@@ -326,12 +283,12 @@ MARKERS = {"VP": "o", "VE": "s", "iDDPM": "^"}
 SPLIT = 5.0   # the noise level separating "high" from "low and mid" in the splicing experiment
 
 
-def make_setups(toy, sigma_data, seed):
+def make_setups(ch01, sigma_data, seed):
     """{name: (preconditioned net, loss)} for the four columns of Table 1, around chapter 01's ToyMLP,
     all starting from the same weights."""
     def mlp(out_channels=1):
         torch.manual_seed(seed)
-        return toy.ToyMLP(out_channels=out_channels)
+        return ch01.ToyMLP(out_channels=out_channels)
     return {
         "VP": (VPPrecond(mlp(), 1, 1), VPLoss()),
         "VE": (VEPrecond(mlp(), 1, 1), VELoss()),
@@ -391,7 +348,7 @@ class Spliced:
         return self.net(x, sigma) if self.trained(float(sigma)) else self.exact(x, sigma)
 
 
-def experiment(toy, mix, sigma_data, seeds, train_steps=2000, batch=512, lr=2e-3, samples=10000, num_steps=64,
+def experiment(ch01, mix, sigma_data, seeds, train_steps=2000, batch=512, lr=2e-3, samples=10000, num_steps=64,
                device="cpu", log=print):
     """Train every preconditioning once per seed and measure it: loss and error to D* per sigma (EDM
     weighting), and W1 of its samples (chapter 04's EDM sampler) -- to the data, and to the samples the
@@ -411,21 +368,21 @@ def experiment(toy, mix, sigma_data, seeds, train_steps=2000, batch=512, lr=2e-3
     r = {k: {name: [] for name in NAMES} for k in ("loss", "error", "W1", "W1 paired", "W1 high", "W1 low")}
     first = {}
     for seed in seeds:
-        for name, (net, loss_fn) in make_setups(toy, sigma_data, seed).items():
+        for name, (net, loss_fn) in make_setups(ch01, sigma_data, seed).items():
             t0 = time.time()
-            toy.train_toy(net, mix, loss_fn, train_steps, batch, lr, seed, device)
+            ch01.train_toy(net, mix, loss_fn, train_steps, batch, lr, seed, device)
             loss, error = loss_per_sigma(net, mix, sigmas, 4096, sigma_data, torch.Generator().manual_seed(1), device)
             r["loss"][name].append(loss)
             r["error"][name].append(error)
             x = first.setdefault(name, sample(net)) if seed == seeds[0] else sample(net)
-            r["W1"][name].append(toy.wasserstein1(x, truth))
-            r["W1 paired"][name].append(toy.wasserstein1(x, exact))
-            r["W1 high"][name].append(toy.wasserstein1(sample(Spliced(net, mix, lambda s: s > SPLIT)), exact))
-            r["W1 low"][name].append(toy.wasserstein1(sample(Spliced(net, mix, lambda s: s <= SPLIT)), exact))
+            r["W1"][name].append(ch01.wasserstein1(x, truth))
+            r["W1 paired"][name].append(ch01.wasserstein1(x, exact))
+            r["W1 high"][name].append(ch01.wasserstein1(sample(Spliced(net, mix, lambda s: s > SPLIT)), exact))
+            r["W1 low"][name].append(ch01.wasserstein1(sample(Spliced(net, mix, lambda s: s <= SPLIT)), exact))
             log(f"seed {seed} {name:6s}: W1 to the data {r['W1'][name][-1]:.4f}, to D*'s samples "
                 f"{r['W1 paired'][name][-1]:.4f}; distance to D* {error.mean():.4f}  ({time.time() - t0:.1f} s)")
-    r["W1 exact"] = toy.wasserstein1(exact, truth)
-    r["W1 data"] = toy.wasserstein1(mix.sample(samples, g), truth)
+    r["W1 exact"] = ch01.wasserstein1(exact, truth)
+    r["W1 data"] = ch01.wasserstein1(mix.sample(samples, g), truth)
     floor, _ = loss_per_sigma(mix, mix, sigmas, 4096, sigma_data, torch.Generator().manual_seed(1), "cpu")
     return r, dict(sigmas=sigmas, floor=floor, first=first, truth=truth)
 
@@ -543,7 +500,7 @@ def print_scalings(setups, y, generator):
     return rows
 
 
-def print_results(r, info, draws, args, seeds, scalings, outdir):
+def print_results(r, info, draws, args, seeds, table, outdir):
     """The measured table, then what the figures show, with this run's numbers."""
     sigmas = info["sigmas"]
     ranges = {"<0.05": sigmas < 0.05, "0.05..5": (sigmas >= 0.05) & (sigmas <= SPLIT), ">5": sigmas > SPLIT}
@@ -563,37 +520,29 @@ def print_results(r, info, draws, args, seeds, scalings, outdir):
               + f"{' '.join(f'{v:.4f}' for v in r['W1 paired'][name]):>14s} {mean['W1 high'][name]:15.4f} {mean['W1 low'][name]:9.4f}")
     print(f"  exact D*: W1 to the data {r['W1 exact']:.4f} with these latents; two draws of data differ by {r['W1 data']:.4f}")
 
-    best_everywhere = all(min(NAMES, key=lambda n: error[n][m].mean()) == "EDM" for m in ranges.values())
-    others = {n: s for n, s in lowest_elsewhere(error, sigmas).items() if s}
-    elsewhere = "; ".join(f"{n} at sigma {', '.join(f'{v:.2g}' for v in s)}" for n, s in others.items())
+    rivals = [n for n in NAMES if n != "EDM"]
+    where = "in every range of sigma" if all(min(NAMES, key=lambda n: error[n][m].mean()) == "EDM"
+                                             for m in ranges.values()) else "on average"
+    lowest = len(sigmas) - sum(map(len, lowest_elsewhere(error, sigmas).values()))
+    gap = min(error[n][ranges[">5"]].mean() for n in rivals) / error["EDM"][ranges[">5"]].mean()
+    mid = ranges["0.05..5"]
     edm, vp = r["W1 paired"]["EDM"], r["W1 paired"]["VP"]
     if max(edm) >= min(vp) and max(vp) >= min(edm):
-        verdict = "about as close as VP's (their per-seed values overlap)"
+        verdict = "about as close as VP's (the per-seed values overlap)"
     else:
         verdict = "closer than VP's" if mean["W1 paired"]["EDM"] < mean["W1 paired"]["VP"] else "further than VP's"
-    others = " and ".join(f"{n}'s ({mean['W1 paired'][n]:.4f})" for n in ("VE", "iDDPM")
-                          if mean["W1 paired"][n] > mean["W1 paired"]["EDM"])
-    ve_input, edm_gain, vp_gain = scalings[("VE", 80.0)][0], scalings[("EDM", 80.0)][2], scalings[("VP", 80.0)][2]
     print(f"""
 What this shows
-  {outdir}/scalings.png  Table 1 as curves. lambda c_out^2 = 1 in all four, so Eq. 8 trains F on a
-    unit-variance target with unit weight at every sigma in each (first table); they differ in the input
-    (VE: variance {ve_input:.0f} at sigma = 80, which EDM's c_in keeps at 1) and in |c_out|, the gain on F's errors:
-    {vp_gain:.0f} at sigma = 80 for VP, VE and iDDPM, {edm_gain:.2f} for EDM, whose c_skip minimizes it (App. B.6).
-  {outdir}/loss_per_sigma.png  on one metric for all, EDM's denoiser is the closest to D* ({error['EDM'].mean():.4f}
-    vs {', '.join(f'{n} {error[n].mean():.4f}' for n in NAMES if n != 'EDM')}){', in the mean over every range of sigma' if best_everywhere else ''}
-    (at single noise levels {'not everywhere: ' + elsewhere if others else 'everywhere'});
-    the gap is widest above sigma = 5 ({error['EDM'][ranges['>5']].mean():.4f} vs VP {error['VP'][ranges['>5']].mean():.4f}), although VP spends {share['VP']:.0%} of its training samples there and EDM {share['EDM']:.0%}:
-    the gain |c_out|, not the sample count, decides (Sec. 5; the paper's Fig. 5a shows the loss per sigma).
-  {outdir}/samples.png  W1 to the data moves with the latents alone: the exact D* is {r['W1 exact']:.4f} away with
-    these (fresh data: {r['W1 data']:.4f}), so per-seed differences of ~0.01 there mean little. Against D*'s own
-    samples from the same latents (W1 paired), EDM's are {verdict}{';' if others else '.'}
-    {others + ' are further.' if others else ''}
-    Splicing shows where sample errors come from in 1-D: VP's errors above sigma = 5 alone cost
-    W1 {mean['W1 high']['VP']:.4f}, its errors at sigma <= 5 alone {mean['W1 low']['VP']:.4f}: the samples are decided at low and mid sigma,
-    where VP is within {error['VP'][ranges['0.05..5']].mean():.4f} of D* (EDM {error['EDM'][ranges['0.05..5']].mean():.4f}). The paper's FID gains from its
-    preconditioning and loss (Table 2, configs D and E) are measured on images; this toy shows the better
-    denoiser, not better samples than VP's.""")
+  {outdir}/scalings.png  lambda c_out^2 = 1 in all four (first table); they differ in the input
+    (VE: variance {table[("VE", 80.0)][0]:.0f} at sigma = 80, EDM 1) and in |c_out|, the gain on F's errors: {table[("VP", 80.0)][2]:.0f} at sigma = 80
+    for VP, VE and iDDPM, {table[("EDM", 80.0)][2]:.2f} for EDM, whose c_skip minimizes it (App. B.6).
+  {outdir}/loss_per_sigma.png  EDM's denoiser is the closest to D* {where} (mean {error['EDM'].mean():.4f}
+    vs {min(error[n].mean() for n in rivals):.4f}-{max(error[n].mean() for n in rivals):.4f}; lowest at {lowest} of {len(sigmas)} single sigmas), {gap:.0f}x closer than any other above sigma = 5
+    although VP spends {share['VP']:.0%} of its training samples there and EDM {share['EDM']:.0%}: the gain |c_out|, not the sample count, decides.
+  {outdir}/samples.png  in 1-D the samples are decided at sigma <= 5 (VP's errors there alone cost
+    W1 {mean['W1 low']['VP']:.4f}, above it {mean['W1 high']['VP']:.4f}), where VP is close to D* too ({error['VP'][mid].mean():.4f} at 0.05..5, EDM {error['EDM'][mid].mean():.4f}). Against
+    D*'s samples from the same latents, EDM's are {verdict}; the
+    paper's FID gains from its preconditioning and loss (Table 2, configs D, E) are measured on images.""")
 
 
 def parse_args(argv=None):
@@ -616,24 +565,24 @@ def demo(args):
     device, outdir = common.start(__file__, args)
     if device.type == "cpu":
         torch.set_num_threads(1)   # the MLP's matrices are too small to gain from threads; one avoids contention
-    toy = common.load("01_toy_1d")
-    mix = toy.default_mixture()
+    ch01 = common.load("01_toy_1d")
+    mix = ch01.default_mixture()
     g = torch.Generator().manual_seed(args.seed)
     sigma_data = float(mix.sample(1_000_000, g).std())
     seeds = [args.seed + k for k in range(args.seeds)]
     start = time.time()
 
-    setups = make_setups(toy, sigma_data, seeds[0])
+    setups = make_setups(ch01, sigma_data, seeds[0])
     plot_scalings(setups, f"{outdir}/scalings.png")
     print(f"Toy data std = {sigma_data:.4f} (used as EDM's sigma_data).")
-    scalings = print_scalings(setups, mix.sample(200_000, g), g)
+    table = print_scalings(setups, mix.sample(200_000, g), g)
     draws = {name: training_sigmas(loss_fn, 100_000) for name, (_, loss_fn) in setups.items()}
 
-    r, info = experiment(toy, mix, sigma_data, seeds, args.train_steps, args.batch, args.lr, args.samples,
+    r, info = experiment(ch01, mix, sigma_data, seeds, args.train_steps, args.batch, args.lr, args.samples,
                          args.num_steps, device)
     plot_loss_per_sigma(r, info, draws, f"{outdir}/loss_per_sigma.png")
     plot_samples(mix, r, info, f"{outdir}/samples.png")
-    print_results(r, info, draws, args, seeds, scalings, outdir)
+    print_results(r, info, draws, args, seeds, table, outdir)
     print(f"({time.time() - start:.0f} s)")
 
 

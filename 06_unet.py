@@ -1,79 +1,19 @@
 """06 -- The networks: DDPM++, NCSN++ and ADM U-Nets, and loading the official checkpoints.
 
-Chapter 05 wrapped a raw network F in the preconditioning of Eq. 7. This chapter is F
-itself: the three U-Nets the paper trains (Appendix F.4; hyperparameters in Table 7),
-written so that their state dicts are key-for-key and shape-for-shape those of the
-official NVlabs/edm checkpoints, and so that the same weights give the same numbers.
+App. F.4 and Table 7 of the paper. Chapter 05 wrapped a raw network F in the preconditioning of Eq. 7;
+this chapter is F itself, the U-Nets the paper trains: `SongUNet` (DDPM++ and NCSN++) and `DhariwalUNet`
+(ADM), both built from one residual `UNetBlock`. Their state dicts are key for key and shape for shape
+those of the official NVlabs/edm checkpoints, and the same weights give the same numbers. `PAPER_CONFIGS`
+holds the paper's three networks as the official train.py builds them; `from_official_config` wraps one
+in 05's preconditioner. `load_network` opens official edm-*.pkl / network-snapshot-*.pkl files safely
+(their pickles carry Python source, read here as data and never run) and this project's own snapshots,
+which `save_network` writes.
 
-The resolution ladder
----------------------
-A U-Net processes the image at a ladder of resolutions, e.g. 32 -> 16 -> 8 for CIFAR-10
-(`channel_mult=[2, 2, 2]`, one rung per entry) or 64 -> 32 -> 16 -> 8 for ImageNet-64
-(`[1, 2, 3, 4]`). Rung `level` works at `img_resolution >> level` pixels with
-`model_channels * channel_mult[level]` channels. Every rung has `num_blocks` residual
-blocks (UNetBlock); a block with `down=True` / `up=True` moves between rungs by filtering
-with a small separable `resample_filter` and striding (a blur-pool, not a strided conv,
-so the downsampled signal is not aliased). Self-attention is added at the resolutions in
-`attn_resolutions` (16 for the CIFAR nets, 32/16/8 for ADM).
-
-The skip stack
---------------
-The encoder pushes the output of every layer onto a stack; the decoder walks the
-ladder back up, and each of its `num_blocks + 1` blocks per rung pops one entry and
-concatenates it to its input along channels. The stack is why the decoder blocks have
-more input than output channels, and why fine detail survives the trip through 8x8.
-Key names spell the ladder out: `enc.16x16_block1`, `dec.8x8_in0`, `dec.32x32_up`, ...
-
-The embedding path: noise level, class, augmentation
-----------------------------------------------------
-The noise label c_noise(sigma) (chapter 05, Table 1) is turned into a vector of sines
-and cosines -- `PositionalEmbedding` (Transformer-style frequencies; DDPM++, ADM) or
-`FourierEmbedding` (random frequencies, scale 16; NCSN++) -- then a two-layer MLP
-(`map_layer0`, `map_layer1`) makes the embedding `emb`. Class labels (one-hot) and the
-augmentation labels of the paper's non-leaking augmentation pipeline (Appendix F: 9
-numbers saying which flip/scaling/rotation/stretch/translation was applied, so that the network
-can be told "no augmentation" at sampling time) are mapped by linear layers and added to it.
-`label_dropout` zeroes the class at random during training (classifier-free guidance).
-Every UNetBlock receives `emb` and injects it between its two 3x3 convolutions.
-
-What the three architectures change
------------------------------------
-* DDPM++ (Song et al. 2021's VP network; `SongUNet` with `embedding_type='positional'`,
-  `encoder_type='standard'`, `resample_filter=[1, 1]`): the embedding is *added* to the
-  features before the second GroupNorm; residual sums are scaled by sqrt(1/2); one
-  attention head; Xavier-uniform init with the last layer of each block near zero (1e-5).
-* NCSN++ (Song et al.'s VE network; `SongUNet` with `embedding_type='fourier'`,
-  `channel_mult_noise=2`, `encoder_type='residual'`, `resample_filter=[1, 3, 3, 1]`): the
-  same blocks plus a second encoder path that downsamples the input image directly
-  (fused conv + [1,3,3,1] blur) and is averaged into each new rung.
-* ADM (Dhariwal & Nichol 2021; `DhariwalUNet`): the embedding *modulates* the normalized
-  features, x * (1 + scale) + shift ("adaptive group norm"); 64 channels per attention
-  head, attention at 32, 16 and 8; PyTorch-default-like init and exactly-zero last layers;
-  the class embedding is added after the MLP.
-For CIFAR-10 the paper uses 128 base channels with multipliers [2, 2, 2] and 4 blocks
-per rung (56M parameters); for ImageNet-64, ADM with 192 channels and [1, 2, 3, 4]
-(296M parameters). `PAPER_CONFIGS` below holds these, as the official train.py builds them.
-
-Checkpoints
------------
-`from_official_config(class_name, kwargs)` builds a chapter-05 preconditioner around one
-of these networks from the very dictionary the official code stores. `load_network`
-opens official `edm-*.pkl` / `network-snapshot-*.pkl` files *safely*: those pickles
-contain Python source code that the official loader executes; here a restricted
-unpickler admits only tensors and plain containers, reads the network's class name,
-constructor arguments and weights out of the pickled records as data, and refuses
-anything else (UnsafePickleError, a ValueError). `save_network` writes this project's
-own snapshot (loadable with `torch.load(weights_only=True)`). A missing file raises
-FileNotFoundError, a truncated or corrupt one ValueError. Both sit under "Loading and
-saving", after the networks.
-
-Run `python 06_unet.py` (about 15 s on 2 CPU cores): it prints, for each paper
-configuration, the parameter count, the GFLOPs of one forward pass per image, and the
-forward / forward+backward throughput on the chosen device (on CPU only the CIFAR-10
-nets are timed unless --time says otherwise), and plots where the FLOPs go along the
-ladder: 72 % at 32x32 and 68 % in the decoder for CIFAR-10's DDPM++ (ADM: 73 % at 64x64
-and 32x32). Benchmark options: --batch, --iters, --precision (autocast bf16/fp16),
---compile, --channels-last; --load PATH|URL inspects a checkpoint instead.
+Run `python 06_unet.py` (about 15 s on 2 CPU cores): for each paper network it prints the parameter count,
+the GFLOPs of one forward pass per image and the forward / forward+backward throughput (on CPU only the
+CIFAR-10 nets unless --time says otherwise), and plots where the FLOPs go along the resolution ladder
+(flops_per_block.png). Options: --batch, --iters, --precision (autocast bf16/fp16), --compile,
+--channels-last; --load PATH|URL inspects a checkpoint instead.
 """
 
 import collections
@@ -92,215 +32,30 @@ import torch.nn.functional as F
 
 import common
 
-precond = common.load("05_preconditioning")   # the wrappers of Eq. 7 (VPPrecond, ..., EDMPrecond) around F
+ch05 = common.load("05_preconditioning")   # the wrappers of Eq. 7 (VPPrecond, ..., EDMPrecond) around F
 
 
 # ============================================================================
-# The networks: layers, DDPM++ / NCSN++, ADM, and building one from a configuration.
-
-# ----------------------------------------------------------------------------
-# Initialization. All layers draw their weights through one function, in the same
-# order as the official code, so that a seed gives the same initial network.
-
-def weight_init(shape, mode, fan_in, fan_out):
-    """Uniform or normal init with Xavier (fan_in + fan_out) or Kaiming (fan_in) scaling, unit gain."""
-    if mode == "xavier_uniform":
-        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
-    if mode == "xavier_normal":
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
-    if mode == "kaiming_uniform":
-        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
-    if mode == "kaiming_normal":
-        return math.sqrt(1 / fan_in) * torch.randn(*shape)
-    raise ValueError(f"unknown init mode {mode!r}")
-
-
-# ----------------------------------------------------------------------------
-# Layers. Weights are stored in float32 and cast to the input's dtype, so the same
-# module runs in float32, in float16 (the official use_fp16) or under torch.autocast.
-
-class Linear(torch.nn.Module):
-    def __init__(self, in_features, out_features, bias=True, init_mode="kaiming_normal", init_weight=1, init_bias=0):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
-        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
-
-
-class Conv2d(torch.nn.Module):
-    """kernel x kernel convolution, optionally preceded by 2x up- or downsampling.
-
-    Resampling convolves each channel with the normalized outer product of `resample_filter`
-    ([1, 1]: box filter = average pooling / nearest upsampling; [1, 3, 3, 1]: a smoother
-    binomial blur) at stride 2. `kernel=0` gives a pure resampler with no weights.
-    `fused_resample` (downsampling only; NCSN++'s residual encoder path) convolves first
-    and blurs-and-strides afterwards, with all the padding applied up front.
-    """
-
-    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
-                 resample_filter=(1, 1), fused_resample=False, init_mode="kaiming_normal", init_weight=1, init_bias=0):
-        super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.up = up
-        self.down = down
-        self.fused_resample = fused_resample
-        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
-        self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
-        f = torch.as_tensor(resample_filter, dtype=torch.float32)
-        f = f.outer(f)[None, None] / f.sum().square()  # [1, 1, k, k], sums to 1
-        self.register_buffer("resample_filter", f if up or down else None)
-
-    def forward(self, x):
-        w = self.weight.to(x.dtype) if self.weight is not None else None
-        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
-        w_pad = w.shape[-1] // 2 if w is not None else 0
-        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
-        if self.fused_resample:
-            x = F.conv2d(x, w, padding=w_pad + f_pad)
-            x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
-        else:
-            if self.up:  # transposed depthwise conv at stride 2; x4 keeps the mean (4x more pixels)
-                x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
-            if self.down:  # depthwise blur at stride 2
-                x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
-            if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
-        if self.bias is not None:
-            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
-        return x
-
-
-class GroupNorm(torch.nn.Module):
-    """GroupNorm with 32 groups, but at least 4 channels per group (narrow layers get fewer groups).
-    Under autocast, F.group_norm runs in float32 (PyTorch's autocast policy)."""
-
-    def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
-        super().__init__()
-        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(num_channels))
-        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
-
-    def forward(self, x):
-        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
-
-
-class UNetBlock(torch.nn.Module):
-    """The residual block all three architectures share, optionally resampling and with self-attention.
-
-        h = conv0(silu(norm0(x)))                       (with up/downsampling if requested)
-        h = silu(norm1(h + affine(emb)))                 DDPM++ / NCSN++ (adaptive_scale=False)
-        h = silu(norm1(h) * (1 + scale) + shift)         ADM: (scale, shift) = affine(emb)
-        x = (conv1(dropout(h)) + skip(x)) * skip_scale
-        x = (proj(attention(norm2(x))) + x) * skip_scale  (if attention)
-    """
-
-    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
-                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5,
-                 resample_filter=(1, 1), resample_proj=False, adaptive_scale=True,
-                 init=None, init_zero=None, init_attn=None):
-        super().__init__()
-        init = init or {}
-        init_zero = init_zero or dict(init_weight=0)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.num_heads = (num_heads or out_channels // channels_per_head) if attention else 0
-        self.dropout = dropout
-        self.skip_scale = float(skip_scale)
-        self.adaptive_scale = adaptive_scale
-
-        self.norm0 = GroupNorm(in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
-        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
-        self.norm1 = GroupNorm(out_channels, eps=eps)
-        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)  # ~0 at init: block starts as identity
-
-        # The shortcut needs a layer when channels or resolution change: a 1x1 conv, or (ADM, same
-        # channels) just the resampling filter.
-        self.skip = None
-        if out_channels != in_channels or up or down:
-            kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
-
-        if self.num_heads:
-            self.norm2 = GroupNorm(out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
-            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
-
-    def forward(self, x, emb):
-        h = self.conv0(F.silu(self.norm0(x)))
-        params = self.affine(emb)[:, :, None, None].to(h.dtype)
-        if self.adaptive_scale:
-            scale, shift = params.chunk(2, dim=1)
-            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
-        else:
-            h = F.silu(self.norm1(h + params))
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
-        x = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
-        if self.num_heads:
-            x = (self.proj(self.attention(self.norm2(x))) + x) * self.skip_scale
-        return x
-
-    def attention(self, x):
-        """Multi-head self-attention over the H*W positions.
-
-        The official layout interleaves q, k, v *inside* each head: the 3C output channels of the
-        qkv conv are [head][channel within head][q|k|v]. Reading them in that order keeps
-        checkpoints interchangeable; the softmax(q.k / sqrt(d)) v itself goes through PyTorch's
-        fused scaled_dot_product_attention (flash / memory-efficient kernels on GPU)."""
-        n, c, height, width = x.shape
-        qkv = self.qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, height * width)
-        # -> q, k, v each [n, heads, positions, channels per head], contiguous as the fused kernels want.
-        q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v)
-        return a.transpose(2, 3).reshape(n, c, height, width)
-
-
-class PositionalEmbedding(torch.nn.Module):
-    """[cos(x w_i), sin(x w_i)] with w_i = (1/max_positions)^(i/(C/2 - endpoint)), i = 0 .. C/2-1 (Transformer-style)."""
-
-    def __init__(self, num_channels, max_positions=10000, endpoint=False):
-        super().__init__()
-        self.num_channels = num_channels
-        self.max_positions = max_positions
-        self.endpoint = endpoint
-
-    def forward(self, x):
-        half = self.num_channels // 2
-        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
-        freqs = (1 / self.max_positions) ** freqs
-        x = x.outer(freqs.to(x.dtype))
-        return torch.cat([x.cos(), x.sin()], dim=1)
-
-
-class FourierEmbedding(torch.nn.Module):
-    """[cos(2 pi x w_i), sin(2 pi x w_i)] with fixed random w_i ~ N(0, scale^2) (random Fourier features)."""
-
-    def __init__(self, num_channels, scale=16):
-        super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
-
-    def forward(self, x):
-        x = x.outer((2 * np.pi * self.freqs).to(x.dtype))
-        return torch.cat([x.cos(), x.sin()], dim=1)
-
-
-# ----------------------------------------------------------------------------
-# DDPM++ and NCSN++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs").
-
-def role(name):
-    """'16x16_block1' -> 'block1', '32x32_aux_down' -> 'aux_down': what a ladder entry does."""
-    return name.split("_", 1)[1]
-
+# The networks, top down: SongUNet and DhariwalUNet, the UNetBlock they share, the layers.
 
 class SongUNet(torch.nn.Module):
+    """DDPM++ (VP) and NCSN++ (VE) of Song et al. 2021, "Score-Based Generative Modeling through SDEs".
+
+    The image goes down a ladder of resolutions and back up, e.g. 32 -> 16 -> 8 -> 16 -> 32 for CIFAR-10:
+    rung `level` works at `img_resolution >> level` pixels with `model_channels * channel_mult[level]`
+    channels in `num_blocks` UNetBlocks, with self-attention at `attn_resolutions`. The encoder pushes
+    every output onto a stack; each decoder block pops one and concatenates it to its input, which is why
+    decoder blocks have more input than output channels and why fine detail survives the trip through 8x8.
+    Keys spell the ladder out: `enc.16x16_block1`, `dec.8x8_in0`, `dec.32x32_up`, ...
+
+    DDPM++ (embedding_type='positional', encoder_type='standard', resample_filter=[1, 1]): the embedding is
+    *added* to the features before the second GroupNorm; residual sums are scaled by sqrt(1/2); one
+    attention head; Xavier-uniform init with each block's last layer near zero (1e-5), attention qkv at
+    sqrt(0.2). NCSN++ (embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
+    resample_filter=[1, 3, 3, 1]): the same blocks plus a second encoder path that downsamples the input
+    image directly (fused conv + [1, 3, 3, 1] blur) and is averaged into each new rung.
+    """
+
     def __init__(self,
                  img_resolution,                  # image resolution at input and output
                  in_channels,                     # colour channels at input
@@ -337,7 +92,10 @@ class SongUNet(torch.nn.Module):
                      resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
                      init=init, init_zero=init_zero, init_attn=init_attn)
 
-        # Embedding of noise level, class and augmentation.
+        # Embedding: c_noise (05, Table 1) as sines and cosines (positional: Transformer-style frequencies;
+        # fourier: random ones, scale 16), then a two-layer MLP. One-hot classes and the 9 augmentation labels
+        # of App. F.2 (which flip, scaling, rotation, ... was applied, so that sampling can ask for none) are
+        # mapped by linear layers and added; every UNetBlock injects the result between its two convolutions.
         if embedding_type == "positional":
             self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
         else:
@@ -433,18 +191,13 @@ class SongUNet(torch.nn.Module):
         return out
 
 
-def drop_labels(class_labels, p, training):
-    """Classifier-free guidance training: zero each sample's class vector with probability p."""
-    if not (training and p):
-        return class_labels
-    keep = torch.rand([class_labels.shape[0], 1], device=class_labels.device) >= p
-    return class_labels * keep.to(class_labels.dtype)
-
-
-# ----------------------------------------------------------------------------
-# ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis").
-
 class DhariwalUNet(torch.nn.Module):
+    """ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis").
+
+    SongUNet's ladder, but the embedding *modulates* the normalized features, x * (1 + scale) + shift
+    ("adaptive group norm"); 64 channels per attention head, attention at 32, 16 and 8; PyTorch-default-like
+    init and exactly-zero last layers; the class embedding is added after the MLP."""
+
     def __init__(self,
                  img_resolution,                  # image resolution at input and output
                  in_channels,                     # colour channels at input
@@ -525,13 +278,222 @@ class DhariwalUNet(torch.nn.Module):
         return self.out_conv(F.silu(self.out_norm(x)))
 
 
+def drop_labels(class_labels, p, training):
+    """Classifier-free guidance training: zero each sample's class vector with probability p."""
+    if not (training and p):
+        return class_labels
+    keep = torch.rand([class_labels.shape[0], 1], device=class_labels.device) >= p
+    return class_labels * keep.to(class_labels.dtype)
+
+
+def role(name):
+    """'16x16_block1' -> 'block1', '32x32_aux_down' -> 'aux_down': what a ladder entry does."""
+    return name.split("_", 1)[1]
+
+
+class UNetBlock(torch.nn.Module):
+    """The residual block all three architectures share, optionally resampling and with self-attention.
+
+        h = conv0(silu(norm0(x)))                       (with up/downsampling if requested)
+        h = silu(norm1(h + affine(emb)))                 DDPM++ / NCSN++ (adaptive_scale=False)
+        h = silu(norm1(h) * (1 + scale) + shift)         ADM: (scale, shift) = affine(emb)
+        x = (conv1(dropout(h)) + skip(x)) * skip_scale
+        x = (proj(attention(norm2(x))) + x) * skip_scale  (if attention)
+    """
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
+                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5,
+                 resample_filter=(1, 1), resample_proj=False, adaptive_scale=True,
+                 init=None, init_zero=None, init_attn=None):
+        super().__init__()
+        init = init or {}
+        init_zero = init_zero or dict(init_weight=0)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_heads = (num_heads or out_channels // channels_per_head) if attention else 0
+        self.dropout = dropout
+        self.skip_scale = float(skip_scale)
+        self.adaptive_scale = adaptive_scale
+
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)  # ~0 at init: block starts as identity
+
+        # The shortcut needs a layer when channels or resolution change: a 1x1 conv, or (ADM, same
+        # channels) just the resampling filter.
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
+
+        if self.num_heads:
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
+        if self.num_heads:
+            x = (self.proj(self.attention(self.norm2(x))) + x) * self.skip_scale
+        return x
+
+    def attention(self, x):
+        """Multi-head self-attention over the H*W positions.
+
+        The official layout interleaves q, k, v *inside* each head: the 3C output channels of the
+        qkv conv are [head][channel within head][q|k|v]. Reading them in that order keeps
+        checkpoints interchangeable; the softmax(q.k / sqrt(d)) v itself goes through PyTorch's
+        fused scaled_dot_product_attention (flash / memory-efficient kernels on GPU)."""
+        n, c, height, width = x.shape
+        qkv = self.qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, height * width)
+        # -> q, k, v each [n, heads, positions, channels per head], contiguous as the fused kernels want.
+        q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return a.transpose(2, 3).reshape(n, c, height, width)
+
+
+# ----------------------------------------------------------------------------
+# Layers. Weights are stored in float32 and cast to the input's dtype, so the same
+# module runs in float32, in float16 (the official use_fp16) or under torch.autocast.
+
+class Linear(torch.nn.Module):
+    def __init__(self, in_features, out_features, bias=True, init_mode="kaiming_normal", init_weight=1, init_bias=0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
+        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+
+
+class Conv2d(torch.nn.Module):
+    """kernel x kernel convolution, optionally preceded by 2x up- or downsampling.
+
+    Resampling convolves each channel with the normalized outer product of `resample_filter`
+    ([1, 1]: box filter = average pooling / nearest upsampling; [1, 3, 3, 1]: a smoother
+    binomial blur) at stride 2: a blur-pool rather than a strided conv, so the downsampled signal is not
+    aliased; UNetBlocks move between rungs this way. `kernel=0` gives a pure resampler with no weights.
+    `fused_resample` (downsampling only; NCSN++'s residual encoder path) convolves first
+    and blurs-and-strides afterwards, with all the padding applied up front.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
+                 resample_filter=(1, 1), fused_resample=False, init_mode="kaiming_normal", init_weight=1, init_bias=0):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
+        self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f = f.outer(f)[None, None] / f.sum().square()  # [1, 1, k, k], sums to 1
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x):
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        if self.fused_resample:
+            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+        else:
+            if self.up:  # transposed depthwise conv at stride 2; x4 keeps the mean (4x more pixels)
+                x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+            if self.down:  # depthwise blur at stride 2
+                x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        return x
+
+
+class GroupNorm(torch.nn.Module):
+    """GroupNorm with 32 groups, but at least 4 channels per group (narrow layers get fewer groups).
+    Under autocast, F.group_norm runs in float32 (PyTorch's autocast policy)."""
+
+    def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(num_channels))
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class PositionalEmbedding(torch.nn.Module):
+    """[cos(x w_i), sin(x w_i)] with w_i = (1/max_positions)^(i/(C/2 - endpoint)), i = 0 .. C/2-1 (Transformer-style)."""
+
+    def __init__(self, num_channels, max_positions=10000, endpoint=False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x):
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
+        freqs = (1 / self.max_positions) ** freqs
+        x = x.outer(freqs.to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class FourierEmbedding(torch.nn.Module):
+    """[cos(2 pi x w_i), sin(2 pi x w_i)] with fixed random w_i ~ N(0, scale^2) (random Fourier features)."""
+
+    def __init__(self, num_channels, scale=16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x):
+        x = x.outer((2 * np.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+# ----------------------------------------------------------------------------
+# Initialization. All layers draw their weights through one function, in the same
+# order as the official code, so that a seed gives the same initial network.
+
+def weight_init(shape, mode, fan_in, fan_out):
+    """Uniform or normal init with Xavier (fan_in + fan_out) or Kaiming (fan_in) scaling, unit gain."""
+    if mode == "xavier_uniform":
+        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == "xavier_normal":
+        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+    if mode == "kaiming_uniform":
+        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == "kaiming_normal":
+        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+    raise ValueError(f"unknown init mode {mode!r}")
+
+
 # ----------------------------------------------------------------------------
 # Building a preconditioned network from an official configuration.
 
 NETWORKS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 DEFAULT_MODEL_TYPE = {"VPPrecond": "SongUNet", "VEPrecond": "SongUNet", "iDDPMPrecond": "DhariwalUNet", "EDMPrecond": "DhariwalUNet"}
 
-# The paper's networks (Table 7), as the official train.py configures them for EDM training.
+# The paper's networks (Table 7), as the official train.py configures them for EDM training: 56M parameters
+# for CIFAR-10 (128 channels x [2, 2, 2], 4 blocks per rung), 296M for ImageNet-64's ADM (192 x [1, 2, 3, 4]).
 PAPER_CONFIGS = {
     "cifar10_ddpmpp_cond": ("EDMPrecond", dict(
         img_resolution=32, img_channels=3, label_dim=10, augment_dim=9, dropout=0.13, model_channels=128,
@@ -554,7 +516,7 @@ def from_official_config(class_name, kwargs):
     The returned module remembers its configuration as `net.init_config` (used by save_network)."""
     if class_name not in DEFAULT_MODEL_TYPE:
         raise ValueError(f"unknown preconditioner {class_name!r}; expected one of {', '.join(DEFAULT_MODEL_TYPE)}")
-    wrapper = getattr(precond, class_name)
+    wrapper = getattr(ch05, class_name)
     network_kwargs = dict(kwargs)
     model_type = network_kwargs.pop("model_type", DEFAULT_MODEL_TYPE[class_name])
     if model_type not in NETWORKS:
@@ -584,9 +546,7 @@ def save_network(net, path):
 
     The file is {"format", "class_name", "kwargs", "state_dict"}, readable with
     torch.load(weights_only=True); an interrupted save never leaves a half-written `path`."""
-    config = getattr(net, "init_config", None)
-    if config is None:
-        raise ValueError("save_network needs a network built by from_official_config (it has no init_config)")
+    config = net.init_config
     data = {"format": SNAPSHOT_FORMAT, "class_name": config["class_name"], "kwargs": config["kwargs"],
             "state_dict": {name: t.detach().cpu() for name, t in net.state_dict().items()}}
     with common.atomic_open(path) as f:
@@ -597,7 +557,8 @@ def load_network(path):
     """Load an official EDM pickle (edm-*.pkl, network-snapshot-*.pkl) or a save_network snapshot.
 
     Returns the preconditioned network on the CPU in eval mode. Nothing in the file is executed:
-    official pickles go through RestrictedUnpickler, snapshots through torch.load(weights_only=True)."""
+    official pickles go through RestrictedUnpickler, snapshots through torch.load(weights_only=True).
+    A missing file raises FileNotFoundError; a corrupt, truncated or refused one ValueError."""
     expected = "pass an official edm-*.pkl or a network-snapshot-*.pt that 07 wrote"
     with open_checkpoint(path) as f:
         magic = f.read(2)
@@ -611,20 +572,18 @@ def load_network(path):
             raise UnsafePickleError(f"{path}: {e}") from None
         except Exception as e:   # torch's and pickle's own messages name their internals, not the problem
             raise ValueError(f"cannot read {path}: truncated or corrupt ({type(e).__name__}); {expected}") from e
-    if is_snapshot and isinstance(data, dict) and "cur_nimg" in data and "ema" in data:
+    if is_snapshot and isinstance(data, dict) and "cur_nimg" in data:
         raise ValueError(f"{path}: a training state of 07 (for --resume), not a network; pass a "
                          "network-snapshot-*.pt from the same run folder")
-    if is_snapshot and (not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT):
-        raise ValueError(f"{path}: a torch.save file, but not a {SNAPSHOT_FORMAT} snapshot; {expected}")
-    if not is_snapshot and (not isinstance(data, dict) or "ema" not in data):
-        raise ValueError(f"{path}: not an EDM network pickle (expected a dict with an 'ema' entry)")
+    if not isinstance(data, dict) or (data.get("format") != SNAPSHOT_FORMAT if is_snapshot else "ema" not in data):
+        raise ValueError(f"{path}: not an EDM network file; {expected}")
     try:
         if not is_snapshot:
             return network_from_record(data["ema"]).eval()
         net = from_official_config(data["class_name"], data["kwargs"])
         load_weights(net, data["state_dict"])
         return net.eval()
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:   # missing entries, wrong arguments or tensors
+    except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as e:   # missing entries, wrong arguments or tensors
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: the network in the file is inconsistent ({message})") from e
 
@@ -747,11 +706,6 @@ def record_state_dict(record, prefix=""):
 
 def network_from_record(record):
     """Rebuild an official preconditioned network (e.g. the 'ema' entry) from its record."""
-    if not isinstance(record, Record) or record.class_name not in DEFAULT_MODEL_TYPE:
-        found = record.class_name if isinstance(record, Record) else type(record).__name__
-        raise ValueError(f"expected an EDMPrecond/VPPrecond/VEPrecond/iDDPMPrecond record, found {found}")
-    if record.state.get("_init_args"):
-        raise ValueError("the network was constructed with positional arguments; expected keyword arguments only")
     net = from_official_config(record.class_name, dict(record.state["_init_kwargs"]))
     load_weights(net, record_state_dict(record))
     return net
@@ -759,10 +713,6 @@ def network_from_record(record):
 
 # ============================================================================
 # Demo: parameters, FLOPs and throughput of the paper's networks.
-
-def count_parameters(net):
-    return sum(p.numel() for p in net.parameters())
-
 
 def example_inputs(net, batch, device):
     """Random images, noise levels, one-hot labels and (if used) augmentation labels for `net`."""
@@ -773,7 +723,7 @@ def example_inputs(net, batch, device):
     if net.label_dim:
         labels = F.one_hot(torch.randint(net.label_dim, (batch,), device=device), net.label_dim).to(torch.float32)
     extra = {}
-    if getattr(net.model, "map_augment", None) is not None:
+    if net.model.map_augment is not None:
         extra["augment_labels"] = torch.zeros(batch, net.model.map_augment.in_features, device=device)
     return x, sigma, labels, extra
 
@@ -794,7 +744,7 @@ def size_and_flops(class_name, kwargs):
         for name in getattr(net.model, part):
             key = next((k for k in per_module if k.endswith(f"model.{part}.{name}")), None)
             blocks[f"{part}.{name}"] = sum(per_module[key].values()) if key else 0
-    return count_parameters(net), counter.get_total_flops(), blocks
+    return sum(p.numel() for p in net.parameters()), counter.get_total_flops(), blocks
 
 
 def throughput(net, batch, iters, device, precision, channels_last, backward, warmup):
@@ -842,20 +792,22 @@ def flops_shares(blocks):
 
 
 def describe_shares(shares):
-    return f"decoder {shares['dec']:.0%}; " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if k != "dec")
+    """'decoder 68%; 32x32 72%, 16x16 22%, 8x8 6%': the rungs' shares, largest first."""
+    rungs = sorted((k for k in shares if k != "dec"), key=shares.get, reverse=True)
+    return f"decoder {shares['dec']:.0%}; " + ", ".join(f"{k} {shares[k]:.0%}" for k in rungs)
 
 
 def plot_flops(results, file):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(results), 1, figsize=(15, 4.6 * len(results)), squeeze=False)
     for ax, (name, r) in zip(axes[:, 0], results.items()):
-        labels = list(r["blocks"])
-        values = [r["blocks"][k] / 1e9 for k in labels]
-        colors = ["tab:blue" if k.startswith("enc") else "tab:orange" for k in labels]
-        ax.bar(range(len(labels)), values, color=colors)
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels([k.split(".", 1)[1] for k in labels], rotation=90, fontsize=9)
-        ax.set_xlim(-0.7, len(labels) - 0.3)
+        entries = list(r["blocks"])
+        values = [r["blocks"][k] / 1e9 for k in entries]
+        colors = ["tab:blue" if k.startswith("enc") else "tab:orange" for k in entries]
+        ax.bar(range(len(entries)), values, color=colors)
+        ax.set_xticks(range(len(entries)))
+        ax.set_xticklabels([k.split(".", 1)[1] for k in entries], rotation=90, fontsize=9)
+        ax.set_xlim(-0.7, len(entries) - 0.3)
         ax.set_xlabel("ladder entry, encoder (blue) then decoder (orange)", fontsize=10)
         ax.set_ylabel("GFLOPs per image")
         ax.set_title(f"{name}: {r['params'] / 1e6:.2f}M parameters, {r['gflops']:.1f} GFLOPs per image "
@@ -867,7 +819,7 @@ def plot_flops(results, file):
 
 def inspect_checkpoint(path):
     net = load_network(path)
-    print(f"{path}: {net.init_config['class_name']} with {count_parameters(net):,} parameters")
+    print(f"{path}: {net.init_config['class_name']} with {sum(p.numel() for p in net.parameters()):,} parameters")
     for key, value in net.init_config["kwargs"].items():
         print(f"  {key} = {value!r}")
 
@@ -888,7 +840,9 @@ def benchmark(args):
     for name in args.configs:
         class_name, kwargs = PAPER_CONFIGS[name]
         params, flops, blocks = size_and_flops(class_name, kwargs)
-        results[name] = dict(params=params, gflops=flops / 1e9, blocks=blocks, shares=flops_shares(blocks))
+        shares, res = flops_shares(blocks), kwargs["img_resolution"]
+        top_two = shares[f"{res}x{res}"] + shares[f"{res // 2}x{res // 2}"]   # the two highest resolutions
+        results[name] = dict(params=params, gflops=flops / 1e9, blocks=blocks, shares=shares, top_two=top_two)
         speeds = ["-", "-"]
         if name in timed:
             net = from_official_config(class_name, kwargs).to(device)
@@ -900,27 +854,18 @@ def benchmark(args):
         print(f"{name:<24}{params:>14,}{flops / 1e9:>12.2f}{speeds[0]:>12}{speeds[1]:>15}", flush=True)
     figure = os.path.join(outdir, "flops_per_block.png")
     plot_flops(results, figure)
-    rungs = {name: [k for k in r["shares"] if k != "dec"] for name, r in results.items()}
-    top_two = [r["shares"][rungs[name][0]] + r["shares"][rungs[name][1]] for name, r in results.items()]
-    print("\nWhat this shows")
-    print(f"  {figure}: the FLOPs of one forward pass, block by block along the resolution ladder.")
-    print(f"    The two highest resolutions take {min(top_two):.0%} - {max(top_two):.0%} of them, and the decoder "
-          "costs more than the encoder")
-    print("    (one block more per rung, inputs widened by the concatenated skips). Each rung down has a quarter of "
-          "the pixels,")
-    print("    but a block's cost per pixel grows with its channels squared: a ladder that doubles its channels "
-          "one rung down")
-    print("    (ADM's 192 x 1, 2, 3, 4) spends about as much there as at the top; one with equal channels at every "
-          "rung (the")
-    print("    CIFAR-10 networks', 128 x 2, 2, 2) spends most at the top. Largest share first:")
+    top_two = [r["top_two"] for r in results.values()]
+    print(f"""
+What this shows
+  {figure}: the FLOPs of one forward pass along the resolution ladder.
+    The two highest resolutions take {min(top_two):.0%}-{max(top_two):.0%} of them, and the decoder more than the encoder (one
+    block more per rung, inputs widened by the skips). A rung down has a quarter of the pixels, but a block's
+    cost per pixel grows with its channels squared: ADM's ladder (192 x 1, 2, 3, 4) spends more at 32x32 than
+    at 64x64; the CIFAR-10 networks' (128 x 2, 2, 2) spends most at the top. Largest share first:""")
     for name, r in results.items():
-        order = sorted(rungs[name], key=r["shares"].get, reverse=True)
-        print(f"    {name:<22} decoder {r['shares']['dec']:.0%}; "
-              + ", ".join(f"{k} {r['shares'][k]:.0%}" for k in order))
-    print("  The parameter counts are the paper's networks (App. F.4, Table 7: ~56M for CIFAR-10, ~296M for ADM),")
-    print("  checked against the official code in tests/test_06_unet.py. A sampler calls the network once per NFE")
-    print("  (chapters 03-04), so these GFLOPs times the NFE are the cost of one image. --load PATH|URL inspects a")
-    print("  checkpoint instead.")
+        print(f"    {name:<22} {describe_shares(r['shares'])}")
+    print("  Parameters: the paper's networks (Table 7), the official counts (tests/test_06_unet.py). A sampler calls")
+    print("    the network once per NFE, so GFLOPs x NFE is the cost of one image.")
 
 
 def parse_args(argv=None):

@@ -13,7 +13,7 @@ DATA = os.path.join(ROOT, "tests", "data")
 
 
 @pytest.fixture(scope="module")
-def P(load):
+def ch05(load):
     return load("05_preconditioning")
 
 
@@ -52,9 +52,9 @@ def table1(name, s, sd=0.5, u=None):
         return sd ** 2 / (s ** 2 + sd ** 2), s * sd / math.sqrt(s ** 2 + sd ** 2), 1 / math.sqrt(s ** 2 + sd ** 2), math.log(s) / 4
 
 
-def make(P, name, value, **kwargs):
+def make(ch05, name, value, **kwargs):
     out = 6 if name == "iDDPM" else 3
-    cls = {"VP": P.VPPrecond, "VE": P.VEPrecond, "iDDPM": P.iDDPMPrecond, "EDM": P.EDMPrecond}[name]
+    cls = {"VP": ch05.VPPrecond, "VE": ch05.VEPrecond, "iDDPM": ch05.iDDPMPrecond, "EDM": ch05.EDMPrecond}[name]
     return cls(Probe(value, out), 8, 3, **kwargs)
 
 
@@ -69,21 +69,21 @@ def u_table_float64(M=1000, C_1=0.001, C_2=0.008):
 # ----------------------------------------------------------------------------
 # Table 1 schedules.
 
-def test_vp_sigma_and_inverse_are_table1(P):
+def test_vp_sigma_and_inverse_are_table1(ch05):
     t = torch.linspace(1e-5, 1, 101, dtype=torch.float64)
-    sigma = P.vp_sigma(t, 19.9, 0.1)
+    sigma = ch05.vp_sigma(t, 19.9, 0.1)
     expected = np.sqrt(np.exp(0.5 * 19.9 * t.numpy() ** 2 + 0.1 * t.numpy()) - 1)
     np.testing.assert_allclose(sigma.numpy(), expected, rtol=1e-12)
-    np.testing.assert_allclose(P.vp_sigma_inv(sigma, 19.9, 0.1).numpy(), t.numpy(), rtol=1e-9)
-    net = make(P, "VP", 0)
+    np.testing.assert_allclose(ch05.vp_sigma_inv(sigma, 19.9, 0.1).numpy(), t.numpy(), rtol=1e-9)
+    net = make(ch05, "VP", 0)
     # The official code evaluates sigma(epsilon_t) in float32, where exp(~1e-6) - 1 is only resolved to
     # float32's spacing near 1 (2^-23): sigma_min = 0.000977 rather than 0.001000. We keep that value.
     assert abs(net.sigma_min ** 2 - math.expm1(0.5 * 19.9e-10 + 0.1e-5)) <= 2 ** -23
     assert net.sigma_max == pytest.approx(math.sqrt(math.exp(0.5 * 19.9 + 0.1) - 1), rel=1e-6)
 
 
-def test_iddpm_u_table(P):
-    net = make(P, "iDDPM", 0)
+def test_iddpm_u_table(ch05):
+    net = make(ch05, "iDDPM", 0)
     u = net.u.double().numpy()
     assert u.shape == (1001,) and u[-1] == 0
     assert np.all(np.diff(u) < 0)
@@ -105,9 +105,9 @@ def test_iddpm_u_table(P):
 
 @pytest.mark.parametrize("name", ["VP", "VE", "iDDPM", "EDM"])
 @pytest.mark.parametrize("value", [0.0, 1.0])
-def test_constant_network_gives_table1_denoiser(P, name, value):
+def test_constant_network_gives_table1_denoiser(ch05, name, value):
     """F = 0 gives D = c_skip x; F = 1 gives c_skip x + c_out; F sees c_in x and c_noise (Table 1)."""
-    net = make(P, name, value)
+    net = make(ch05, name, value)
     u = net.u.double().numpy() if name == "iDDPM" else None
     sigma = torch.tensor([0.003, 0.05, 0.7, 4.0, 60.0], dtype=torch.float64)
     sigma = net.round_sigma(sigma) if name == "iDDPM" else sigma
@@ -126,8 +126,8 @@ def test_constant_network_gives_table1_denoiser(P, name, value):
     assert seen["noise_labels"].shape == (5,) and seen["class_labels"] is None
 
 
-def test_scalar_sigma_toy_shape_labels_and_kwargs(P):
-    net = make(P, "EDM", 1.0, label_dim=4, sigma_data=0.9)
+def test_scalar_sigma_toy_shape_labels_and_kwargs(ch05):
+    net = make(ch05, "EDM", 1.0, label_dim=4, sigma_data=0.9)
     net.model.out_channels = 1
     x = torch.randn(6, 1)                                     # 1-D points, as in the toy
     D = net(x, 2.0, augment_labels="aug")
@@ -143,24 +143,24 @@ def test_scalar_sigma_toy_shape_labels_and_kwargs(P):
     assert torch.equal(net.model.seen["class_labels"], labels)
 
 
-def test_state_dict_keys_match_official_layout(P):
+def test_state_dict_keys_match_official_layout(ch05):
     for name in ["VP", "VE", "EDM"]:
-        assert list(make(P, name, 0).state_dict()) == ["model.weight"]
-    assert sorted(make(P, "iDDPM", 0).state_dict()) == ["model.weight", "u"]
+        assert list(make(ch05, name, 0).state_dict()) == ["model.weight"]
+    assert sorted(make(ch05, "iDDPM", 0).state_dict()) == ["model.weight", "u"]
 
 
-def test_edm_unit_variance_input_and_target(P):
+def test_edm_unit_variance_input_and_target(ch05):
     """For data of std sigma_data, c_in (y + n) and the effective target of Eq. 8 have unit variance."""
     g = torch.Generator().manual_seed(0)
     sigma_data = 0.5
     y = sigma_data * math.sqrt(3) * (2 * torch.rand(400_000, 1, generator=g, dtype=torch.float64) - 1)  # uniform, std 0.5
-    net = make(P, "EDM", 0)
+    net = make(ch05, "EDM", 0)
     for sigma in [0.002, 0.2, 1.0, 5.0, 80.0]:
         x = y + sigma * torch.randn(y.shape, generator=g, dtype=torch.float64)
         c_skip, c_out, c_in, _ = [c.double() for c in net.scalings(torch.full([1, 1], sigma))]
         assert float((c_in * x).var()) == pytest.approx(1, abs=0.01)
         assert float(((y - c_skip * x) / c_out).var()) == pytest.approx(1, abs=0.01)
-        weight = P.EDMLoss(sigma_data=sigma_data).weight(torch.tensor(sigma, dtype=torch.float64))
+        weight = ch05.EDMLoss(sigma_data=sigma_data).weight(torch.tensor(sigma, dtype=torch.float64))
         assert float(weight * c_out ** 2) == pytest.approx(1, rel=1e-6)   # lambda c_out^2 = 1
 
 
@@ -191,10 +191,10 @@ def ks_distance(samples, cdf):
 
 
 @pytest.mark.parametrize("name", ["VP", "VE", "iDDPM", "EDM"])
-def test_loss_is_weighted_denoising_error_with_table1_sigmas(P, name):
+def test_loss_is_weighted_denoising_error_with_table1_sigmas(ch05, name):
     torch.manual_seed(0)
-    loss_fn = {"VP": P.VPLoss(), "VE": P.VELoss(), "iDDPM": P.iDDPMLoss(), "EDM": P.EDMLoss()}[name]
-    rec = Recorder(make(P, "EDM", 1.0))
+    loss_fn = {"VP": ch05.VPLoss(), "VE": ch05.VELoss(), "iDDPM": ch05.iDDPMLoss(), "EDM": ch05.EDMLoss()}[name]
+    rec = Recorder(make(ch05, "EDM", 1.0))
     y = torch.randn(20000, 3, 2, 2)
     loss = loss_fn(rec, y)
     call = rec.calls[0]
@@ -223,11 +223,11 @@ def test_loss_is_weighted_denoising_error_with_table1_sigmas(P, name):
         assert j.max() <= 999 and np.abs(np.bincount(j // 100, minlength=10) / N - 0.1).max() < 0.015
 
 
-def test_loss_with_augment_pipe_denoises_the_augmented_images(P):
-    rec = Recorder(make(P, "VE", 0.0))
+def test_loss_with_augment_pipe_denoises_the_augmented_images(ch05):
+    rec = Recorder(make(ch05, "VE", 0.0))
     y = torch.randn(4, 3, 2, 2)
     aug_labels = torch.randn(4, 9)
-    loss = P.EDMLoss()(rec, y, augment_pipe=lambda images: (-images, aug_labels))
+    loss = ch05.EDMLoss()(rec, y, augment_pipe=lambda images: (-images, aug_labels))
     call = rec.calls[0]
     assert call["augment_labels"] is aug_labels
     np.testing.assert_allclose(loss.numpy(), (lam("EDM", call["sigma"]) * (call["D"] + y) ** 2).numpy(), rtol=1e-5)
@@ -236,11 +236,11 @@ def test_loss_with_augment_pipe_denoises_the_augmented_images(P):
 # ----------------------------------------------------------------------------
 # The demo.
 
-def test_demo_smoke(P, tmp_path, capsys):
+def test_demo_smoke(ch05, tmp_path, capsys):
     threads = torch.get_num_threads()
     try:                                       # main sets one thread on CPU; give the rest of the suite its threads back
-        P.main(["--device", "cpu", "--outdir", str(tmp_path), "--train-steps", "20", "--seeds", "1", "--samples", "300",
-                "--num-steps", "4"])
+        ch05.main(["--device", "cpu", "--outdir", str(tmp_path), "--train-steps", "20", "--seeds", "1",
+                   "--samples", "300", "--num-steps", "4"])
     finally:
         torch.set_num_threads(threads)
     assert {f.name for f in tmp_path.iterdir()} == {"scalings.png", "loss_per_sigma.png", "samples.png"}
@@ -250,47 +250,48 @@ def test_demo_smoke(P, tmp_path, capsys):
     assert "What this shows" in out and all(f in out for f in ["scalings.png", "loss_per_sigma.png", "samples.png"])
 
 
-def test_demo_claims_hold_at_reduced_size(P, load, one_thread):
+def test_demo_claims_hold_at_reduced_size(ch05, load, one_thread):
     """What this shows, with 400 training steps and one seed (the demo: 2000 steps, two seeds): EDM's denoiser is
     the closest to D*, above sigma = 5 by far although VP trains there more; VP's samples owe more to its errors
     at sigma <= 5 than to its large errors above."""
-    toy = load("01_toy_1d")
-    mix = toy.default_mixture()
-    r, info = P.experiment(toy, mix, 0.95, [0], train_steps=400, batch=256, samples=2000, num_steps=32, log=lambda _: None)
-    high = info["sigmas"] > P.SPLIT
-    error = {name: np.mean(r["error"][name], axis=0) for name in P.NAMES}
-    assert min(P.NAMES, key=lambda n: error[n].mean()) == "EDM"
-    assert any(P.lowest_elsewhere(error, info["sigmas"]).values())    # closest on average, not at every sigma
-    assert all(error["EDM"][high].mean() < error[n][high].mean() / 3 for n in P.NAMES if n != "EDM")
-    shares = {n: float((P.training_sigmas(loss_fn, 20000) > P.SPLIT).double().mean())
-              for n, (_, loss_fn) in P.make_setups(toy, 0.95, 0).items()}
+    ch01 = load("01_toy_1d")
+    mix = ch01.default_mixture()
+    r, info = ch05.experiment(ch01, mix, 0.95, [0], train_steps=400, batch=256, samples=2000, num_steps=32,
+                              log=lambda _: None)
+    high = info["sigmas"] > ch05.SPLIT
+    error = {name: np.mean(r["error"][name], axis=0) for name in ch05.NAMES}
+    assert min(ch05.NAMES, key=lambda n: error[n].mean()) == "EDM"
+    assert any(ch05.lowest_elsewhere(error, info["sigmas"]).values())    # closest on average, not at every sigma
+    assert all(error["EDM"][high].mean() < error[n][high].mean() / 3 for n in ch05.NAMES if n != "EDM")
+    shares = {n: float((ch05.training_sigmas(loss_fn, 20000) > ch05.SPLIT).double().mean())
+              for n, (_, loss_fn) in ch05.make_setups(ch01, 0.95, 0).items()}
     assert shares["VP"] > 0.3 > 0.05 > shares["EDM"]
     assert r["W1 high"]["VP"][0] < r["W1 low"]["VP"][0]
 
 
-def test_lowest_elsewhere_names_the_sigmas_where_another_model_is_closer(P):
+def test_lowest_elsewhere_names_the_sigmas_where_another_model_is_closer(ch05):
     sigmas = np.array([0.01, 0.1, 1.0, 10.0])
     error = {"VP": np.array([3, 1, 2, 9.0]), "VE": np.array([1, 2, 3, 9.0]), "iDDPM": np.array([4, 4, 4, 9.0]),
              "EDM": np.array([2, 2, 1, 1.0])}
-    assert P.lowest_elsewhere(error, sigmas) == {"VP": [0.1], "VE": [0.01], "iDDPM": []}
+    assert ch05.lowest_elsewhere(error, sigmas) == {"VP": [0.1], "VE": [0.01], "iDDPM": []}
 
 
 # ----------------------------------------------------------------------------
 # The VP sigma(t): a deliberate twin of 02's (05 copies with common.py alone); the iDDPM table: common.py's.
 
-def test_vp_sigma_twins_agree_with_chapter_02(P, load):
+def test_vp_sigma_twins_agree_with_chapter_02(ch05, load):
     sigma, _, sigma_inv = load("02_ode_sampler").vp_schedule(19.9, 0.1)
     t = torch.logspace(-5, 0, 10001, dtype=torch.float64)
     # exp(g) here, e ** g there (each as its official counterpart writes it): a few ulps of e^g, which the
     # cancellation in e^g - 1 at small t amplifies to at most ~4e-12 relative.
-    torch.testing.assert_close(P.vp_sigma(t, 19.9, 0.1), sigma(t), rtol=1e-11, atol=0)
+    torch.testing.assert_close(ch05.vp_sigma(t, 19.9, 0.1), sigma(t), rtol=1e-11, atol=0)
     for dtype in (torch.float32, torch.float64):
         s = torch.logspace(-3, 2.5, 10001, dtype=dtype)
-        assert torch.equal(P.vp_sigma_inv(s, 19.9, 0.1), sigma_inv(s))       # the same arithmetic
+        assert torch.equal(ch05.vp_sigma_inv(s, 19.9, 0.1), sigma_inv(s))       # the same arithmetic
 
 
-def test_iddpm_table_in_both_precisions_and_the_official_buffer(P):
-    mine = make(P, "iDDPM", 0).u                                           # float32 u, as the official network
+def test_iddpm_table_in_both_precisions_and_the_official_buffer(ch05):
+    mine = make(ch05, "iDDPM", 0).u                                           # float32 u, as the official network
     home = common.iddpm_noise_levels(1000, 0.001, 0.008)                    # float64 u, as the official sampler (03)
     assert mine.dtype == torch.float32 and home.dtype == torch.float64
     # Same recursion; float32 rounding accumulated over 1000 steps in 1 + u^2 (small u lose digits to 1 + u^2 - 1).

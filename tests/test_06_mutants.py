@@ -1,10 +1,10 @@
 """06_unet: checks added in the mutation round (docs/TESTING.md) for bugs the other tests let through.
 
 The reference outputs load official weights, so they cannot see the initialization. Here every layer's
-initial weights are checked against the scheme the module docstring documents (the official one):
-DDPM++ / NCSN++ Xavier-uniform, the last layer of each block and the output conv at 1e-5 of it, attention
-qkv at sqrt(0.2) of it, zero biases; ADM PyTorch-default-like U(+-1/sqrt(fan_in)), exactly zero last layers,
-an N(0, 1) class embedding.
+initial weights are checked against the scheme SongUNet's and DhariwalUNet's docstrings document (the
+official one): DDPM++ / NCSN++ Xavier-uniform, the last layer of each block and the output conv at 1e-5
+of it, attention qkv at sqrt(0.2) of it, zero biases; ADM PyTorch-default-like U(+-1/sqrt(fan_in)),
+exactly zero last layers, an N(0, 1) class embedding.
 """
 import math
 
@@ -13,16 +13,16 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def unet(load):
+def ch06(load):
     return load("06_unet")
 
 
-def layers(unet, model):
+def layers(ch06, model):
     """(name, layer, fan_in, fan_out) of every Linear / Conv2d with weights."""
     for name, layer in model.named_modules():
-        if isinstance(layer, unet.Linear):
+        if isinstance(layer, ch06.Linear):
             yield name, layer, layer.in_features, layer.out_features
-        elif isinstance(layer, unet.Conv2d) and layer.weight is not None:
+        elif isinstance(layer, ch06.Conv2d) and layer.weight is not None:
             k = layer.weight.shape[-1]
             yield name, layer, layer.in_channels * k * k, layer.out_channels * k * k
 
@@ -43,10 +43,10 @@ NCSNPP = dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="resi
 
 
 @pytest.mark.parametrize("flavour", [dict(), NCSNPP], ids=["ddpmpp", "ncsnpp"])
-def test_song_unet_initialization(unet, flavour):
+def test_song_unet_initialization(ch06, flavour):
     torch.manual_seed(0)
-    model = unet.SongUNet(**SONG, **flavour)
-    for name, layer, fan_in, fan_out in layers(unet, model):
+    model = ch06.SongUNet(**SONG, **flavour)
+    for name, layer, fan_in, fan_out in layers(ch06, model):
         xavier = math.sqrt(6 / (fan_in + fan_out))
         if name.endswith((".conv1", ".proj", "aux_conv")):
             scale = 1e-5                    # each block starts close to its skip connection
@@ -58,11 +58,11 @@ def test_song_unet_initialization(unet, flavour):
         assert layer.bias is None or not layer.bias.any(), f"{name}: bias not zero"
 
 
-def test_adm_initialization(unet):
+def test_adm_initialization(ch06):
     torch.manual_seed(0)
-    model = unet.DhariwalUNet(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, augment_dim=9,
+    model = ch06.DhariwalUNet(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, augment_dim=9,
                               model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
-    for name, layer, fan_in, fan_out in layers(unet, model):
+    for name, layer, fan_in, fan_out in layers(ch06, model):
         if name.endswith((".conv1", ".proj", "out_conv", "map_augment")):
             assert not layer.weight.any() and (layer.bias is None or not layer.bias.any()), f"{name}: not zero"
         elif name == "map_label":           # like an nn.Embedding table: N(0, 1)

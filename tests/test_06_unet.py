@@ -23,7 +23,7 @@ REFERENCES = ["ddpmpp_edm_cond_aug", "ncsnpp_ve_uncond_aug", "ddpmpp_vp_uncond",
 
 
 @pytest.fixture(scope="module")
-def unet(load):
+def ch06(load):
     return load("06_unet")
 
 
@@ -56,9 +56,9 @@ def denoise(net, inputs):
 # Official outputs and layout.
 
 @pytest.mark.parametrize("name", REFERENCES)
-def test_reproduces_official_outputs(unet, name):
+def test_reproduces_official_outputs(ch06, name):
     class_name, config, state, inputs, ref = read_reference(name)
-    net = unet.from_official_config(class_name, config).eval()
+    net = ch06.from_official_config(class_name, config).eval()
     assert type(net).__name__ == class_name
     assert type(net.model).__name__ == config["model_type"]
     mine = net.state_dict()
@@ -68,26 +68,26 @@ def test_reproduces_official_outputs(unet, name):
     assert_matches_reference(denoise(net, inputs), ref)
 
 
-def test_paper_configs_match_official_layout(unet):
+def test_paper_configs_match_official_layout(ch06):
     """The three paper networks: same constructor arguments, parameter count, keys and shapes."""
     with open(os.path.join(DATA, "full_configs.json")) as f:
         official = json.load(f)
-    assert set(unet.PAPER_CONFIGS) == set(official)
+    assert set(ch06.PAPER_CONFIGS) == set(official)
     for name, entry in official.items():
-        class_name, kwargs = unet.PAPER_CONFIGS[name]
+        class_name, kwargs = ch06.PAPER_CONFIGS[name]
         assert (class_name, kwargs) == (entry["precond"], entry["config"])
         with torch.device("meta"):  # shapes only: no memory, no time
-            net = unet.from_official_config(class_name, kwargs)
+            net = ch06.from_official_config(class_name, kwargs)
         assert sum(p.numel() for p in net.parameters()) == entry["num_parameters"]
         assert [(k, list(v.shape)) for k, v in net.state_dict().items()] == [(k, v) for k, v in entry["state_dict"].items()]
 
 
-def test_multi_head_attention_uses_the_interleaved_qkv_layout(unet):
+def test_multi_head_attention_uses_the_interleaved_qkv_layout(ch06):
     """The qkv conv's 3C channels are [head][channel][q|k|v]; attention is softmax(q.k/sqrt(d)) v per head.
     (The reference networks have one head per block, so this checks the multi-head case by hand.)"""
     torch.manual_seed(0)
     heads, d, hw = 3, 64, 5 * 4
-    block = unet.UNetBlock(heads * d, heads * d, emb_channels=8, attention=True, channels_per_head=d)
+    block = ch06.UNetBlock(heads * d, heads * d, emb_channels=8, attention=True, channels_per_head=d)
     assert block.num_heads == heads
     with torch.no_grad():
         block.qkv.weight.normal_(std=(heads * d) ** -0.5)  # q, k, v entries ~ N(0, 1): logits of order 1
@@ -107,10 +107,10 @@ def test_multi_head_attention_uses_the_interleaved_qkv_layout(unet):
 # ----------------------------------------------------------------------------
 # Initialization and conditioning.
 
-def test_adm_starts_as_the_skip_connection(unet):
+def test_adm_starts_as_the_skip_connection(ch06):
     """ADM's output conv is initialized to exactly zero, so a fresh EDMPrecond returns c_skip * x."""
     torch.manual_seed(0)
-    net = unet.from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3, model_channels=64,
+    net = ch06.from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3, model_channels=64,
                                                         channel_mult=[1], num_blocks=1, attn_resolutions=[8],
                                                         model_type="DhariwalUNet")).eval()
     x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 4.0])
@@ -118,25 +118,25 @@ def test_adm_starts_as_the_skip_connection(unet):
     torch.testing.assert_close(denoise(net, dict(x=x, sigma=sigma)), c_skip[:, None, None, None] * x, rtol=1e-6, atol=0)
 
 
-def test_weight_init_distributions(unet):
+def test_weight_init_distributions(ch06):
     """Xavier/Kaiming uniform bounds and normal standard deviations (fan_in = 400, fan_out = 600)."""
     torch.manual_seed(0)
     shape, fan_in, fan_out = [600, 400], 400, 600
     bounds = {"xavier_uniform": math.sqrt(6 / (fan_in + fan_out)), "kaiming_uniform": math.sqrt(3 / fan_in)}
     for mode, bound in bounds.items():
-        w = unet.weight_init(shape, mode, fan_in, fan_out)
+        w = ch06.weight_init(shape, mode, fan_in, fan_out)
         assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
         assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.01
     stds = {"xavier_normal": math.sqrt(2 / (fan_in + fan_out)), "kaiming_normal": math.sqrt(1 / fan_in)}
     for mode, std in stds.items():
-        assert abs(unet.weight_init(shape, mode, fan_in, fan_out).std().item() / std - 1) < 0.01
+        assert abs(ch06.weight_init(shape, mode, fan_in, fan_out).std().item() / std - 1) < 0.01
 
 
 @pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
-def test_label_dropout_one_equals_no_class(unet, model_type):
+def test_label_dropout_one_equals_no_class(ch06, model_type):
     """label_dropout=1 in training mode drops every class vector: same as passing all-zero labels."""
     torch.manual_seed(0)
-    net = unet.from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=64,
+    net = ch06.from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=64,
                                                         channel_mult=[1], num_blocks=1, attn_resolutions=[],
                                                         dropout=0, label_dropout=1, model_type=model_type))
     for p in net.parameters():
@@ -154,9 +154,9 @@ def test_label_dropout_one_equals_no_class(unet, model_type):
 # ----------------------------------------------------------------------------
 # Speed paths give the same numbers.
 
-def test_channels_last_autocast_and_fp16(unet):
+def test_channels_last_autocast_and_fp16(ch06):
     class_name, config, state, inputs, ref = read_reference("ddpmpp_vp_uncond")
-    net = unet.from_official_config(class_name, config).eval()
+    net = ch06.from_official_config(class_name, config).eval()
     net.load_state_dict(state)
     net = net.to(memory_format=torch.channels_last)
     last = dict(inputs, x=inputs["x"].contiguous(memory_format=torch.channels_last))
@@ -175,11 +175,11 @@ def test_channels_last_autocast_and_fp16(unet):
 
 
 @pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
-def test_traces_into_one_graph(unet, model_type):
+def test_traces_into_one_graph(ch06, model_type):
     """torch.compile can capture the whole network (no graph breaks); the eager backend keeps this fast."""
     torch.manual_seed(0)
     song = dict(embedding_type="fourier", encoder_type="residual", decoder_type="skip", resample_filter=[1, 3, 3, 1])
-    model = unet.NETWORKS[model_type](img_resolution=8, in_channels=3, out_channels=3, label_dim=2, augment_dim=9,
+    model = ch06.NETWORKS[model_type](img_resolution=8, in_channels=3, out_channels=3, label_dim=2, augment_dim=9,
                                       model_channels=64, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[4],
                                       **(song if model_type == "SongUNet" else {})).eval()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
@@ -239,9 +239,9 @@ def official_style_pickle(net, class_name, kwargs, module_src="# (module source)
 
 
 @pytest.mark.parametrize("name", ["ncsnpp_ve_uncond_aug", "ddpmpp_iddpm_cond_aug"])
-def test_loads_official_pickle_format(unet, name, tmp_path):
+def test_loads_official_pickle_format(ch06, name, tmp_path):
     class_name, config, state, inputs, ref = read_reference(name)
-    net = unet.from_official_config(class_name, config)
+    net = ch06.from_official_config(class_name, config)
     net.load_state_dict(state)
     marker = tmp_path / "executed"
     evil_src = f"open({str(marker)!r}, 'w').write('module_src was executed')"
@@ -249,14 +249,14 @@ def test_loads_official_pickle_format(unet, name, tmp_path):
     path.write_bytes(official_style_pickle(net, class_name, config, module_src=evil_src))
     assert "torch_utils" not in sys.modules  # no official code needed to load
 
-    loaded = unet.load_network(str(path))
+    loaded = ch06.load_network(str(path))
     assert not marker.exists()  # the source code carried in the records is data, never run
     assert not loaded.training
     assert loaded.init_config == {"class_name": class_name, "kwargs": config}
     assert_matches_reference(denoise(loaded, inputs), ref)
 
 
-def test_refuses_code_execution(unet, tmp_path):
+def test_refuses_code_execution(ch06, tmp_path):
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -266,40 +266,40 @@ def test_refuses_code_execution(unet, tmp_path):
     path = tmp_path / "edm-evil.pkl"
     path.write_bytes(pickle.dumps({"ema": Payload()}))
     with pytest.raises(pickle.UnpicklingError, match=r"refusing.*system"):
-        unet.load_network(str(path))
+        ch06.load_network(str(path))
     assert not marker.exists()
 
 
-def test_corrupt_files_give_clear_errors(unet, tmp_path):
+def test_corrupt_files_give_clear_errors(ch06, tmp_path):
     class_name, config, state, _, _ = read_reference("ddpmpp_vp_uncond")
-    net = unet.from_official_config(class_name, config)
+    net = ch06.from_official_config(class_name, config)
     official = official_style_pickle(net, class_name, config)
-    unet.save_network(net, str(tmp_path / "ours.pt"))
+    ch06.save_network(net, str(tmp_path / "ours.pt"))
     ours = (tmp_path / "ours.pt").read_bytes()
     cases = {"official.pkl": official[: len(official) // 2], "ours.pt": ours[: len(ours) // 2],
              "noise.pkl": b"\x80\x04" + os.urandom(1000)}
     for file, data in cases.items():
         (tmp_path / file).write_bytes(data)
         with pytest.raises(ValueError, match="truncated or corrupt") as error:
-            unet.load_network(str(tmp_path / file))
+            ch06.load_network(str(tmp_path / file))
         assert len(str(error.value).splitlines()) == 1 and "network-snapshot-" in str(error.value)
     # Not a network file at all (an image): said so, not reported as a damaged pickle.
     PIL.Image.new("RGB", (4, 4)).save(tmp_path / "image.png")
     with pytest.raises(ValueError, match=r"image.png: not a network file \(pass .*network-snapshot-"):
-        unet.load_network(str(tmp_path / "image.png"))
+        ch06.load_network(str(tmp_path / "image.png"))
     # 07's training state is a torch.save file too: name the file to pass instead.
     torch.save(dict(net=net.state_dict(), ema=net.state_dict(), cur_nimg=0), tmp_path / "training-state.pt")
     with pytest.raises(ValueError, match="training state of 07.*pass a network-snapshot-"):
-        unet.load_network(str(tmp_path / "training-state.pt"))
+        ch06.load_network(str(tmp_path / "training-state.pt"))
 
 
 @pytest.mark.parametrize("change", ["delete", "extra", "rename", "reshape"])
-def test_weights_that_do_not_fit_are_refused_in_one_line(unet, tmp_path, change):
+def test_weights_that_do_not_fit_are_refused_in_one_line(ch06, tmp_path, change):
     """A snapshot or official pickle with a missing, extra, renamed or misshapen tensor must not load (a
     non-strict load would leave a layer at its random initialization and sample badly without a word)."""
     class_name, config, state, _, _ = read_reference("ddpmpp_vp_uncond")
-    net = unet.from_official_config(class_name, config)
-    unet.save_network(net, str(tmp_path / "ours.pt"))
+    net = ch06.from_official_config(class_name, config)
+    ch06.save_network(net, str(tmp_path / "ours.pt"))
     data = torch.load(tmp_path / "ours.pt", weights_only=True)
     sd = data["state_dict"]
     name = next(k for k in sd if k.endswith("conv.weight"))
@@ -313,14 +313,14 @@ def test_weights_that_do_not_fit_are_refused_in_one_line(unet, tmp_path, change)
         sd[name] = sd[name][:1]
     torch.save(data, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="do not fit its configuration") as error:
-        unet.load_network(str(tmp_path / "bad.pt"))
+        ch06.load_network(str(tmp_path / "bad.pt"))
     assert len(str(error.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize("change", ["delete", "extra"])
-def test_official_pickle_whose_weights_do_not_fit_is_refused(unet, tmp_path, change):
+def test_official_pickle_whose_weights_do_not_fit_is_refused(ch06, tmp_path, change):
     class_name, config, _, _, _ = read_reference("ddpmpp_vp_uncond")
-    net = unet.from_official_config(class_name, config)
+    net = ch06.from_official_config(class_name, config)
     conv = next(m for m in net.modules() if "weight" in m._parameters)
     if change == "delete":
         del conv._parameters["weight"]
@@ -328,21 +328,21 @@ def test_official_pickle_whose_weights_do_not_fit_is_refused(unet, tmp_path, cha
         conv.register_buffer("stray", torch.zeros(2))
     (tmp_path / "official.pkl").write_bytes(official_style_pickle(net, class_name, config))
     with pytest.raises(ValueError, match="do not fit its configuration") as error:
-        unet.load_network(str(tmp_path / "official.pkl"))
+        ch06.load_network(str(tmp_path / "official.pkl"))
     assert len(str(error.value).splitlines()) == 1
 
 
-def test_save_network_roundtrip_and_atomicity(unet, tmp_path, monkeypatch):
+def test_save_network_roundtrip_and_atomicity(ch06, tmp_path, monkeypatch):
     class_name, config, state, inputs, ref = read_reference("ddpmpp_vp_uncond")
-    net = unet.from_official_config(class_name, config)
+    net = ch06.from_official_config(class_name, config)
     net.load_state_dict(state)
     path = tmp_path / "network-snapshot.pt"
-    unet.save_network(net, str(path))
+    ch06.save_network(net, str(path))
     assert os.listdir(tmp_path) == ["network-snapshot.pt"]
 
     raw = torch.load(path, weights_only=True)
     assert (raw["class_name"], raw["kwargs"]) == (class_name, {**config})
-    loaded = unet.load_network(str(path))
+    loaded = ch06.load_network(str(path))
     assert_matches_reference(denoise(loaded, inputs), ref)
 
     # A save that dies midway leaves the previous snapshot intact.
@@ -352,37 +352,37 @@ def test_save_network_roundtrip_and_atomicity(unet, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        unet.save_network(net, str(path))
+        ch06.save_network(net, str(path))
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["network-snapshot.pt"]
-    assert_matches_reference(denoise(unet.load_network(str(path)), inputs), ref)
+    assert_matches_reference(denoise(ch06.load_network(str(path)), inputs), ref)
 
 
-def test_load_errors_are_exceptions(unet, tmp_path):
+def test_load_errors_are_exceptions(ch06, tmp_path):
     """Library errors raise (main() turns them into one line): a missing file, an inconsistent snapshot."""
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
-        unet.load_network(str(tmp_path / "missing.pkl"))
+        ch06.load_network(str(tmp_path / "missing.pkl"))
     class_name, config, _, _, _ = read_reference("ddpmpp_vp_uncond")
-    net = unet.from_official_config(class_name, config)
-    unet.save_network(net, str(tmp_path / "ours.pt"))
+    net = ch06.from_official_config(class_name, config)
+    ch06.save_network(net, str(tmp_path / "ours.pt"))
     data = torch.load(tmp_path / "ours.pt", weights_only=True)
     data["kwargs"]["model_channels"] = 32                      # the weights no longer fit the configuration
     torch.save(data, tmp_path / "mismatch.pt")
     with pytest.raises(ValueError, match="inconsistent"):
-        unet.load_network(str(tmp_path / "mismatch.pt"))
-    assert issubclass(unet.UnsafePickleError, ValueError)     # a refused pickle is a bad file like any other
+        ch06.load_network(str(tmp_path / "mismatch.pt"))
+    assert issubclass(ch06.UnsafePickleError, ValueError)     # a refused pickle is a bad file like any other
 
 
-def test_demo_claims_hold_at_reduced_size(unet):
+def test_demo_claims_hold_at_reduced_size(ch06):
     """What this shows: most FLOPs at the two highest resolutions and in the decoder -- here on the paper's
     ladders with a quarter / a third of the channels (the shares hardly depend on the width). With equal
     channels per rung the top rung costs most; ADM, which doubles its channels from 64x64 to 32x32, spends
     more at 32x32 than at 64x64."""
     for name, width, top in [("cifar10_ddpmpp_cond", 32, ["32x32"]), ("imagenet64_adm_cond", 64, ["64x64", "32x32"])]:
-        class_name, kwargs = unet.PAPER_CONFIGS[name]
+        class_name, kwargs = ch06.PAPER_CONFIGS[name]
         kwargs = dict(kwargs, model_channels=width)
-        params, flops, blocks = unet.size_and_flops(class_name, kwargs)
-        shares = unet.flops_shares(blocks)
+        params, flops, blocks = ch06.size_and_flops(class_name, kwargs)
+        shares = ch06.flops_shares(blocks)
         assert sum(blocks.values()) == pytest.approx(flops, rel=0.01)   # the blocks account for the network
         assert shares["dec"] > 0.6
         assert sum(shares[res] for res in top) > 0.65
