@@ -642,6 +642,7 @@ class Progress:
             sys.stdout.flush()   # tqdm.write: above the bar on a terminal; one plain line in a log file
         self.reset(round(stats["kimg"] * 1e3))
 
+
 def save_snapshot(run, cur_nimg):
     """Network snapshot + preview + training state (+ --phema snapshots). Returns every rank's weight digest
     (equal, or we stop)."""
@@ -902,7 +903,7 @@ def main(argv=None):
         if common.get_rank() == 0:
             print(interrupted(args, argv), file=sys.stderr)
         sys.exit(130)                     # the shell's code for "ended by Ctrl-C"
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, ImportError) as error:   # ImportError: --phema without 11_post_hoc_ema.py
         sys.exit(f"error: {error}")
     except (torch.cuda.OutOfMemoryError, MemoryError):
         sys.exit(f"error: out of memory; lower --batch-gpu (gradient accumulation keeps --batch {args.batch})")

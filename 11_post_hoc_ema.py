@@ -550,7 +550,7 @@ def print_conclusion(results, study, tiny, args, outdir, seconds):
         return f"{best['sigma_rel']:g} (W1 {best['reconstructed']:.4f}; best stored {stored['sigma_rel']:g}: " \
                f"{stored['reconstructed']:.4f}, {'a gain' if gain > floor else 'no gain'} beyond the noise floor)"
     print(f"""
-What this shows ({outdir}/post_hoc_ema.png, {seconds:.0f} s)
+What this shows ({outdir}/post_hoc_ema.png: profiles, W1 vs width, errors vs snapshots; {seconds:.0f} s)
   Two stored power-function EMAs (sigma_rel {STORED[0]:g}, {STORED[1]:g}) give the EMA of any width after training.
   Where the profile error is under 5%, the reconstructed and the tracked EMAs differ by at most {gap:.4f} in W1
   (noise floor {floor:.4f}); where it is larger they can differ more (table (a)).
