@@ -179,8 +179,8 @@ def check_ema(betas, steps, batch, halflife_mimg, per_gpu_batches):
 
 def recomputed_gradient(load, options, initial, calls, batch):
     """The gradient of the mean EDM loss over the global batch, computed by hand from what the network saw."""
-    unet = load("06_unet")
-    net = unet.from_official_config(options["network"]["class_name"], options["network"]["kwargs"]).train()
+    ch06 = load("06_unet")
+    net = ch06.from_official_config(options["network"]["class_name"], options["network"]["kwargs"]).train()
     net.load_state_dict(initial)
     total = 0
     for call in calls:

@@ -136,9 +136,9 @@ def check_reconstruction(P, load, run_dir, trajectory, out):
     residual): |theta_rec - theta_tracked|; its bound from the profile error, ||q - p|| ||theta - theta_bar||
     (+ rounding); and the residual of the exact identity theta_rec - theta_tracked = sum_tau E_tau theta_tau,
     where E_tau is the mass of q - p on step tau (q, p: the profiles of the reconstruction and the target)."""
-    unet = load("06_unet")
-    rec = flat(unet.load_network(str(out)))
-    tracked = flat(unet.load_network(P.phema_path(str(run_dir), 0.07, BATCH * STEPS)))
+    ch06 = load("06_unet")
+    rec = flat(ch06.load_network(str(out)))
+    tracked = flat(ch06.load_network(P.phema_path(str(run_dir), 0.07, BATCH * STEPS)))
     # The snapshot schedule the test knows, independent of the files on disk: 0.05 and 0.1 every SNAP_STEPS.
     stored = [(BATCH * k, P.phema_gamma(s)) for k in range(SNAP_STEPS, STEPS + 1, SNAP_STEPS) for s in (0.05, 0.1)]
     target = (BATCH * STEPS, P.phema_gamma(0.07))
@@ -192,11 +192,11 @@ def test_reconstruction_of_a_tracked_width_matches_it_within_the_profile_error_b
 
 def test_the_tracked_widths_are_their_snapshots_and_reconstruction_from_themselves_is_exact(P, load, run, tmp_path):
     run_dir, _ = run
-    unet = load("06_unet")
+    ch06 = load("06_unet")
     for kimg in (BATCH * SNAP_STEPS / 1e3, BATCH * STEPS / 1e3):      # also at an earlier stopping point
         P.main(["--run", str(run_dir), "--sigma-rel", "0.07", "--at-kimg", str(kimg), "--out", str(tmp_path / "a.pt")])
-        tracked = unet.load_network(P.phema_path(str(run_dir), 0.07, round(kimg * 1000)))
-        torch.testing.assert_close(flat(unet.load_network(str(tmp_path / "a.pt"))), flat(tracked), rtol=0, atol=1e-6)
+        tracked = ch06.load_network(P.phema_path(str(run_dir), 0.07, round(kimg * 1000)))
+        torch.testing.assert_close(flat(ch06.load_network(str(tmp_path / "a.pt"))), flat(tracked), rtol=0, atol=1e-6)
 
 
 def test_the_written_snapshot_generates_images_with_08(P, load, run, tmp_path):
