@@ -787,7 +787,7 @@ def save_preview(ema, path, device, cur_nimg, class_names):
     labels = F.one_hot(classes, ema.label_dim).to(torch.float32) if ema.label_dim else None
     images = ch04.make_sampler(18)(ema, latents, {"class_labels": labels}, rnd.randn_like)   # training RNGs untouched
     save_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
-                     [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
+              [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
 
 
 # ----------------------------------------------------------------------------
