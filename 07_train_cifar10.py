@@ -1,27 +1,17 @@
 """07 -- Training: the paper's recipe for CIFAR-10 (and ImageNet-64, and your own images).
 
-Chapter 05 gave the loss (Eq. 2, Table 1) and 06 the networks; this is the rest of Sec. 5 and App. F, top to
-bottom: what is trained (presets), the data, the network and loss, the loop (Table 7: Adam, a learning-rate
-ramp-up, an EMA whose half-life is counted in images), App. F.2's non-leaking augmentation; then the
-machinery: atomic training states that `--resume auto` continues (bit for bit on CPUs; on GPUs see the README),
-ticks (with TFLOP/s and MFU), labelled previews, torchrun (DDP; gloo on CPUs; several nodes), gradient
-accumulation, autocast, --compile. Images come through common.py's reader (a folder or zip, labels from
-dataset.json or class sub-folders; CIFAR-10), which 08 shares; `--resolution` center-crops and resizes them as
-the official dataset_tool.py does, and under torchrun each node decodes them once.
-`--label-dropout p` (not in the paper; 0 in every preset) trains one network with and without its class,
-as classifier-free guidance needs. `--phema 0.05,0.10` (not in the paper; EDM2's) also keeps power-function
-EMAs and snapshots them, from which chapter 11 builds an EMA of any length.
+Sec. 5, App. F and Table 7 on top of 05's loss (Eq. 2, Table 1) and 06's networks: the presets, the loop (Adam,
+a learning-rate ramp-up, an EMA whose half-life is counted in images), App. F.2's non-leaking augmentation; then
+the data and the machinery (resume bit for bit on CPUs, ticks with TFLOP/s and MFU, previews, torchrun,
+gradient accumulation, autocast). --phema also keeps EDM2's power-function EMAs for chapter 11.
 
 Presets (explicit flags override their values; `--preset X --help` lists them):
-  cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13,
-              augment p = 0.12   [FID 1.79 conditional, 1.97 unconditional]
+  cifar10     DDPM++ (or --arch ncsnpp), EDM, 200 Mimg, batch 512, lr 1e-3, EMA 0.5 Mimg, dropout 0.13, augment 0.12
   imagenet64  ADM, class-conditional, 2500 Mimg, batch 4096, lr 1e-4, EMA 50 Mimg, dropout 0.10, fp16
   tiny        the default: a 0.3M-parameter DDPM++ learns 16x16 coloured shapes in 64 kimg (minutes on a CPU)
 
-Examples:
-  python 07_train_cifar10.py > log.txt    # = --preset tiny; the log ends with which files to open
-  torchrun --standalone --nproc_per_node=8 07_train_cifar10.py --preset cifar10 --cond --outdir runs/c10
-  (the same command with --resume auto continues it)
+Run:  python 07_train_cifar10.py > log.txt    (= --preset tiny; the log ends with which files to open)
+      torchrun --standalone --nproc_per_node=8 07_train_cifar10.py --preset cifar10 --cond --outdir runs/c10
 """
 
 import argparse
@@ -36,6 +26,7 @@ import resource
 import shlex
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -44,190 +35,110 @@ import tqdm
 
 import common
 
-precond = common.load("05_preconditioning")
-unet = common.load("06_unet")
 ch04 = common.load("04_stochastic_sampler")
+ch05 = common.load("05_preconditioning")
+ch06 = common.load("06_unet")
 
-
-# ----------------------------------------------------------------------------
-# What is trained: the paper's setups (Table 7). Explicit flags win over a preset.
-
-# Without a preset: Table 7's CIFAR-10 column (the official train.py defaults).
+# What is trained: the paper's setups (Table 7). Without a preset: its CIFAR-10 column (the official defaults).
 DEFAULTS = dict(data=None, resolution=None, resize=True, cond=False, xflip=False, arch="ddpmpp", precond="edm",
                 cbase=None, cres=None, blocks=None, attn=None, dropout=0.13, augment=0.12, label_dropout=0,
                 duration=200, batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, phema=[], precision="fp32",
                 tick=50, snap=2500, sigma_data=0.5, P_mean=-1.2, P_std=1.2)   # EDM data std; ln sigma ~ N(P_mean, P_std^2)
 PRESETS = {
     "cifar10": dict(data="cifar10"),
-    # Table 7, ImageNet-64 column: class-conditional ADM, fp16 mixed precision, no augmentation.
     "imagenet64": dict(cond=True, arch="adm", duration=2500, batch=4096, lr=1e-4, ema=50, dropout=0.10, augment=0,
-                       precision="fp16", tick=200, snap=10000),
+                       precision="fp16", tick=200, snap=10000),   # Table 7's ImageNet-64 column
     # A few CPU-minutes: 16x16 shapes, a 0.3M-parameter DDPM++ (2000 steps of 32); short ramp-ups to match.
     "tiny": dict(data="shapes", resolution=16, cond=True, cbase=16, cres=[1, 2, 2], blocks=1, attn=[], duration=0.064,
                  batch=32, lr=2e-3, ema=0.005, dropout=0, augment=0, lr_rampup=0.01, tick=4, snap=16),
 }
-# The run's own options (no setup changes them); the options a resumed run may change (not the maths).
-RUN_DEFAULTS = dict(tf32=False, compile=False, channels_last=False, resume=None, stop_kimg=None, outdir=None,
-                    device="auto", seed=0)
-RESUMABLE = set(RUN_DEFAULTS) - {"tf32", "seed"} | {"duration", "tick", "snap", "batch_gpu", "data_dir", "preset"}
+
+
+def train(args, device=torch.device("cpu")):
+    """Train as Sec. 5 and Table 7 describe, writing into the run folder --outdir. Returns the kimg done."""
+    rank, world_size = common.get_rank(), common.get_world_size()
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+
+    # Everything that can fail on bad input happens before the first file is written.
+    data = load_dataset(args)
+    resume = find_resume(args)
+    class_name, net_kwargs = network_config(args, data)
+    ch11 = common.load("11_post_hoc_ema") if args.phema else None   # EDM2's power-function EMA: chapter 11's maths
+
+    # The network D (06 inside 05's preconditioning): the same initial weights on every rank, then
+    # per-rank random streams for noise levels, noise, dropout and augmentation.
+    torch.manual_seed(args.seed)
+    net = ch06.from_official_config(class_name, net_kwargs).train().requires_grad_(True).to(device)
+    common.seed_all(derive_seed(args.seed, "rank", rank))
+    net = net.to(memory_format=torch.channels_last) if args.channels_last else net
+    ema = copy.deepcopy(net).eval().requires_grad_(False)                 # the averaged weights that get sampled
+    phema = {sigma_rel: copy.deepcopy(ema) for sigma_rel in args.phema}   # --phema: a power-function EMA per width
+    loss_fn = loss_function(args)                                         # 05: Table 1's p(sigma) and lambda(sigma)
+    augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
+    augment_pipe = AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                 fused=device.type == "cuda" or None)   # one kernel for all tensors where supported
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    stream = InfiniteSampler(len(data), args.seed, rank, world_size)
+    # What the machinery (training states, snapshots, ticks; below) reads and restores.
+    run = types.SimpleNamespace(args=args, device=device, data=data, class_name=class_name, net_kwargs=net_kwargs,
+                                batch_gpu=batch_gpu, rounds=rounds, net=net, ema=ema, phema=phema, optimizer=optimizer,
+                                scaler=scaler, stream=stream, augment_generator=augment_generator)
+    cur_nimg = restore(run, resume[0]) if resume else 0
+    ddp, autocast = accelerate(net, args, device, world_size)
+    if rank == 0:
+        begin_run(run, resume, cur_nimg)
+
+    total_nimg = round(args.duration * 1e6)
+    stop_nimg = min(total_nimg, round(args.stop_kimg * 1e3)) if args.stop_kimg else total_nimg
+    progress = Progress(run, cur_nimg, total_nimg)
+    while cur_nimg < stop_nimg:
+        # One step on args.batch images: `rounds` micro-batches per rank, gradients averaged over ranks on the last.
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(rounds):
+            with (ddp.no_sync() if world_size > 1 and round_idx < rounds - 1 else contextlib.nullcontext()):
+                images, labels = data.batch(stream.next(batch_gpu))
+                y = images.to(device).to(torch.float32) / 127.5 - 1        # pixels in [-1, 1]
+                y = y.contiguous(memory_format=torch.channels_last) if args.channels_last else y
+                with autocast():
+                    # Eq. 2, weighted as in Table 1 (05's loss): draw sigma ~ p_train (EDM: ln sigma ~
+                    # N(P_mean, P_std^2)), augment y, add n ~ N(0, sigma^2 I); per pixel the loss is
+                    # lambda(sigma) |D(y + n; sigma) - y|^2.
+                    loss = loss_fn(net=ddp, images=y, labels=labels.to(device), augment_pipe=augment_pipe)
+                progress.add_loss(loss)
+                scaler.scale(loss.sum() / (batch_gpu * rounds)).backward()   # summed per image, mean over the batch
+
+        # Adam with the learning rate ramped up linearly (Table 7).
+        lr = learning_rate(cur_nimg, args.lr, args.lr_rampup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.unscale_(optimizer)
+        progress.nonfinite += sanitize_gradients(net)
+        scaler.step(optimizer)
+        scaler.update()
+
+        # The exponential moving average of the weights, its half-life counted in images; --phema's averages
+        # after step t = cur_nimg / batch + 1 (EDM2 Eq. 127).
+        update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema))
+        for sigma_rel, average in phema.items():
+            update_ema(average, net, ch11.phema_beta(cur_nimg // args.batch + 1, ch11.phema_gamma(sigma_rel)))
+        cur_nimg += args.batch
+
+        # Bookkeeping: a tick every --tick kimg; every --snap kimg and at the end also a network
+        # snapshot, a preview grid and the training state to resume from.
+        snap_due = cur_nimg >= stop_nimg or crossed(cur_nimg, args.batch, args.snap)
+        if snap_due or crossed(cur_nimg, args.batch, args.tick):
+            stats = progress.tick(cur_nimg, lr)
+            if snap_due:
+                stats["rank_digests"] = save_snapshot(run, cur_nimg)
+            progress.log(stats)
+    progress.bar.close()
+    return cur_nimg / 1e3
 
 
 # ----------------------------------------------------------------------------
-# Data: images become a uint8 tensor [N, C, H, W] and integer class labels (or none); folders, zips and
-# CIFAR-10 are read by common.py's ImageFolder and load_cifar10, which 08 measures FID with.
-
-DATA_DIR = os.path.join("out", "data")       # where CIFAR-10's tarball is looked for (07 and 08)
-def load_cifar10(data_dir=None):
-    """The 50,000 CIFAR-10 training images (uint8 [50000, 3, 32, 32]) and classes (int64 [50000])."""
-    import torchvision
-    data_dir = data_dir or DATA_DIR
-    try:
-        dataset = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
-    except Exception as error:   # offline: urllib/socket/integrity errors all end here
-        raise OSError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(error).__name__}); "
-                      f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
-                      f"into {data_dir!r}") from None
-    return torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous(), np.asarray(dataset.targets, np.int64)
-
-
-
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-# The built-in dataset: coloured shapes on dark backgrounds, one class per shape.
-SHAPES = ["disc", "square", "triangle", "cross"]
-
-
-def make_shapes_dataset(n, resolution, seed=0, supersample=4):
-    """n procedurally drawn RGB images (uint8 [n, 3, R, R]) and their class (index into SHAPES): a random saturated
-    colour, size and position each; edges anti-aliased by drawing `supersample` times larger and averaging down."""
-    g = torch.Generator().manual_seed(seed)
-    u = lambda *shape: torch.rand(*shape, generator=g)
-    classes = torch.randint(len(SHAPES), [n], generator=g)
-    size = resolution * (0.22 + 0.12 * u(n, 1, 1))                        # half-width in pixels
-    cx = resolution / 2 + (u(n, 1, 1) - 0.5) * (resolution - 2.6 * size)   # keep the shape inside
-    cy = resolution / 2 + (u(n, 1, 1) - 0.5) * (resolution - 2.6 * size)
-    s = resolution * supersample
-    coords = (torch.arange(s) + 0.5) / supersample
-    dx, dy = coords.view(1, 1, s) - cx, coords.view(1, s, 1) - cy
-    masks = torch.stack([
-        dx ** 2 + dy ** 2 <= size ** 2,                                                        # disc
-        torch.maximum(dx.abs(), dy.abs()) <= 0.8 * size,                                       # square
-        (dy <= 0.8 * size) & (dx.abs() * 1.8 <= (dy + size)),                                 # triangle, apex up
-        ((dx.abs() <= 0.3 * size) & (dy.abs() <= size)) | ((dy.abs() <= 0.3 * size) & (dx.abs() <= size)),  # cross
-    ])[classes, torch.arange(n)].to(torch.float32)
-    masks = F.avg_pool2d(masks[:, None], supersample)                      # [n, 1, R, R] coverage
-    hue = u(n) * 6                                                          # saturated colour from a hue
-    colour = 0.35 + 0.65 * torch.stack([(hue - k).remainder(6).sub(3).abs().sub(1).clamp(0, 1) for k in (0, 4, 2)], 1)
-    background = 0.05 + 0.15 * u(n, 1)                                      # dark grey
-    images = masks * colour.view(n, 3, 1, 1) + (1 - masks) * background.view(n, 1, 1, 1)
-    return (images * 255).round().to(torch.uint8), classes.numpy()
-
-
-class TrainingSet:
-    """Training images in memory (uint8 [N, C, H, W], decoded once), one-hot labels [N, label_dim]
-    (label_dim 0: none) and class names; with xflip, index N + i is image i mirrored."""
-
-    def __init__(self, name, images, labels, class_names, xflip):
-        self.name, self.images, self.labels, self.class_names, self.xflip = name, images, labels, class_names, xflip
-        self.channels, self.resolution, self.label_dim = images.shape[1], images.shape[2], labels.shape[1]
-
-    def __len__(self):
-        return len(self.images) * (2 if self.xflip else 1)
-
-    def batch(self, indices):
-        raw, flip = indices % len(self.images), (indices >= len(self.images)).view(-1, 1, 1, 1)
-        return torch.where(flip, self.images[raw].flip(3), self.images[raw]), self.labels[raw]
-
-
-def load_dataset(args, run_dir=None):
-    """--data (cifar10 | shapes | a folder/zip) -> TrainingSet, checked against the network it will feed."""
-    if args.data == "cifar10":   # one process per node downloads and extracts; the others wait, then read it
-        (images, labels), name, names = common.rank0_first(load_cifar10, args.data_dir), "cifar10", \
-            CIFAR10_CLASSES
-    elif args.data == "shapes":
-        (images, labels), names = make_shapes_dataset(4096, args.resolution or 16), SHAPES
-        name = f"shapes{images.shape[2]}"
-    else:
-        folder = common.load("08_evaluate_fid").ImageFolder(args.data, args.resolution if args.resize else None)
-        images, labels, names = decode_once_per_node(folder, run_dir or run_folder(args)), folder.labels, None
-        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
-        if folder.resized and common.get_rank() == 0:
-            print(f"{len(folder.resized)} of {len(folder)} images center-cropped and resized to "
-                  f"{args.resolution}x{args.resolution} (LANCZOS, as the official dataset_tool.py)")
-    n, _, h, w = images.shape
-    levels = len(args.cres or ([1, 2, 3, 4] if args.arch == "adm" else [2, 2, 2]))
-    if h != w or h % 2 ** (levels - 1) or h != (args.resolution or h):
-        raise ValueError(f"the images are {w}x{h}; the {levels}-level U-Net needs square images, a size divisible by "
-                         f"2^{levels - 1}" + f" and equal to --resolution {args.resolution}" * bool(args.resolution)
-                         + ("; pass --resolution R to center-crop and resize them" if args.data not in
-                            ("cifar10", "shapes") and not (args.resolution and args.resize) else ""))
-    if args.cond and labels is None:
-        raise ValueError(f"--cond needs labels, and {args.data!r} has none (dataset.json or class sub-folders)")
-    if args.cond and labels.min() < 0:
-        raise ValueError(f"class labels must be non-negative integers; {args.data!r} has {labels.min()}")
-    onehot = F.one_hot(torch.as_tensor(labels)).to(torch.float32) if args.cond else torch.zeros([n, 0])
-    return TrainingSet(name, images, onehot, names or [f"class {k}" for k in range(onehot.shape[1])], args.xflip)
-
-
-def decode_once_per_node(folder, run_dir):
-    """Every image of `folder` as uint8 [N, C, H, W]. Under torchrun each node's first process decodes them
-    once into a .npy file in the run folder that the node's other processes memory-map (copy-on-write: the
-    pages are shared), so a node holds one decoded copy, not one per GPU; the file's name goes once all have
-    mapped it (the mapping outlives the name)."""
-    if common.get_world_size() == 1:
-        return folder.batch(range(len(folder)))
-    # GROUP_RANK is torchrun's node rank: one file per node, even in a run folder that all nodes share
-    cache = os.path.join(run_dir, f"images-node{os.environ.get('GROUP_RANK', '0')}.npy")
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-    def decode_or_map():
-        if first:
-            images = folder.batch(range(len(folder))).numpy()   # bad input fails here, before anything is written
-            with common.atomic_open(cache) as f:
-                np.save(f, images)
-        return torch.from_numpy(np.load(cache, mmap_mode="c"))
-    images = common.rank0_first(decode_or_map)
-    torch.distributed.barrier()
-    if first:
-        os.remove(cache)
-    return images
-
-
-# ----------------------------------------------------------------------------
-# The data stream: one endless shuffled sequence of dataset indices, shared by all ranks.
-
-class InfiniteSampler:
-    """Epoch e of the stream is a permutation drawn from (seed, e); rank r of R reads entries r, r+R, r+2R, ...
-    Its whole state is `position` (entries read by all ranks together), so a resumed run -- even one with
-    a different number of ranks -- reads exactly the images the uninterrupted run would have read."""
-
-    def __init__(self, size, seed, rank=0, num_ranks=1, position=0):
-        self.size, self.seed, self.rank, self.num_ranks, self.position = size, seed, rank, num_ranks, position
-        self._perms = {}
-
-    def permutation(self, epoch):
-        if epoch not in self._perms:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}   # keep one epoch back
-            self._perms[epoch] = torch.randperm(self.size, generator=generator)
-        return self._perms[epoch]
-
-    def next(self, batch):
-        """This rank's next `batch` indices; all ranks advance together by batch * num_ranks."""
-        stream = self.position + self.rank + self.num_ranks * torch.arange(batch)   # increasing: epochs in order
-        self.position += batch * self.num_ranks
-        epochs = stream // self.size
-        return torch.cat([self.permutation(e)[stream[epochs == e] % self.size] for e in epochs.unique().tolist()])
-
-
-def derive_seed(*parts):
-    """An independent 63-bit seed for each (run seed, purpose, ...) tuple."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-# ----------------------------------------------------------------------------
-# The network and the loss, in the official configuration vocabulary (train.py of NVlabs/edm).
+# What `train` calls: the network and the loss in the official configuration vocabulary (train.py of
+# NVlabs/edm), the schedules of Table 7, the EMA and the gradient check.
 
 ARCHS = {
     "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
@@ -257,20 +168,9 @@ def network_config(args, data):
 def loss_function(args):
     """05's loss of Table 1 for --precond; EDM's with this run's sigma_data, P_mean and P_std."""
     if args.precond == "edm":
-        return precond.EDMLoss(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
-    return getattr(precond, PRECONDS[args.precond][1])()
+        return ch05.EDMLoss(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
+    return getattr(ch05, PRECONDS[args.precond][1])()
 
-
-def data_std(data, max_images=10000):
-    """The data's per-pixel standard deviation in [-1, 1] (on up to max_images evenly spread images): EDM's
-    sigma_data, which c_skip, c_out and c_in need to give the network unit-variance inputs and targets (Sec. 5)."""
-    indices = torch.linspace(0, len(data) - 1, min(len(data), max_images)).round().long()
-    return (data.batch(indices)[0].to(torch.float64) / 127.5 - 1).std().item()
-
-
-# ----------------------------------------------------------------------------
-# The training loop (Sec. 5, Table 7): the EDM step at the top level of `train`; the
-# bookkeeping it calls (checkpoints, resume, ticks, previews) is in the next section.
 
 def learning_rate(cur_nimg, lr, rampup_mimg):
     """Linear warm-up from 0 to lr over the first rampup_mimg million images, then constant."""
@@ -282,43 +182,6 @@ def ema_beta(cur_nimg, batch_size, halflife_mimg, rampup_ratio=0.05):
     half-life is capped at rampup_ratio x images seen, so the random initial weights fade fast."""
     halflife_nimg = min(halflife_mimg * 1e6, cur_nimg * rampup_ratio)
     return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
-
-
-# EDM2's power-function EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
-# Models", Sec. 3.1): the weights at step tau enter the average at step t with weight ~ tau^gamma, tau <= t.
-# `--phema` keeps such averages and snapshots them; chapter 11 combines the snapshots into an EMA of any length
-# after training. The update lives here, not in 11, because training must run it and a chapter imports only
-# earlier ones; 11 holds the reconstruction and the explanation.
-
-PHEMA_SIGMA_REL_MAX = 1 / math.sqrt(12)   # gamma = 0: the plain average of all weights, the widest profile kept
-
-
-def phema_sigma_rel(gamma):
-    """Width of the profile tau^gamma on [0, t], as its standard deviation over t (EDM2 App. C, Eq. 123)."""
-    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
-
-
-def phema_gamma(sigma_rel):
-    """The exponent gamma >= 0 of relative width sigma_rel: Eq. 123 solved for gamma, i.e. the largest real root
-    of the cubic gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s) = 0 with s = sigma_rel^-2 (Eq. 126)."""
-    if not 0 < sigma_rel <= PHEMA_SIGMA_REL_MAX:
-        raise ValueError(f"sigma_rel must be in (0, {PHEMA_SIGMA_REL_MAX:.4f}] (1/sqrt(12): the plain average), "
-                         f"got {sigma_rel:g}")
-    s = sigma_rel ** -2
-    return max(0.0, float(max(r.real for r in np.roots([1, 7, 16 - s, 12 - s]) if abs(r.imag) < 1e-9)))
-
-
-def phema_beta(t, gamma):
-    """Per-step decay after optimizer step t = 1, 2, ... (EDM2 Eq. 127): beta = (1 - 1/t)^(gamma + 1). Step 1
-    copies the weights (beta = 0); after t steps step tau holds weight (tau/t)^(gamma+1) - ((tau-1)/t)^(gamma+1),
-    the profile (gamma + 1) tau^gamma / t^(gamma + 1) integrated over step tau (chapter 11 tests it)."""
-    return (1 - 1 / t) ** (gamma + 1)
-
-
-def phema_path(run_dir, sigma_rel, cur_nimg):
-    """<run>/phema-<sigma_rel>-<kimg>.pt, kimg to the image (000016.000): a network snapshot (06's format, read by
-    08) of one profile, its time exact in the name -- 11 reconstructs from it, and --snap may be under 1 kimg."""
-    return os.path.join(run_dir, f"phema-{sigma_rel:g}-{cur_nimg / 1000:010.3f}.pt")
 
 
 @torch.no_grad()
@@ -339,86 +202,6 @@ def sanitize_gradients(net):
         for g in grads:
             torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
     return found
-
-
-def train(args, device=torch.device("cpu")):
-    """Train as Sec. 5 and Table 7 describe, writing into the run folder. Returns (run folder, kimg done)."""
-    rank, world_size = common.get_rank(), common.get_world_size()
-    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    run_dir = run_folder(args)
-
-    # Everything that can fail on bad input happens before the first file is written.
-    data = load_dataset(args, run_dir)
-    resume = find_resume(args, run_dir)
-    class_name, net_kwargs = network_config(args, data)
-
-    # The network D (06 inside 05's preconditioning): the same initial weights on every rank, then
-    # per-rank random streams for noise levels, noise, dropout and augmentation.
-    torch.manual_seed(args.seed)
-    net = unet.from_official_config(class_name, net_kwargs).train().requires_grad_(True).to(device)
-    common.seed_all(derive_seed(args.seed, "rank", rank))
-    net = net.to(memory_format=torch.channels_last) if args.channels_last else net
-    ema = copy.deepcopy(net).eval().requires_grad_(False)            # the averaged weights that get sampled
-    phema = {sigma_rel: copy.deepcopy(ema) for sigma_rel in args.phema}   # --phema: EDM2's power-function EMAs
-    loss_fn = loss_function(args)                                    # 05: Table 1's p(sigma) and lambda(sigma)
-    augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
-    augment_pipe = AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                                 fused=device.type == "cuda" or None)   # one kernel for all tensors where supported
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    stream = InfiniteSampler(len(data), args.seed, rank, world_size)
-    cur_nimg = restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args) if resume else 0
-    if resume:
-        restore_phema(resume[0], phema)
-    ddp, autocast = accelerate(net, args, device, world_size)
-    if rank == 0:
-        begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device)
-
-    total_nimg = round(args.duration * 1e6)
-    stop_nimg = min(total_nimg, round(args.stop_kimg * 1e3)) if args.stop_kimg else total_nimg
-    progress = Progress(run_dir, cur_nimg, total_nimg, device, train_flops(class_name, net_kwargs), args)
-    while cur_nimg < stop_nimg:
-        # One step on args.batch images: `rounds` micro-batches per rank, gradients averaged over ranks on the last.
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(rounds):
-            with (ddp.no_sync() if world_size > 1 and round_idx < rounds - 1 else contextlib.nullcontext()):
-                images, labels = data.batch(stream.next(batch_gpu))
-                y = images.to(device).to(torch.float32) / 127.5 - 1        # pixels in [-1, 1]
-                y = y.contiguous(memory_format=torch.channels_last) if args.channels_last else y
-                with autocast():
-                    # Eq. 2, weighted as in Table 1 (05's loss): draw sigma ~ p_train (EDM: ln sigma ~
-                    # N(P_mean, P_std^2)), augment y, add n ~ N(0, sigma^2 I); per pixel the loss is
-                    # lambda(sigma) |D(y + n; sigma) - y|^2.
-                    loss = loss_fn(net=ddp, images=y, labels=labels.to(device), augment_pipe=augment_pipe)
-                progress.add_loss(loss)
-                scaler.scale(loss.sum() / (batch_gpu * rounds)).backward()   # summed per image, mean over the batch
-
-        # Adam with the learning rate ramped up linearly (Table 7).
-        lr = learning_rate(cur_nimg, args.lr, args.lr_rampup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.unscale_(optimizer)
-        progress.nonfinite += sanitize_gradients(net)
-        scaler.step(optimizer)
-        scaler.update()
-
-        # The exponential moving average of the weights, its half-life counted in images.
-        update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema))
-        for sigma_rel, average in phema.items():      # after step t = cur_nimg / batch + 1 (EDM2 Eq. 127)
-            update_ema(average, net, phema_beta(cur_nimg // args.batch + 1, phema_gamma(sigma_rel)))
-        cur_nimg += args.batch
-
-        # Bookkeeping: a tick every --tick kimg; every --snap kimg and at the end also a network
-        # snapshot, a preview grid and the training state to resume from.
-        snap_due = cur_nimg >= stop_nimg or crossed(cur_nimg, args.batch, args.snap)
-        if snap_due or crossed(cur_nimg, args.batch, args.tick):
-            stats = progress.tick(cur_nimg, lr)
-            if snap_due:
-                stats["rank_digests"] = save_snapshot(args, run_dir, cur_nimg, net, ema, phema, optimizer, scaler,
-                                                      stream, device, augment_generator, data)
-            progress.log(stats)
-    progress.bar.close()
-    return run_dir, cur_nimg / 1e3
 
 
 # ----------------------------------------------------------------------------
@@ -569,6 +352,163 @@ def resample(images, G_inv):
 
 
 # ----------------------------------------------------------------------------
+# Data: images become a uint8 tensor [N, C, H, W] and integer class labels (or none): CIFAR-10, the built-in
+# shapes, or a folder/zip of images (08's ImageFolder, which 08's FID statistics read too).
+
+DATA_DIR = os.path.join("out", "data")       # where CIFAR-10's tarball is looked for (07 and 08)
+
+
+def load_cifar10(data_dir=None):
+    """The 50,000 CIFAR-10 training images (uint8 [50000, 3, 32, 32]) and classes (int64 [50000])."""
+    import torchvision
+    data_dir = data_dir or DATA_DIR
+    try:
+        dataset = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+    except Exception as error:   # offline: urllib/socket/integrity errors all end here
+        raise OSError(f"CIFAR-10 is not in {data_dir!r} and could not be downloaded ({type(error).__name__}); "
+                      f"put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
+                      f"into {data_dir!r}") from None
+    return torch.as_tensor(dataset.data).permute(0, 3, 1, 2).contiguous(), np.asarray(dataset.targets, np.int64)
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+SHAPES = ["disc", "square", "triangle", "cross"]   # the built-in data: a class per shape, on dark backgrounds
+
+
+def make_shapes_dataset(n, resolution, seed=0, supersample=4):
+    """n procedurally drawn RGB images (uint8 [n, 3, R, R]) and their class (index into SHAPES): a random saturated
+    colour, size and position each; edges anti-aliased by drawing `supersample` times larger and averaging down."""
+    g = torch.Generator().manual_seed(seed)
+    u = lambda *shape: torch.rand(*shape, generator=g)
+    classes = torch.randint(len(SHAPES), [n], generator=g)
+    size = resolution * (0.22 + 0.12 * u(n, 1, 1))                        # half-width in pixels
+    cx = resolution / 2 + (u(n, 1, 1) - 0.5) * (resolution - 2.6 * size)   # keep the shape inside
+    cy = resolution / 2 + (u(n, 1, 1) - 0.5) * (resolution - 2.6 * size)
+    s = resolution * supersample
+    coords = (torch.arange(s) + 0.5) / supersample
+    dx, dy = coords.view(1, 1, s) - cx, coords.view(1, s, 1) - cy
+    masks = torch.stack([
+        dx ** 2 + dy ** 2 <= size ** 2,                                                        # disc
+        torch.maximum(dx.abs(), dy.abs()) <= 0.8 * size,                                       # square
+        (dy <= 0.8 * size) & (dx.abs() * 1.8 <= (dy + size)),                                 # triangle, apex up
+        ((dx.abs() <= 0.3 * size) & (dy.abs() <= size)) | ((dy.abs() <= 0.3 * size) & (dx.abs() <= size)),  # cross
+    ])[classes, torch.arange(n)].to(torch.float32)
+    masks = F.avg_pool2d(masks[:, None], supersample)                      # [n, 1, R, R] coverage
+    hue = u(n) * 6                                                          # saturated colour from a hue
+    colour = 0.35 + 0.65 * torch.stack([(hue - k).remainder(6).sub(3).abs().sub(1).clamp(0, 1) for k in (0, 4, 2)], 1)
+    background = 0.05 + 0.15 * u(n, 1)                                      # dark grey
+    images = masks * colour.view(n, 3, 1, 1) + (1 - masks) * background.view(n, 1, 1, 1)
+    return (images * 255).round().to(torch.uint8), classes.numpy()
+
+
+class TrainingSet:
+    """Training images in memory (uint8 [N, C, H, W], decoded once), one-hot labels [N, label_dim]
+    (label_dim 0: none) and class names; with xflip, index N + i is image i mirrored."""
+
+    def __init__(self, name, images, labels, class_names, xflip):
+        self.name, self.images, self.labels, self.class_names, self.xflip = name, images, labels, class_names, xflip
+        self.channels, self.resolution, self.label_dim = images.shape[1], images.shape[2], labels.shape[1]
+
+    def __len__(self):
+        return len(self.images) * (2 if self.xflip else 1)
+
+    def batch(self, indices):
+        raw, flip = indices % len(self.images), (indices >= len(self.images)).view(-1, 1, 1, 1)
+        return torch.where(flip, self.images[raw].flip(3), self.images[raw]), self.labels[raw]
+
+
+def load_dataset(args):
+    """--data (cifar10 | shapes | a folder/zip) -> TrainingSet, checked against the network it will feed."""
+    if args.data == "cifar10":   # one process per node downloads and extracts; the others wait, then read it
+        (images, labels), name, names = common.rank0_first(load_cifar10, args.data_dir), "cifar10", CIFAR10_CLASSES
+    elif args.data == "shapes":
+        (images, labels), names = make_shapes_dataset(4096, args.resolution or 16), SHAPES
+        name = f"shapes{images.shape[2]}"
+    else:
+        folder = common.load("08_evaluate_fid").ImageFolder(args.data, args.resolution if args.resize else None)
+        images, labels, names = decode_once_per_node(folder, args.outdir), folder.labels, None
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
+        if folder.resized and common.get_rank() == 0:
+            print(f"{len(folder.resized)} of {len(folder)} images center-cropped and resized to "
+                  f"{args.resolution}x{args.resolution} (LANCZOS, as the official dataset_tool.py)")
+    n, _, h, w = images.shape
+    levels = len(args.cres or ([1, 2, 3, 4] if args.arch == "adm" else [2, 2, 2]))
+    if h != w or h % 2 ** (levels - 1) or h != (args.resolution or h):
+        raise ValueError(f"the images are {w}x{h}; the {levels}-level U-Net needs square images, a size divisible by "
+                         f"2^{levels - 1}" + f" and equal to --resolution {args.resolution}" * bool(args.resolution)
+                         + ("; pass --resolution R to center-crop and resize them" if args.data not in
+                            ("cifar10", "shapes") and not (args.resolution and args.resize) else ""))
+    if args.cond and labels is None:
+        raise ValueError(f"--cond needs labels, and {args.data!r} has none (dataset.json or class sub-folders)")
+    if args.cond and labels.min() < 0:
+        raise ValueError(f"class labels must be non-negative integers; {args.data!r} has {labels.min()}")
+    onehot = F.one_hot(torch.as_tensor(labels)).to(torch.float32) if args.cond else torch.zeros([n, 0])
+    return TrainingSet(name, images, onehot, names or [f"class {k}" for k in range(onehot.shape[1])], args.xflip)
+
+
+def decode_once_per_node(folder, run_dir):
+    """Every image of `folder` as uint8 [N, C, H, W]. Under torchrun each node's first process decodes them
+    once into a .npy file in the run folder that the node's other processes memory-map (copy-on-write: the
+    pages are shared), so a node holds one decoded copy, not one per GPU; the file's name goes once all have
+    mapped it (the mapping outlives the name)."""
+    if common.get_world_size() == 1:
+        return folder.batch(range(len(folder)))
+    # GROUP_RANK is torchrun's node rank: one file per node, even in a run folder that all nodes share
+    cache = os.path.join(run_dir, f"images-node{os.environ.get('GROUP_RANK', '0')}.npy")
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+    def decode_or_map():
+        if first:
+            images = folder.batch(range(len(folder))).numpy()   # bad input fails here, before anything is written
+            with common.atomic_open(cache) as f:
+                np.save(f, images)
+        return torch.from_numpy(np.load(cache, mmap_mode="c"))
+    images = common.rank0_first(decode_or_map)
+    torch.distributed.barrier()
+    if first:
+        os.remove(cache)
+    return images
+
+
+def data_std(data, max_images=10000):
+    """The data's per-pixel standard deviation in [-1, 1] (on up to max_images evenly spread images): EDM's
+    sigma_data, which c_skip, c_out and c_in need to give the network unit-variance inputs and targets (Sec. 5)."""
+    indices = torch.linspace(0, len(data) - 1, min(len(data), max_images)).round().long()
+    return (data.batch(indices)[0].to(torch.float64) / 127.5 - 1).std().item()
+
+
+# The data stream: one endless shuffled sequence of dataset indices, shared by all ranks.
+
+class InfiniteSampler:
+    """Epoch e of the stream is a permutation drawn from (seed, e); rank r of R reads entries r, r+R, r+2R, ...
+    Its whole state is `position` (entries read by all ranks together), so a resumed run -- even one with
+    a different number of ranks -- reads exactly the images the uninterrupted run would have read."""
+
+    def __init__(self, size, seed, rank=0, num_ranks=1, position=0):
+        self.size, self.seed, self.rank, self.num_ranks, self.position = size, seed, rank, num_ranks, position
+        self._perms = {}
+
+    def permutation(self, epoch):
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}   # keep one epoch back
+            self._perms[epoch] = torch.randperm(self.size, generator=generator)
+        return self._perms[epoch]
+
+    def next(self, batch):
+        """This rank's next `batch` indices; all ranks advance together by batch * num_ranks."""
+        stream = self.position + self.rank + self.num_ranks * torch.arange(batch)   # increasing: epochs in order
+        self.position += batch * self.num_ranks
+        epochs = stream // self.size
+        return torch.cat([self.permutation(e)[stream[epochs == e] % self.size] for e in epochs.unique().tolist()])
+
+
+def derive_seed(*parts):
+    """An independent 63-bit seed for each (run seed, purpose, ...) tuple."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+# ----------------------------------------------------------------------------
 # Machinery (none of it changes the maths above): the batch split, precision and DDP, the run folder,
 # ticks, snapshots with rank digests and previews, training states and resume.
 
@@ -597,23 +537,23 @@ def accelerate(net, args, device, world_size):
     return ddp, lambda: torch.autocast(device.type, common.PRECISIONS[args.precision], args.precision != "fp32")
 
 
-def begin_run(args, run_dir, data, net, class_name, net_kwargs, resume, cur_nimg, batch_gpu, rounds, device):
+def begin_run(run, resume, cur_nimg):
     """training_options.json, reals.png (new runs) and one line saying what is trained."""
-    world_size, measured_std = common.get_world_size(), data_std(data)
-    common.out_dir(__file__, run_dir)               # one clear line if --outdir is (inside) a file
+    args, data, world_size, measured_std = run.args, run.data, common.get_world_size(), data_std(run.data)
+    common.out_dir(__file__, args.outdir)           # one clear line if --outdir is (inside) a file
     common.write_json(dict(vars(args), world_size=world_size, dataset=data.name, dataset_size=len(data),
                            data_std=measured_std, class_names=data.class_names,
-                           network=dict(class_name=class_name, kwargs=net_kwargs), batch_gpu=batch_gpu,
-                           accumulation_rounds=rounds), os.path.join(run_dir, OPTIONS))
+                           network=dict(class_name=run.class_name, kwargs=run.net_kwargs), batch_gpu=run.batch_gpu,
+                           accumulation_rounds=run.rounds), os.path.join(args.outdir, OPTIONS))
     if resume is None:
         save_grid(data.batch(torch.arange(64) % len(data))[0] / 127.5 - 1,
-                         os.path.join(run_dir, "reals.png"), f"{data.name}: training images 0-63")
-    print(f"{f'resuming {resume[1]} at {cur_nimg / 1e3:g} kimg' if resume else 'new run'} -> {run_dir}\n"
+                  os.path.join(args.outdir, "reals.png"), f"{data.name}: training images 0-63")
+    print(f"{f'resuming {resume[1]} at {cur_nimg / 1e3:g} kimg' if resume else 'new run'} -> {args.outdir}\n"
           f"{data.name}: {len(data)} images {data.resolution}x{data.resolution}x{data.channels}, {data.label_dim} "
-          f"classes; {class_name}/{net_kwargs['model_type']} {sum(p.numel() for p in net.parameters()):,} parameters; "
-          f"{world_size} process(es) on {device}; batch {args.batch} = {world_size}x{rounds}x{batch_gpu}\n"
-          f"data: per-pixel std {measured_std:.3f} in [-1, 1]" + (f"; sigma_data {args.sigma_data:g} in use"
-          if args.precond == "edm" else ""), flush=True)
+          f"classes; {run.class_name}/{run.net_kwargs['model_type']} {sum(p.numel() for p in run.net.parameters()):,} "
+          f"parameters; {world_size} process(es) on {run.device}; batch {args.batch} = {world_size}x{run.rounds}x"
+          f"{run.batch_gpu}\ndata: per-pixel std {measured_std:.3f} in [-1, 1]" +
+          (f"; sigma_data {args.sigma_data:g} in use" if args.precond == "edm" else ""), flush=True)
     if args.precond == "edm" and abs(measured_std / args.sigma_data - 1) > 0.25:
         print(f"warning: the data's std {measured_std:.3f} differs from sigma_data {args.sigma_data:g} by more than "
               f"25 %; pass --sigma-data {measured_std:.2f} so that the network's inputs and targets have unit "
@@ -630,11 +570,6 @@ def read_run_options(folder):
         return {}
     with open(path) as f:
         return json.load(f)
-
-
-def train_flops(class_name, net_kwargs):
-    """FLOPs of one training image: forward (06's count, 2 per multiply-add) + backward (~2x forward)."""
-    return 3 * unet.size_and_flops(class_name, net_kwargs)[1]
 
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets, by the precision the matmuls and
@@ -662,9 +597,11 @@ class Progress:
     """Per tick (rank 0): loss mean/std over all ranks (summed on the device), speed, achieved TFLOP/s per
     process and, on a GPU of known peak, MFU (model FLOPs utilization), memory -> stats.jsonl, a line."""
 
-    def __init__(self, run_dir, cur_nimg, total_nimg, device, flops_per_image, args):
-        self.path, self.device, self.total = os.path.join(run_dir, "stats.jsonl"), device, total_nimg
-        self.flops_per_image, self.peak = flops_per_image, peak_tflops(device, args.precision, args.tf32)
+    def __init__(self, run, cur_nimg, total_nimg):
+        self.path, self.device, self.total = os.path.join(run.args.outdir, "stats.jsonl"), run.device, total_nimg
+        # FLOPs of one training image: forward (06's count, 2 per multiply-add) + backward (~2x forward)
+        self.flops_per_image = 3 * ch06.size_and_flops(run.class_name, run.net_kwargs)[1]
+        self.peak = peak_tflops(run.device, run.args.precision, run.args.tf32)
         self.bar = tqdm.tqdm(total=total_nimg, initial=cur_nimg, unit="img", unit_scale=True, dynamic_ncols=True,
                              disable=common.get_rank() != 0 or not sys.stderr.isatty())   # a bar on a terminal only
         self.reset(cur_nimg)
@@ -706,43 +643,41 @@ class Progress:
         self.reset(round(stats["kimg"] * 1e3))
 
 
-def save_snapshot(args, run_dir, cur_nimg, net, ema, phema, optimizer, scaler, stream, device, augment_generator,
-                  data):
+def save_snapshot(run, cur_nimg):
     """Network snapshot + preview + training state (+ --phema snapshots). Returns every rank's weight digest
     (equal, or we stop)."""
     digest = lambda module: hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters()))
-    digests = common.gather("/".join(digest(m).hexdigest() for m in [net, ema, *phema.values()]))
+    digests = common.gather("/".join(digest(m).hexdigest() for m in [run.net, run.ema, *run.phema.values()]))
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks disagree on the weights at {cur_nimg} images: {digests}")
-    rngs = common.gather(dict(torch=torch.get_rng_state(), augment=augment_generator.get_state(),
-                              cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
+    rngs = common.gather(dict(torch=torch.get_rng_state(), augment=run.augment_generator.get_state(),
+                              cuda=torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None))
     if common.get_rank() == 0:
-        kimg = f"{cur_nimg // 1000:06d}"
-        unet.save_network(ema, os.path.join(run_dir, f"network-snapshot-{kimg}.pt"))
-        save_preview(ema, os.path.join(run_dir, f"preview-{kimg}.png"), device, cur_nimg, data.class_names)
-        for sigma_rel, average in phema.items():
-            unet.save_network(average, phema_path(run_dir, sigma_rel, cur_nimg))
-        write_state(dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                         phema=[average.state_dict() for average in phema.values()],
-                         scaler=scaler.state_dict(), cur_nimg=cur_nimg, stream_position=stream.position,
-                         rng=rngs, args=vars(args)), run_dir)
+        kimg, run_dir = f"{cur_nimg // 1000:06d}", run.args.outdir
+        ch06.save_network(run.ema, os.path.join(run_dir, f"network-snapshot-{kimg}.pt"))
+        save_preview(run.ema, os.path.join(run_dir, f"preview-{kimg}.png"), run.device, cur_nimg, run.data.class_names)
+        for sigma_rel, average in run.phema.items():
+            ch06.save_network(average, common.load("11_post_hoc_ema").phema_path(run_dir, sigma_rel, cur_nimg))
+        write_state(dict(net=run.net.state_dict(), ema=run.ema.state_dict(), optimizer=run.optimizer.state_dict(),
+                         phema=[average.state_dict() for average in run.phema.values()],
+                         scaler=run.scaler.state_dict(), cur_nimg=cur_nimg, stream_position=run.stream.position,
+                         rng=rngs, args=vars(run.args)), run_dir)
     return digests
 
 
-# Training states: written to a temp file and renamed into place; the previous good one is kept.
+# Training states: the new one replaces the old only once complete on disk; the previous good one is kept.
 STATE, PREVIOUS = "training-state.pt", "training-state-prev.pt"
 
 
 def write_state(state, run_dir):
     """training-state.pt <- state; the old one becomes training-state-prev.pt only once the new one is complete."""
-    tmp = os.path.join(run_dir, STATE + ".tmp")
-    with open(tmp, "wb") as f:
+    path = os.path.join(run_dir, STATE)
+    with common.atomic_open(path) as f:           # a temporary file, renamed to `path` at the end of the block
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())                        # a crash before the renames leaves both old files intact
-    if os.path.exists(os.path.join(run_dir, STATE)):
-        os.replace(os.path.join(run_dir, STATE), os.path.join(run_dir, PREVIOUS))
-    os.replace(tmp, os.path.join(run_dir, STATE))
+        if os.path.exists(path):
+            os.replace(path, os.path.join(run_dir, PREVIOUS))
 
 
 def read_state(path, fallback=None):
@@ -758,13 +693,13 @@ def read_state(path, fallback=None):
         return read_state(fallback)
 
 
-def find_resume(args, run_dir):
+def find_resume(args):
     """(state, path) to continue from, or None for a new run; the state must fit the options."""
-    latest, previous = os.path.join(run_dir, STATE), os.path.join(run_dir, PREVIOUS)
+    latest, previous = os.path.join(args.outdir, STATE), os.path.join(args.outdir, PREVIOUS)
     found = os.path.exists(latest) or os.path.exists(previous)
-    same_on_every_rank("a training state" if found else "none", run_dir)   # before any rank can stop alone
+    same_on_every_rank("a training state" if found else "none", args.outdir)   # before any rank can stop alone
     if args.resume is None and found:
-        raise ValueError(f"{run_dir!r} already holds a training run; pass --resume auto to continue it "
+        raise ValueError(f"{args.outdir!r} already holds a training run; pass --resume auto to continue it "
                          f"or choose another --outdir")
     if args.resume is None or (args.resume == "auto" and not found):
         return None
@@ -774,7 +709,7 @@ def find_resume(args, run_dir):
         resume = read_state(args.resume)
     else:
         raise FileNotFoundError(f"--resume {args.resume!r}: no such file")
-    same_on_every_rank(f"{resume[0]['cur_nimg']} images", run_dir)
+    same_on_every_rank(f"{resume[0]['cur_nimg']} images", args.outdir)
     saved = resume[0]["args"]
     changed = sorted(k for k, v in vars(args).items() if k not in RESUMABLE and saved.get(k, v) != v)
     if changed:
@@ -793,37 +728,30 @@ def same_on_every_rank(seen, run_dir):
             "folder that every node reads (a network file system)")
 
 
-def restore(resume, net, ema, optimizer, scaler, stream, device, augment_generator, args):
-    """Load a training state into this rank's objects and random streams; returns the images seen."""
-    state, rank, world_size = resume[0], common.get_rank(), common.get_world_size()
-    for module, key in [(net, "net"), (ema, "ema"), (optimizer, "optimizer"), (scaler, "scaler")]:
+def restore(run, state):
+    """Load a training state into this rank's objects and random streams; returns the images seen. (--phema's
+    averages in --phema's order, which find_resume keeps unchanged.)"""
+    rank, world_size, device = common.get_rank(), common.get_world_size(), run.device
+    for module, key in [(run.net, "net"), (run.ema, "ema"), (run.optimizer, "optimizer"), (run.scaler, "scaler")]:
         module.load_state_dict(state[key])
-    for group in optimizer.param_groups:     # the saved run's choice may not exist here (fused Adam on a CPU)
+    for average, saved in zip(run.phema.values(), state["phema"]):
+        average.load_state_dict(saved)
+    for group in run.optimizer.param_groups:     # the saved run's choice may not exist here (fused Adam on a CPU)
         group["fused"] = device.type == "cuda" or None
-    stream.position = state["stream_position"]
+    run.stream.position = state["stream_position"]
     saved_on = "cuda" if state["rng"][0]["cuda"] is not None else "cpu"
     if len(state["rng"]) == world_size and saved_on == device.type:
         torch.set_rng_state(state["rng"][rank]["torch"])
-        augment_generator.set_state(state["rng"][rank]["augment"])
+        run.augment_generator.set_state(state["rng"][rank]["augment"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
     else:   # another number of ranks, or another device's generator type: fresh streams, still deterministic
         why = f"{len(state['rng'])} ranks' run on {world_size}" if saved_on == device.type else \
             f"a {saved_on} run on {device.type} (the generators differ)"
         print(f"warning: resuming {why}; random streams are re-seeded", file=sys.stderr)
-        common.seed_all(derive_seed(args.seed, "rank", rank, state["cur_nimg"]))
-        augment_generator.manual_seed(derive_seed(args.seed, "augment", rank, state["cur_nimg"]))
+        common.seed_all(derive_seed(run.args.seed, "rank", rank, state["cur_nimg"]))
+        run.augment_generator.manual_seed(derive_seed(run.args.seed, "augment", rank, state["cur_nimg"]))
     return state["cur_nimg"]
-
-
-def restore_phema(state, phema):
-    """Load the power-function EMAs of a training state (in --phema order, which resume keeps unchanged)."""
-    saved = state.get("phema", [])
-    if len(saved) != len(phema):
-        raise ValueError(f"the training state keeps {len(saved)} power-function EMAs, --phema asks for {len(phema)}: "
-                         f"a profile must be kept from the first step of a run")
-    for average, saved_state in zip(phema.values(), saved):
-        average.load_state_dict(saved_state)
 
 
 def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512, column_labels=None):
@@ -859,34 +787,16 @@ def save_preview(ema, path, device, cur_nimg, class_names):
     labels = F.one_hot(classes, ema.label_dim).to(torch.float32) if ema.label_dim else None
     images = ch04.make_sampler(18)(ema, latents, {"class_labels": labels}, rnd.randn_like)   # training RNGs untouched
     save_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
-                     [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
+              [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
 
 
 # ----------------------------------------------------------------------------
 # Command line.
 
-def sigma_rel_list(text):
-    """An argparse type for --phema '0.05,0.10': distinct relative widths in (0, 1/sqrt(12)] ('' = none)."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-        for value in values:
-            phema_gamma(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected sigma_rel values like 0.05,0.10: {error}") from None
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"each sigma_rel once, got {text!r}")
-    return values
-
-
-def int_list(allow_empty):
-    """An argparse type for '2,2,2': positive integers ('' = none, where allowed)."""
-    def parse(text):
-        values = [v.strip() for v in text.split(",") if v.strip()]
-        if not all(v.isdigit() and int(v) > 0 for v in values) or not (values or allow_empty):
-            raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-        return [int(v) for v in values]
-    return parse
-
+# The run's own options (no setup changes them); the options a resumed run may change (not the maths).
+RUN_DEFAULTS = dict(tf32=False, compile=False, channels_last=False, resume=None, stop_kimg=None,
+                    outdir=os.path.join("out", "07_train_cifar10"), device="auto", seed=0)
+RESUMABLE = set(RUN_DEFAULTS) - {"tf32", "seed"} | {"duration", "tick", "snap", "batch_gpu", "data_dir", "preset"}
 
 # One rule for the units of training length, so that no option has to be looked up.
 UNITS = ("Units: Table 7's schedule (--duration, --lr-rampup, --ema) in Mimg, as the paper gives it;\n"
@@ -900,6 +810,7 @@ def build_parser(preset):
                                      (f"--preset {preset}." if preset else "no preset (Table 7's CIFAR-10 values)."))
     d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=DATA_DIR, preset=preset)
     kimg, probability, positive = common.number(float, low=0.001), common.number(float, 0, 1), common.number(int, low=1)
+    positives = common.number_list(int, low=1)
     flag = dict(action=argparse.BooleanOptionalAction)   # --x / --no-x
 
     def add(option, help, shown=None, **kwargs):
@@ -920,9 +831,9 @@ def build_parser(preset):
     add("--arch", "network of chapter 06", choices=["ddpmpp", "ncsnpp", "adm"])
     add("--precond", "preconditioning and loss of chapter 05 (Table 1)", choices=["vp", "ve", "edm"])
     add("--cbase", "channel multiplier", "128; adm 192", type=positive)
-    add("--cres", "channels per resolution, e.g. 2,2,2", "2,2,2; adm 1,2,3,4", type=int_list(False))
+    add("--cres", "channels per resolution, e.g. 2,2,2", "2,2,2; adm 1,2,3,4", type=positives)
     add("--blocks", "residual blocks per resolution", "4; adm 3", type=positive)
-    add("--attn", "resolutions with self-attention ('' = none)", "16; adm 32,16,8", type=int_list(True))
+    add("--attn", "resolutions with self-attention ('' = none)", "16; adm 32,16,8", type=positives)
     add("--dropout", "dropout probability", type=probability)
     add("--augment", "augmentation probability p (App. F.2; 0 = off)", type=probability)
     add("--label-dropout", "probability of dropping a training image's class (for classifier-free guidance; "
@@ -939,7 +850,7 @@ def build_parser(preset):
     add("--P-std", "(see --P-mean)", type=common.number(float, low=1e-6))
     add("--phema", "also keep EDM2's power-function EMAs of these relative widths sigma_rel, e.g. 0.05,0.10, "
         "snapshotted as phema-<sigma_rel>-<kimg>.pt every --snap; 11_post_hoc_ema.py turns them into any EMA length",
-        type=sigma_rel_list)
+        type=common.number_list(float, low=1e-6, high=1 / math.sqrt(12)))   # 11's PHEMA_SIGMA_REL_MAX
     add("--precision", "autocast dtype", choices=["fp32", "bf16", "fp16"])
     add("--tf32", "allow TF32 matmuls (the paper: off)", **flag)
     add("--compile", "torch.compile the network for training (not the paper's; sampling stays eager)", **flag)
@@ -950,7 +861,7 @@ def build_parser(preset):
     add("--resume", "auto (continue the run in --outdir if there is one) or a training-state .pt", "a new run")
     add("--stop-kimg", "save and stop after this many images, kimg; the schedules still follow --duration (for job "
         "time limits)", "run to --duration", type=kimg)
-    add("--outdir", "the run folder: snapshots, previews, training states, stats", "out/07_train_cifar10")
+    add("--outdir", "the run folder: snapshots, previews, training states, stats")
     add("--device", "cpu, cuda, ...; under torchrun each process takes the GPU of its LOCAL_RANK")
     add("--seed", "seed of the initial weights, the data order and every random stream", type=common.number(int, low=0))
     return parser
@@ -968,6 +879,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error(f"--preset {args.preset} needs --data (cifar10, shapes, or a folder/zip of images)")
+    if args.cres == []:
+        parser.error("--cres needs at least one resolution, e.g. 2,2,2")
+    if len(set(args.phema)) != len(args.phema):
+        parser.error(f"--phema: each sigma_rel once, got {','.join(map(str, args.phema))}")
     if args.label_dropout > 0 and not args.cond:
         parser.error("--label-dropout needs --cond: only class labels can be dropped")
     edm_constants = ("sigma_data", "P_mean", "P_std")
@@ -981,14 +896,14 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         rank, _, device = common.init_distributed(args.device)
-        run_dir, kimg = train(args, device)
+        kimg = train(args, device)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()   # every rank is done with the group before any rank closes its connections
     except KeyboardInterrupt:
         if common.get_rank() == 0:
             print(interrupted(args, argv), file=sys.stderr)
         sys.exit(130)                     # the shell's code for "ended by Ctrl-C"
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, ImportError) as error:   # ImportError: --phema without 11_post_hoc_ema.py
         sys.exit(f"error: {error}")
     except (torch.cuda.OutOfMemoryError, MemoryError):
         sys.exit(f"error: out of memory; lower --batch-gpu (gradient accumulation keeps --batch {args.batch})")
@@ -996,28 +911,25 @@ def main(argv=None):
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if rank == 0:
-        conclude(args, run_dir, kimg)
-
-
-def run_folder(args):
-    return args.outdir or os.path.join("out", "07_train_cifar10")
+        conclude(args, kimg)
 
 
 def interrupted(args, argv):
     """Ctrl-C: one line naming what is saved and the command that continues from it. (Nothing is lost: the
     training state is replaced only once its successor is complete on disk.)"""
-    state = os.path.join(run_folder(args), STATE)
+    state = os.path.join(args.outdir, STATE)
     if not os.path.exists(state):
-        return f"interrupted before the first training state was saved in {run_folder(args)}; nothing to resume"
-    snapshots = sorted(glob.glob(os.path.join(run_folder(args), "network-snapshot-*.pt")))
+        return f"interrupted before the first training state was saved in {args.outdir}; nothing to resume"
+    snapshots = sorted(glob.glob(os.path.join(args.outdir, "network-snapshot-*.pt")))
     at = f" (with {os.path.basename(snapshots[-1])})" if snapshots else ""
     command = list(argv) + ([] if args.resume else ["--resume", "auto"])
     return f"interrupted: the last saved state is {state}{at}; continue with: python {os.path.basename(__file__)} " \
            + shlex.join(command)
 
 
-def conclude(args, run_dir, kimg):
+def conclude(args, kimg):
     """Which files to open, what they show, and the next command."""
+    run_dir = args.outdir
     last = lambda pattern: (sorted(glob.glob(os.path.join(run_dir, pattern))) or ["(none)"])[-1]
     print(f"\n{'finished' if kimg >= args.duration * 1e3 else 'stopped (continue: --resume auto)'} at {kimg:g} kimg. "
           f"Open {last('preview-*.png')} and compare it with {os.path.join(run_dir, 'reals.png')}.\n"
@@ -1030,9 +942,9 @@ def conclude(args, run_dir, kimg):
           f"  network-snapshot-*.pt  EMA weights + network configuration; 06's load_network and 08 read them\n"
           + f"  phema-*.pt             --phema's power-function EMAs; python 11_post_hoc_ema.py --run {run_dir} "
           f"--sigma-rel S --out FILE\n{'':25}gives the EMA of any width S\n" * bool(args.phema) +
-          f"  training-state.pt      what --resume auto continues from (bit for bit on a CPU); -prev: the one before\n"
-          f"  training_options.json  this run's options, dataset and network configuration\n"
-          f"  stats.jsonl            one line per tick: loss mean and std, learning rate, images/s, TFLOP/s, memory")
+          "  training-state.pt      what --resume auto continues from (bit for bit on a CPU); -prev: the one before\n"
+          "  training_options.json  this run's options, dataset and network configuration\n"
+          "  stats.jsonl            one line per tick: loss mean and std, learning rate, images/s, TFLOP/s, memory")
 
 
 if __name__ == "__main__":

@@ -1,84 +1,17 @@
 """11 -- Beyond the paper: choose the EMA length after training (EDM2's post-hoc EMA).
 
-EDM samples an exponential moving average (EMA) of the weights, and its length matters: Table 7 uses a
-half-life of 0.5 Mimg for CIFAR-10 and 50 Mimg for ImageNet-64, found by training once per candidate.
-The same authors' follow-up (Karras et al., CVPR 2024, "Analyzing and Improving the Training Dynamics of
-Diffusion Models", EDM2; Sec. 3 and App. C -- equation numbers below are that appendix's) trains once,
-keeps two averages of a special shape, snapshots them now and then, and afterwards combines the
-snapshots into the average of ANY length -- even one that stops earlier than the run did.
+EDM samples an exponential moving average (EMA) of the weights, and Table 7 fixes its length per data set,
+found by training once per candidate. EDM2 (Karras et al., CVPR 2024, "Analyzing and Improving the Training
+Dynamics of Diffusion Models", Sec. 3 and App. C; equation numbers are that appendix's) trains once, keeps
+two power-function EMAs, snapshots them now and then, and afterwards combines the snapshots into the EMA of
+ANY width -- even that of a run stopped earlier:
+  * the profile p_{t,gamma}(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t] (Sec. 3.1), its width
+    sigma_rel (Eq. 123, 126) and the per-step decay beta_t (Eq. 127) that `07 --phema` runs while training;
+  * least squares over the profiles' closed-form inner products (Eq. 151, Algorithm 3): the coefficients of
+    the snapshots, which are then summed as plain tensor files (no network code needed).
 
-1. The power-function EMA (Sec. 3.1). At time t it weights the parameters theta(tau) of each earlier
-   time by a power of tau:
-
-       theta_hat(t) = integral_0^t p_{t,gamma}(tau) theta(tau) dtau,
-       p_{t,gamma}(tau) = (gamma + 1) tau^gamma / t^(gamma + 1)   on [0, t].
-
-   Its shape is the same at every t, stretched over [0, t] -- a RELATIVE length, so one value suits a
-   run of any duration. Its width, the profile's standard deviation over t, is
-
-       sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))                              (Eq. 123)
-
-   and sigma_rel -> gamma is the largest root of a cubic (Eq. 126): EDM2 stores sigma_rel 0.05
-   (gamma 16.97) and 0.10 (gamma 6.94). Training keeps it with the ordinary EMA update and a decay that
-   depends on the step t = 1, 2, ...: beta_t = (1 - 1/t)^(gamma + 1) (Eq. 127). After t steps, step
-   tau holds weight (tau/t)^(gamma+1) - ((tau-1)/t)^(gamma+1): exactly the profile's mass on
-   (tau - 1, tau], so the discrete average IS the continuous one of the piecewise-constant trajectory.
-   `07_train_cifar10.py --phema 0.05,0.10` keeps these averages and writes phema-<sigma_rel>-<kimg>.pt
-   every --snap. The update lives in 07, not here: training must run it (also under torchrun), and a
-   chapter imports only earlier ones. This file holds the reconstruction and its explanation.
-
-2. Reconstruction (App. C, Eq. 151 and Algorithm 3). Snapshot i, taken at time t_i of the profile
-   gamma_i, is theta_hat_i = <p_i, theta>. A combination sum_i c_i theta_hat_i = <q, theta> is the
-   trajectory averaged with the profile q = sum_i c_i p_i; choose c to bring q as close as possible
-   (in L2 over tau) to the target p_r = p_{t_r, gamma_r}, for any gamma_r and any t_r up to the last
-   snapshot (the snapshots after t_r are left out: as if training had stopped there). The normal
-   equations G c = b need only inner products of power profiles, in closed form (Eq. 151):
-
-       <p_a, p_b> = (gamma_a + 1)(gamma_b + 1) / (gamma_a + gamma_b + 1)
-                    * m^(gamma_a + gamma_b + 1) / (t_a^(gamma_a + 1) t_b^(gamma_b + 1)),   m = min(t_a, t_b).
-
-   We also ask for total weight sum_i c_i = 1 (a Lagrange multiplier): an average of the weights, not
-   a rescaled one (EDM2 rescales the unconstrained solution instead; with a good fit both are close).
-   Why the profile error is the thing to watch: theta_rec - theta_target = <q - p_r, theta> =
-   <q - p_r, theta - theta_bar> for any constant theta_bar (both profiles have mass 1), so
-
-       |theta_rec - theta_target| <= ||q - p_r|| * ||theta - theta_bar||                      (Cauchy-Schwarz)
-
-   -- the profile error times how far the trajectory moves. Snapshots far apart cannot make a profile
-   narrower than their spacing; a profile wider than the stored ones is easy.
-
-The demo, on ground truth:
-  (a) chapter 01's 1-D two-mode toy: 01's ToyMLP in 05's EDM preconditioning, trained by 01's train_toy
-      (Adam, cosine learning-rate decay) while power EMAs of sigma_rel 0.01-0.25 are tracked directly and
-      0.05 and 0.10 snapshotted every 100 steps. Each width is then reconstructed from the snapshots, and
-      both versions sample with 04's Algorithm 2: Wasserstein-1 (W1) distance to the exact data
-      distribution (its CDF in closed form), at the end of training and at its middle (--at).
-  (b) profile error and weight error against the number of snapshots kept.
-  (c) a short `07 --preset tiny --phema 0.05,0.07,0.1` run: 0.07 reconstructed from 0.05 and 0.1 only,
-      against the 0.07 that training tracked.
-
-What it finds (default run, as printed; W1 of two independent data draws, the noise floor: 0.0155).
-  (a) Where the profile error is small the reconstruction IS the tracked EMA: at sigma_rel 0.07 and
-      0.15 (profile errors 0.2% and 0.6% at the end) the weights agree to 4e-6 and 8e-6 of their norm
-      and W1 to the 4th decimal. Where it is large (0.01 at half-way: 48%; 0.25 at half-way: 14%) the
-      weights differ by 0.7-1.7% and W1 by up to 0.018. At the end of training W1 falls steadily with
-      the width, 0.044 (0.01, = the raw final weights) -> 0.039 (0.10) -> 0.021-0.023 (0.25): this
-      toy wants a long average, longer than either stored profile, and the reconstruction finds it.
-      Half-way the curve is flat within the noise (0.020-0.033 from 0.02 to 0.2): there choosing the
-      width after the fact gains nothing over the stored 0.05 beyond the noise floor.
-  (b) The profile error falls with denser snapshots (sigma_rel 0.07: 5.1% with one snapshot per
-      profile -> 0.25% with 20), and the weight error stays under the Cauchy-Schwarz bound in every
-      row, by 10-800x; a profile narrower than the stored ones is the hard case (0.02: 8.7% even with
-      20 snapshots, which lie 100 steps apart while the profile is ~40 steps wide).
-  (c) 4 kimg of 07 --preset tiny, snapshots every kimg: 0.07 rebuilt from the 8 snapshots of 0.05 and
-      0.1 (profile error 3.4%) differs from the tracked 0.07 by 2.7e-4 of its norm, about 40x less than
-      the raw weights do (1.1e-2).
-
-Run:  python 11_post_hoc_ema.py          (figures in out/11_post_hoc_ema/; about 40 s on 2 CPU cores,
-      docs/BENCHMARKS.md)
-
-After a real run (the command line; also prints the coefficients and the profile error):
-  python 07_train_cifar10.py --preset tiny --phema 0.05,0.10 --outdir out/11_tiny
+Run:  python 11_post_hoc_ema.py     (the demo: a 1-D toy with known answers, and a short 07 run)
+After `python 07_train_cifar10.py --preset tiny --phema 0.05,0.10 --outdir out/11_tiny`:
   python 11_post_hoc_ema.py --run out/11_tiny --sigma-rel 0.07 --out out/11_tiny/ema-0.07.pt
   python 08_evaluate_fid.py generate --network out/11_tiny/ema-0.07.pt --seeds 0-63
 (--at-kimg K: the average of a run stopped at K kimg; --from 0.05,0.10: which stored profiles to use.)
@@ -90,7 +23,6 @@ import glob
 import math
 import os
 import re
-import textwrap
 import time
 from typing import NamedTuple
 
@@ -99,14 +31,10 @@ import torch
 
 import common
 
-# 07 keeps the power-function EMA during training (its update, beta_t and sigma_rel <-> gamma live there,
-# where training can import them); 06 reads and writes the snapshots.
-train = common.load("07_train_cifar10")
-unet = common.load("06_unet")
-
 
 # ----------------------------------------------------------------------------
-# The power-function profile p_{t,gamma}(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t] (Sec. 3.1).
+# The power-function EMA (Sec. 3.1): at time t the weights theta(tau) of each earlier time count with a power
+# of tau. Its shape is the same at every t, stretched over [0, t]: a RELATIVE length, one value for any run.
 
 def profile(tau, t, gamma):
     """The density p_{t,gamma} at times tau (0 beyond t): how much theta(tau) counts in the average at t."""
@@ -116,15 +44,43 @@ def profile(tau, t, gamma):
 
 def profile_mass(t, gamma, a, b):
     """integral of p_{t,gamma} over [a, b]: (min(b, t)/t)^(gamma+1) - (min(a, t)/t)^(gamma+1). With a, b the
-    ends of step tau, the weight that 07's update (beta_t of Eq. 127) gives step tau after t steps."""
+    ends of step tau, the weight that the update of Eq. 127 (phema_beta) gives step tau after t steps."""
     cdf = lambda x: (np.clip(np.asarray(x, np.float64), 0, t) / t) ** (gamma + 1)
     return cdf(b) - cdf(a)
 
 
+PHEMA_SIGMA_REL_MAX = 1 / math.sqrt(12)   # gamma = 0: the plain average of all weights, the widest profile
+
+
+def phema_sigma_rel(gamma):
+    """Width of the profile tau^gamma on [0, t], as its standard deviation over t (Eq. 123)."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def phema_gamma(sigma_rel):
+    """The exponent gamma >= 0 of relative width sigma_rel: Eq. 123 solved for gamma, i.e. the largest real root
+    of the cubic gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s) = 0 with s = sigma_rel^-2 (Eq. 126). EDM2
+    stores sigma_rel 0.05 (gamma 16.97) and 0.10 (gamma 6.94)."""
+    if not 0 < sigma_rel <= PHEMA_SIGMA_REL_MAX:
+        raise ValueError(f"sigma_rel must be in (0, {PHEMA_SIGMA_REL_MAX:.4f}] (1/sqrt(12): the plain average), "
+                         f"got {sigma_rel:g}")
+    s = sigma_rel ** -2
+    return max(0.0, float(max(r.real for r in np.roots([1, 7, 16 - s, 12 - s]) if abs(r.imag) < 1e-9)))
+
+
+def phema_beta(t, gamma):
+    """Per-step decay after optimizer step t = 1, 2, ... (Eq. 127): beta_t = (1 - 1/t)^(gamma + 1), applied as
+    an ordinary EMA update (07's update_ema). Step 1 copies the weights (beta = 0); after t steps step tau holds
+    weight (tau/t)^(gamma+1) - ((tau-1)/t)^(gamma+1), exactly the profile's mass on (tau - 1, tau]
+    (profile_mass): the discrete average IS the continuous one of the piecewise-constant trajectory."""
+    return (1 - 1 / t) ** (gamma + 1)
+
+
 def inner_product(t_a, gamma_a, t_b, gamma_b):
-    """<p_a, p_b> = integral of p_{t_a,gamma_a} p_{t_b,gamma_b} over tau, in closed form (Eq. 151)."""
-    # The docstring's m^(gamma_a + gamma_b + 1) / (t_a^(gamma_a + 1) t_b^(gamma_b + 1)) written with ratios <= 1:
-    # m^gamma alone overflows for long runs (t ~ 1e8 images, gamma ~ 100).
+    """<p_a, p_b> = integral of p_{t_a,gamma_a} p_{t_b,gamma_b} over tau, in closed form (Eq. 151):
+    (gamma_a + 1)(gamma_b + 1) / (gamma_a + gamma_b + 1) m^(gamma_a + gamma_b + 1) / (t_a^(gamma_a + 1)
+    t_b^(gamma_b + 1)) with m = min(t_a, t_b)."""
+    # Written with ratios <= 1: m^gamma alone overflows for long runs (t ~ 1e8 images, gamma ~ 100).
     m = min(t_a, t_b)
     scale = (m / t_a) ** (gamma_a + 1) * (m / t_b) ** (gamma_b + 1) / m
     return (gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1) * scale
@@ -136,12 +92,18 @@ def gram(profiles_a, profiles_b):
 
 
 # ----------------------------------------------------------------------------
-# The least-squares combination (App. C, Algorithm 3).
+# Reconstruction (App. C, Algorithm 3). Snapshot i, taken at time t_i of the profile gamma_i, is
+# theta_hat_i = <p_i, theta>; a combination sum_i c_i theta_hat_i = <q, theta> is the trajectory averaged with
+# the profile q = sum_i c_i p_i. Choose c to bring q as close as possible (in L2 over tau) to the target
+# p_{t_r, gamma_r}, for any gamma_r and any t_r up to the last snapshot (later snapshots are left out: as if
+# training had stopped at t_r).
 
 def solve_coefficients(stored, target):
     """Coefficients c (sum 1) minimizing ||sum_i c_i p_i - p_target|| over the stored profiles [(t_i, gamma_i)],
     and that minimum relative to ||p_target||. Normal equations G c = b with the constraint sum c = 1 added
     through a Lagrange multiplier: [[G, 1], [1^T, 0]] [c, lambda] = [b, 1]."""
+    # Total weight 1: an average of the weights, not a rescaled one (EDM2 rescales the unconstrained solution
+    # instead; with a good fit both are close).
     n = len(stored)
     if n == 0:
         raise ValueError("no snapshots to reconstruct from")
@@ -156,13 +118,27 @@ def solve_coefficients(stored, target):
 
 def profile_error(stored, coefficients, target):
     """||sum_i c_i p_i - p_target|| / ||p_target||, exactly: c^T G c - 2 c^T b + <p_target, p_target>."""
+    # Why this is the number to watch: theta_rec - theta_target = <q - p, theta> = <q - p, theta - theta_bar>
+    # for any constant theta_bar (both profiles have mass 1), so by Cauchy-Schwarz
+    # |theta_rec - theta_target| <= ||q - p|| ||theta - theta_bar||: the profile error times how far the
+    # trajectory moves. Snapshots far apart cannot make a profile narrower than their spacing.
     c = np.asarray(coefficients, np.float64)
     squared = c @ gram(stored, stored) @ c - 2 * c @ gram(stored, [target])[:, 0] + inner_product(*target, *target)
     return math.sqrt(max(squared, 0.0) / inner_product(*target, *target))
 
 
 # ----------------------------------------------------------------------------
-# The snapshots of a 07 run and the reconstructed network.
+# The snapshots of a run, read as data: torch.save dicts {"format", "class_name", "kwargs", "state_dict"}
+# (06's save_network writes them, 08 generates from them), so reconstruction needs no network code.
+
+def phema_path(run_dir, sigma_rel, cur_nimg):
+    """<run>/phema-<sigma_rel>-<kimg>.pt, kimg to the image (000016.000): the snapshot 07 --phema writes of one
+    profile, its time exact in the name (--snap may be under 1 kimg)."""
+    return os.path.join(run_dir, f"phema-{sigma_rel:g}-{cur_nimg / 1000:010.3f}.pt")
+
+
+SNAPSHOT_NAME = re.compile(r"phema-(?P<sigma_rel>[0-9.e+-]+)-(?P<kimg>\d+\.\d{3})\.pt")   # phema_path's names
+
 
 class Snapshot(NamedTuple):
     path: str
@@ -171,10 +147,7 @@ class Snapshot(NamedTuple):
 
     @property
     def profile(self):
-        return self.nimg, train.phema_gamma(self.sigma_rel)
-
-
-SNAPSHOT_NAME = re.compile(r"phema-(?P<sigma_rel>[0-9.e+-]+)-(?P<kimg>\d+\.\d{3})\.pt")   # 07's phema_path
+        return self.nimg, phema_gamma(self.sigma_rel)
 
 
 def find_snapshots(run_dir):
@@ -210,27 +183,29 @@ def select(snapshots, at_nimg=None, from_sigma_rel=None):
     return [s for s in snapshots if s.nimg <= at_nimg], at_nimg
 
 
-@torch.no_grad()
 def combine(paths, coefficients):
-    """The network whose weights are sum_i c_i (weights of snapshot i), summed in float64 one file at a time."""
-    net, total = None, None
+    """The snapshot whose tensors are sum_i c_i (tensors of snapshot i), summed in float64 one file at a time: the
+    first file's dict with the combined state_dict (in the files' dtypes)."""
+    first, total = None, None
     for path, c in zip(paths, coefficients):
-        current = unet.load_network(path)
-        state = current.state_dict()
-        if net is None:
-            net, total = current, {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
+        try:
+            snapshot = torch.load(path, map_location="cpu", weights_only=True)
+            state = snapshot["state_dict"]
+        except Exception as error:   # truncated, not a torch.save file, not a snapshot: many kinds
+            raise ValueError(f"cannot read {path} as a network snapshot ({type(error).__name__})") from None
+        if first is None:
+            first, total = snapshot, {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
         if state.keys() != total.keys() or any(v.shape != total[k].shape for k, v in state.items()):
             raise ValueError(f"{path} holds another network than {paths[0]}: snapshots of one run only")
         for k, v in state.items():
             total[k] += float(c) * v.to(torch.float64)
-    net.load_state_dict({k: v.to(net.state_dict()[k].dtype) for k, v in total.items()})
-    return net
+    return dict(first, state_dict={k: v.to(first["state_dict"][k].dtype) for k, v in total.items()})
 
 
 def reconstruct(run_dir, sigma_rel, at_kimg=None, from_sigma_rel=None):
     """The power-function EMA of width sigma_rel at `at_kimg` (default: the run's last snapshot) from the run's
-    snapshots. Returns (network, snapshots used, coefficients, relative profile error)."""
-    gamma = train.phema_gamma(sigma_rel)
+    snapshots. Returns (snapshot dict, snapshots used, coefficients, relative profile error)."""
+    gamma = phema_gamma(sigma_rel)
     used, at_nimg = select(find_snapshots(run_dir), None if at_kimg is None else round(at_kimg * 1000),
                            from_sigma_rel)
     coefficients, error = solve_coefficients([s.profile for s in used], (at_nimg, gamma))
@@ -238,43 +213,35 @@ def reconstruct(run_dir, sigma_rel, at_kimg=None, from_sigma_rel=None):
 
 
 def command_line(args):
-    """--run: reconstruct, print the coefficients and the profile error, write the snapshot."""
+    """--run: reconstruct, print the coefficients and the profile error, write the snapshot (atomically)."""
     if args.out is None:
         raise ValueError("--run needs --out FILE, where the reconstructed snapshot goes")
-    from_sigma_rel = parse_sigma_rels(args.from_) if args.from_ else None
-    net, used, coefficients, error = reconstruct(args.run, args.sigma_rel, args.at_kimg, from_sigma_rel)
+    snapshot, used, coefficients, error = reconstruct(args.run, args.sigma_rel, args.at_kimg, args.from_ or None)
     at = max(s.nimg for s in used) if args.at_kimg is None else round(args.at_kimg * 1000)
-    print(f"sigma_rel {args.sigma_rel:g} (gamma {train.phema_gamma(args.sigma_rel):.3f}) at {at / 1e3:g} kimg "
+    print(f"sigma_rel {args.sigma_rel:g} (gamma {phema_gamma(args.sigma_rel):.3f}) at {at / 1e3:g} kimg "
           f"from {len(used)} snapshots:")
     print(f"{'snapshot':<32}{'sigma_rel':>10}{'kimg':>10}{'coefficient':>14}")
     for s, c in zip(used, coefficients):
         print(f"{os.path.basename(s.path):<32}{s.sigma_rel:>10g}{s.nimg / 1e3:>10g}{c:>14.6f}")
     print(f"sum of coefficients {coefficients.sum():.6f}; relative profile error ||q - p|| / ||p|| = {error:.2e}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    unet.save_network(net, args.out)
+    with common.atomic_open(args.out) as f:
+        torch.save(snapshot, f)
     print(f"wrote {args.out}; images: python 08_evaluate_fid.py generate --network {args.out}")
 
 
-def parse_sigma_rels(text):
-    """'0.05,0.10' -> [0.05, 0.1]."""
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"expected sigma_rel values like 0.05,0.10, got {text!r}") from None
-
-
 # ----------------------------------------------------------------------------
-# Demo (a): the 1-D toy, where the data distribution is known exactly.
+# Demo (a): chapter 01's 1-D toy, where the data distribution is known exactly.
 
 class Tracker:
     """Watches every optimizer step of a run (a global step hook, so 01's train_toy runs unchanged) and, as
-    07 does, updates a power EMA per width in `tracked` (07's update_ema and phema_beta), snapshots the
+    07 --phema does, updates a power EMA per width in `tracked` (`update_ema` with phema_beta), snapshots the
     `stored` widths every `every` steps, keeps the widths of `tracked` at the steps in `keep`, and sums
     theta and |theta|^2 over the steps (the trajectory's spread, for the error bound)."""
 
-    def __init__(self, net, stored, tracked, every, keep):
+    def __init__(self, net, stored, tracked, every, keep, update_ema):
         self.net, self.stored, self.every, self.keep, self.t = net, stored, every, set(keep), 0
-        self.gamma = {s: train.phema_gamma(s) for s in sorted(set(stored) | set(tracked))}
+        self.update_ema = update_ema
+        self.gamma = {s: phema_gamma(s) for s in sorted(set(stored) | set(tracked))}
         self.averages = {s: copy.deepcopy(net).requires_grad_(False) for s in self.gamma}
         self.snapshots = []                           # (t, sigma_rel, weights)
         self.kept = {}                                # (t, sigma_rel) -> weights
@@ -291,7 +258,7 @@ class Tracker:
     def step(self):
         self.t += 1
         for s, average in self.averages.items():
-            train.update_ema(average, self.net, train.phema_beta(self.t, self.gamma[s]))
+            self.update_ema(average, self.net, phema_beta(self.t, self.gamma[s]))
         theta = flat(self.net)
         self.sum = theta.clone() if self.sum is None else self.sum + theta
         self.sum_squares += float(theta @ theta)
@@ -334,8 +301,7 @@ def reconstruct_weights(snapshots, sigma_rel, t, every=1):
     times = sorted({ti for ti, _, _ in snapshots if ti <= t})
     kept = set(times[::-1][::every])                 # every `every`-th, counted back from the last
     used = [(ti, si, w) for ti, si, w in snapshots if ti in kept]
-    c, error = solve_coefficients([(ti, train.phema_gamma(si)) for ti, si, _ in used],
-                                  (t, train.phema_gamma(sigma_rel)))
+    c, error = solve_coefficients([(ti, phema_gamma(si)) for ti, si, _ in used], (t, phema_gamma(sigma_rel)))
     return sum(float(ci) * w for ci, (_, _, w) in zip(c, used)), c, error, used
 
 
@@ -344,18 +310,20 @@ STORED = (0.05, 0.10)
 
 
 def toy_run(args, device, log):
-    """Train the toy with the tracker; W1 of the final weights, the tracked and the reconstructed EMAs."""
-    toy, precond = common.load("01_toy_1d"), common.load("05_preconditioning")
+    """01's ToyMLP in 05's EDM preconditioning, trained by 01's train_toy with the tracker; W1 (04's Algorithm 2
+    samples against the exact data distribution) of the final weights, the tracked and the reconstructed EMAs,
+    at the end of training and half-way through."""
+    ch01, ch05, ch07 = (common.load(name) for name in ("01_toy_1d", "05_preconditioning", "07_train_cifar10"))
     sample = common.load("04_stochastic_sampler").make_sampler(args.sampler_steps)
-    mix = toy.default_mixture()
+    mix = ch01.default_mixture()
     sigma_data = float(mix.sample(100000, torch.Generator().manual_seed(1)).std())
     torch.manual_seed(args.seed)
-    net = precond.EDMPrecond(toy.ToyMLP(), 1, 1, sigma_data=sigma_data)
+    net = ch05.EDMPrecond(ch01.ToyMLP(), 1, 1, sigma_data=sigma_data)
     middle = args.toy_steps // 2
-    tracker = Tracker(net, STORED, TRACKED, args.snapshot_every, keep=(middle, args.toy_steps))
+    tracker = Tracker(net, STORED, TRACKED, args.snapshot_every, (middle, args.toy_steps), ch07.update_ema)
     start = time.time()
     with tracker:
-        toy.train_toy(net, mix, precond.EDMLoss(sigma_data=sigma_data), args.toy_steps, 512, 2e-3, args.seed, device)
+        ch01.train_toy(net, mix, ch05.EDMLoss(sigma_data=sigma_data), args.toy_steps, 512, 2e-3, args.seed, device)
     log(f"(a) trained chapter 01's ToyMLP (EDM preconditioning) for {args.toy_steps} steps with {len(TRACKED)} power "
         f"EMAs tracked and sigma_rel {', '.join(map(str, STORED))} snapshotted every {args.snapshot_every} steps "
         f"({time.time() - start:.1f} s)")
@@ -406,9 +374,8 @@ def snapshot_count_study(tracker, targets=(0.02, 0.07, 0.20)):
         rows = []
         for every in (len(times), 8, 4, 2, 1):
             weights, c, error, used = reconstruct_weights(tracker.snapshots, target, t, every)
-            # The bound of the docstring: ||q - p_r|| ||theta - theta_bar||, both with unit steps.
-            bound = error * math.sqrt(inner_product(t, train.phema_gamma(target), t, train.phema_gamma(target))) \
-                * tracker.spread()
+            # profile_error's bound ||q - p|| ||theta - theta_bar||, with unit steps (the relative error times ||p||)
+            bound = error * math.sqrt(inner_product(t, phema_gamma(target), t, phema_gamma(target))) * tracker.spread()
             rows.append((len(used) // len(tracker.stored), error, float((weights - tracked).norm() / tracked.norm()),
                          bound / float(tracked.norm())))
         out[target] = rows
@@ -422,14 +389,20 @@ def print_study(study):
         for n, error, weight_error, bound in rows:
             print(f"  {target:>8g}{n:>19d}{error:>13.2e}{weight_error:>12.2e}{bound:>10.2e}")
     print("  weight err = |theta_rec - theta_tracked| / |theta_tracked|; bound = profile error x the trajectory's "
-          "spread (docstring), same scale")
+          "spread (profile_error), same scale")
 
 
 # ----------------------------------------------------------------------------
 # Demo (c): a 07 run.
 
+def flat_state(state_dict):
+    """A state dict's tensors as one float64 vector (in its order)."""
+    return torch.cat([v.flatten().to(torch.float64) for v in state_dict.values()])
+
+
 def tiny_run(args, device, outdir):
     """07 --preset tiny at reduced length with --phema 0.05,0.07,0.1; 0.07 reconstructed from 0.05 and 0.1."""
+    ch07 = common.load("07_train_cifar10")
     run_dir = os.path.join(outdir, "tiny-run")
     log = os.path.join(run_dir, "log.txt")
     print(f"\n(c) 07 --preset tiny for {args.tiny_kimg:g} kimg with --phema 0.05,0.07,0.1, snapshots every "
@@ -437,16 +410,16 @@ def tiny_run(args, device, outdir):
           f"{log} ...", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):   # 07's own report
-        train.main(["--preset", "tiny", "--duration", str(args.tiny_kimg / 1000), "--snap", str(args.tiny_snap),
-                    "--tick", str(args.tiny_snap), "--phema", "0.05,0.07,0.1", "--outdir", run_dir,
-                    "--resume", "auto", "--device", str(device), "--seed", str(args.seed)])
-    net, used, coefficients, error = reconstruct(run_dir, 0.07, from_sigma_rel=[0.05, 0.1])
+        ch07.main(["--preset", "tiny", "--duration", str(args.tiny_kimg / 1000), "--snap", str(args.tiny_snap),
+                   "--tick", str(args.tiny_snap), "--phema", "0.05,0.07,0.1", "--outdir", run_dir,
+                   "--resume", "auto", "--device", str(device), "--seed", str(args.seed)])
+    snapshot, used, coefficients, error = reconstruct(run_dir, 0.07, from_sigma_rel=[0.05, 0.1])
     last = max(s.nimg for s in used)
-    tracked = unet.load_network(train.phema_path(run_dir, 0.07, last))
-    difference = float((flat(net) - flat(tracked)).norm() / flat(tracked).norm())
-    raw = train.read_state(os.path.join(run_dir, train.STATE))[0]["net"]
-    moved = float((flat(tracked) - torch.cat([raw[k].flatten().double() for k, _ in tracked.named_parameters()]))
-                  .norm() / flat(tracked).norm())
+    read = lambda path: torch.load(path, map_location="cpu", weights_only=True)
+    tracked = read(phema_path(run_dir, 0.07, last))["state_dict"]
+    raw = read(os.path.join(run_dir, ch07.STATE))["net"]
+    relative = lambda other: float((flat_state(other) - flat_state(tracked)).norm() / flat_state(tracked).norm())
+    difference, moved = relative(snapshot["state_dict"]), relative({k: raw[k] for k in tracked})
     print(f"(c) sigma_rel 0.07 at {last / 1e3:g} kimg from {len(used)} snapshots of 0.05 and 0.1: profile error "
           f"{error:.2e}; |reconstructed - tracked| / |tracked| = {difference:.2e} (the raw weights differ from the "
           f"tracked EMA by {moved:.2e})")
@@ -465,13 +438,13 @@ def plot(tracker, results, study, args, file):
     tau = np.linspace(0, t, 2001)
     for target, colour in ((0.02, "tab:red"), (0.20, "tab:green")):
         _, c, error, used = reconstruct_weights(tracker.snapshots, target, t)
-        q = sum(ci * profile(tau, ti, train.phema_gamma(si)) for ci, (ti, si, _) in zip(c, used))
-        ax.plot(tau, profile(tau, t, train.phema_gamma(target)), color=colour, ls="--", lw=2,
+        q = sum(ci * profile(tau, ti, phema_gamma(si)) for ci, (ti, si, _) in zip(c, used))
+        ax.plot(tau, profile(tau, t, phema_gamma(target)), color=colour, ls="--", lw=2,
                 label=f"target sigma_rel {target:g}")
         ax.plot(tau, q, color=colour, lw=1, label=f"reconstructed (profile error {error:.1%})")
     for ti in sorted({ti for ti, _, _ in tracker.snapshots})[-4:]:
         for s, colour in zip(STORED, ("0.45", "0.75")):
-            ax.plot(tau, profile(tau, ti, train.phema_gamma(s)), color=colour, lw=0.8,
+            ax.plot(tau, profile(tau, ti, phema_gamma(s)), color=colour, lw=0.8,
                     label=f"stored sigma_rel {s:g} (last 4 snapshots)" if ti == t else None)
     ax.set_xlim(0.5 * t, t * 1.01)
     ax.set_xlabel("training step tau")
@@ -510,33 +483,35 @@ def plot(tracker, results, study, args, file):
     plt.close(fig)
 
 
+
 # ----------------------------------------------------------------------------
 # Command line.
 
 def parse_args(argv=None):
     parser = common.base_parser(__doc__)
-    demo = parser.add_argument_group("the demo (without --run)")
-    demo.add_argument("--toy-steps", type=common.number(int, low=100), default=2000,
-                      help="training steps of the toy (default: 2000)")
-    demo.add_argument("--snapshot-every", type=common.number(int, low=1), default=100,
-                      help="toy steps between snapshots of the stored profiles (default: 100)")
-    demo.add_argument("--samples", type=common.number(int, low=100), default=4000,
-                      help="toy samples per EMA (default: 4000)")
-    demo.add_argument("--sampler-steps", type=common.number(int, low=2), default=18,
-                      help="steps of 04's Algorithm 2 (default: 18 = 35 NFE)")
-    demo.add_argument("--tiny-kimg", type=common.number(float, low=1), default=4,
-                      help="length of case (c)'s 07 --preset tiny run, kimg (default: 4)")
-    demo.add_argument("--tiny-snap", type=common.number(float, low=0.001), default=1,
-                      help="its snapshot interval, kimg (default: 1)")
-    run = parser.add_argument_group("reconstruct from a 07 run trained with --phema")
-    run.add_argument("--run", metavar="DIR", help="the run folder (holds phema-<sigma_rel>-<kimg>.pt)")
-    run.add_argument("--sigma-rel", type=common.number(float, low=1e-6, high=train.PHEMA_SIGMA_REL_MAX),
-                     default=0.07, help="width of the EMA to build (default: 0.07)")
-    run.add_argument("--at-kimg", type=common.number(float, low=0.001), default=None,
-                     help="the EMA of a run stopped here (default: the last snapshot)")
-    run.add_argument("--from", dest="from_", metavar="LIST", default=None,
-                     help="stored sigma_rel values to combine, e.g. 0.05,0.10 (default: all)")
-    run.add_argument("--out", metavar="FILE", help="the snapshot to write (08_evaluate_fid.py --network reads it)")
+    toy = parser.add_argument_group("the demo (without --run)")
+    toy.add_argument("--toy-steps", type=common.number(int, low=100), default=2000,
+                     help="training steps of the toy (default: 2000)")
+    toy.add_argument("--snapshot-every", type=common.number(int, low=1), default=100,
+                     help="toy steps between snapshots of the stored profiles (default: 100)")
+    toy.add_argument("--samples", type=common.number(int, low=100), default=4000,
+                     help="toy samples per EMA (default: 4000)")
+    toy.add_argument("--sampler-steps", type=common.number(int, low=2), default=18,
+                     help="steps of 04's Algorithm 2 (default: 18 = 35 NFE)")
+    toy.add_argument("--tiny-kimg", type=common.number(float, low=1), default=4,
+                     help="length of case (c)'s 07 --preset tiny run, kimg (default: 4)")
+    toy.add_argument("--tiny-snap", type=common.number(float, low=0.001), default=1,
+                     help="its snapshot interval, kimg (default: 1)")
+    given = parser.add_argument_group("reconstruct from a 07 run trained with --phema")
+    sigma_rel = dict(low=1e-6, high=PHEMA_SIGMA_REL_MAX)
+    given.add_argument("--run", metavar="DIR", help="the run folder (holds phema-<sigma_rel>-<kimg>.pt)")
+    given.add_argument("--sigma-rel", type=common.number(float, **sigma_rel), default=0.07,
+                       help="width of the EMA to build (default: 0.07)")
+    given.add_argument("--at-kimg", type=common.number(float, low=0.001), default=None,
+                       help="the EMA of a run stopped here (default: the last snapshot)")
+    given.add_argument("--from", dest="from_", metavar="LIST", type=common.number_list(float, **sigma_rel),
+                       help="stored sigma_rel values to combine, e.g. 0.05,0.10 (default: all)")
+    given.add_argument("--out", metavar="FILE", help="the snapshot to write (08_evaluate_fid.py --network reads it)")
     return parser.parse_args(argv)
 
 
@@ -564,49 +539,28 @@ def print_conclusion(results, study, tiny, args, outdir, seconds):
     """The claims of the figure, each from the numbers printed above."""
     floor, end, middle = results["floor"], results[args.toy_steps], results[args.toy_steps // 2]
     good = [r for r in end + middle if r["profile_error"] < 0.05]
-    poor = [(step, r) for step, rows in ((args.toy_steps, end), (args.toy_steps // 2, middle)) for r in rows
-            if r["profile_error"] >= 0.05]
     gap = max(abs(round(r["tracked"], 4) - round(r["reconstructed"], 4)) for r in good)   # as the tables print them
-    best = lambda rows: min(rows, key=lambda r: r["reconstructed"])
-    stored = lambda rows: min((r for r in rows if r["sigma_rel"] in STORED), key=lambda r: r["reconstructed"])
+    narrow = study[min(study)][-1]
     below = all(row[2] <= row[3] for rows in study.values() for row in rows)
-    narrow, wide = study[min(study)], study[max(study)]
 
-    def choice(rows, when):
-        b, s = best(rows), stored(rows)
-        gain = s["reconstructed"] - b["reconstructed"]
-        verdict = f"W1 {gain:.4f} better than the best stored width ({s['sigma_rel']:g}, {s['reconstructed']:.4f})" \
-            if gain > floor else f"no better than the best stored width ({s['sigma_rel']:g}, " \
-            f"{s['reconstructed']:.4f}) beyond the noise floor: here the choice after the fact gains nothing"
-        return f"{when} the best width is {b['sigma_rel']:g} (W1 {b['reconstructed']:.4f}), {verdict}"
-    middle_text = textwrap.fill(
-        f"toy sample quality vs sigma_rel, at the end of training and half-way through (as if it had stopped there). "
-        f"Wherever the profile error is under 5%, the reconstructed EMAs (lines) and the EMAs tracked during the "
-        f"same run (circles) differ by at most {gap:.4f} in W1 (noise floor {floor:.4f}); where it is larger they "
-        f"can differ more: " + ", ".join(f"sigma_rel {r['sigma_rel']:g} at step {step} (profile error "
-                                         f"{r['profile_error']:.0%}, W1 {r['tracked']:.4f} vs {r['reconstructed']:.4f})"
-                                         for step, r in poor) +
-        f". {choice(end, 'At the end')}; the raw final weights give {results['final']:.4f}. "
-        f"{choice(middle, 'Half-way')}.", width=112, initial_indent="  middle  ", subsequent_indent=" " * 10)
+    def choice(rows):
+        best = min(rows, key=lambda r: r["reconstructed"])
+        stored = min((r for r in rows if r["sigma_rel"] in STORED), key=lambda r: r["reconstructed"])
+        gain = stored["reconstructed"] - best["reconstructed"]
+        return f"{best['sigma_rel']:g} (W1 {best['reconstructed']:.4f}; best stored {stored['sigma_rel']:g}: " \
+               f"{stored['reconstructed']:.4f}, {'a gain' if gain > floor else 'no gain'} beyond the noise floor)"
     print(f"""
-What this shows ({outdir}/post_hoc_ema.png, {seconds:.0f} s)
-  left    the stored profiles (sigma_rel {STORED[0]:g} and {STORED[1]:g}, grey; the last 4 snapshots) and two targets
-          with their least-squares reconstructions: profile error {wide[-1][1]:.1%} for sigma_rel {max(study):g}, wider
-          than both stored ones, {narrow[-1][1]:.1%} for {min(study):g}, narrower (snapshots \
-{args.snapshot_every} steps apart
-          cannot resolve a profile only ~{min(study) * args.toy_steps:.0f} steps wide).
-{middle_text}
-  right   error vs snapshots kept: the profile error of sigma_rel {min(study):g} falls from {narrow[0][1]:.2e} \
-({narrow[0][0]} snapshot
-          per profile) to {narrow[-1][1]:.2e} ({narrow[-1][0]}), of {max(study):g} from {wide[0][1]:.2e} to \
-{wide[-1][1]:.2e}; the weight error is
-          {"below" if below else "NOT always below"} the bound profile error x trajectory spread in every row.
-  (c)     a 07 run: sigma_rel 0.07 rebuilt from 0.05 and 0.1 only ({tiny['snapshots']} snapshots, profile error
-          {tiny['error']:.2e}) differs from the 0.07 that training tracked by {tiny['difference']:.2e} of its norm
-          (the raw weights differ from it by {tiny['moved']:.2e}).
-Reading: two stored power-function EMAs suffice to choose the EMA length after training, and at an earlier
-stopping point, as long as the snapshots are dense compared with the narrowest width wanted; the profile
-error says in advance how far to trust a reconstruction.""")
+What this shows ({outdir}/post_hoc_ema.png: profiles, W1 vs width, errors vs snapshots; {seconds:.0f} s)
+  Two stored power-function EMAs (sigma_rel {STORED[0]:g}, {STORED[1]:g}) give the EMA of any width after training.
+  Where the profile error is under 5%, the reconstructed and the tracked EMAs differ by at most {gap:.4f} in W1
+  (noise floor {floor:.4f}); where it is larger they can differ more (table (a)).
+  The best width at the end: {choice(end)};
+  half-way: {choice(middle)}.
+  Snapshots must be dense against the narrowest width wanted: {min(study):g} keeps a profile error of {narrow[1]:.1%}
+  with {narrow[0]} snapshots per profile; the weight error is {"below" if below else "NOT always below"} its bound in \
+every row (table (b)).
+  A 07 run: 0.07 rebuilt from 0.05 and 0.1 differs from the tracked 0.07 by {tiny['difference']:.2e} of its norm
+  (the raw weights by {tiny['moved']:.2e}): the profile error says in advance how far to trust a reconstruction.""")
 
 
 if __name__ == "__main__":

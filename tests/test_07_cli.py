@@ -50,6 +50,9 @@ BAD = {   # arguments -> a fragment of the one error line
     "zero duration": (lambda p: ["--duration", "0"], "--duration: must be >= 1e-06"),
     "negative lr": (lambda p: ["--lr", "-1"], "--lr: must be >= 0"),
     "probability > 1": (lambda p: ["--augment", "1.5"], "--augment: must be in [0, 1]"),
+    "sigma_rel twice": (lambda p: ["--phema", "0.1,0.05,0.1"], "--phema: each sigma_rel once"),
+    "sigma_rel too wide": (lambda p: ["--phema", "0.05,0.3"], "--phema: must be in [1e-06, 0.288"),
+    "no resolutions": (lambda p: ["--cres", ""], "--cres needs at least one"),
     "batch-gpu not dividing": (lambda p: ["--batch", "16", "--batch-gpu", "5"], "divisible"),
     "corrupt resume state": (lambda p: ["--resume", "auto"], "cannot read training state"),
     "outdir is a file": (lambda p: ["--outdir", a_file(p)], "is (or lies inside) a file, not a folder"),
@@ -140,14 +143,14 @@ def test_help_gives_every_option_a_text_and_the_presets_defaults(T):
 def test_label_dropout_drops_the_class_as_often_as_asked(T, tmp_path, monkeypatch, one_thread):
     """The class vectors the network's label embedding actually receives during training: a fraction p is zero."""
     seen = []
-    build = T.unet.from_official_config
+    build = T.ch06.from_official_config
 
     def hooked(class_name, kwargs):
         net = build(class_name, kwargs)
         net.model.map_label.register_forward_pre_hook(
             lambda module, inputs: seen.append(inputs[0].detach().abs().sum(1) == 0) if module.training else None)
         return net
-    monkeypatch.setattr(T.unet, "from_official_config", hooked)
+    monkeypatch.setattr(T.ch06, "from_official_config", hooked)
     p, images = 0.3, 1600
     T.main([str(a) for a in SMALL + ["--label-dropout", p, "--duration", images / 1e6, "--outdir", tmp_path / "run"]])
     dropped = torch.cat(seen)

@@ -41,7 +41,7 @@ class Recorder:
 
     @contextlib.contextmanager
     def installed(self):
-        recorder, base = self, self.T.precond.EDMLoss
+        recorder, base = self, self.T.ch05.EDMLoss
 
         class ObservedLoss(base):
             def __call__(self, net, images, labels=None, augment_pipe=None):
@@ -56,7 +56,7 @@ class Recorder:
         update_ema = self.T.update_ema
         try:
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(self.T.precond, "EDMLoss", ObservedLoss)
+                patch.setattr(self.T.ch05, "EDMLoss", ObservedLoss)
                 patch.setattr(self.T, "update_ema", lambda ema, net, beta: self.ema_update(update_ema, ema, net, beta))
                 patch.setattr(torch.nn.parallel, "DistributedDataParallel", ObservedDDP)
                 yield self
@@ -179,8 +179,8 @@ def check_ema(betas, steps, batch, halflife_mimg, per_gpu_batches):
 
 def recomputed_gradient(load, options, initial, calls, batch):
     """The gradient of the mean EDM loss over the global batch, computed by hand from what the network saw."""
-    unet = load("06_unet")
-    net = unet.from_official_config(options["network"]["class_name"], options["network"]["kwargs"]).train()
+    ch06 = load("06_unet")
+    net = ch06.from_official_config(options["network"]["class_name"], options["network"]["kwargs"]).train()
     net.load_state_dict(initial)
     total = 0
     for call in calls:

@@ -164,20 +164,20 @@ def test_bad_data_options_are_one_error_line_and_write_nothing(tmp_path, assert_
 
 def test_08_generate_samples_with_the_snapshots_sigma_data(T, load, fid, tmp_path, one_thread):
     T.main(SMALL + ["--sigma-data", "0.3", "--outdir", str(tmp_path / "run")])
-    unet = load("06_unet")
+    ch06 = load("06_unet")
     snapshot = str(tmp_path / "run" / "network-snapshot-000000.pt")
-    forced = unet.load_network(snapshot)
+    forced = ch06.load_network(snapshot)
     config = forced.init_config                                # the same weights with 0.5: what 08 would
     forced.init_config = dict(config, kwargs=dict(config["kwargs"], sigma_data=0.5))   # sample with if it fell back
-    unet.save_network(forced, str(tmp_path / "forced.pt"))
-    assert unet.load_network(str(tmp_path / "forced.pt")).sigma_data == 0.5
+    ch06.save_network(forced, str(tmp_path / "forced.pt"))
+    assert ch06.load_network(str(tmp_path / "forced.pt")).sigma_data == 0.5
     pngs = {}
     for name, path in [("own", snapshot), ("forced", str(tmp_path / "forced.pt"))]:
         fid.main(["generate", "--network", path, "--seeds", "0-1", "--steps", "4", "--device", "cpu",
                   "--outdir", str(tmp_path / name)])
         pngs[name] = [np.array(PIL.Image.open(tmp_path / name / f"{s:06d}.png")) for s in (0, 1)]
-    expected = fid.generate_batch(unet.load_network(snapshot).eval(), [0, 1], "cpu", fid.common.load("04_stochastic_sampler").make_sampler(4))
-    assert unet.load_network(snapshot).sigma_data == 0.3
+    expected = fid.generate_batch(ch06.load_network(snapshot).eval(), [0, 1], "cpu", fid.common.load("04_stochastic_sampler").make_sampler(4))
+    assert ch06.load_network(snapshot).sigma_data == 0.3
     for s in (0, 1):
         assert np.array_equal(pngs["own"][s], expected[s].permute(1, 2, 0).numpy())
         assert not np.array_equal(pngs["own"][s], pngs["forced"][s])     # sigma_data 0.5 gives other images

@@ -160,14 +160,14 @@ def test_tiny_run_loss_falls_and_the_snapshot_loads_and_samples(T, load, tmp_pat
     assert len(lines) >= 4                                            # 4 ticks + the snapshot at 1 kimg
     assert lines[-1]["loss_mean"] < 0.8 * lines[0]["loss_mean"], [l["loss_mean"] for l in lines]
     assert all(l["nonfinite_grad_steps"] == 0 for l in lines)
-    unet, sampler = load("06_unet"), load("04_stochastic_sampler")
-    net = unet.load_network(str(out / "network-snapshot-000001.pt"))
+    ch06, ch04 = load("06_unet"), load("04_stochastic_sampler")
+    net = ch06.load_network(str(out / "network-snapshot-000001.pt"))
     ema = state(out / "training-state.pt")["ema"]
     for name, tensor in net.state_dict().items():
         assert torch.equal(tensor, ema[name]), name                 # the snapshot holds the EMA weights
     latents = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.eye(4)
-    images = sampler.make_sampler(8)(net, latents, {"class_labels": labels})
+    images = ch04.make_sampler(8)(net, latents, {"class_labels": labels})
     assert images.shape == (4, 3, 8, 8) and torch.isfinite(images).all()
     assert os.path.exists(out / "preview-000001.png") and os.path.exists(out / "training_options.json")
 

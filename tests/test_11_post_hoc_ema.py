@@ -1,5 +1,6 @@
-"""11's post-hoc EMA: the power-function profile against its closed forms, 07's update against the profile,
-the least-squares reconstruction of a 07 run against the EMA that run tracked directly, and the command line."""
+"""11's post-hoc EMA: the power-function profile against its closed forms, its update (07's update_ema with 11's
+beta_t) against the profile, the least-squares reconstruction of a 07 run against the EMA that run tracked
+directly, and the command line."""
 import math
 import os
 import re
@@ -33,9 +34,9 @@ def numerical(f, t, points=400001):
 # The profile, its width and its update.
 
 @pytest.mark.parametrize("sigma_rel", [0.003, 0.01, 0.05, 0.07, 0.10, 0.2, 0.28, 1 / math.sqrt(12)])
-def test_sigma_rel_gamma_round_trip_and_the_width_is_the_profiles_std(T, P, sigma_rel):
-    gamma = T.phema_gamma(sigma_rel)
-    assert gamma >= 0 and T.phema_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-10)
+def test_sigma_rel_gamma_round_trip_and_the_width_is_the_profiles_std(P, sigma_rel):
+    gamma = P.phema_gamma(sigma_rel)
+    assert gamma >= 0 and P.phema_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-10)
     t = 3.0                                                           # the width is relative: any t
     mean = numerical(lambda tau: tau * P.profile(tau, t, gamma), t)
     variance = numerical(lambda tau: (tau - mean) ** 2 * P.profile(tau, t, gamma), t)
@@ -43,21 +44,21 @@ def test_sigma_rel_gamma_round_trip_and_the_width_is_the_profiles_std(T, P, sigm
     assert math.sqrt(variance) / t == pytest.approx(sigma_rel, rel=1e-4)
 
 
-def test_sigma_rel_out_of_range_is_refused(T):
+def test_sigma_rel_out_of_range_is_refused(P):
     for bad in (0, -0.1, 0.3, float("nan")):
         with pytest.raises(ValueError, match="sigma_rel"):
-            T.phema_gamma(bad)
+            P.phema_gamma(bad)
 
 
 @pytest.mark.parametrize("sigma_rel", [0.02, 0.1, 0.25])
 def test_beta_t_reproduces_the_continuous_profile(T, P, sigma_rel):
     # theta_tau = the tau-th unit vector: after t updates the average holds the weight of every step.
-    steps, gamma = 60, T.phema_gamma(sigma_rel)
+    steps, gamma = 60, P.phema_gamma(sigma_rel)
     net, average = torch.nn.Linear(steps, 1, bias=False).double(), torch.nn.Linear(steps, 1, bias=False).double()
     for t in range(1, steps + 1):
         with torch.no_grad():
             net.weight.copy_(torch.nn.functional.one_hot(torch.tensor(t - 1), steps).double())
-        T.update_ema(average, net, T.phema_beta(t, gamma))
+        T.update_ema(average, net, P.phema_beta(t, gamma))
         if t in (1, 17, steps):
             expected = P.profile_mass(t, gamma, np.arange(steps), np.arange(1, steps + 1))
             np.testing.assert_allclose(average.weight.detach().numpy()[0], expected, rtol=0, atol=1e-13)
@@ -130,17 +131,17 @@ def flat(net):
     return torch.cat([p.detach().flatten().double() for p in net.parameters()])
 
 
-def check_reconstruction(T, P, load, run_dir, trajectory, out):
+def check_reconstruction(P, load, run_dir, trajectory, out):
     """Compare the network 11 wrote to `out` with the 0.07 EMA that training tracked. Returns (error, bound,
     residual): |theta_rec - theta_tracked|; its bound from the profile error, ||q - p|| ||theta - theta_bar||
     (+ rounding); and the residual of the exact identity theta_rec - theta_tracked = sum_tau E_tau theta_tau,
     where E_tau is the mass of q - p on step tau (q, p: the profiles of the reconstruction and the target)."""
-    unet = load("06_unet")
-    rec = flat(unet.load_network(str(out)))
-    tracked = flat(unet.load_network(T.phema_path(str(run_dir), 0.07, BATCH * STEPS)))
+    ch06 = load("06_unet")
+    rec = flat(ch06.load_network(str(out)))
+    tracked = flat(ch06.load_network(P.phema_path(str(run_dir), 0.07, BATCH * STEPS)))
     # The snapshot schedule the test knows, independent of the files on disk: 0.05 and 0.1 every SNAP_STEPS.
-    stored = [(BATCH * k, T.phema_gamma(s)) for k in range(SNAP_STEPS, STEPS + 1, SNAP_STEPS) for s in (0.05, 0.1)]
-    target = (BATCH * STEPS, T.phema_gamma(0.07))
+    stored = [(BATCH * k, P.phema_gamma(s)) for k in range(SNAP_STEPS, STEPS + 1, SNAP_STEPS) for s in (0.05, 0.1)]
+    target = (BATCH * STEPS, P.phema_gamma(0.07))
     c, relative = P.solve_coefficients(stored, target)
     edges = BATCH * np.arange(STEPS + 1)
     E = sum(ci * P.profile_mass(*s, edges[:-1], edges[1:]) for ci, s in zip(c, stored)) \
@@ -161,13 +162,13 @@ def reconstruct(P, run_dir, out):
     P.main(["--run", str(run_dir), "--sigma-rel", "0.07", "--from", "0.05,0.1", "--out", str(out)])
 
 
-def test_reconstruction_of_a_tracked_width_matches_it_within_the_profile_error_bound(T, P, load, run, tmp_path, capsys):
+def test_reconstruction_of_a_tracked_width_matches_it_within_the_profile_error_bound(P, load, run, tmp_path, capsys):
     run_dir, trajectory = run
     assert len(trajectory) == STEPS
     reconstruct(P, run_dir, tmp_path / "ema.pt")
     printed = capsys.readouterr().out
     assert "from 8 snapshots" in printed and "relative profile error" in printed
-    error, bound, residual, rounding = check_reconstruction(T, P, load, run_dir, trajectory, tmp_path / "ema.pt")
+    error, bound, residual, rounding = check_reconstruction(P, load, run_dir, trajectory, tmp_path / "ema.pt")
     assert error <= bound, (error, bound)
     assert residual <= rounding, (residual, rounding)          # the error IS the profile error applied to theta
     assert error > 10 * rounding                                 # (not trivially: 8 snapshots do not fit 0.07 exactly)
@@ -176,7 +177,7 @@ def test_reconstruction_of_a_tracked_width_matches_it_within_the_profile_error_b
     for mutate in ("shuffle", "drop"):
         broken = tmp_path / mutate
         shutil.copytree(run_dir, broken)
-        a, b = (broken / os.path.basename(T.phema_path("", 0.05, BATCH * k)) for k in (SNAP_STEPS, STEPS))
+        a, b = (broken / os.path.basename(P.phema_path("", 0.05, BATCH * k)) for k in (SNAP_STEPS, STEPS))
         if mutate == "shuffle":
             a.rename(broken / "tmp.pt")
             b.rename(a)
@@ -184,18 +185,18 @@ def test_reconstruction_of_a_tracked_width_matches_it_within_the_profile_error_b
         else:
             b.unlink()
         reconstruct(P, broken, tmp_path / f"{mutate}.pt")
-        error, bound, residual, rounding = check_reconstruction(T, P, load, broken, trajectory,
+        error, bound, residual, rounding = check_reconstruction(P, load, broken, trajectory,
                                                                 tmp_path / f"{mutate}.pt")
         assert error > bound or residual > rounding, (mutate, error, bound, residual)
 
 
-def test_the_tracked_widths_are_their_snapshots_and_reconstruction_from_themselves_is_exact(T, P, load, run, tmp_path):
+def test_the_tracked_widths_are_their_snapshots_and_reconstruction_from_themselves_is_exact(P, load, run, tmp_path):
     run_dir, _ = run
-    unet = load("06_unet")
+    ch06 = load("06_unet")
     for kimg in (BATCH * SNAP_STEPS / 1e3, BATCH * STEPS / 1e3):      # also at an earlier stopping point
         P.main(["--run", str(run_dir), "--sigma-rel", "0.07", "--at-kimg", str(kimg), "--out", str(tmp_path / "a.pt")])
-        tracked = unet.load_network(T.phema_path(str(run_dir), 0.07, round(kimg * 1000)))
-        torch.testing.assert_close(flat(unet.load_network(str(tmp_path / "a.pt"))), flat(tracked), rtol=0, atol=1e-6)
+        tracked = ch06.load_network(P.phema_path(str(run_dir), 0.07, round(kimg * 1000)))
+        torch.testing.assert_close(flat(ch06.load_network(str(tmp_path / "a.pt"))), flat(tracked), rtol=0, atol=1e-6)
 
 
 def test_the_written_snapshot_generates_images_with_08(P, load, run, tmp_path):
@@ -224,7 +225,7 @@ def test_bad_command_lines_give_one_error_line(run, tmp_path, assert_one_line_er
     assert not os.path.exists(tmp_path / "x.pt")
 
 
-def test_demo_keeps_07s_report_in_its_log_and_its_claims_match_its_tables(P, run, tmp_path, capsys, monkeypatch,
+def test_demo_keeps_07s_report_in_its_log_and_its_claims_match_its_tables(T, P, run, tmp_path, capsys, monkeypatch,
                                                                           one_thread):
     """The demo at reduced size, case (c)'s 07 run stood in for by the fixture's run: 07's own report goes to
     tiny-run/log.txt, not into 11's output (one 'What this shows'); and 'differ by at most G in W1' holds for
@@ -234,7 +235,7 @@ def test_demo_keeps_07s_report_in_its_log_and_its_claims_match_its_tables(P, run
     def train_07(argv):
         print("07's report")
         shutil.copytree(run_dir, argv[argv.index("--outdir") + 1], dirs_exist_ok=True)
-    monkeypatch.setattr(P.train, "main", train_07)
+    monkeypatch.setattr(T, "main", train_07)
     P.main(["--toy-steps", "100", "--snapshot-every", "10", "--samples", "100", "--sampler-steps", "4",
             "--outdir", str(tmp_path), "--device", "cpu"])
     out = capsys.readouterr().out
