@@ -1,4 +1,4 @@
-"""08_evaluate_fid.py -- the paper's FID protocol (Table 2: 1.79 / 1.97 on CIFAR-10 at 35 NFE), and ours measured the same way.
+"""08_evaluate_fid.py -- FID as the paper measures it (Table 2: 1.79 / 1.97 on CIFAR-10 at 35 NFE), and ours the same way.
 
     FID = |mu_g - mu_r|^2 + tr(Sigma_g + Sigma_r - 2 (Sigma_g Sigma_r)^(1/2))          (Heusel et al. 2017)
 
@@ -21,7 +21,6 @@ generation loads 04 and 06 (+05); 03's, 09's and 10's samplers and guidance plug
 """
 
 import argparse
-import functools
 import io
 import json
 import os
@@ -40,17 +39,13 @@ import tqdm
 import common
 
 # ----------------------------------------------------------------------------
-# 1. Generation: each image a function of its seed only. Plain `python` is one rank; under torchrun each rank
-# generates every world_size-th batch of the seeds (rank_batches), so the same seed gives the same image whatever
-# the batch size or the number of GPUs.
+# 1. Generation, each image a function of its seed only, whatever the batch size or the number of GPUs (under
+# torchrun each rank takes every world_size-th batch).
 
 def generate_batch(net, seeds, device, sample=None, class_idx=None):
-    """uint8 images [N, C, H, W] for the given seeds, each depending on its own seed only.
-
-    As in the official generate.py, each seed's generator first draws the latents, then (for a conditional
-    network) the class label, then the sampler's noise. `sample(net, latents, extra_args, randn_like)` is a
-    sampler as 03's, 04's and 09's make_sampler make them (default: 04's Algorithm 2, 18 steps = 35 NFE).
-    """
+    """uint8 images [N, C, H, W] for the seeds. As in the official generate.py, each seed's generator draws the
+    latents, then (for a conditional network) the class label, then the sampler's noise. `sample(net, latents,
+    extra_args, randn_like)` is one of 03's, 04's or 09's make_sampler (default: 04's Algorithm 2, 35 NFE)."""
     rnd = common.StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
     class_labels = None
@@ -108,11 +103,9 @@ def generate_pngs(net, seeds, outdir, batch_size, device, subdirs=False, class_i
 
 
 # ----------------------------------------------------------------------------
-# 2. The detector: Inception-v3's 2048-d pool features as FID defines them, i.e. the TF graph
-# `inception-2015-12-05`, which resizes its [0, 255] input to 299x299 bilinearly (TF 1.x's sample points) and
-# maps it by (x - 128) / 128. NVIDIA's TorchScript port of that graph does both itself on uint8 NCHW images; the
-# official fid.py uses it (pickled), and the TorchScript file below is the same port, readable by torch.jit.load
-# without unpickling any Python object. Numbers made with it are comparable with the paper's.
+# 2. The detector: the 2048-d pool features of the TF graph `inception-2015-12-05`, which FID is defined by. NVIDIA's
+# TorchScript port of it resizes uint8 NCHW images to 299x299 and scales them as the graph does; the official fid.py
+# loads it from a pickle, we from the same port's TorchScript file (no Python object unpickled).
 
 DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 FEATURE_DIM = 2048
@@ -132,15 +125,12 @@ def load_detector(spec, device):
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"cannot read detector {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                          f"is it a complete download of {DETECTOR_URL}?") from None
-    detector = functools.partial(script, return_features=True)
+
+    @torch.no_grad()
+    def detector(images):          # grey images become RGB
+        return script(images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images, return_features=True)
     detector.feature_dim = getattr(script, "feature_dim", FEATURE_DIM)     # a stand-in may have its own
     return detector
-
-
-def features_of(detector, images):
-    """[N, C, H, W] uint8 on the detector's device -> [N, D] features (grey images become RGB)."""
-    with torch.no_grad():
-        return detector(images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images)
 
 
 # ----------------------------------------------------------------------------
@@ -180,7 +170,7 @@ def feature_stats(items, images_of, detector, batch_size, device, what):
     stats = FeatureStats(detector.feature_dim, device)
     for batch in progress(rank_batches(items, batch_size), what):
         if len(batch):
-            stats.update(features_of(detector, images_of(batch).to(device)))
+            stats.update(detector(images_of(batch).to(device)))
     stats.all_reduce()
     return stats.mean_cov()
 
@@ -196,9 +186,9 @@ def image_stats(images, indices, detector, batch_size, device):
     return feature_stats(indices, lambda batch: images_at(images, batch), detector, batch_size, device, "features")
 
 
-def load_ref(spec, feature_dim=None):
-    """Reference statistics (mu [d], sigma [d, d]) from an .npz path or URL (e.g. the official fid-refs),
-    checked: readable, consistent, and (given feature_dim) of the detector's feature size."""
+def load_ref(spec, feature_dim):
+    """Reference statistics (mu [d], sigma [d, d]) from an .npz path or URL (e.g. the official fid-refs), checked:
+    readable, and d the detector's feature_dim."""
     path = common.download(spec, "the reference statistics") if re.match(r"https?://", spec) else spec
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference statistics not found: {path}; make them with the `ref` "
@@ -208,12 +198,10 @@ def load_ref(spec, feature_dim=None):
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a reference .npz with arrays 'mu' and 'sigma' ({e})") from None
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise ValueError(f"{path} is not a reference .npz: 'mu' is {list(mu.shape)} and 'sigma' {list(sigma.shape)}, "
-                         f"not [d] and [d, d]; make it with the `ref` subcommand")
-    if feature_dim is not None and len(mu) != feature_dim:
-        raise ValueError(f"reference {path} has {len(mu)}-d statistics but the detector gives "
-                         f"{feature_dim}-d features; it was made with a different detector")
+    if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
+        raise ValueError(f"reference {path} has {'x'.join(map(str, mu.shape))}-d statistics but the detector gives "
+                         f"{feature_dim}-d features (mu {list(mu.shape)}, sigma {list(sigma.shape)}): made with "
+                         f"another detector, or not by `ref`")
     return mu, sigma
 
 
@@ -231,19 +219,14 @@ def ref_and_detector(ref_spec, detector_spec, device):
 # ----------------------------------------------------------------------------
 # 4. The Frechet distance between two Gaussians, in float64.
 #
-# The troublesome term is tr((S1 S2)^(1/2)). The official code calls scipy's sqrtm on the non-symmetric
-# product S1 S2, which returns complex round-off and loses accuracy when the covariances are rank-deficient
-# (fewer images than dimensions, or dead features). We avoid the non-symmetric matrix altogether: write
-# S1 = F1 F1^T, S2 = F2 F2^T (factors from the eigen-decompositions); S1 S2 is similar to G G^T with G = F1^T F2,
-# so the eigenvalues of (S1 S2)^(1/2) are the singular values of G and tr((S1 S2)^(1/2)) is their sum (the
-# nuclear norm of G), computed to an absolute accuracy of ~eps |G|, all real.
+# The official code takes scipy's sqrtm of the non-symmetric S1 S2, which returns complex round-off and loses
+# accuracy when the covariances are rank-deficient (fewer images than dimensions, dead features). Instead: with
+# S1 = F1 F1^T and S2 = F2 F2^T, S1 S2 is similar to G G^T for G = F1^T F2, so tr((S1 S2)^(1/2)) is the sum of
+# G's singular values (its nuclear norm), computed to ~eps |G| and all real.
 
 def psd_factor(sigma):
-    """F with F F^T = sigma for a symmetric positive semi-definite matrix (eigen-decomposition).
-
-    Eigenvalues below d * eps * lambda_max are round-off (a zero eigenvalue comes out as +-1e-15 or so); they
-    are set to 0, as numpy's matrix_rank does, because their square roots (~3e-8 each) would otherwise add up
-    over hundreds of null directions."""
+    """F with F F^T = sigma (symmetric PSD). Eigenvalues below d eps lambda_max are round-off (+-1e-15) and set to
+    0, as numpy's matrix_rank does: their square roots (~3e-8) would add up over hundreds of null directions."""
     w, v = torch.linalg.eigh(sigma)
     tol = w.max().clamp(min=0) * len(w) * torch.finfo(w.dtype).eps
     return v * torch.where(w > tol, w, 0).sqrt()
@@ -265,27 +248,16 @@ def print0(*args):
         print(*args, flush=True)
 
 
-def start_generation(args, device):
-    """What generate and fid share, checked before anything is written: (sample, counter, counters, guidance).
-    `counter` counts the sampler's calls (NFE as the paper counts it), `counters` every network's evaluations."""
-    sample = sampler_from_args(args)
-    net = common.rank0_first(load_net, args.network, device)
-    check_class(net, args.class_idx)
-    denoiser, counters, guidance = denoiser_from_args(args, net, device)
-    return sample, common.CountingDenoiser(denoiser), counters, guidance
-
-
 def record(args, sample, counter, counters, images, guidance):
-    """The settings generation.json and fid.json keep, with NFE measured on rank 0's own `images` (rank 0 always
-    has images, other ranks may have none); and the cost in words for the last line printed."""
+    """(the settings generation.json and fid.json keep, the cost in words); NFE measured on rank 0's own `images`."""
     s = sample.settings
     result = dict(network=location(args.network), class_idx=args.class_idx, solver=s["solver"],
                   sigma_steps=s["sigma_steps"], nfe=counter.per_image(images),
                   network_evaluations=sum(c.per_image(images) for c in counters),
                   sampler={"function": s["function"], "options": s["options"]}, guidance=guidance,
                   gpus=common.get_world_size())
-    why = ": each guided call evaluates two networks -- CFG the network with and without its class, autoguidance " \
-          "the main and the guide network" if result["network_evaluations"] != result["nfe"] else ""
+    why = ": each guided call evaluates two networks (CFG: with and without the class; autoguidance: main and " \
+          "guide)" if result["network_evaluations"] != result["nfe"] else ""
     return result, f"{result['nfe']} NFE per image (measured; {result['network_evaluations']} network evaluations{why})"
 
 
@@ -374,10 +346,9 @@ def seed_ranges(seeds):
 
 
 def check_outdir(outdir, seeds, subdirs, add):
-    """generate never replaces a file: it writes into a new or empty folder, or, with --add, into one that has
-    none of these seeds' images. Every rank checks its view of the folder (nodes may have their own) before any
-    writes. Returns the generation.json entries already there (to be extended)."""
-    problem, earlier = None, []
+    """generate writes into a new or empty folder, or with --add into one without these seeds' images, never
+    replacing a file; every rank checks its view of the folder before any writes. Returns generation.json's list."""
+    problem, earlier, settings = None, [], os.path.join(outdir, SETTINGS)
     if os.path.isdir(outdir) and os.listdir(outdir):
         taken = [s for s in seeds if os.path.exists(png_path(outdir, s, subdirs))]
         if not add:
@@ -386,14 +357,13 @@ def check_outdir(outdir, seeds, subdirs, add):
         elif taken:
             problem = (f"{png_path(outdir, taken[0], subdirs)} exists ({len(taken)} of these seeds' images do) and "
                        f"--add never replaces images; pass seeds not yet in {outdir}, or a new --outdir")
-        elif os.path.isfile(os.path.join(outdir, SETTINGS)):
+        elif os.path.isfile(settings):
             try:
-                with open(os.path.join(outdir, SETTINGS)) as f:
-                    earlier = json.load(f)
+                earlier = json.loads(pathlib.Path(settings).read_text())
             except ValueError:
                 earlier = None
             if not isinstance(earlier, list):
-                problem = f"{os.path.join(outdir, SETTINGS)} is not generate's list of settings; pass a new --outdir"
+                problem = f"{settings} is not generate's list of settings; pass a new --outdir"
     problems = [p for p in common.gather(problem) if p]
     if problems:
         raise FileExistsError(problems[0])
@@ -401,8 +371,7 @@ def check_outdir(outdir, seeds, subdirs, add):
 
 
 def save_folder_grid(outdir, count=64):
-    """grid.png of the folder's first `count` images (by name: the lowest seeds) in whole rows of 8, each pixel
-    an integer block (sharp) and the grid at least 512 pixels wide."""
+    """grid.png: the first `count` images (lowest seeds) in whole rows of 8, >= 512 pixels wide, pixels sharp."""
     import torchvision
     folder = open_folder(outdir)
     ncol = min(8, len(folder))
@@ -467,9 +436,8 @@ def demo(args):
           f"same bias; at n = 50k the three seed sets differ by only {max(gen[-1]) - min(gen[-1]):.4f}.")
     print("  * So FIDs are comparable only at equal n: the paper's FIDs (Table 2) all use 50,000 images, and each is"
           " the minimum over 3 seed sets (official README) to damp the remaining noise.")
-    print("Next: measure a network the same way, e.g. a 07 snapshot:")
-    print("  python 08_evaluate_fid.py generate --network <run>/network-snapshot-XXXXXX.pt --seeds 0-63   # PNGs")
-    print("  python 08_evaluate_fid.py fid --network <snapshot or official .pkl> --ref <ref.npz>         # FID, 3 x 50k")
+    print("Next, a network measured the same way: 08_evaluate_fid.py generate --network <run>/network-snapshot-*.pt "
+          "(PNGs), then 08_evaluate_fid.py fid --network <snapshot or official .pkl> --ref <ref.npz> (FID, 3 x 50k)")
 
 
 # ----------------------------------------------------------------------------
@@ -567,8 +535,7 @@ def images_at(images, indices):
 
 
 def open_folder(path):
-    """ImageFolder without the grid.png that `generate` writes beside its images and generation.json: calc and
-    ref read the generated images only."""
+    """ImageFolder without the grid.png that `generate` writes beside its images (calc, ref: the images only)."""
     folder = ImageFolder(path)
     if GRID in folder.names and os.path.isfile(os.path.join(path, SETTINGS)):
         folder.names.remove(GRID)
@@ -576,9 +543,8 @@ def open_folder(path):
 
 
 def open_images(spec, data_dir, resolution=None):
-    """ref's --data, anything 07 trains on: `cifar10` (the 50,000 training images, looked for in data_dir), `shapes`
-    (07's built-in set of its default run, `resolution` pixels square, default 16) or a folder/.zip (with
-    `resolution`: checked to be that size, as 07 checks)."""
+    """ref's --data, what 07 trains on: cifar10 (in data_dir), shapes (07's, `resolution` pixels square, default 16)
+    or a folder/.zip of images (with `resolution`: checked to be that size, as 07 checks)."""
     if spec == "shapes":     # drawn by 07's code, so the reference is the very training set of a 07 run
         return common.load("07_train_cifar10").make_shapes_dataset(4096, resolution or 16)[0]
     images = common.load("07_train_cifar10").load_cifar10(data_dir)[0] if spec == "cifar10" else open_folder(spec)
@@ -618,11 +584,8 @@ def sampler_from_args(args):
     """The sampler the command line asks for, checked before anything runs."""
     steps = {k: getattr(args, k) for k in ("sigma_min", "sigma_max", "rho") if getattr(args, k) is not None}
     churn = {k: getattr(args, k) for k in CHURN_OPTIONS if getattr(args, k) is not None}
-    for name, value in steps.items():
-        if value <= 0:
-            raise ValueError(f"{flag(name)} must be positive, got {value}")
-    if steps.get("sigma_min", 0) >= steps.get("sigma_max", float("inf")):
-        raise ValueError(f"--sigma-min {steps['sigma_min']} must be below --sigma-max {steps['sigma_max']}")
+    if min(steps.values(), default=1) <= 0 or steps.get("sigma_min", 0) >= steps.get("sigma_max", float("inf")):
+        raise ValueError(f"Eq. 5 needs 0 < --sigma-min < --sigma-max and --rho > 0, got {steps}")
     solver, num_steps = args.solver or "heun", args.num_steps
     if args.nfe is not None:
         num_steps = common.load("09_fast_samplers").steps_for_nfe(solver, args.nfe)      # 09's NFE rule
@@ -643,34 +606,32 @@ def sampler_from_args(args):
     return common.load("09_fast_samplers").make_sampler(solver, num_steps=num_steps, kind=args.sigma_steps, **steps)
 
 
-def denoiser_from_args(args, net, device):
-    """(denoiser, counters, settings): `net`, or `net` guided as --guidance, --guide-network and
-    --guidance-interval say (chapter 10's guidance), a common.CountingDenoiser on each network (the guide's
-    evaluations count too), and the settings for the records."""
-    main = common.CountingDenoiser(net)
+def start_generation(args, device):
+    """What generate and fid run, checked before anything is written: (sample; the denoiser it calls, counted: NFE
+    as the paper counts it; a common.CountingDenoiser on each network, the guide's evaluations too; the guidance
+    settings). The denoiser is the network, or the network guided by chapter 10's guidance (--guidance ...)."""
+    sample = sampler_from_args(args)
+    main = common.CountingDenoiser(common.rank0_first(load_net, args.network, device))
+    check_class(main, args.class_idx)
     if args.guidance == 1 and args.guide_network is None and args.guidance_interval is None:
-        return main, [main], dict(w=1.0, method="none", guide_network=None, interval=None)
-    guidance = common.load("10_guidance").guidance     # a later chapter: only the command line guides
-    if args.guide_network is None:
-        denoiser, settings = guidance(main, args.guidance, None, args.guidance_interval)
-        return denoiser, [main], dict(settings, guide_network=None)
-    guide = common.CountingDenoiser(common.rank0_first(load_net, args.guide_network, device))
-    denoiser, settings = guidance(main, args.guidance, guide, args.guidance_interval)
-    return denoiser, [main, guide], dict(settings, guide_network=location(args.guide_network))
+        return sample, common.CountingDenoiser(main), [main], dict(w=1.0, method="none", guide_network=None,
+                                                                   interval=None)
+    guide = args.guide_network and common.CountingDenoiser(common.rank0_first(load_net, args.guide_network, device))
+    denoiser, guidance = common.load("10_guidance").guidance(main, args.guidance, guide, args.guidance_interval)
+    guidance["guide_network"] = guide and location(args.guide_network)
+    return sample, common.CountingDenoiser(denoiser), [main, guide] if guide else [main], guidance
 
 
 def sampler_line(sample, guidance):
     """One line for the log: the sampler, its options, the guidance."""
-    s, g = sample.settings, guidance
-    options = "".join(f", {k}={v}" for k, v in s["options"].items())
-    by = {"cfg": "CFG", "autoguidance": f"autoguidance by {g['guide_network']}"}.get(g["method"])
-    where = "" if g["interval"] is None else " for sigma in [{:g}, {:g}]".format(*g["interval"])
-    return f"{s['function']}: {s['solver']} on {s['sigma_steps']} steps{options}; " + \
-        (f"{by}, w = {g['w']:g}{where}" if by else "no guidance")
+    s = sample.settings
+    return f"{s['function']}: {s['solver']} on {s['sigma_steps']} steps" + "".join(
+        f", {k}={v}" for k, v in s["options"].items()) + "; guidance: " + ", ".join(
+        f"{k}={v}" for k, v in guidance.items() if v is not None)
 
 
 def add_generation_options(p):
-    """--network, --class, --batch and the sampler's options (04's, 03's, 09's) and guidance's (10's)."""
+    """--network, --class and the options of the samplers (04's, 03's, 09's) and of guidance (10's)."""
     p.add_argument("--network", required=True, help="an official .pkl (path or URL) or a 07 snapshot")
     p.add_argument("--class", dest="class_idx", metavar="LABEL", type=common.number(int, 0), default=None,
                    help="class label for every image (default: random per seed)")
@@ -678,16 +639,12 @@ def add_generation_options(p):
     g.add_argument("--solver", choices=SOLVER_NAMES, help="heun: 04's Algorithm 2 (09's Heun with --sigma-steps); "
                    "the others: 09's solvers; with --disc/--schedule/--scaling: 03's ablation sampler, euler or heun")
     budget = g.add_mutually_exclusive_group()
-    budget.add_argument("--steps", dest="num_steps", metavar="N", type=common.number(int, 2), default=None,
-                        help="sampling steps N (default: 18)")
-    budget.add_argument("--nfe", metavar="N", type=common.number(int, 1), default=None,
-                        help="network evaluations per image instead: 2 N - 1 for heun, N for the others")
+    budget.add_argument("--steps", dest="num_steps", metavar="N", type=common.number(int, 2), help="(default: 18)")
+    budget.add_argument("--nfe", metavar="N", type=common.number(int, 1), help="network evaluations per image instead")
     g.add_argument("--sigma-steps", choices=SIGMA_STEP_KINDS, help="09's step kinds (default: the solver's own)")
-    # Dashed names, the paper's symbols in its case; the official generate.py's keyword names work too.
-    aliases = lambda name: [flag(name)] + [f"--{name}"] * ("_" in name)
-    for name in ("sigma_min", "sigma_max", "rho") + CHURN_OPTIONS:
-        g.add_argument(*aliases(name), dest=name, metavar=name.upper(), type=common.number(float, 0), default=None,
-                       help="Algorithm 2's stochasticity" if name in CHURN_OPTIONS else "Eq. 5 (> 0)")
+    for name in ("sigma_min", "sigma_max", "rho") + CHURN_OPTIONS:   # --sigma-min; --sigma_min as the official code
+        g.add_argument(flag(name), *[f"--{name}"] * ("_" in name), dest=name, metavar=name.upper(),
+                       type=common.number(float, 0), help="Algorithm 2" if name in CHURN_OPTIONS else "Eq. 5 (> 0)")
     g.add_argument("--disc", dest="discretization", choices=["vp", "ve", "iddpm", "edm"], help="ablation: time steps")
     g.add_argument("--schedule", choices=["vp", "ve", "linear"], help="ablation: sigma(t)")
     g.add_argument("--scaling", choices=["vp", "none"], help="ablation: s(t)")
@@ -704,57 +661,49 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    num_help = "(default: 50000; under torchrun write -n, as torchrun mistakes --num for its --numa-binding)"
+    count = lambda low: common.number(int, low)
+    num = "(default: 50000; under torchrun write -n: torchrun takes --num for its --numa-binding)"
 
-    def add(name, fn, text, *options):
+    def add(name, fn, text, detector=False, generation=False):
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
         p.set_defaults(run=fn)
-        if "detector" in options:
-            p.add_argument("--detector", default="nvidia", help="nvidia (default: the paper's Inception) or "
-                           "the path of a TorchScript detector (the downloaded .pt, tools/standin_detector.py's)")
-        if "generation" in options:
+        if generation:
             add_generation_options(p)
-        if "detector" in options or "generation" in options:
-            p.add_argument("--batch", type=common.number(int, 1), default=64, help="batch size per GPU (default: 64)")
+        if detector:
+            p.add_argument("--detector", default="nvidia", help="nvidia (the paper's Inception, the default) or the "
+                           "path of a TorchScript detector (e.g. the downloaded .pt)")
+        if detector or generation:
+            p.add_argument("--batch", type=count(1), default=64, help="batch size per GPU (default: 64)")
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto; under torchrun "
                        "each rank takes the GPU of its LOCAL_RANK)")
         return p
 
     p = add("demo", demo, "Frechet distance on Gaussians with known FID (the default; a few seconds).")
-    p.add_argument("--seed", type=common.number(int, 0), default=0, help="random seed (default: 0)")
-    p.add_argument("--outdir", default=None, help="where the figure goes (default: out/08_evaluate_fid/)")
-
-    p = add("generate", cmd_generate, "Generate {seed:06d}.png images (each depends on its seed only), grid.png "
-            "and generation.json.", "generation")
+    p.add_argument("--seed", type=count(0), default=0, help="random seed (default: 0)")
+    p.add_argument("--outdir", help="where the figure goes (default: out/08_evaluate_fid/)")
+    p = add("generate", cmd_generate, "{seed:06d}.png images (each depends on its seed only), grid.png, "
+            "generation.json.", generation=True)
     p.add_argument("--seeds", type=common.number_list(int, 0, ranges=True), default="0-63",
                    help="e.g. 0-49999 or 0,5,7-9 (default: 0-63)")
     p.add_argument("--subdirs", action="store_true", help="one subfolder per 1000 seeds")
-    p.add_argument("--outdir", default=None, help="a new or empty folder, never overwritten (default: "
-                   "out/08_evaluate_fid/images/)")
+    p.add_argument("--outdir", help="a new or empty folder, never overwritten (default: out/08_evaluate_fid/images/)")
     p.add_argument("--add", action="store_true", help="add other seeds' images to --outdir (none is replaced)")
-
-    p = add("ref", cmd_ref, "Reference statistics (mu, sigma) of a data set, written to an .npz.", "detector")
-    p.add_argument("--data", required=True, help="what 07 trained on: cifar10, shapes (07's built-in set) or a "
-                   "folder/.zip of images")
-    p.add_argument("--data-dir", default=None, help="where cifar-10-python.tar.gz is (default: 07's out/data)")
-    p.add_argument("--resolution", type=common.number(int, 4), default=None,
-                   help="as 07's: the size of the shapes (default: 16); for image data, a check")
+    p = add("ref", cmd_ref, "Reference statistics (mu, sigma) of a data set, written to an .npz.", detector=True)
+    p.add_argument("--data", required=True, help="what 07 trained on: cifar10, shapes or a folder/.zip of images")
+    p.add_argument("--data-dir", help="where cifar-10-python.tar.gz is (default: 07's out/data)")
+    p.add_argument("--resolution", type=count(4), help="the shapes' size, as 07's (default: 16); else a check")
     p.add_argument("--dest", required=True, help="output .npz")
-
-    p = add("calc", cmd_calc, "FID of a folder/.zip of images against reference statistics.", "detector")
+    p = add("calc", cmd_calc, "FID of a folder/.zip of images against reference statistics.", detector=True)
     p.add_argument("--images", required=True, help="folder or .zip of images")
     p.add_argument("--ref", required=True, help="reference .npz (path or URL)")
-    p.add_argument("-n", "--num", type=common.number(int, 2), default=50000,
-                   help=f"images to use; error if fewer, seeded subset if more {num_help}")
-    p.add_argument("--seed", type=common.number(int, 0), default=0, help="seed of that subset (default: 0)")
-
-    p = add("fid", cmd_fid, "The paper's protocol: FID of --repeats seed sets of --num images each, and the "
-            "minimum.", "detector", "generation")
+    p.add_argument("-n", "--num", type=count(2), default=50000, help=f"images; a seeded subset of more {num}")
+    p.add_argument("--seed", type=count(0), default=0, help="seed of that subset (default: 0)")
+    p = add("fid", cmd_fid, "The paper's protocol: FID of --repeats seed sets of --num images, and the minimum.",
+            detector=True, generation=True)
     p.add_argument("--ref", required=True, help="reference .npz (path or URL)")
-    p.add_argument("-n", "--num", type=common.number(int, 2), default=50000, help=f"images per seed set {num_help}")
-    p.add_argument("--repeats", type=common.number(int, 1), default=3,
-                   help="seed sets 0..num-1, num..2num-1, ... (default: 3)")
-    p.add_argument("--outdir", default=None, help="where fid.json goes (default: out/08_evaluate_fid/)")
+    p.add_argument("-n", "--num", type=count(2), default=50000, help=f"images per seed set {num}")
+    p.add_argument("--repeats", type=count(1), default=3, help="seed sets 0..num-1, num..2num-1, ... (default: 3)")
+    p.add_argument("--outdir", help="where fid.json goes (default: out/08_evaluate_fid/)")
     return parser
 
 

@@ -383,7 +383,8 @@ def parse_args(argv=None):
                      "an official .pkl: writes network_grid.png, the same seeds at w = 1, 1.5, 2, 3 under CFG")
     net.add_argument("--guide-network", metavar="SNAPSHOT", help="an earlier snapshot of the same run: adds the "
                      "rows of autoguidance by it")
-    net.add_argument("--seeds", type=common.number_list(int, 0, ranges=True), default="0-7", help="the grid's columns, e.g. 0-7 or 3,5,9; column j is "
+    net.add_argument("--seeds", type=common.number_list(int, 0, ranges=True), default="0-7",
+                     help="the grid's columns, e.g. 0-7 or 3,5,9; column j is "
                      "conditioned on class j mod the number of classes (default: 0-7)")
     net.add_argument("--network-steps", metavar="N", type=common.number(int, low=2), default=18,
                      help="steps of 04's Algorithm 2 for the network grid (default: 18 = 35 NFE, as the paper)")

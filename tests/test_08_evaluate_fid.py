@@ -234,7 +234,7 @@ def test_torchscript_detector_file(fid, tmp_path):
     torch.jit.save(torch.jit.script(ScriptedFeatures()), path)
     det = fid.load_detector(path, "cpu")
     images = torch.randint(0, 256, [2, 3, 8, 8], dtype=torch.uint8)
-    torch.testing.assert_close(fid.features_of(det, images), images.float().mean(dim=[2, 3]))
+    torch.testing.assert_close(det(images), images.float().mean(dim=[2, 3]))
 
 
 def test_missing_detector_and_bad_reference(fid, tmp_path):
