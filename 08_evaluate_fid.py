@@ -1,4 +1,4 @@
-"""08_evaluate_fid.py -- FID as the paper measures it (Table 2: 1.79 / 1.97 on CIFAR-10 at 35 NFE), and ours the same way.
+"""08_evaluate_fid.py -- FID as the paper measures it (Table 2: 1.79 / 1.97 on CIFAR-10 at 35 NFE), and ours alike.
 
     FID = |mu_g - mu_r|^2 + tr(Sigma_g + Sigma_r - 2 (Sigma_g Sigma_r)^(1/2))          (Heusel et al. 2017)
 
@@ -557,18 +557,13 @@ def open_images(spec, data_dir, resolution=None):
 
 def random_subset(n_total, num, seed):
     """The official rule: all images if there are exactly `num`, else a seeded random subset, sorted."""
-    idx = np.arange(n_total)
-    if n_total > num:
-        np.random.RandomState(seed % (1 << 31)).shuffle(idx)
-        idx = np.sort(idx[:num])
-    return idx
+    return np.sort(np.random.RandomState(seed % (1 << 31)).permutation(n_total)[:num]) if n_total > num else \
+        np.arange(n_total)
 
 
 # ----------------------------------------------------------------------------
-# 8. Command line. The chapters that own a sampler or a guided denoiser build it from the options: 04
-# (Algorithm 2, the default), 03 (--disc/--schedule/--scaling: the ablation sampler), 09 (--solver, --nfe,
-# --sigma-steps) through their make_sampler(...), 10 (--guidance ...) through its guidance(...). Each is loaded
-# only by the flag that asks for it; a missing file is one error line naming it.
+# 8. Command line. The chapters that own a sampler or guidance build it from the options (04's, 03's and 09's
+# make_sampler, 10's guidance), each loaded only by a flag that asks for it (a missing file: one error line).
 
 CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise")
 SOLVER_NAMES = ("euler", "heun", "dpmpp2m", "dpmpp3m", "ipndm")  # 09's SOLVERS, for --help without 09 (tested)

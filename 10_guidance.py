@@ -484,9 +484,10 @@ def print_conclusion(all_results):
 WHAT_THIS_SHOWS = """
 What this shows (samples.png and samples_blurry_main.png: rows CFG, autoguidance, CFG on the interval; metrics.png)
   * CFG sharpens a class by pushing it away from the other classes: towards the outer end of its arm and, as w
-    grows, off it (the tables' "off data" rises, diversity falls).
+    grows, off it (diversity falls). A blurry main model's stray samples it first puts back (w = 1.5), then
+    scatters more of them the harder it guides.
   * Autoguidance extrapolates away from a weaker model of the same class, whose errors point off the data: every
-    arm stays on the data along its whole length, and a blurry main model's stray samples go back onto it.
+    arm stays on the data along its whole length, and the blurry model's stray samples go back onto it.
   * CFG only on the sigma interval, where the classes are being told apart, stays close to w = 1 (the band
     table: guiding above the interval does almost all of CFG's damage).
 """
