@@ -611,10 +611,11 @@ def start_generation(args, device):
     if args.guidance == 1 and args.guide_network is None and args.guidance_interval is None:
         return sample, common.CountingDenoiser(main), [main], dict(w=1.0, method="none", guide_network=None,
                                                                    interval=None)
-    guide = args.guide_network and common.CountingDenoiser(common.rank0_first(load_net, args.guide_network, device))
+    guide = None if args.guide_network is None else \
+        common.CountingDenoiser(common.rank0_first(load_net, args.guide_network, device))
     denoiser, guidance = common.load("10_guidance").guidance(main, args.guidance, guide, args.guidance_interval)
-    guidance["guide_network"] = guide and location(args.guide_network)
-    return sample, common.CountingDenoiser(denoiser), [main, guide] if guide else [main], guidance
+    guidance["guide_network"] = None if guide is None else location(args.guide_network)
+    return sample, common.CountingDenoiser(denoiser), [main] + [guide] * (guide is not None), guidance
 
 
 def sampler_line(sample, guidance):

@@ -18,6 +18,7 @@ CFG, autoguidance and CFG on an interval, and scores the samples against the tru
 it shows a trained network's images at growing w instead.
 
   python 10_guidance.py                  # the 2-D demo, about a minute on one thread; figures in out/10_guidance/
+  python 07_train_cifar10.py --preset tiny --label-dropout 0.1 --outdir out/10_tiny    # a network for CFG, then
   python 10_guidance.py --network out/10_tiny/network-snapshot-000064.pt \\
                         --guide-network out/10_tiny/network-snapshot-000016.pt      # network_grid.png
 """
@@ -107,13 +108,13 @@ def guidance(net, w, guide_net=None, interval=None):
     for the records). `interval` is the option's list of numbers (common.number_list) or None. Autoguidance's
     guide must make the main network's images; CFG on a network trained without label dropout warns (rank 0)."""
     interval = None if interval is None else interval_of(interval)
+    denoiser = guided(net, w, guide_net, interval)                 # CFG: refuses an unconditional network
     if guide_net is not None:
         check_same_task(net, guide_net)
     elif w != 1 and (warning := label_dropout_warning(net)) and common.get_rank() == 0:
         print(warning, file=sys.stderr, flush=True)
-    settings = dict(w=float(w), method="cfg" if guide_net is None else "autoguidance",
-                    interval=None if interval is None else list(interval))
-    return guided(net, w, guide_net, interval), settings
+    return denoiser, dict(w=float(w), method="cfg" if guide_net is None else "autoguidance",
+                          interval=None if interval is None else list(interval))
 
 
 def interval_of(values):
