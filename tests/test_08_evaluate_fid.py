@@ -235,6 +235,8 @@ def test_torchscript_detector_file(fid, tmp_path):
     det = fid.load_detector(path, "cpu")
     images = torch.randint(0, 256, [2, 3, 8, 8], dtype=torch.uint8)
     torch.testing.assert_close(det(images), images.float().mean(dim=[2, 3]))
+    grey = torch.randint(0, 256, [2, 1, 8, 8], dtype=torch.uint8)             # greyscale is fed as RGB
+    torch.testing.assert_close(det(grey), grey.repeat(1, 3, 1, 1).float().mean(dim=[2, 3]))
 
 
 def test_missing_detector_and_bad_reference(fid, tmp_path):
