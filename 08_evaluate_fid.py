@@ -51,7 +51,8 @@ def generate_batch(net, seeds, device, sample=None, class_idx=None):
     class_labels = None
     if net.label_dim:      # drawn under --class too, so that the sampler's noise stays the same
         labels = rnd.randint(net.label_dim, size=[len(seeds)], device=device)
-        class_labels = torch.eye(net.label_dim, device=device)[labels if class_idx is None else labels * 0 + class_idx]
+        labels = labels if class_idx is None else torch.full_like(labels, class_idx)
+        class_labels = torch.eye(net.label_dim, device=device)[labels]
     sample = sample or common.load("04_stochastic_sampler").make_sampler()
     with torch.no_grad():
         x = sample(net, latents, {"class_labels": class_labels}, rnd.randn_like)
@@ -677,8 +678,8 @@ def build_parser():
     p = add("demo", demo, "Frechet distance on Gaussians with known FID (the default; a few seconds).")
     p.add_argument("--seed", type=count(0), default=0, help="random seed (default: 0)")
     p.add_argument("--outdir", help="where the figure goes (default: out/08_evaluate_fid/)")
-    p = add("generate", cmd_generate, "{seed:06d}.png images (each depends on its seed only), grid.png, "
-            "generation.json.", generation=True)
+    p = add("generate", cmd_generate, "Generate {seed:06d}.png images (each a function of its seed only), "
+            "grid.png and generation.json.", generation=True)
     p.add_argument("--seeds", type=common.number_list(int, 0, ranges=True), default="0-63",
                    help="e.g. 0-49999 or 0,5,7-9 (default: 0-63)")
     p.add_argument("--subdirs", action="store_true", help="one subfolder per 1000 seeds")
