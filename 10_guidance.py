@@ -1,75 +1,26 @@
-"""10 -- Guidance: classifier-free guidance and autoguidance, seen where the truth is known.
+"""10 -- Guidance: classifier-free guidance and autoguidance, seen where the truth is known (beyond the paper).
 
-Beyond the EDM paper. Guidance replaces the denoiser D_main(x; sigma) that a sampler calls by an
-extrapolation away from a second, "guiding" denoiser:
+Guidance replaces the denoiser D_main(x; sigma) that a sampler calls by an extrapolation away from a second,
+"guiding" denoiser:
 
-    D_w(x; sigma) = D_guide(x; sigma) + w (D_main(x; sigma) - D_guide(x; sigma))
-                  = D_main(x; sigma) + (w - 1) (D_main(x; sigma) - D_guide(x; sigma)).
+    D_w(x; sigma) = D_guide(x; sigma) + w (D_main(x; sigma) - D_guide(x; sigma)).
 
-Since D = x + sigma^2 grad log p (Eq. 3), D_w is the denoiser of p_guide^(1 - w) p_main^w at each
-sigma: w = 1 is the main model, w > 1 favours where the main model is more confident than the guide.
-(These per-sigma targets are not the noised versions of one distribution, so a sampler does not
-draw exactly from any of them -- one more reason to look at what it does produce.)
+Since D = x + sigma^2 grad log p (Eq. 3), D_w is the denoiser of p_guide^(1 - w) p_main^w at each sigma.
+* Classifier-free guidance (CFG; Ho & Salimans 2022): the guide is the same network given the zero class vector,
+  its unconditional model if it was trained with label dropout (06's `drop_labels`, 07 --label-dropout).
+* Autoguidance (Karras et al. 2024): the guide is a weaker model of the same task (smaller, or earlier in training).
+* Guidance interval (Kynkaanniemi et al. 2024): guide only for sigma in [lo, hi], D_main elsewhere.
+`GuidedDenoiser` looks like a network to every sampler here (03, 04, 09); `guidance` is what 08's --guidance,
+--guide-network and --guidance-interval build.
 
-* Classifier-free guidance (CFG; Ho & Salimans 2022): the guide is the same network with the
-  class dropped -- the zero class vector, which is what a network trained with `label_dropout`
-  (06_unet.py, `drop_labels`) has learnt to read as "no class". Then the target is
-  p(x | c)^w p(x)^(1 - w), proportional to p(x | c) p(c | x)^(w - 1): the class sharpened by pushing
-  samples away from the OTHER classes -- which also moves them off the class's own data and onto
-  the part of it farthest from the others (less diversity).
-* Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): the
-  guide is a weaker model of the SAME task and class (smaller, or earlier in training). Its errors
-  are the main model's errors, only larger, so extrapolating away from it undoes them: samples are
-  pulled onto the data without favouring one part of the class over another.
-* Guidance interval (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval Improves
-  Sample and Distribution Quality in Diffusion Models"): guide only for sigma in [lo, hi], D_main
-  elsewhere. At high sigma CFG's push decides which part of its class a sample ends in (the
-  diversity loss); at low sigma the classes are already apart and there is nothing left to guide.
+The demo samples an exact 2-D class mixture (three spiral arms of small Gaussians) with 04's Algorithm 2 under
+CFG, autoguidance and CFG on an interval, and scores the samples against the true class density; with --network
+it shows a trained network's images at growing w instead.
 
-`GuidedDenoiser` is that wrapper, and it looks like a network to every sampler here: 03's, 04's
-and 09's samplers all call `net(x, sigma, **extra_args)` (extra_args = {"class_labels": labels}; a
-0-d sigma in 03 and 04, a [batch] one in 09) and read `net.sigma_min`, `net.sigma_max`,
-`net.round_sigma` where present. `guided(net, w, guide_net=None, interval=None)` builds CFG (no guide network) or
-autoguidance (with one).
-
-The demo: three classes in 2-D, each a thin spiral arm of 96 small Gaussians (width 0.04), so that
-"leaving the data" is visible and everything is exact: the conditional and unconditional
-denoisers in closed form, the weaker model (every component twice as wide -- the autoguidance
-paper's picture of a bad model), the class log-density of every sample. It samples with 04's
-Algorithm 2 (32 Heun steps) at w in {1, 1.5, 2, 3, 5} under CFG, autoguidance and CFG on the
-interval [0.05, 0.5], and scores the samples against the true class: mean log p(x | c), the share
-"off the data" (log p below the 1st percentile of true samples), the energy distance to true
-samples, and diversity (mean pairwise distance over the true samples'). Twice: with the exact
-mixture as the main model, and with a blurry main model (components 1.5x too wide), as a real
-network is. The interval runs from about the components' width (below it the arms are already
-told apart) to the gap between neighbouring arms, 0.54 (above it a noisy point cannot tell which
-arm it belongs to); the demo's band table shows it: CFG at w = 3 applied only above 0.5 does
-almost all of CFG's damage, only below 0.05 does nothing, only in between does the good.
-
-What it finds (default run, as printed). Exact main model, w = 1 -> 5: CFG pushes samples off the
-data (6.1% off at w = 5 against 1.4% at w = 1; mean log p 0.31 -> -0.34) and onto the outer ends
-of the arms (energy distance 0.002 -> 0.32, diversity 1.00 -> 0.84). Autoguidance keeps every
-sample on the data (0.0% off from w = 2 on) with the class's full extent (energy distance 0.0024
-against a noise floor of 0.0018, diversity 0.99); its samples hug the arms' centre lines -- mean
-log p 0.87, above the true samples' 0.35 -- i.e. they are thinner than the data, a deviation the
-energy distance hardly registers at this scale. CFG on [0.05, 0.5]: 0.4% off at every w > 1,
-energy distance 0.011 at w = 5, diversity 1.00. Blurry main model: 10.4% of its unguided samples
-are off the data; autoguidance brings that to 0.2% at w = 2 and 0.0% from w = 3, CFG to 3.9% at
-w = 1.5 and then up to 25.2% at w = 5, CFG on the interval to 2.6-3.3%. So autoguidance keeps
-samples on the data as w grows; CFG does so only on the interval.
-
-Run:  python 10_guidance.py      (51 s of CPU time on one thread; figures in out/10_guidance/)
-
-On a trained network (07 --label-dropout p gives one network that is both class-conditional and
-unconditional, which CFG needs; an earlier snapshot of the same run is autoguidance's weaker model):
-
-      python 07_train_cifar10.py --preset tiny --label-dropout 0.1 --outdir out/10_tiny
-      python 10_guidance.py --network out/10_tiny/network-snapshot-000064.pt \\
-                            --guide-network out/10_tiny/network-snapshot-000016.pt
-
-writes out/10_guidance/network_grid.png: the same seeds (columns) at w = 1, 1.5, 2, 3 (rows) under
-CFG and under autoguidance, sampled by 04's Algorithm 2 through 08's seed-only generation. For
-FID and any sampler, 08's generate/fid take --guidance, --guide-network, --guidance-interval.
+  python 10_guidance.py                  # the 2-D demo, about a minute on one thread; figures in out/10_guidance/
+  python 07_train_cifar10.py --preset tiny --label-dropout 0.1 --outdir out/10_tiny    # a network for CFG, then
+  python 10_guidance.py --network out/10_tiny/network-snapshot-000064.pt \\
+                        --guide-network out/10_tiny/network-snapshot-000016.pt      # network_grid.png
 """
 
 import math
@@ -81,7 +32,6 @@ import time
 import torch
 
 import common
-
 
 # ----------------------------------------------------------------------------
 # The guided denoiser.
@@ -153,15 +103,47 @@ def guided(net, w, guide_net=None, interval=None):
     return GuidedDenoiser(net, LabelDropped(net) if guide_net is None else guide_net, w, interval)
 
 
-def parse_interval(text):
-    """'LO,HI' -> (lo, hi) with 0 <= lo <= hi (a command line's --guidance-interval)."""
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"guidance interval must be two numbers LO,HI (e.g. 0.3,3), got {text!r}")
-    if not 0 <= lo <= hi:
-        raise ValueError(f"guidance interval must satisfy 0 <= LO <= HI, got {text!r}")
-    return lo, hi
+def guidance(net, w, guide_net=None, interval=None):
+    """What 08's --guidance W [--guide-network] [--guidance-interval LO,HI] runs: (the guided denoiser, its settings
+    for the records). `interval` is the option's list of numbers (common.number_list) or None. Autoguidance's
+    guide must make the main network's images; CFG on a network trained without label dropout warns (rank 0)."""
+    interval = None if interval is None else interval_of(interval)
+    denoiser = guided(net, w, guide_net, interval)                 # CFG: refuses an unconditional network
+    if guide_net is not None:
+        check_same_task(net, guide_net)
+    elif w != 1 and (warning := label_dropout_warning(net)) and common.get_rank() == 0:
+        print(warning, file=sys.stderr, flush=True)
+    return denoiser, dict(w=float(w), method="cfg" if guide_net is None else "autoguidance",
+                          interval=None if interval is None else list(interval))
+
+
+def interval_of(values):
+    """[LO, HI] (a --guidance-interval, common.number_list(float, 0)) -> (lo, hi), checked: 0 <= LO <= HI."""
+    if len(values) != 2 or values[0] > values[1]:
+        raise ValueError(f"guidance interval must be two numbers LO,HI with 0 <= LO <= HI (e.g. 0.3,3), got "
+                         f"{','.join(f'{v:g}' for v in values)}")
+    return tuple(values)
+
+
+def check_same_task(net, guide):
+    """Autoguidance needs a guide for the same images and classes as the main network."""
+    shape = lambda n: f"{n.img_resolution}x{n.img_resolution}x{n.img_channels} with {n.label_dim} classes"
+    if shape(guide) != shape(net):
+        raise ValueError(f"the guide network makes {shape(guide)} images, the main network {shape(net)}; "
+                         f"autoguidance needs a (weaker) network of the same task")
+
+
+def label_dropout_warning(net):
+    """A warning line if `net` was trained without label dropout (its configuration has no label_dropout > 0: 07
+    records it only when > 0, the official checkpoints were trained without), else None. CFG's guide is the
+    network's zero-class output, which such a network never saw in training: what it returns there is untrained,
+    and guiding away from it distorts images instead of sharpening their class."""
+    config = getattr(net, "init_config", None)          # networks built by 06 (official pickles, 07 snapshots)
+    if config is None or config["kwargs"].get("label_dropout", 0) > 0:
+        return None
+    return ("warning: the network was trained without label dropout (--label-dropout 0: none in its configuration), "
+            "so CFG's guide, its zero-class output, is untrained; train with 07 --label-dropout 0.1, or give "
+            "--guide-network (autoguidance)")
 
 
 # ----------------------------------------------------------------------------
@@ -395,14 +377,15 @@ def parse_args(argv=None):
                         help="samples per class and configuration (default: 1000)")
     parser.add_argument("--steps", type=common.number(int, low=2), default=32,
                         help="steps of 04's Algorithm 2, deterministic (default: 32)")
-    parser.add_argument("--interval", default="0.05,0.5",
+    parser.add_argument("--interval", type=common.number_list(float, 0), default="0.05,0.5",
                         help="sigma interval LO,HI for the interval-limited CFG (default: 0.05,0.5)")
     net = parser.add_argument_group("on a trained network (instead of the 2-D toy; --samples, --interval unused)")
     net.add_argument("--network", metavar="SNAPSHOT", help="a 07 snapshot (best trained with --label-dropout) or "
                      "an official .pkl: writes network_grid.png, the same seeds at w = 1, 1.5, 2, 3 under CFG")
     net.add_argument("--guide-network", metavar="SNAPSHOT", help="an earlier snapshot of the same run: adds the "
                      "rows of autoguidance by it")
-    net.add_argument("--seeds", default="0-7", help="the grid's columns, e.g. 0-7 or 3,5,9; column j is "
+    net.add_argument("--seeds", type=common.number_list(int, 0, ranges=True), default="0-7",
+                     help="the grid's columns, e.g. 0-7 or 3,5,9; column j is "
                      "conditioned on class j mod the number of classes (default: 0-7)")
     net.add_argument("--network-steps", metavar="N", type=common.number(int, low=2), default=18,
                      help="steps of 04's Algorithm 2 for the network grid (default: 18 = 35 NFE, as the paper)")
@@ -414,16 +397,17 @@ def main(argv=None):
 
 
 def demo(args):
-    interval = parse_interval(args.interval)
+    interval = interval_of(args.interval)
     device = common.get_device(args.device)
     if args.network is None and args.guide_network is not None:
         raise ValueError("--guide-network guides --network; give both")
     if args.network is not None:
         network_grid(args, device)
     else:
-        run(args, interval, device)
+        spiral_demo(args, interval, device)
 
-def run(args, interval, device):
+
+def spiral_demo(args, interval, device):
     torch.set_num_threads(1)    # [N, K] tensors of a 2-D toy: threads only add contention
     outdir = common.out_dir(__file__, args.outdir)
     start = time.time()
@@ -454,7 +438,10 @@ def run(args, interval, device):
         print_table(f"Setting: {setting}", results, floor)
         all_results[setting] = results
 
-    # Why the interval: CFG at w = 3 applied in one band of sigma only (exact main model).
+    # Why the interval: CFG at w = 3 applied in one band of sigma only (exact main model). The interval runs from
+    # about the components' width (below it the arms are already told apart) to the gap between neighbouring arms,
+    # 0.54 (above it a noisy point cannot tell which arm it belongs to): guiding above it does CFG's damage (which
+    # part of its class a sample ends in), below it nothing, in between the good.
     bands = [(0.0, interval[0]), interval, (interval[1], math.inf)]
     sample = common.load("04_stochastic_sampler").make_sampler(args.steps)
     labels = one_hot(classes, C).to(device)
@@ -496,21 +483,14 @@ def print_conclusion(all_results):
 
 
 WHAT_THIS_SHOWS = """
-What this shows
-  samples.png              rows: CFG, autoguidance, CFG on the interval; columns: w = 1, 2, 3, 5; samples
-                           (dots, coloured by class) over the true density (grey). CFG moves each class
-                           towards the outer end of its arm and, at w = 5, outwards off the arm; autoguidance
-                           tightens every arm along its whole length; CFG on the interval stays close to w = 1.
-  samples_blurry_main.png  the same with a main model whose components are 1.5x too wide, as a real network's
-                           are too blurry (many w = 1 samples lie off the data): autoguidance puts them back on
-                           the arms; CFG puts some back at w = 1.5 - 2, then scatters more of them the harder
-                           it guides (the table's "off data").
-  metrics.png              the tables as curves: mean log p(x | c), % off the data, energy distance and
-                           diversity against w, for both main models; dashed: the values of true samples.
-Reading: guidance by the label (CFG) sharpens a class by pushing it away from the other classes -- off
-its own data and onto part of it when the push is applied at every noise level; a weaker model of the
-same class (autoguidance) points back to the data instead; the sigma interval keeps CFG's push to the
-noise levels where the classes are being told apart.
+What this shows (samples.png and samples_blurry_main.png: rows CFG, autoguidance, CFG on the interval; metrics.png)
+  * CFG sharpens a class by pushing it away from the other classes: towards the outer end of its arm and, as w
+    grows, off it (diversity falls). A blurry main model's stray samples it first puts back (w = 1.5), then
+    scatters more of them the harder it guides.
+  * Autoguidance extrapolates away from a weaker model of the same class, whose errors point off the data: every
+    arm stays on the data along its whole length, and the blurry model's stray samples go back onto it.
+  * CFG only on the sigma interval, where the classes are being told apart, stays close to w = 1 (the band
+    table: guiding above the interval does almost all of CFG's damage).
 """
 
 
@@ -526,14 +506,16 @@ def network_grid(args, device):
     Returns the rows, {label: uint8 images [N, C, H, W]}."""
     torch.set_num_threads(1)    # a 16x16 network one seed group at a time: threads only add contention
     evaluation = common.load("08_evaluate_fid")   # demo only: 08's network loader and seed-only generation
-    seeds = evaluation.parse_seeds(args.seeds)
+    seeds = args.seeds
+    if not seeds:
+        raise ValueError("--seeds names no seed; e.g. 0-7")
     net = evaluation.load_net(args.network, device)
     guide = None if args.guide_network is None else evaluation.load_net(args.guide_network, device)
     methods = ([("CFG", None)] if net.label_dim else []) + ([("autoguidance", guide)] if guide is not None else [])
     if not methods:
         raise ValueError(f"{args.network} is unconditional: CFG needs a class-conditional network "
                          f"(07 --cond --label-dropout p); give --guide-network for autoguidance")
-    warning = label_dropout_warning(args.network) if net.label_dim else None    # only CFG uses the zero class
+    warning = label_dropout_warning(net) if net.label_dim else None    # only CFG uses the zero class
     if warning:
         print(warning, file=sys.stderr)
     classes = [j % max(net.label_dim, 1) for j in range(len(seeds))]
@@ -569,15 +551,10 @@ def network_grid(args, device):
     for label, images in rows.items():
         change = (images.double() - unguided).square().mean().sqrt()
         print(f"{label:<24}{float(change):>21.1f}{float(images.double().std()):>11.1f}")
-    print(f"\nWhat this shows ({path})\n"
-          f"  Columns: the same seeds (same starting noise), each with the class named above it; rows: growing w.\n"
-          f"  Look down each column. CFG (w > 1) extrapolates away from the network's own zero-class output (its\n"
-          f"  unconditional model, learnt with 07 --label-dropout): it pushes an image towards what sets its class\n"
-          f"  apart from the others; where the unguided image already has its class, that mostly shifts colour and\n"
-          f"  shading. Autoguidance extrapolates away from an earlier, weaker snapshot of the same run: it removes\n"
-          f"  what the weak model gets wrong (blur, haze), so edges sharpen and backgrounds clean up -- and too\n"
-          f"  large a w overshoots (exaggerated contrast, shapes distorted). The table gives the size of each change.\n"
-          f"  A 16x16 network trained for minutes shows the mechanics, not FID-level quality claims.")
+    print(f"\nWhat this shows ({path}: columns the same seeds, each with its class; rows growing w)\n"
+          f"  CFG pushes each image towards what sets its class apart from the others (colour, shading); autoguidance\n"
+          f"  removes what the earlier, weaker snapshot gets wrong (blur, haze), and overshoots at large w. A 16x16\n"
+          f"  network trained for minutes shows the mechanics, not FID-level quality.")
     return rows
 
 
@@ -587,26 +564,10 @@ def snapshot_name(path):
     return f"the {int(m.group(1))} kimg snapshot" if m else os.path.basename(path)
 
 
-def run_options(path):
-    """The options a 07 run recorded beside its snapshots (training_options.json), or {} for other networks."""
-    return common.load("07_train_cifar10").read_run_options(os.path.dirname(os.path.abspath(path)))
-
-
 def class_names(path, label_dim):
-    """The class names a 07 run recorded (class_names in training_options.json beside the snapshot), else 'class c'."""
-    names = run_options(path).get("class_names")
+    """The class names a 07 run recorded beside the snapshot (its training_options.json), else 'class c'."""
+    names = common.load("07_train_cifar10").read_run_options(os.path.dirname(os.path.abspath(path))).get("class_names")
     return names if names and len(names) == label_dim else [f"class {c}" for c in range(label_dim)]
-
-
-def label_dropout_warning(path):
-    """A warning line if `path` comes from a 07 run trained with label dropout 0, else None. CFG's guide is
-    the network's zero-class output, which such a network never saw in training: what it returns there is
-    untrained, and guiding away from it distorts images instead of sharpening their class."""
-    if run_options(path).get("label_dropout") != 0:
-        return None
-    return (f"warning: {path} was trained with --label-dropout 0 (its training_options.json), so CFG's guide, its "
-            f"zero-class output, is untrained; train with 07 --label-dropout 0.1, or give --guide-network "
-            f"(autoguidance)")
 
 
 if __name__ == "__main__":

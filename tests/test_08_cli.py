@@ -21,8 +21,6 @@ OPTIONS = {
     "ref": {"--data", "--data-dir", "--resolution", "--dest", "--detector", "--batch", "--device"},
     "calc": {"--images", "--ref", "-n", "--num", "--seed", "--detector", "--batch", "--device"},
     "fid": {"--ref", "-n", "--num", "--repeats", "--outdir", "--detector", "--device"} | NETWORK | SAMPLER,
-    "nearest": {"--data", "--data-dir", "--images", "--seeds", "--rows", "--outdir", "--network", "--steps", "--batch",
-                "--device"},
 }
 
 

@@ -177,7 +177,7 @@ class MergedStats:
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_fid_statistics_count_every_seed_and_every_image_once(fid, monkeypatch, world):
     monkeypatch.setattr(fid, "generate_batch", seed_image)
-    images = fid.TensorImages(seed_image(None, list(range(32))).expand(-1, 3, -1, -1))   # image i shows i
+    images = seed_image(None, list(range(32))).expand(-1, 3, -1, -1)   # image i shows i (a uint8 tensor)
     feature_stats = fid.FeatureStats
     for seeds, batch in RANK_CASES:
         generated, measured = MergedStats(feature_stats), MergedStats(feature_stats)
@@ -192,15 +192,22 @@ def test_fid_statistics_count_every_seed_and_every_image_once(fid, monkeypatch, 
 
 
 # ----------------------------------------------------------------------------
-# Seeds, subsets, pooling.
+# Seeds and subsets.
 
-def test_parse_seeds(fid):
-    assert fid.parse_seeds("0-3") == [0, 1, 2, 3]
-    assert fid.parse_seeds("0,5,7-9") == [0, 5, 7, 8, 9]
-    assert len(fid.parse_seeds("0-49999")) == 50000
-    for bad in ["5-3", "a", "1,,2", "-1"]:
-        with pytest.raises(ValueError, match="bad seed list"):
-            fid.parse_seeds(bad)
+def test_seed_lists(fid, capsys):
+    """--seeds (common.number_list with ranges, as the official code): ranges inclusive; a bad list is one error line."""
+    seeds = lambda text: fid.build_parser().parse_args(["generate", "--network", "n.pt", "--seeds", text]).seeds
+    assert seeds("0-3") == [0, 1, 2, 3]
+    assert seeds("0,5,7-9") == [0, 5, 7, 8, 9]
+    assert len(seeds("0-49999")) == 50000
+    assert fid.seed_ranges(seeds("0,5,7-9")) == "0,5,7-9" and fid.seed_ranges(seeds("0-49999")) == "0-49999"
+    for bad, complaint in [("5-3", "range '5-3' runs backwards"), ("a", "expected an integer"), ("-1", "must be >= 0")]:
+        with pytest.raises(SystemExit):
+            seeds(bad)
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and f"argument --seeds: {complaint}" in err, err
+    with pytest.raises(SystemExit, match="error: --seeds names no seed"):    # before any network is read
+        fid.main(["generate", "--network", "n.pt", "--seeds", ""])
 
 
 def test_random_subset(fid):
@@ -209,16 +216,6 @@ def test_random_subset(fid):
     assert len(set(sub)) == 10 and list(sub) == sorted(sub)
     assert list(sub) == list(fid.random_subset(100, 10, 7))
     assert list(sub) != list(fid.random_subset(100, 10, 8))
-
-
-def test_tf_average_pool_ignores_padding(fid):
-    # On a constant image every window's mean is the constant, also at the borders
-    # (torchvision's default pool would give 4/9 in the corners).
-    x = torch.full([1, 2, 5, 5], 3.0)
-    assert torch.equal(fid._tf_pool(x), x)
-    y = torch.arange(25.0).reshape(1, 1, 5, 5)
-    assert fid._tf_pool(y)[0, 0, 0, 0] == (0 + 1 + 5 + 6) / 4
-    assert fid._tf_pool(y, use_max=True)[0, 0, 0, 0] == 6
 
 
 # ----------------------------------------------------------------------------
@@ -235,52 +232,19 @@ class ScriptedFeatures(torch.nn.Module):
 def test_torchscript_detector_file(fid, tmp_path):
     path = str(tmp_path / "det.pt")
     torch.jit.save(torch.jit.script(ScriptedFeatures()), path)
-    det = fid.open_detector_file(path)
+    det = fid.load_detector(path, "cpu")
     images = torch.randint(0, 256, [2, 3, 8, 8], dtype=torch.uint8)
-    torch.testing.assert_close(fid.features_of(det, images), images.float().mean(dim=[2, 3]))
-
-
-def test_detector_pickle_never_runs_code(fid, tmp_path):
-    marker = tmp_path / "executed"
-
-    class Evil:
-        def __reduce__(self):
-            return (exec, (f"open({str(marker)!r}, 'w').close()",))
-
-    # A pickle with an embedded TorchScript archive next to code that would run on a plain pickle.load.
-    buf = tmp_path / "jit.pt"
-    torch.jit.save(torch.jit.script(ScriptedFeatures()), str(buf))
-    with open(tmp_path / "det.pkl", "wb") as f:
-        pickle.dump({"evil": Evil(), "state": {"script": buf.read_bytes()}}, f)
-    det = fid.open_detector_file(str(tmp_path / "det.pkl"))
-    assert not marker.exists()
-    images = torch.randint(0, 256, [2, 3, 4, 4], dtype=torch.uint8)
-    torch.testing.assert_close(fid.features_of(det, images), images.float().mean(dim=[2, 3]))
-
-    with open(tmp_path / "nojit.pkl", "wb") as f:
-        pickle.dump({"evil": Evil()}, f)
-    with pytest.raises(ValueError, match="inception-2015-12-05.pt"):
-        fid.open_detector_file(str(tmp_path / "nojit.pkl"))
-    assert not marker.exists()
-
-
-def test_torchvision_detector_from_state_dict(fid, tmp_path):
-    # The pytorch-fid file is a plain state dict of this architecture; random weights stand in.
-    torch.manual_seed(0)
-    path = str(tmp_path / "pt_inception.pth")
-    torch.save(fid.tf_inception_v3().state_dict(), path)
-    det = fid.open_detector_file(path)
-    assert isinstance(det, fid.TorchvisionDetector)
-    feats = fid.features_of(det, torch.randint(0, 256, [2, 1, 32, 32], dtype=torch.uint8))
-    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    torch.testing.assert_close(det(images), images.float().mean(dim=[2, 3]))
+    grey = torch.randint(0, 256, [2, 1, 8, 8], dtype=torch.uint8)             # greyscale is fed as RGB
+    torch.testing.assert_close(det(grey), grey.repeat(1, 3, 1, 1).float().mean(dim=[2, 3]))
 
 
 def test_missing_detector_and_bad_reference(fid, tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        fid.open_detector_file(str(tmp_path / "nope.pt"))
+        fid.load_detector(str(tmp_path / "nope.pt"), "cpu")
     (tmp_path / "truncated.pt").write_bytes(b"\x80\x02 not a state dict")
     with pytest.raises(ValueError, match="cannot read detector"):
-        fid.open_detector_file(str(tmp_path / "truncated.pt"))
+        fid.load_detector(str(tmp_path / "truncated.pt"), "cpu")
     with pytest.raises(FileNotFoundError, match="reference statistics not found"):
         fid.load_ref(str(tmp_path / "nope.npz"), 2048)
     np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
@@ -469,7 +433,7 @@ def test_bad_network_and_class_raise(fid, tiny_network, tmp_path):
         pickle.dump({"ema": os.system}, f)
     with pytest.raises(ValueError, match="unsafe.pkl"):
         fid.load_net(str(tmp_path / "unsafe.pkl"), "cpu")
-    with pytest.raises(FileNotFoundError, match="network file not found"):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         fid.load_net(str(tmp_path / "nope.pkl"), "cpu")
     net = fid.load_net(tiny_network, "cpu")
     fid.check_class(net, net.label_dim - 1)

@@ -3,7 +3,6 @@ FID for the default run (tiny train -> ref --data shapes -> fid, as the README s
 any detector download, the label-dropout warning, clear messages, and one style of option names."""
 import json
 import os
-import shutil
 
 import numpy as np
 import PIL.Image
@@ -120,12 +119,12 @@ def test_readme_recipe_default_run_ref_shapes_then_fid(fid, load, tiny_network, 
     train = load("07_train_cifar10")
     data = train.load_dataset(train.parse_args([]))
     detector = fid.load_detector(detector_file, "cpu")
-    want = fid.image_stats(fid.TensorImages(data.images), np.arange(len(data.images)), detector, 1024, "cpu")
+    want = fid.image_stats(data.images, np.arange(len(data.images)), detector, 1024, "cpu")
     with np.load(tmp_path / "fid-refs" / "shapes16.npz") as ref:
         np.testing.assert_allclose(ref["mu"], want[0], rtol=1e-12)
         np.testing.assert_allclose(ref["sigma"], want[1], rtol=1e-10, atol=1e-12)
     # --resolution draws the shapes at another size; for image data it is a check.
-    assert fid.open_images("shapes", None, 8).batch([0]).shape == (1, 3, 8, 8)
+    assert fid.open_images("shapes", None, 8).shape[1:] == (3, 8, 8)                 # a uint8 tensor, as 07 draws it
     with pytest.raises(ValueError, match="are 16x16, not --resolution 32"):
         fid.open_images(_pngs(tmp_path / "pngs"), None, 32)
 
@@ -173,12 +172,12 @@ def test_cfg_on_a_run_without_label_dropout_warns_once(fid, load, tiny_network, 
     run(fid, "generate", "--network", tiny_network, *quick, "--outdir", tmp_path / "plain")
     captured = capsys.readouterr()
     assert "warning:" not in captured.err and "guided call" not in captured.out.split("auto")[-1]
-    dropout_run = tmp_path / "dropout_run"
-    dropout_run.mkdir()
-    shutil.copy(tiny_network, dropout_run)
-    options = json.loads(open(os.path.join(os.path.dirname(tiny_network), "training_options.json")).read())
-    (dropout_run / "training_options.json").write_text(json.dumps(dict(options, label_dropout=0.1)))
-    run(fid, "generate", "--network", dropout_run / os.path.basename(tiny_network), *quick, "--guidance", 2,
+    # (07 records label_dropout in a snapshot's network configuration when it is > 0; 10 reads it there.)
+    snapshot = torch.load(tiny_network, map_location="cpu", weights_only=True)
+    assert "label_dropout" not in snapshot["kwargs"]                   # the tiny run: no label dropout
+    snapshot["kwargs"]["label_dropout"] = 0.1
+    torch.save(snapshot, tmp_path / "dropout.pt")
+    run(fid, "generate", "--network", tmp_path / "dropout.pt", *quick, "--guidance", 2,
         "--outdir", tmp_path / "cfg_dropout")
     assert "warning:" not in capsys.readouterr().err
 

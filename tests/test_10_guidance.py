@@ -1,5 +1,6 @@
 """10: the guided denoiser (exactness at w = 1 and for a guide equal to the main model, the sigma
 interval, per-seed determinism) and the exact class-conditional mixture it is demonstrated on."""
+import argparse
 import math
 
 import numpy as np
@@ -161,10 +162,12 @@ def test_bad_settings_raise(m):
     for w, interval in ((math.inf, None), (math.nan, None), (2, (1.0, 0.5)), (2, (-0.1, 1.0))):
         with pytest.raises(ValueError):
             m.GuidedDenoiser(mix, mix, w, interval)
-    assert m.parse_interval("0.3,2.9") == (0.3, 2.9)
+    # --guidance-interval / --interval: common.number_list(float, 0) reads the numbers, 10's interval_of checks them.
+    parse = lambda text: m.interval_of(common.number_list(float, 0)(text))
+    assert parse("0.3,2.9") == (0.3, 2.9)
     for text in ("0.3", "a,b", "2,1", "-1,1", "1,2,3"):
-        with pytest.raises(ValueError):
-            m.parse_interval(text)
+        with pytest.raises((ValueError, argparse.ArgumentTypeError)):
+            parse(text)
 
 
 def test_guided_generation_is_a_function_of_the_seed_only(m, sampler):

@@ -1,12 +1,22 @@
-"""08 nearest (issue 21): the memorisation check -- each generated image's two nearest training images in pixel
-space, near-copy when d1 < d2 / 3 (Carlini et al. 2023)."""
+"""tools/nearest.py (issue 21; 08's `nearest` until issue 27): the memorisation check -- each generated image's two
+nearest training images in pixel space, near-copy when d1 < d2 / 3 (Carlini et al. 2023)."""
 import json
 import os
+import sys
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tool():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import nearest
+    return nearest
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +33,21 @@ def write_folder(path, images):
     return str(path)
 
 
-def test_nearest_two_are_the_two_smallest_rms_distances(fid, shapes):
+def test_nearest_two_are_the_two_smallest_rms_distances(tool, shapes):
     train, held_out = shapes
-    d, idx = fid.nearest_two(held_out, fid.TensorImages(train), chunk=10)       # several chunks
+    d, idx = tool.nearest_two(held_out, train, chunk=10)       # several chunks
     full = ((held_out.double().flatten(1)[:, None] - train.double().flatten(1)[None]) ** 2).mean(2).sqrt()
     exact_d, exact_idx = full.sort(1)
     torch.testing.assert_close(d, exact_d[:, :2])
     assert torch.equal(idx, exact_idx[:, :2])
 
 
-def test_copies_are_flagged_and_held_out_images_are_not(fid, shapes, tmp_path, capsys):
+def test_copies_are_flagged_and_held_out_images_are_not(tool, shapes, tmp_path, capsys):
     train, held_out = shapes
     data = write_folder(tmp_path / "train", train)
     copies = train[[3, 17, 40, 41]]
     checked = write_folder(tmp_path / "generated", torch.cat([copies, held_out[:4]]))
-    fid.main(["nearest", "--images", checked, "--data", data, "--outdir", str(tmp_path / "out")])
+    tool.main(["--images", checked, "--data", data, "--outdir", str(tmp_path / "out")])
     with open(tmp_path / "out" / "nearest.json") as f:
         result = json.load(f)
     assert [r["near_copy"] for r in result["per_image"]] == [True] * 4 + [False] * 4
@@ -46,11 +56,11 @@ def test_copies_are_flagged_and_held_out_images_are_not(fid, shapes, tmp_path, c
     assert "Near-copies (d1 < d2 / 3, Carlini et al. 2023): 4 of 8 = 50.0%" in capsys.readouterr().out
     assert PIL.Image.open(tmp_path / "out" / "nearest.png").size[0] > 200
 
-    d, _ = fid.nearest_two(held_out, fid.TensorImages(train))      # real images the network never saw
-    assert not fid.near_copies(d).any()
+    d, _ = tool.nearest_two(held_out, train)      # real images the network never saw
+    assert not tool.near_copies(d).any()
 
 
-def test_nearest_generates_with_a_network(fid, load, shapes, tmp_path, one_thread):
+def test_nearest_generates_with_a_network(tool, fid, load, shapes, tmp_path, one_thread):
     torch.manual_seed(0)
     unet = load("06_unet")
     net = unet.from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3, label_dim=0,
@@ -58,12 +68,12 @@ def test_nearest_generates_with_a_network(fid, load, shapes, tmp_path, one_threa
                                     attn_resolutions=[], embedding_type="positional", encoder_type="standard",
                                     decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1]))
     unet.save_network(net, str(tmp_path / "net.pt"))
-    fid.main(["nearest", "--network", str(tmp_path / "net.pt"), "--seeds", "0-2", "--steps", "2", "--data",
+    tool.main(["--network", str(tmp_path / "net.pt"), "--seeds", "0-2", "--steps", "2", "--data",
               write_folder(tmp_path / "train", shapes[0][:8]), "--device", "cpu", "--outdir", str(tmp_path / "out")])
     with open(tmp_path / "out" / "nearest.json") as f:
         result = json.load(f)
     expected = fid.generate_batch(net.eval(), [0, 1, 2], "cpu", fid.common.load("04_stochastic_sampler").make_sampler(2))
-    d, _ = fid.nearest_two(expected, fid.TensorImages(shapes[0][:8]))
+    d, _ = tool.nearest_two(expected, shapes[0][:8])
     assert [r["name"] for r in result["per_image"]] == ["seed 0", "seed 1", "seed 2"]
     assert [r["d1"] for r in result["per_image"]] == d[:, 0].tolist()
 
@@ -81,18 +91,18 @@ def test_bad_input_is_one_error_line_and_overwrites_nothing(shapes, tmp_path, as
     out = tmp_path / "out"
     out.mkdir()
     (out / "nearest.png").write_bytes(b"earlier result")
-    texts = assert_one_line_errors("08_evaluate_fid.py", [
+    texts = assert_one_line_errors("tools/nearest.py", [
         ["--images", broken],                                            # no --data
         ["--images", broken, "--data", data],
         ["--images", data, "--data", tmp_path / "empty"],
         ["--data", data],                                                # neither --network nor --images
         ["--images", grey, "--data", data],                             # 1 channel against RGB training images
-    ], tmp_path, prefix=["nearest", "--outdir", out])
+    ], tmp_path, prefix=["--outdir", out])
     assert "--data" in texts[0] and "'002.png'" in texts[1] and "no images" in texts[2]
     assert "--network" in texts[3] and "--data the network was trained on" in texts[4]
     assert os.listdir(out) == ["nearest.png"] and (out / "nearest.png").read_bytes() == b"earlier result"
 
 
-def test_near_copy_criterion_is_d1_below_a_third_of_d2(fid):
+def test_near_copy_criterion_is_d1_below_a_third_of_d2(tool):
     d = torch.tensor([[1.0, 2.9], [1.0, 3.1], [1.0, 2.5], [0.0, 0.1]], dtype=torch.float64)
-    assert fid.near_copies(d).tolist() == [False, True, False, True]      # d1 < d2 / 3 (Carlini et al. 2023)
+    assert tool.near_copies(d).tolist() == [False, True, False, True]      # d1 < d2 / 3 (Carlini et al. 2023)
