@@ -1,23 +1,18 @@
 """04 -- Stochastic sampling: EDM's churn sampler (Algorithm 2) and the SDE it improves on (Eq. 6).
 
 EDM (Karras et al. 2022), Sec. 4. The probability-flow ODE of chapters 02-03 is not the only way down from
-sigma_max to 0. Eq. 6 adds a Langevin term, which replaces noise at rate beta(t) and leaves every marginal
-p(x; sigma) unchanged:
+sigma_max to 0. Eq. 6 adds a Langevin term, which replaces noise at rate beta(t) and leaves every p(x; sigma) as is:
 
     dx = -sigma_dot sigma grad log p dt  -  beta(t) sigma^2 grad log p dt  +  sqrt(2 beta(t)) sigma dw      (Eq. 6)
 
 Fresh noise lets the errors of earlier steps be forgotten, but an imperfect denoiser adds its own at every
-replacement. Algorithm 2 splits the two: at each t_i it adds noise to climb to t_hat = (1 + gamma_i) t_i
-(S_churn sets how much, [S_min, S_max] where, S_noise > 1 counters a denoiser that removes too much noise),
-then takes one Heun step of the ODE down to t_{i+1}. Table 5: ImageNet-64 uses S_churn = 40, S_min = 0.05,
-S_max = 50, S_noise = 1.003; CIFAR-10 uses S_churn = 0, the ODE with Heun steps.
-
+replacement. Algorithm 2 splits the two: at each t_i it adds noise to climb to t_hat = (1 + gamma_i) t_i (S_churn:
+how much; [S_min, S_max]: where; S_noise > 1 counters a denoiser that removes too much noise), then takes one Heun
+step of the ODE down to t_{i+1}. Table 5: ImageNet-64 uses S_churn = 40, S_min = 0.05, S_max = 50, S_noise =
+1.003; CIFAR-10 uses S_churn = 0, the ODE with Heun steps.
 Run:  python 04_stochastic_sampler.py      (about 10 s on 2 CPU cores; figures in out/04_stochastic_sampler/)
 """
 
-import math
-
-import numpy as np
 import torch
 
 import common
@@ -33,7 +28,7 @@ def edm_sampler(net, x, sigmas, extra_args=None, randn_like=torch.randn_like,
     common.StackedRandomGenerator); `net.round_sigma` rounds t_hat where the network has one."""
     round_sigma = getattr(net, "round_sigma", lambda sigma: sigma)
     num_steps = len(sigmas) - 1
-    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)          # churn per step, capped (line 4)
+    gamma_max = min(S_churn / num_steps, 2 ** 0.5 - 1)          # churn per step, capped (line 4)
     x = x.to(torch.float64)                                          # line 1: x_0 ~ N(0, t_0^2 I)
     for i in range(num_steps):                                       # line 2
         t_i, t_next = sigmas[i], sigmas[i + 1]
@@ -60,9 +55,8 @@ def edm_sampler(net, x, sigmas, extra_args=None, randn_like=torch.randn_like,
 
 
 def make_sampler(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, **churn):
-    """Algorithm 2 on Eq. 5's steps (fitted to the network's range), as 08's protocol and the demos take a sampler:
-    sample(net, latents, extra_args=None, randn_like=torch.randn_like) from unit latents. Default: the paper's
-    CIFAR-10 setting, 18 steps = 35 NFE, no churn."""
+    """Algorithm 2 on Eq. 5's steps fitted to the network, as 08 and the demos take a sampler: sample(net, latents,
+    extra_args, randn_like) from unit latents. Default: the paper's CIFAR-10 setting, 18 steps = 35 NFE, no churn."""
     def sample(net, latents, extra_args=None, randn_like=torch.randn_like):
         sigmas = common.edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, net).to(latents.device)
         return edm_sampler(net, latents.to(torch.float64) * sigmas[0], sigmas, extra_args, randn_like, **churn)
@@ -106,40 +100,31 @@ class OverDenoiser:
         return denoised - self.eps * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt() * (x - denoised)
 
 
-def seeded_randn_like(seed):
-    """A randn_like that draws from its own generator (so every configuration sees the same noise stream)."""
-    g = torch.Generator().manual_seed(seed)
-    return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
-
-
-def scores(toy, samples, truth):
-    """W1 to the data, weight of the right mode, std within the right mode (the toy's 'detail')."""
-    return toy.wasserstein1(samples.cpu(), truth), float((samples > 0).double().mean()), float(samples[samples > 0].std())
-
-
 CHURNS = [0, 1, 2, 5, 10, 20, 40, 80]
 NOISES = [1.0, 1.007, 1.02]
 
 
 def churn_sweep(samples=8192, steps=64, eps=0.4, seed=0, device="cpu"):
-    """(W1, right-mode weight, std) per denoiser, S_noise, S_churn; Euler-Maruyama at equal NFE; the noise floor."""
+    """(W1, right-mode weight, right-mode std) per denoiser, S_noise and S_churn, and for Euler-Maruyama at equal NFE;
+    the noise floor of W1 (5th, 50th, 95th percentile of fresh data samples' W1 to the reference)."""
     toy = common.load("01_toy_1d")
     mix = toy.default_mixture()
     nets = {"exact D": mix, "imperfect D": OverDenoiser(mix, eps)}
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(samples, 1, generator=g, dtype=torch.float64).to(device)
     truth = mix.sample(50000, g)
-    # The noise floor: how far `samples` fresh data points are from the reference (5th, 50th, 95th percentile).
-    floor = np.percentile([toy.wasserstein1(mix.sample(samples, g), truth) for _ in range(100)], [5, 50, 95])
-    sigmas, sde_sigmas = common.edm_sigma_steps(steps).to(device), common.edm_sigma_steps(2 * steps - 1).to(device)
+    floor = torch.tensor([toy.wasserstein1(mix.sample(samples, g), truth) for _ in range(100)],
+                         dtype=torch.float64).quantile(torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
 
-    def churn(net, **kwargs):
-        return edm_sampler(net, latents * sigmas[0], sigmas, randn_like=seeded_randn_like(seed + 1), **kwargs).cpu()
-    sweep = {(name, S_noise): [scores(toy, churn(net, S_churn=c, S_noise=S_noise), truth) for c in CHURNS]
+    def run(sampler, net, num_steps, **kwargs):   # every configuration sees the same noise stream
+        sigmas, noise = common.edm_sigma_steps(num_steps).to(device), torch.Generator().manual_seed(seed + 1)
+        x = sampler(net, latents * sigmas[0], sigmas, randn_like=lambda x: torch.randn(
+            x.shape, generator=noise, dtype=x.dtype).to(x.device), **kwargs).cpu()
+        return x, (toy.wasserstein1(x, truth), float((x > 0).double().mean()), float(x[x > 0].std()))
+    sweep = {(name, S_noise): [run(edm_sampler, net, steps, S_churn=c, S_noise=S_noise)[1] for c in CHURNS]
              for name, net in nets.items() for S_noise in NOISES}
-    sde = {name: scores(toy, sde_sampler(net, latents * sde_sigmas[0], sde_sigmas, randn_like=seeded_randn_like(seed + 1)),
-                        truth) for name, net in nets.items()}
-    hists = {c: churn(nets["imperfect D"], S_churn=c) for c in (0, 10, 80)}
+    sde = {name: run(sde_sampler, net, 2 * steps - 1)[1] for name, net in nets.items()}
+    hists = {c: run(edm_sampler, nets["imperfect D"], steps, S_churn=c)[0] for c in (0, 10, 80)}
     return dict(sweep=sweep, sde=sde, hists=hists, truth=truth, floor=floor, data=mix)
 
 
@@ -170,7 +155,7 @@ def report(r, steps, eps, outdir):
     """The tables (W1 and the right mode's std per setting), then what the figures show, with this run's numbers."""
     at = lambda name, S_noise, S_churn: r["sweep"][(name, S_noise)][CHURNS.index(S_churn)]  # noqa: E731
     print(f"Algorithm 2, N = {steps} steps ({2 * steps - 1} NFE), S_min = 0, S_max = inf (gamma reaches its cap "
-          f"sqrt(2) - 1 at S_churn = {(math.sqrt(2) - 1) * steps:.0f}); imperfect D: eps = {eps}; SDE: Euler-Maruyama "
+          f"sqrt(2) - 1 at S_churn = {(2 ** 0.5 - 1) * steps:.0f}); imperfect D: eps = {eps}; SDE: Euler-Maruyama "
           f"(Eq. 6) at {2 * steps - 1} NFE.\nNoise floor of W1: fresh data samples are {r['floor'][1]:.4f} from the "
           f"data, 90 % of the time {r['floor'][0]:.4f}-{r['floor'][2]:.4f}. Std of the data's right mode "
           f"{float(r['data'].stds[1]):.3f}.")
@@ -179,26 +164,22 @@ def report(r, steps, eps, outdir):
         for (name, S_noise), rows in r["sweep"].items():
             print(f"{f'  {name}, S_noise = {S_noise}':<34}" + "".join(f"{row[column]:>8.4f}" for row in rows)
                   + (f"{r['sde'][name][column]:>8.4f}" if S_noise == 1 else ""))
+    ode, churned, noisier = at("imperfect D", 1.0, 0), at("imperfect D", 1.0, 10), at("imperfect D", 1.02, 10)
     print(f"""
 What this shows (figures in {outdir}/)
-  w1_vs_churn.png  a D that removes too much noise is far off with the ODE (W1 {at('imperfect D', 1.0, 0)[0]:.4f}); churn, \
-fresh noise
-    that corrects earlier errors, brings it to {at('imperfect D', 1.0, 10)[0]:.4f} at S_churn = 10, and S_noise = 1.02 to \
-{at('imperfect D', 1.02, 10)[0]:.4f} (Sec. 4, Table 5).
-    With the exact D the ODE is already within the noise floor (W1 {at('exact D', 1.0, 0)[0]:.4f}): churn has nothing \
-to correct.
-  histograms.png   churn re-widens the imperfect D's too narrow modes (std {at('imperfect D', 1.0, 0)[2]:.3f} -> \
-{at('imperfect D', 1.0, 10)[2]:.3f}). Euler-Maruyama corrects
-    it too, but its first-order steps widen even the exact D's modes (std {r['sde']['exact D'][2]:.3f}).""")
+  w1_vs_churn.png  a D that removes too much noise is far off with the ODE (W1 {ode[0]:.4f}); churn -- fresh noise
+    that corrects earlier errors -- brings it to {churned[0]:.4f} at S_churn = 10, and S_noise = 1.02 to {noisier[0]:.4f}
+    (Sec. 4, Table 5). The exact D's ODE is already within the noise floor: churn has nothing to correct.
+  histograms.png   churn re-widens the imperfect D's too narrow modes (std {ode[2]:.3f} -> {churned[2]:.3f}). Euler-
+    Maruyama corrects them too, but its first-order steps widen even the exact D's (std {r["sde"]["exact D"][2]:.3f}).""")
 
 
 def parse_args(argv=None):
     parser = common.base_parser(__doc__)
-    parser.add_argument("--samples", type=common.number(int, low=2), default=8192,
-                        help="samples per configuration (default: 8192)")
-    parser.add_argument("--steps", type=common.number(int, low=2), default=64, help="sampler steps N (default: 64)")
-    parser.add_argument("--eps", type=common.number(float, 0, 10), default=0.4,
-                        help="excess noise removed by the imperfect D (default: 0.4)")
+    for flag, kind, default, what in [("--samples", common.number(int, low=2), 8192, "samples per configuration"),
+                                      ("--steps", common.number(int, low=2), 64, "sampler steps N"),
+                                      ("--eps", common.number(float, 0, 10), 0.4, "excess noise the imperfect D removes")]:
+        parser.add_argument(flag, type=kind, default=default, help=f"{what} (default: {default})")
     return parser.parse_args(argv)
 
 

@@ -69,7 +69,7 @@ def train(args, device=torch.device("cpu")):
     # per-rank random streams for noise levels, noise, dropout and augmentation.
     torch.manual_seed(args.seed)
     net = ch06.from_official_config(class_name, net_kwargs).train().requires_grad_(True).to(device)
-    common.seed_all(derive_seed(args.seed, "rank", rank))
+    torch.manual_seed(derive_seed(args.seed, "rank", rank))
     net = net.to(memory_format=torch.channels_last) if args.channels_last else net
     ema = copy.deepcopy(net).eval().requires_grad_(False)                 # the averaged weights that get sampled
     phema = {sigma_rel: copy.deepcopy(ema) for sigma_rel in args.phema}   # --phema: a power-function EMA per width
@@ -426,7 +426,7 @@ def load_dataset(args):
         name = f"shapes{images.shape[2]}"
     else:
         folder = common.load("08_evaluate_fid").ImageFolder(args.data, args.resolution if args.resize else None)
-        images, labels, names = decode_once_per_node(folder, args.outdir), folder.labels, None
+        images, labels, names = decode_once_per_node(folder, args.outdir), folder_labels(folder), None
         name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
         if folder.resized and common.get_rank() == 0:
             print(f"{len(folder.resized)} of {len(folder)} images center-cropped and resized to "
@@ -444,6 +444,21 @@ def load_dataset(args):
         raise ValueError(f"class labels must be non-negative integers; {args.data!r} has {labels.min()}")
     onehot = F.one_hot(torch.as_tensor(labels)).to(torch.float32) if args.cond else torch.zeros([n, 0])
     return TrainingSet(name, images, onehot, names or [f"class {k}" for k in range(onehot.shape[1])], args.xflip)
+
+
+def folder_labels(folder):
+    """int64 [N] class indices of an 08 ImageFolder's images, or None: from dataset.json (the official layout,
+    {"labels": [["00000/img00000000.png", 6], ...]}), else from one sub-folder per class (in sorted order)."""
+    if "dataset.json" in folder.files:
+        labels = dict(json.loads(folder.data("dataset.json")).get("labels") or [])
+        missing = [n for n in folder.names if n not in labels]
+        if labels and missing:
+            raise ValueError(f"dataset.json in {folder.path!r} has no label for {missing[0]!r}")
+        return np.asarray([labels[n] for n in folder.names], np.int64) if labels else None
+    folders = [n.split("/")[0] if "/" in n else None for n in folder.names]
+    if None in folders or len(set(folders)) < 2:
+        return None
+    return np.unique(folders, return_inverse=True)[1].astype(np.int64)   # index of the sorted folder name
 
 
 def decode_once_per_node(folder, run_dir):
@@ -749,7 +764,7 @@ def restore(run, state):
         why = f"{len(state['rng'])} ranks' run on {world_size}" if saved_on == device.type else \
             f"a {saved_on} run on {device.type} (the generators differ)"
         print(f"warning: resuming {why}; random streams are re-seeded", file=sys.stderr)
-        common.seed_all(derive_seed(run.args.seed, "rank", rank, state["cur_nimg"]))
+        torch.manual_seed(derive_seed(run.args.seed, "rank", rank, state["cur_nimg"]))
         run.augment_generator.manual_seed(derive_seed(run.args.seed, "augment", rank, state["cur_nimg"]))
     return state["cur_nimg"]
 
@@ -810,7 +825,6 @@ def build_parser(preset):
                                      (f"--preset {preset}." if preset else "no preset (Table 7's CIFAR-10 values)."))
     d = dict(DEFAULTS, **PRESETS.get(preset, {}), **RUN_DEFAULTS, data_dir=DATA_DIR, preset=preset)
     kimg, probability, positive = common.number(float, low=0.001), common.number(float, 0, 1), common.number(int, low=1)
-    positives = common.number_list(int, low=1)
     flag = dict(action=argparse.BooleanOptionalAction)   # --x / --no-x
 
     def add(option, help, shown=None, **kwargs):
@@ -831,9 +845,10 @@ def build_parser(preset):
     add("--arch", "network of chapter 06", choices=["ddpmpp", "ncsnpp", "adm"])
     add("--precond", "preconditioning and loss of chapter 05 (Table 1)", choices=["vp", "ve", "edm"])
     add("--cbase", "channel multiplier", "128; adm 192", type=positive)
-    add("--cres", "channels per resolution, e.g. 2,2,2", "2,2,2; adm 1,2,3,4", type=positives)
+    add("--cres", "channels per resolution, e.g. 2,2,2", "2,2,2; adm 1,2,3,4", type=common.number_list(int, low=1))
     add("--blocks", "residual blocks per resolution", "4; adm 3", type=positive)
-    add("--attn", "resolutions with self-attention ('' = none)", "16; adm 32,16,8", type=positives)
+    add("--attn", "resolutions with self-attention ('' = none)", "16; adm 32,16,8",
+        type=common.number_list(int, low=1, empty=True))
     add("--dropout", "dropout probability", type=probability)
     add("--augment", "augmentation probability p (App. F.2; 0 = off)", type=probability)
     add("--label-dropout", "probability of dropping a training image's class (for classifier-free guidance; "
@@ -850,7 +865,7 @@ def build_parser(preset):
     add("--P-std", "(see --P-mean)", type=common.number(float, low=1e-6))
     add("--phema", "also keep EDM2's power-function EMAs of these relative widths sigma_rel, e.g. 0.05,0.10, "
         "snapshotted as phema-<sigma_rel>-<kimg>.pt every --snap; 11_post_hoc_ema.py turns them into any EMA length",
-        type=common.number_list(float, low=1e-6, high=1 / math.sqrt(12)))   # 11's PHEMA_SIGMA_REL_MAX
+        type=common.number_list(float, low=1e-6, high=1 / math.sqrt(12), empty=True))   # 11's PHEMA_SIGMA_REL_MAX
     add("--precision", "autocast dtype", choices=["fp32", "bf16", "fp16"])
     add("--tf32", "allow TF32 matmuls (the paper: off)", **flag)
     add("--compile", "torch.compile the network for training (not the paper's; sampling stays eager)", **flag)
@@ -879,8 +894,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error(f"--preset {args.preset} needs --data (cifar10, shapes, or a folder/zip of images)")
-    if args.cres == []:
-        parser.error("--cres needs at least one resolution, e.g. 2,2,2")
     if len(set(args.phema)) != len(args.phema):
         parser.error(f"--phema: each sigma_rel once, got {','.join(map(str, args.phema))}")
     if args.label_dropout > 0 and not args.cond:

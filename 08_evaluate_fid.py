@@ -4,18 +4,14 @@
 
 with (mu, Sigma) the mean and covariance of 2048-d Inception-v3 features of generated (g) and real (r) images.
 The number depends on every detail, so this file follows the official generate.py + fid.py, in their order:
-  1. generation: 50,000 images, each a function of its seed only, quantized to uint8 as a PNG stores them;
-  2. the detector: NVIDIA's TorchScript port of the TF graph `inception-2015-12-05`, fed uint8 NCHW images;
-  3. statistics: mu and Sigma as float64 sums over batches and GPUs, Sigma the unbiased (n - 1) covariance;
-  4. the Frechet distance, for three seed sets (0-49999, 50000-99999, 100000-149999); the paper reports the minimum.
+1. generation: 50,000 images, each a function of its seed only, quantized to uint8 as a PNG stores them; 2. the
+detector: NVIDIA's TorchScript port of the TF graph `inception-2015-12-05`; 3. statistics: mu and Sigma as
+float64 sums over batches and GPUs; 4. the Frechet distance, the minimum over three seed sets of 50,000.
 
-Subcommands (each has --help): demo (default: how FID is biased by the number of images), generate, ref
+Subcommands (each has --help): demo (the default: FID's bias with the number of images), generate, ref
 (statistics of a data set), calc (FID of a folder of images), fid (the whole protocol). FID needs only common.py;
-generation loads 04 and 06 (+05); 03's, 09's and 10's samplers and guidance plug in when their flags ask.
-
-  python 08_evaluate_fid.py                                                   # the demo, a few seconds
+generation 04 and 06 (+05); 03's, 09's and 10's samplers and guidance plug in when their flags ask. E.g.
   python 08_evaluate_fid.py generate --network <07 run>/network-snapshot-000064.pt --seeds 0-63
-  python 08_evaluate_fid.py generate --network <snapshot> --solver ipndm --nfe 10 --outdir out/08_evaluate_fid/ipndm10
   torchrun --standalone --nproc_per_node=8 08_evaluate_fid.py fid --network edm-cifar10-32x32-cond-vp.pkl \\
       --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
 """
@@ -62,11 +58,6 @@ def generate_batch(net, seeds, device, sample=None, class_idx=None):
 def load_net(path, device):
     """06's load_network (an official pickle, path or URL, or a 07 snapshot; its errors name the file) on `device`."""
     return common.load("06_unet").load_network(path).eval().requires_grad_(False).to(device)
-
-
-def check_class(net, class_idx):
-    if class_idx is not None and not (net.label_dim and class_idx < net.label_dim):
-        raise ValueError(f"--class {class_idx} but the network has {net.label_dim} classes")
 
 
 def rank_batches(items, batch_size):
@@ -264,8 +255,6 @@ def record(args, sample, counter, counters, images, guidance):
 
 def cmd_generate(args):
     _, _, device = common.init_distributed(args.device)
-    if not args.seeds:
-        raise ValueError("--seeds names no seed; e.g. 0-63")
     sample, counter, counters, guidance = start_generation(args, device)
     outdir = args.outdir or os.path.join("out", "08_evaluate_fid", "images")
     earlier = check_outdir(outdir, args.seeds, args.subdirs, args.add)
@@ -399,9 +388,8 @@ def demo(args):
     mu_shift, sigma_r = torch.full([d], 0.05, dtype=torch.float64), q @ torch.diag(lam) @ q.T
     factors = {"real": psd_factor(sigma_r), "gen": psd_factor(q @ torch.diag(lam * 1.1) @ q.T)}  # 10% too much variance
     true_fid = float(mu_shift.square().sum() + (lam.sqrt() - (1.1 * lam).sqrt()).square().sum())
-    print(f"{d}-d Gaussian 'features'; the generator's mean is off by 0.05 and its variance 10% too large.")
-    print(f"Closed-form FID(generator, real) = {true_fid:.5f}; each estimate below uses n samples "
-          f"against the exact real statistics.")
+    print(f"{d}-d Gaussian 'features'; the generator's mean is off by 0.05, its variance 10% too large: closed-form "
+          f"FID(generator, real) = {true_fid:.5f}. Each estimate uses n samples against the exact real statistics.")
 
     def fid_of(which, mean, n):
         stats = FeatureStats(d, device)
@@ -437,8 +425,6 @@ def demo(args):
           f"same bias; at n = 50k the three seed sets differ by only {max(gen[-1]) - min(gen[-1]):.4f}.")
     print("  * So FIDs are comparable only at equal n: the paper's FIDs (Table 2) all use 50,000 images, and each is"
           " the minimum over 3 seed sets (official README) to damp the remaining noise.")
-    print("Next, a network measured the same way: 08_evaluate_fid.py generate --network <run>/network-snapshot-*.pt "
-          "(PNGs), then 08_evaluate_fid.py fid --network <snapshot or official .pkl> --ref <ref.npz> (FID, 3 x 50k)")
 
 
 # ----------------------------------------------------------------------------
@@ -453,9 +439,8 @@ class ImageFolder:
     [C, H, W], C = 1 (greyscale) or 3 (RGB), and every image must have the first one's shape. With `resolution` R
     each image is made R x R RGB as the official dataset_tool.py's center crop does (the central square, resized
     with PIL's LANCZOS if it is not R x R; `resized` holds their indices). Images with an alpha channel are
-    refused, as by the official tool: what to composite them on is the user's decision. `labels` come from
-    dataset.json (the official layout: {"labels": [["00000/img00000000.png", 6], ...]}), else from one sub-folder
-    per class, else None."""
+    refused, as by the official tool: what to composite them on is the user's decision. `files` lists everything
+    in it, `data(name)` reads a file's bytes (07 reads its labels so)."""
 
     def __init__(self, path, resolution=None):
         self.path, self._zip, self.shape, self.resolution, self.resized = path, None, None, resolution, set()
@@ -469,7 +454,7 @@ class ImageFolder:
             files = [n for n in self._zip.namelist() if not n.endswith("/")]
         else:
             raise ValueError(f"{path!r} is neither a folder nor a .zip file of images")
-        self._files = set(files)
+        self.files = set(files)
         self.names = sorted(n for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
         if not self.names:
             raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {path!r}")
@@ -478,14 +463,14 @@ class ImageFolder:
     def __len__(self):
         return len(self.names)
 
-    def _bytes(self, name):
+    def data(self, name):
         return self._zip.read(name) if self._zip else pathlib.Path(self.path, name).read_bytes()
 
     def read(self, i):
         """Image i as a uint8 numpy array [C, H, W]."""
         name = self.names[i]
         try:
-            with PIL.Image.open(io.BytesIO(self._bytes(name))) as image:
+            with PIL.Image.open(io.BytesIO(self.data(name))) as image:
                 alpha = "A" in image.getbands() or "transparency" in image.info
                 if not alpha:
                     image = image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB")
@@ -515,19 +500,6 @@ class ImageFolder:
         """Images `indices` as a uint8 tensor [N, C, H, W]."""
         return torch.from_numpy(np.stack([self.read(int(i)) for i in indices]))
 
-    @property
-    def labels(self):
-        """int64 [N] class indices, or None."""
-        if "dataset.json" in self._files:
-            labels = dict(json.loads(self._bytes("dataset.json")).get("labels") or [])
-            missing = [n for n in self.names if n not in labels]
-            if labels and missing:
-                raise ValueError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}")
-            return np.asarray([labels[n] for n in self.names], np.int64) if labels else None
-        folders = [n.split("/")[0] if "/" in n else None for n in self.names]
-        if None in folders or len(set(folders)) < 2:
-            return None
-        return np.unique(folders, return_inverse=True)[1].astype(np.int64)   # index of the sorted folder name
 
 
 def images_at(images, indices):
@@ -608,7 +580,8 @@ def start_generation(args, device):
     settings). The denoiser is the network, or the network guided by chapter 10's guidance (--guidance ...)."""
     sample = sampler_from_args(args)
     main = common.CountingDenoiser(common.rank0_first(load_net, args.network, device))
-    check_class(main, args.class_idx)
+    if args.class_idx is not None and not args.class_idx < main.label_dim:
+        raise ValueError(f"--class {args.class_idx} but the network has {main.label_dim} classes")
     if args.guidance == 1 and args.guide_network is None and args.guidance_interval is None:
         return sample, common.CountingDenoiser(main), [main], dict(w=1.0, method="none", guide_network=None,
                                                                    interval=None)

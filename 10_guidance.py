@@ -507,8 +507,6 @@ def network_grid(args, device):
     torch.set_num_threads(1)    # a 16x16 network one seed group at a time: threads only add contention
     evaluation = common.load("08_evaluate_fid")   # demo only: 08's network loader and seed-only generation
     seeds = args.seeds
-    if not seeds:
-        raise ValueError("--seeds names no seed; e.g. 0-7")
     net = evaluation.load_net(args.network, device)
     guide = None if args.guide_network is None else evaluation.load_net(args.guide_network, device)
     methods = ([("CFG", None)] if net.label_dim else []) + ([("autoguidance", guide)] if guide is not None else [])

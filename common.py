@@ -1,8 +1,7 @@
-"""common.py -- the little that several chapters' concepts share, and no concept of its own: loading a chapter,
-per-seed random generators, the samplers' conventions (the denoiser call, NFE counting, Eq. 5's time steps on a
-network's range, iDDPM's noise levels), the official uint8 quantisation, running a chapter (options, output
-folder, one `error:` line), atomic files, one download cache, and torchrun. Library code raises (ValueError,
-OSError); `run` turns that into the one error line and exit 1.
+"""common.py -- the little that several chapters' concepts share: loading a chapter, per-seed generators, the
+samplers' conventions (the denoiser call, NFE counting, Eq. 5 on a network's range, iDDPM's noise levels), the
+official uint8 quantisation, running a chapter (options, output folder, one `error:` line for what library code
+raises), atomic files, one download cache, and torchrun.
 """
 
 import argparse
@@ -11,12 +10,10 @@ import importlib.util
 import json
 import math
 import os
-import random
 import re
 import sys
 import urllib.parse
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -31,24 +28,13 @@ def load(name):
         raise ImportError(f"{name}.py is missing: copy it next to common.py ({ROOT}); "
                           f"the README's Copy table lists what each chapter needs")
     spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[name] = module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules[name]
+        del sys.modules[name]            # no half-imported chapter stays behind
         raise
     return module
-
-
-# ----------------------------------------------------------------------------
-# Randomness.
-
-def seed_all(seed):
-    """Seed Python, NumPy and torch (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 class StackedRandomGenerator:
@@ -56,8 +42,7 @@ class StackedRandomGenerator:
     in a batch of 8 or on another GPU (the official generate.py). Pass `rnd.randn_like` to a sampler."""
 
     def __init__(self, device, seeds):
-        self.device = torch.device(device)
-        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
     def randn(self, size, **kwargs):
         return self.stack(torch.randn, size, **kwargs)
@@ -75,10 +60,9 @@ class StackedRandomGenerator:
 
 
 # ----------------------------------------------------------------------------
-# The samplers' conventions (k-diffusion's): `sample_x(model, x, sigmas, extra_args=None, ...)` integrates from the
-# noisy images x at noise level sigmas[0] through every sigmas[i] down to sigmas[-1] = 0, calling the denoiser as
-# `model(x, sigma, **extra_args)` with sigma a 0-d tensor (a class-conditional network gets
-# extra_args = {"class_labels": labels}). Unit-variance latents z start as x = z * sigmas[0].
+# The samplers' conventions (k-diffusion's): sample_x(model, x, sigmas, extra_args=None, ...) integrates from the
+# noisy images x at sigmas[0] through every sigmas[i] down to sigmas[-1] = 0 (unit latents z start as
+# x = z * sigmas[0]), calling the denoiser as model(x, sigma, **extra_args) with a 0-d sigma.
 
 def denoise(model, x, sigma, extra_args=None):
     """D(x; sigma) = model(x, sigma, **extra_args) as float64, the precision samplers integrate in. A network with
@@ -90,8 +74,8 @@ def denoise(model, x, sigma, extra_args=None):
 
 
 class CountingDenoiser:
-    """Wraps a denoiser and counts the images that go through it: NFE is measured, never computed.
-    `per_image(n)` = evaluations / n; attributes samplers read (sigma_min, round_sigma, ...) are the model's."""
+    """A denoiser that counts the images it is called on: NFE is measured, never computed. per_image(n) =
+    evaluations / n; the attributes samplers read (sigma_min, round_sigma, ...) are the wrapped model's."""
 
     def __init__(self, model):
         self.model, self.evaluations = model, 0
@@ -148,16 +132,13 @@ def rms(a, b):
     return float(((a - b) ** 2).mean().sqrt())
 
 
-# ----------------------------------------------------------------------------
-# Images.
-
 def to_uint8(x):
     """[N, C, H, W] float in [-1, 1] -> [N, H, W, C] uint8, as the official generate.py quantizes."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 # ----------------------------------------------------------------------------
-# Running a chapter: devices, options, output folders, the one error exit.
+# Running a chapter: devices, options, output folders, the one error exit, files.
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -183,22 +164,22 @@ def number(kind=int, low=None, high=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
         if value != value or (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"in [{low}, {high}]" if low is not None and high is not None else \
-                f">= {low}" if low is not None else f"<= {high}"
+            bounds = "a number" if value != value else f">= {low}" if high is None else f"<= {high}" if low is None \
+                else f"in [{low}, {high}]"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     parse.__name__ = kind.__name__   # argparse names the type in its messages
     return parse
 
 
-def number_list(kind=float, low=None, high=None, ranges=False):
-    """An argparse `type` for 'a,b,c' ('' = none), each checked as `number`; with `ranges`, 'a-b' is a, a + 1, ...,
-    b (seed lists such as '0-49999' or '0,5,7-9', as the official code)."""
+def number_list(kind=float, low=None, high=None, ranges=False, empty=False):
+    """An argparse `type` for 'a,b,c', each item checked as `number` checks it ('' is the empty list only where
+    `empty`); with `ranges`, 'a-b' is a, a + 1, ..., b (seed lists '0-49999', '0,5,7-9', as the official code)."""
     one = number(kind, low, high)
 
     def parse(text):
         values = []
-        for part in filter(None, (p.strip() for p in text.split(","))):
+        for part in [p.strip() for p in text.split(",")] if text.strip() or not empty else []:
             m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part) if ranges else None
             if m and int(m[2]) < int(m[1]):
                 raise argparse.ArgumentTypeError(f"range {part!r} runs backwards")
@@ -227,8 +208,8 @@ def run(demo, args):
 
 
 def start(script_file, args):
-    """A demo's first line: seed every RNG with --seed; return its device and its output folder (created)."""
-    seed_all(args.seed)
+    """A demo's first line: seed torch (CPU and every GPU) with --seed; return the device and output folder (created)."""
+    torch.manual_seed(args.seed)
     return get_device(args.device), out_dir(script_file, args.outdir)
 
 

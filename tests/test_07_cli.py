@@ -52,7 +52,7 @@ BAD = {   # arguments -> a fragment of the one error line
     "probability > 1": (lambda p: ["--augment", "1.5"], "--augment: must be in [0, 1]"),
     "sigma_rel twice": (lambda p: ["--phema", "0.1,0.05,0.1"], "--phema: each sigma_rel once"),
     "sigma_rel too wide": (lambda p: ["--phema", "0.05,0.3"], "--phema: must be in [1e-06, 0.288"),
-    "no resolutions": (lambda p: ["--cres", ""], "--cres needs at least one"),
+    "no resolutions": (lambda p: ["--cres", ""], "--cres: expected an integer, got ''"),
     "batch-gpu not dividing": (lambda p: ["--batch", "16", "--batch-gpu", "5"], "divisible"),
     "corrupt resume state": (lambda p: ["--resume", "auto"], "cannot read training state"),
     "outdir is a file": (lambda p: ["--outdir", a_file(p)], "is (or lies inside) a file, not a folder"),

@@ -99,3 +99,18 @@ def test_counting_denoiser_measures_images_per_call_exactly():
     assert counter.evaluations == 15 and counter.per_image(3) == 5 and isinstance(counter.per_image(3), int)
     counter(x[:1], torch.tensor(1.0))
     assert counter.evaluations == 16 and counter.per_image(3) == 16 / 3
+
+
+def test_number_list_is_the_one_list_parser():
+    """'a,b,c' with every item checked; '' is the empty list only where allowed; 'a-b' ranges for seed lists."""
+    import argparse
+    import pytest
+    floats, seeds = common.number_list(float, 0, 1), common.number_list(int, 0, ranges=True)
+    assert floats("0.05, 0.1") == [0.05, 0.1] and seeds("0,5,7-9") == [0, 5, 7, 8, 9] and seeds("3-3") == [3]
+    assert common.number_list(int, 1, empty=True)("") == [] and common.number_list(int, 1, empty=True)("2,4") == [2, 4]
+    for parse, bad, complaint in [(floats, "", "expected a number, got ''"), (floats, "0.1,,0.2", "got ''"),
+                                  (floats, "0.5,2", "must be in [0, 1], got 2"), (seeds, "9-5", "runs backwards"),
+                                  (seeds, "1-2-3", "expected an integer"), (seeds, "-1", "must be >= 0"),
+                                  (floats, "0-1", "expected a number")]:   # ranges only where asked
+        with pytest.raises(argparse.ArgumentTypeError, match=complaint.replace("[", r"\[")):
+            parse(bad)

@@ -115,7 +115,7 @@ ROWS = {
         for i in range(4):
             PIL.Image.fromarray(np.full([4, 4, 3], 60 * i, np.uint8)).save(f"imgs/{['cats', 'dogs'][i % 2]}/{i}.png")
         images = fid.open_images("imgs", None)                               # calc's and ref's reader
-        assert len(images) == 4 and images.batch([3]).shape == (1, 3, 4, 4) and list(images.labels) == [0, 0, 1, 1]
+        assert len(images) == 4 and images.batch([3]).shape == (1, 3, 4, 4) 
         fid.main(["demo", "--outdir", "demo", "--device", "cpu"])
         assert os.path.isfile("demo/fid_vs_n.png")
         try:                                            # 07's shapes are drawn by 07: one line naming it

@@ -59,8 +59,6 @@ def inputs(args):
         raise ValueError("nearest needs --data: the training images (a folder/.zip, cifar10 or shapes)")
     if (args.network is None) == (args.images is None):
         raise ValueError("nearest needs either --network SNAPSHOT (to generate --seeds) or --images DIR")
-    if args.network and not args.seeds:
-        raise ValueError("--seeds names no seed; e.g. 0-63")
     if args.images:
         folder = ch08.ImageFolder(args.images)
         images, names = folder.batch(range(len(folder))), folder.names
