@@ -388,8 +388,8 @@ def demo(args):
     mu_shift, sigma_r = torch.full([d], 0.05, dtype=torch.float64), q @ torch.diag(lam) @ q.T
     factors = {"real": psd_factor(sigma_r), "gen": psd_factor(q @ torch.diag(lam * 1.1) @ q.T)}  # 10% too much variance
     true_fid = float(mu_shift.square().sum() + (lam.sqrt() - (1.1 * lam).sqrt()).square().sum())
-    print(f"{d}-d Gaussian 'features'; the generator's mean is off by 0.05, its variance 10% too large: closed-form "
-          f"FID(generator, real) = {true_fid:.5f}. Each estimate uses n samples against the exact real statistics.")
+    print(f"{d}-d Gaussian 'features', the generator's mean off by 0.05 and its variance 10% too large. Closed-form "
+          f"FID(generator, real) = {true_fid:.5f}; each estimate uses n samples against the exact real statistics.")
 
     def fid_of(which, mean, n):
         stats = FeatureStats(d, device)
@@ -423,8 +423,8 @@ def demo(args):
           f"(n x bias stays near {c:.0f}; grey guide).")
     print(f"  * Orange: the generator's estimates sit above its true FID {true_fid:.3f} (dashed line) by about the "
           f"same bias; at n = 50k the three seed sets differ by only {max(gen[-1]) - min(gen[-1]):.4f}.")
-    print("  * So FIDs are comparable only at equal n: the paper's FIDs (Table 2) all use 50,000 images, and each is"
-          " the minimum over 3 seed sets (official README) to damp the remaining noise.")
+    print("  * So FIDs compare only at equal n: the paper's (Table 2) use 50,000 images, the minimum over 3 seed sets."
+          "\nNext, a network measured the same way: 08 generate --network ... (PNGs), fid --network ... --ref ...")
 
 
 # ----------------------------------------------------------------------------

@@ -164,8 +164,8 @@ def number(kind=int, low=None, high=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
         if value != value or (low is not None and value < low) or (high is not None and value > high):
-            bounds = "a number" if value != value else f">= {low}" if high is None else f"<= {high}" if low is None \
-                else f"in [{low}, {high}]"
+            bounds = (f">= {low}" if low is not None else "a number") if high is None else \
+                f"<= {high}" if low is None else f"in [{low}, {high}]"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value
     parse.__name__ = kind.__name__   # argparse names the type in its messages

@@ -13,6 +13,7 @@ import common
 
 ImageFolder = common.load("08_evaluate_fid").ImageFolder        # the one reader of image folders
 folder_labels = common.load("07_train_cifar10").folder_labels     # labels are training's
+IMAGE_EXTENSIONS = common.load("08_evaluate_fid").IMAGE_EXTENSIONS
 
 
 @pytest.fixture(scope="module")
