@@ -406,8 +406,8 @@ def parse_args(argv=None):
 def demo(args):
     device, outdir = common.start(__file__, args)
     torch.set_num_threads(1)  # toy and 16x16 image tensors: intra-op threads cost more than they gain
-    toy = common.load("01_toy_1d")
-    mix = toy.default_mixture()
+    ch01 = common.load("01_toy_1d")
+    mix = ch01.default_mixture()
     formulations = [VP(), VE(), EDM()]
     names = [f.name for f in formulations]
     start = time.time()
@@ -420,7 +420,7 @@ def demo(args):
     truth = mix.sample(args.samples, g)
     steps = [n for n in (4, 8, 16, 32, 64, 128, 256, 512) if n <= args.max_steps]
     toy_err = euler_errors(mix, latents, steps, formulations,
-                           {"mean": mean_abs_error, "w1": lambda x, ref: toy.wasserstein1(x.cpu(), truth)})
+                           {"mean": mean_abs_error, "w1": lambda x, ref: ch01.wasserstein1(x.cpu(), truth)})
     reference = reference_solution(mix, latents)
     print("1-D toy: Euler through the same noise levels for every formulation "
           "(80 -> 0.002 by Eq. 5 with rho = 7, then 0)")
@@ -429,7 +429,7 @@ def demo(args):
     for i, n in enumerate(steps):
         print(f"{n:>6} | " + "".join(f"{toy_err[k]['mean'][i]:>10.4f}" for k in names) + " | "
               + "".join(f"{toy_err[k]['w1'][i]:>10.4f}" for k in names))
-    print(f"W1 of the exact ODE solution to the data: {toy.wasserstein1(reference.cpu(), truth):.4f}"
+    print(f"W1 of the exact ODE solution to the data: {ch01.wasserstein1(reference.cpu(), truth):.4f}"
           f"  (sampling noise of {args.samples} points)")
 
     # (2) The same comparison on images: the ideal denoiser of a finite set of 16x16 shape images.

@@ -107,20 +107,20 @@ NOISES = [1.0, 1.007, 1.02]
 def churn_sweep(samples=8192, steps=64, eps=0.4, seed=0, device="cpu"):
     """(W1, right-mode weight, right-mode std) per denoiser, S_noise and S_churn, and for Euler-Maruyama at equal NFE;
     the noise floor of W1 (5th, 50th, 95th percentile of fresh data samples' W1 to the reference)."""
-    toy = common.load("01_toy_1d")
-    mix = toy.default_mixture()
+    ch01 = common.load("01_toy_1d")
+    mix = ch01.default_mixture()
     nets = {"exact D": mix, "imperfect D": OverDenoiser(mix, eps)}
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(samples, 1, generator=g, dtype=torch.float64).to(device)
     truth = mix.sample(50000, g)
-    floor = torch.tensor([toy.wasserstein1(mix.sample(samples, g), truth) for _ in range(100)],
+    floor = torch.tensor([ch01.wasserstein1(mix.sample(samples, g), truth) for _ in range(100)],
                          dtype=torch.float64).quantile(torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
 
     def run(sampler, net, num_steps, **kwargs):   # every configuration sees the same noise stream
         sigmas, noise = common.edm_sigma_steps(num_steps).to(device), torch.Generator().manual_seed(seed + 1)
         x = sampler(net, latents * sigmas[0], sigmas, randn_like=lambda x: torch.randn(
             x.shape, generator=noise, dtype=x.dtype).to(x.device), **kwargs).cpu()
-        return x, (toy.wasserstein1(x, truth), float((x > 0).double().mean()), float(x[x > 0].std()))
+        return x, (ch01.wasserstein1(x, truth), float((x > 0).double().mean()), float(x[x > 0].std()))
     sweep = {(name, S_noise): [run(edm_sampler, net, steps, S_churn=c, S_noise=S_noise)[1] for c in CHURNS]
              for name, net in nets.items() for S_noise in NOISES}
     sde = {name: run(sde_sampler, net, 2 * steps - 1)[1] for name, net in nets.items()}

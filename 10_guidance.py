@@ -505,10 +505,10 @@ def network_grid(args, device):
     --guide-network) at w = 1.5, 2, 3; columns are the seeds, column j conditioned on class j mod label_dim.
     Returns the rows, {label: uint8 images [N, C, H, W]}."""
     torch.set_num_threads(1)    # a 16x16 network one seed group at a time: threads only add contention
-    evaluation = common.load("08_evaluate_fid")   # demo only: 08's network loader and seed-only generation
+    ch08 = common.load("08_evaluate_fid")   # demo only: 08's network loader and seed-only generation
     seeds = args.seeds
-    net = evaluation.load_net(args.network, device)
-    guide = None if args.guide_network is None else evaluation.load_net(args.guide_network, device)
+    net = ch08.load_net(args.network, device)
+    guide = None if args.guide_network is None else ch08.load_net(args.guide_network, device)
     methods = ([("CFG", None)] if net.label_dim else []) + ([("autoguidance", guide)] if guide is not None else [])
     if not methods:
         raise ValueError(f"{args.network} is unconditional: CFG needs a class-conditional network "
@@ -524,7 +524,7 @@ def network_grid(args, device):
         images = [None] * len(seeds)
         for c in sorted(set(classes)):
             columns = [j for j in range(len(seeds)) if classes[j] == c]
-            batch = evaluation.generate_batch(denoiser, [seeds[j] for j in columns], device, sample,
+            batch = ch08.generate_batch(denoiser, [seeds[j] for j in columns], device, sample,
                                               c if net.label_dim else None)
             for j, image in zip(columns, batch):
                 images[j] = image
