@@ -19,7 +19,8 @@ import torch
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCES = ["ddpmpp_edm_cond_aug", "ncsnpp_ve_uncond_aug", "ddpmpp_vp_uncond", "ddpmpp_iddpm_cond_aug", "adm_edm_cond"]
+REFERENCES = ["ddpmpp_edm_cond_aug", "ncsnpp_ve_uncond_aug", "ddpmpp_vp_uncond", "ddpmpp_iddpm_cond_aug", "adm_edm_cond",
+              "ddpmpp_skip_edm_cond"]   # the last: SongUNet's skip encoder and decoder, which no paper config uses
 
 
 @pytest.fixture(scope="module")
