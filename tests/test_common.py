@@ -114,3 +114,59 @@ def test_number_list_is_the_one_list_parser():
                                   (floats, "0-1", "expected a number")]:   # ranges only where asked
         with pytest.raises(argparse.ArgumentTypeError, match=complaint.replace("[", r"\[")):
             parse(bad)
+
+
+def test_load_names_a_missing_chapter_and_leaves_no_half_imported_one(tmp_path, monkeypatch):
+    """A copier who forgot a file gets its name and the Copy table; a chapter whose import fails is not left in
+    sys.modules half-built (the next load retries it instead of handing out a module without its functions)."""
+    import sys
+    import pytest
+    monkeypatch.setattr(common, "ROOT", str(tmp_path))
+    with pytest.raises(ImportError, match=r"98_nowhere\.py is missing: copy it next to common\.py"):
+        common.load("98_nowhere")
+    (tmp_path / "98_broken.py").write_text("VALUE = 1\nraise RuntimeError('broken at import')\n")
+    with pytest.raises(RuntimeError, match="broken at import"):
+        common.load("98_broken")
+    assert "98_broken" not in sys.modules
+    (tmp_path / "98_broken.py").write_text("VALUE = 2\n")
+    try:
+        assert common.load("98_broken").VALUE == 2 and common.load("98_broken") is sys.modules["98_broken"]
+    finally:
+        sys.modules.pop("98_broken", None)
+
+
+def test_seed_generators_refuse_a_batch_of_another_size():
+    import pytest
+    rnd = common.StackedRandomGenerator("cpu", [1, 2])
+    assert rnd.randn([2, 3]).shape == (2, 3)
+    for rows in (1, 3):
+        with pytest.raises(ValueError, match=f"batch size {rows} does not match the 2 seeds"):
+            rnd.randn([rows, 3])
+
+
+def test_get_device_errors_are_one_sentence(monkeypatch):
+    import pytest
+    assert common.get_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'; use auto, cpu, cuda or cuda:N"):
+        common.get_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.get_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda:1 requested but CUDA is not available"):
+        common.get_device("cuda:1")
+
+
+def test_download_uses_the_cache_and_names_where_to_put_the_file_offline(tmp_path, monkeypatch):
+    """Offline (this machine, clusters without internet): one error naming the URL and the cache path to fill
+    by hand; once the file is there, nothing is downloaded."""
+    import os
+    import pytest
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    url = "http://127.0.0.1:9/weights/net.pkl"                 # port 9 (discard): refused at once
+    cached = os.path.join(str(tmp_path), "checkpoints", "net.pkl")
+    with pytest.raises(OSError, match=f"cannot download the network from {url} .*put it at {cached}"):
+        common.download(url, "the network")
+    assert not os.path.exists(cached)
+    with open(cached, "wb") as f:
+        f.write(b"weights")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded again"))
+    assert common.download(url, "the network") == cached
