@@ -320,7 +320,7 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
     net = fid.load_net(tiny_network, "cpu")
     mu_g, sigma_g = fid.generated_stats(net, list(range(8)), detector, 3, "cpu", None,
                                         fid.common.load("04_stochastic_sampler").make_sampler(4, S_churn=10.0))
-    mu_c, sigma_c = fid.image_stats(fid.open_folder(pngs[8]), np.arange(8), detector, 5, "cpu")
+    mu_c, sigma_c = fid.image_stats(fid.ImageFolder(pngs[8]), np.arange(8), detector, 5, "cpu")
     np.testing.assert_allclose(mu_g, mu_c, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(sigma_g, sigma_c, rtol=1e-10, atol=1e-15)
     assert result["fid"][0] == pytest.approx(fid.frechet_distance(mu_c, sigma_c, *ref), rel=1e-10)
@@ -335,7 +335,7 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
     printed = float(capsys.readouterr().out.split("FID")[-1])
     subset = fid.random_subset(8, 5, 1)
     assert list(subset) != list(fid.random_subset(8, 5, 0))
-    mu_s, sigma_s = fid.image_stats(fid.open_folder(pngs[8]), subset, detector, 5, "cpu")
+    mu_s, sigma_s = fid.image_stats(fid.ImageFolder(pngs[8]), subset, detector, 5, "cpu")
     assert printed == pytest.approx(fid.frechet_distance(mu_s, sigma_s, *ref), rel=1e-5)
     with pytest.raises(SystemExit, match="found 8 images"):
         run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 9)

@@ -84,7 +84,7 @@ def test_generate_refuses_a_used_folder_adds_with_add_and_records_every_setting(
     assert after["grid.png"] != before["grid.png"]              # now 16 images: two rows
 
     # calc and ref read the 16 generated images, not grid.png.
-    assert len(fid.open_folder(str(out))) == 16 and "grid.png" not in fid.open_folder(str(out)).names
+    assert len(fid.ImageFolder(str(out))) == 16 and "grid.png" not in fid.ImageFolder(str(out)).names
 
 
 def test_outdir_that_is_a_file_is_one_clear_line(fid, tiny_network, detector_file, tmp_path, monkeypatch):
