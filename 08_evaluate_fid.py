@@ -514,14 +514,14 @@ def images_at(images, indices):
 
 def open_images(spec, data_dir, resolution=None):
     """ref's --data, what 07 trains on: cifar10 (in data_dir), shapes (07's, `resolution` pixels square, default 16)
-    or a folder/.zip of images (with `resolution`: checked to be that size, as 07 checks)."""
+    or a folder/.zip of images (with `resolution`: center-cropped and resized to it, as 07 trains on them)."""
     if spec == "shapes":     # drawn by 07's code, so the reference is the very training set of a 07 run
         return common.load("07_train_cifar10").make_shapes_dataset(4096, resolution or 16)[0]
-    images = common.load("07_train_cifar10").load_cifar10(data_dir)[0] if spec == "cifar10" else ImageFolder(spec)
-    if resolution is not None and (size := images_at(images, [0]).shape[-1]) != resolution:
-        raise ValueError(f"the images in {spec} are {size}x{size}, not --resolution {resolution} (for image "
-                         f"data --resolution is a check, as in 07); pass the resolution the network was trained at")
-    return images
+    if spec != "cifar10":
+        return ImageFolder(spec, resolution)
+    if resolution not in (None, 32):
+        raise ValueError(f"CIFAR-10's images are 32x32, not --resolution {resolution}")
+    return common.load("07_train_cifar10").load_cifar10(data_dir)[0]
 
 
 def random_subset(n_total, num, seed):
@@ -657,7 +657,7 @@ def build_parser():
     p = add("ref", cmd_ref, "Reference statistics (mu, sigma) of a data set, written to an .npz.", detector=True)
     p.add_argument("--data", required=True, help="what 07 trained on: cifar10, shapes or a folder/.zip of images")
     p.add_argument("--data-dir", help="where cifar-10-python.tar.gz is (default: 07's out/data)")
-    p.add_argument("--resolution", type=count(4), help="the shapes' size, as 07's (default: 16); else a check")
+    p.add_argument("--resolution", type=count(4), help="the shapes' size (default 16); folders resized to it as by 07")
     p.add_argument("--dest", required=True, help="output .npz")
     p = add("calc", cmd_calc, "FID of a folder/.zip of images against reference statistics.", detector=True)
     p.add_argument("--images", required=True, help="folder or .zip of images")

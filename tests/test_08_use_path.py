@@ -123,10 +123,16 @@ def test_readme_recipe_default_run_ref_shapes_then_fid(fid, load, tiny_network, 
     with np.load(tmp_path / "fid-refs" / "shapes16.npz") as ref:
         np.testing.assert_allclose(ref["mu"], want[0], rtol=1e-12)
         np.testing.assert_allclose(ref["sigma"], want[1], rtol=1e-10, atol=1e-12)
-    # --resolution draws the shapes at another size; for image data it is a check.
+    # --resolution draws the shapes at another size and resizes a folder's images as 07 does when it trains on them
+    # (one reader, one rule); CIFAR-10 is 32x32 only.
     assert fid.open_images("shapes", None, 8).shape[1:] == (3, 8, 8)                 # a uint8 tensor, as 07 draws it
-    with pytest.raises(ValueError, match="are 16x16, not --resolution 32"):
-        fid.open_images(_pngs(tmp_path / "pngs"), None, 32)
+    folder = _pngs(tmp_path / "pngs")
+    trained = train.load_dataset(train.parse_args(["--data", folder, "--resolution", "32", "--no-cond",
+                                                   "--outdir", str(tmp_path / "run")])).images
+    ref = fid.open_images(folder, None, 32)
+    assert trained.shape == (2, 3, 32, 32) and torch.equal(images_of(ref), trained)
+    with pytest.raises(ValueError, match="CIFAR-10's images are 32x32, not --resolution 16"):
+        fid.open_images("cifar10", str(tmp_path), 16)
 
 
 def _pngs(folder):
@@ -134,6 +140,10 @@ def _pngs(folder):
     for i in range(2):
         PIL.Image.new("RGB", (16, 16), (i, 0, 0)).save(folder / f"{i}.png")
     return str(folder)
+
+
+def images_of(folder):
+    return folder.batch(range(len(folder)))
 
 
 @pytest.mark.parametrize("command", ["calc", "fid"])
