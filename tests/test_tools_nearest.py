@@ -75,7 +75,7 @@ def test_the_grid_shows_the_most_copy_like_images_first(tool, load, shapes, tmp_
         per_image = json.load(f)["per_image"]
     (grid, labels), = drawn
     assert grid.shape == (3 * 3, 3, 8, 8) and len(labels) == 3           # rows of (generated, 1st, 2nd nearest)
-    assert torch.equal(grid[0], train[17]) and torch.equal(grid[1], train[17])
+    assert torch.equal(grid[0], train[17]) and torch.equal(grid[1], train[17]), labels
     assert labels[0].startswith("005.png: 0.0 |") and labels[0].endswith(" copy")
     ratio = {r["name"]: r["d1"] / r["d2"] for r in per_image}
     shown = [label.split(":")[0] for label in labels]
