@@ -150,11 +150,11 @@ def test_rank0_first_lets_the_first_process_of_every_node_go_first(monkeypatch):
     calls = []
     monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: calls.append("barrier"))
     monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 4)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
     for rank, local_rank, order in [(0, 0, ["fn", "barrier"]), (1, 1, ["barrier", "fn"]),
                                     (2, 0, ["fn", "barrier"]), (3, 1, ["barrier", "fn"])]:
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-        monkeypatch.setattr(dist, "is_initialized", lambda: True)
         monkeypatch.setattr(dist, "get_rank", lambda *args, rank=rank, **kwargs: rank)
         calls.clear()
         assert common.rank0_first(lambda a, b: calls.append("fn") or a + b, 2, 3) == 5
