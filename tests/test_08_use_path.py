@@ -87,6 +87,32 @@ def test_generate_refuses_a_used_folder_adds_with_add_and_records_every_setting(
     assert len(fid.ImageFolder(str(out))) == 16 and "grid.png" not in fid.ImageFolder(str(out)).names
 
 
+def test_subdirs_put_seed_s_in_the_folder_of_s_minus_s_mod_1000(fid, tiny_network, tmp_path):
+    # The official generate.py's layout: one folder per 1000 seeds, named by the first of them.
+    out = tmp_path / "images"
+    run(fid, "generate", "--network", tiny_network, "--seeds", "999-1001", "--steps", 2, "--outdir", out, "--subdirs")
+    assert sorted(name for name in files(out) if name[:6].isdigit()) == [
+        os.path.join("000000", "000999.png"), os.path.join("001000", "001000.png"), os.path.join("001000", "001001.png")]
+    assert len(fid.ImageFolder(str(out))) == 3                    # calc and ref find them
+
+
+def test_add_with_subdirs_refuses_the_seeds_whose_images_are_in_the_subfolders(fid, tiny_network, tmp_path):
+    out = tmp_path / "images"
+    run(fid, "generate", "--network", tiny_network, "--seeds", "999-1001", "--steps", 2, "--outdir", out, "--subdirs")
+    before = files(out)
+    with pytest.raises(SystemExit) as excinfo:        # 1001's image is in 001000/: --add never replaces it
+        run(fid, "generate", "--network", tiny_network, "--seeds", "1001-1002", "--steps", 3, "--outdir", out,
+            "--subdirs", "--add")
+    assert f"{os.path.join('001000', '001001.png')} exists (1 of these seeds' images do)" in one_error_line(excinfo)
+    assert files(out) == before
+    run(fid, "generate", "--network", tiny_network, "--seeds", "1002", "--steps", 3, "--outdir", out, "--subdirs",
+        "--add")                                      # a new seed goes in beside them
+    after = files(out)
+    assert {name: after[name] for name in before if name[:6].isdigit()} == \
+        {name: data for name, data in before.items() if name[:6].isdigit()}
+    assert os.path.join("001000", "001002.png") in after
+
+
 def test_outdir_that_is_a_file_is_one_clear_line(fid, tiny_network, detector_file, tmp_path, monkeypatch):
     (tmp_path / "taken").write_text("a file")
     np.savez(tmp_path / "ref.npz", mu=np.zeros(12), sigma=np.eye(12))

@@ -60,6 +60,29 @@ def test_copies_are_flagged_and_held_out_images_are_not(tool, shapes, tmp_path, 
     assert not tool.near_copies(d).any()
 
 
+def test_the_grid_shows_the_most_copy_like_images_first(tool, load, shapes, tmp_path, monkeypatch):
+    # nearest.png's rows are the --rows images of smallest d1 / d2, most copy-like first: an exact copy (d1 = 0),
+    # planted last among held-out images, is the first row, beside the training image it copies.
+    train, held_out = shapes
+    data = write_folder(tmp_path / "train", train)
+    checked = write_folder(tmp_path / "generated", torch.cat([held_out[:5], train[[17]]]))
+    ch07, drawn = load("07_train_cifar10"), []
+    save_grid = ch07.save_grid
+    monkeypatch.setattr(ch07, "save_grid", lambda grid, *args, **kwargs: drawn.append((grid, kwargs["row_labels"]))
+                        or save_grid(grid, *args, **kwargs))
+    tool.main(["--images", checked, "--data", data, "--rows", "3", "--outdir", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "nearest.json") as f:
+        per_image = json.load(f)["per_image"]
+    (grid, labels), = drawn
+    assert grid.shape == (3 * 3, 3, 8, 8) and len(labels) == 3           # rows of (generated, 1st, 2nd nearest)
+    assert torch.equal(grid[0], train[17]) and torch.equal(grid[1], train[17]), labels
+    assert labels[0].startswith("005.png: 0.0 |") and labels[0].endswith(" copy")
+    ratio = {r["name"]: r["d1"] / r["d2"] for r in per_image}
+    shown = [label.split(":")[0] for label in labels]
+    assert shown == sorted(ratio, key=ratio.get)[:3], (shown, ratio)
+    assert PIL.Image.open(tmp_path / "out" / "nearest.png").size[0] > 200
+
+
 def test_nearest_generates_with_a_network(tool, fid, load, shapes, tmp_path, one_thread):
     torch.manual_seed(0)
     unet = load("06_unet")
