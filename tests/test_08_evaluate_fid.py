@@ -628,6 +628,9 @@ def test_rank_0_reports_nfe_per_image_of_its_own_share_on_any_number_of_ranks(fi
     (["--guidance", "2", "--network", "UNCOND"], "class-conditional"),
     (["--guidance", "2", "--guide-network", "UNCOND"], "same task"),
     (["--solver", "dpmpp2m", "--S_churn", "5"], "deterministic"),
+    (["--sigma-min", "1", "--sigma-max", "1"], "0 < --sigma-min < --sigma-max"),
+    (["--disc", "vp", "--sigma-steps", "logsnr"], "the ablation sampler's are --disc"),
+    (["--solver", "dpmpp2m", "--sigma-steps", "logsnr", "--rho", "5"], "logsnr steps are uniform in log sigma"),
 ])
 def test_bad_solver_and_guidance_options_are_one_error_line(fid, tiny_network, other_networks, options, complaint,
                                                             tmp_path, capsys):
