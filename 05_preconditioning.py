@@ -194,7 +194,7 @@ class FMPrecond(Precond):
 
 
 class Uncertainty(torch.nn.Module):
-    """EDM2's u(sigma) (Karras et al. 2024, Sec. 2 and App. B.2, Eq. 21): the learned loss weighting's log-variance,
+    """EDM2's u(sigma) (Karras et al. 2024, Sec. 2 and App. B; its Eq. 21): the learned loss weighting's log-variance,
     a smooth function of the noise level alone. As in EDM2: Fourier features cos(f_i c + phi_i) sqrt(2) of
     c = ln(sigma) / 4 (EDM's c_noise, fed here under FM's preconditioning too) with fixed random f_i ~ 2 pi N(0, 1),
     phi_i ~ U(0, 2 pi), then one linear layer whose weight is used normalized to unit length. (EDM2 also rescales
