@@ -343,7 +343,7 @@ def plot_trajectories(mix, formulations, file, sigma_start=3.0, num_points=13):
         ax.set_xlim(0, float(t_end))
         ax.set_ylim(-3, 3)
         ax.set_xlabel(f"time t of {f.name} (sigma(t) = {sigma_start:g} at the right edge)")
-        ax.set_title(f"{f.name}: sigma(t), s(t) of Table 1")
+        ax.set_title(f"{f.name}: sigma(t), s(t) of " + ("rectified flow" if f.name == "RF" else "Table 1"))
     axes[0].set_ylabel("state x = s(t) x~  (data units)")
     fig.suptitle(f"Same starting points, {len(formulations)} formulations. Dashed: tangents extended to t = 0; "
                  "red dots: the denoiser output there. Only EDM's and RF's tangents end on it (Sec. 3).", fontsize=10)
@@ -516,9 +516,10 @@ def demo(args):
     exceptions = lead_exceptions(image_steps, img_err, "wrong")
     print(f"""
 What this shows (figures in {outdir}/, {time.time() - start:.0f} s)
-  trajectories.png  the same starting points in the VP, VE, EDM and RF coordinates of Table 1: only where Eq. 4 reads
-                    dx/dt = (x - D) / t -- EDM's sigma = t, s = 1 and RF's sigma = t / (1 - t), s = 1 - t -- does every
-                    tangent end on the denoiser output, so one Euler step to t = 0 lands on D (Fig. 3).
+  trajectories.png  the same starting points in Table 1's VP, VE and EDM coordinates and in rectified flow's (RF):
+                    only where Eq. 4 reads dx/dt = (x - D) / t -- EDM's sigma = t, s = 1 and RF's sigma = t / (1 - t),
+                    s = 1 - t -- does every tangent end on the denoiser output, so one Euler step to t = 0 lands on D
+                    (Fig. 3).
   euler_error.png   Euler through the same sigma_i. Images: EDM's coordinates put the fewest samples on another
                     image at {img_best['EDM']} of {len(image_steps)} step counts{exceptions}.
                     The 1-D toy: VP's give the smallest error at {toy_best['VP']} of {len(steps)}. RF's columns are EDM's:
