@@ -490,7 +490,8 @@ def weight_init(shape, mode, fan_in, fan_out):
 # Building a preconditioned network from an official configuration.
 
 NETWORKS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
-DEFAULT_MODEL_TYPE = {"VPPrecond": "SongUNet", "VEPrecond": "SongUNet", "iDDPMPrecond": "DhariwalUNet", "EDMPrecond": "DhariwalUNet"}
+DEFAULT_MODEL_TYPE = {"VPPrecond": "SongUNet", "VEPrecond": "SongUNet", "iDDPMPrecond": "DhariwalUNet", "EDMPrecond": "DhariwalUNet",
+                      "FMPrecond": "SongUNet"}   # (not official: 05's flow-matching row)
 
 # The paper's networks (Table 7), as the official train.py configures them for EDM training: 56M parameters
 # for CIFAR-10 (128 channels x [2, 2, 2], 4 blocks per rung), 296M for ImageNet-64's ADM (192 x [1, 2, 3, 4]).

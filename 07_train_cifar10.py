@@ -43,7 +43,8 @@ ch06 = common.load("06_unet")
 DEFAULTS = dict(data=None, resolution=None, resize=True, cond=False, xflip=False, arch="ddpmpp", precond="edm",
                 cbase=None, cres=None, blocks=None, attn=None, dropout=0.13, augment=0.12, label_dropout=0,
                 duration=200, batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, phema=[], precision="fp32",
-                tick=50, snap=2500, sigma_data=0.5, P_mean=-1.2, P_std=1.2)   # EDM data std; ln sigma ~ N(P_mean, P_std^2)
+                tick=50, snap=2500, sigma_data=0.5, P_mean=None, P_std=None,   # EDM data std; ln sigma ~ N(P_mean, P_std^2)
+                loss_weighting="fixed")
 PRESETS = {
     "cifar10": dict(data="cifar10"),
     "imagenet64": dict(cond=True, arch="adm", duration=2500, batch=4096, lr=1e-4, ema=50, dropout=0.10, augment=0,
@@ -147,7 +148,10 @@ ARCHS = {
                    channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
     "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
 }
-PRECONDS = {"vp": ("VPPrecond", "VPLoss"), "ve": ("VEPrecond", "VELoss"), "edm": ("EDMPrecond", "EDMLoss")}
+PRECONDS = {"vp": ("VPPrecond", "VPLoss"), "ve": ("VEPrecond", "VELoss"), "edm": ("EDMPrecond", "EDMLoss"),
+            "fm": ("FMPrecond", "FMLoss")}
+# The log-normal p_train of EDM (Table 1) and of flow matching (SD3's logit-normal t, 05's FMLoss): (P_mean, P_std).
+P_TRAIN = {"edm": (-1.2, 1.2), "fm": (0.0, 1.0)}
 
 
 def network_config(args, data):
@@ -162,13 +166,19 @@ def network_config(args, data):
         kwargs["label_dropout"] = args.label_dropout    # 06's drop_labels: a zero class vector with probability p
     if args.precond == "edm":
         kwargs["sigma_data"] = args.sigma_data          # in the snapshot's configuration: 08 samples with it too
+    if args.loss_weighting == "learned":
+        kwargs["logvar_channels"] = 128                 # EDM2's u(sigma), part of the network (05's Uncertainty)
     return PRECONDS[args.precond][0], kwargs
 
 
 def loss_function(args):
-    """05's loss of Table 1 for --precond; EDM's with this run's sigma_data, P_mean and P_std."""
+    """05's loss of Table 1 for --precond; EDM's and FM's with this run's P_mean and P_std (EDM's: sigma_data) and
+    --loss-weighting."""
+    learned = args.loss_weighting == "learned"
     if args.precond == "edm":
-        return ch05.EDMLoss(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
+        return ch05.EDMLoss(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data, learned=learned)
+    if args.precond == "fm":
+        return ch05.FMLoss(P_mean=args.P_mean, P_std=args.P_std, learned=learned)
     return getattr(ch05, PRECONDS[args.precond][1])()
 
 
@@ -846,7 +856,9 @@ def build_parser(preset):
     add("--cond", "class-conditional (labels from dataset.json or class sub-folders)", **flag)
     add("--xflip", "add an x-flipped copy of every image", **flag)
     add("--arch", "network of chapter 06", choices=["ddpmpp", "ncsnpp", "adm"])
-    add("--precond", "preconditioning and loss of chapter 05 (Table 1)", choices=["vp", "ve", "edm"])
+    add("--precond", "preconditioning and loss of chapter 05 (Table 1; fm: flow matching)", choices=sorted(PRECONDS))
+    add("--loss-weighting", "lambda(sigma) of Table 1, or EDM2's learned uncertainty weighting on top of it (edm, fm)",
+        choices=["fixed", "learned"])
     add("--cbase", "channel multiplier", "128; adm 192", type=positive)
     add("--cres", "channels per resolution, e.g. 2,2,2", "2,2,2; adm 1,2,3,4", type=common.number_list(int, low=1))
     add("--blocks", "residual blocks per resolution", "4; adm 3", type=positive)
@@ -864,8 +876,9 @@ def build_parser(preset):
     add("--ema", "EMA half-life, Mimg", type=common.number(float, low=0))
     add("--sigma-data", "EDM's data standard deviation (Table 1; 07 prints the measured one)",
         type=common.number(float, low=1e-6))
-    add("--P-mean", "EDM's training noise levels: ln sigma ~ N(P_mean, P_std^2)", type=common.number(float))
-    add("--P-std", "(see --P-mean)", type=common.number(float, low=1e-6))
+    add("--P-mean", "training noise levels of edm and fm: ln sigma ~ N(P_mean, P_std^2)", "-1.2; fm 0 (SD3)",
+        type=common.number(float))
+    add("--P-std", "(see --P-mean)", "1.2; fm 1", type=common.number(float, low=1e-6))
     add("--phema", "also keep EDM2's power-function EMAs of these relative widths sigma_rel, e.g. 0.05,0.10, "
         "snapshotted as phema-<sigma_rel>-<kimg>.pt every --snap; 11_post_hoc_ema.py turns them into any EMA length",
         type=common.number_list(float, low=1e-6, high=1 / math.sqrt(12), empty=True))   # 11's PHEMA_SIGMA_REL_MAX
@@ -902,8 +915,15 @@ def parse_args(argv=None):
     if args.label_dropout > 0 and not args.cond:
         parser.error("--label-dropout needs --cond: only class labels can be dropped")
     edm_constants = ("sigma_data", "P_mean", "P_std")
-    if args.precond != "edm" and any(getattr(args, k) != DEFAULTS[k] for k in edm_constants):
+    if args.precond not in P_TRAIN and any(getattr(args, k) != DEFAULTS[k] for k in edm_constants):
         parser.error(f"--sigma-data, --P-mean and --P-std are EDM's constants; --precond {args.precond} has its own")
+    if args.precond == "fm" and args.sigma_data != DEFAULTS["sigma_data"]:
+        parser.error("--sigma-data is EDM's constant; --precond fm's scalings have none (c_in = 1 / (1 + sigma))")
+    if args.loss_weighting == "learned" and args.precond not in P_TRAIN:
+        parser.error(f"--loss-weighting learned is EDM2's weighting of the EDM loss: --precond edm or fm, "
+                     f"not {args.precond}")
+    P_mean, P_std = P_TRAIN.get(args.precond, P_TRAIN["edm"])   # (VP, VE: recorded as before, unused)
+    args.P_mean, args.P_std = P_mean if args.P_mean is None else args.P_mean, P_std if args.P_std is None else args.P_std
     return args
 
 
