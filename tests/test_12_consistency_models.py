@@ -146,6 +146,9 @@ def test_multistep_sampler_is_algorithm_1_and_seed_exact_across_batch_sizes(C, l
                                                                                               dtype=torch.float64)
             x = net(x.float(), tau.float()).double()
     assert torch.equal(common.to_uint8(x).permute(0, 3, 1, 2), together)
+    rnd = common.StackedRandomGenerator("cpu", seeds)          # the same draws: equal before the uint8 rounding too
+    with torch.no_grad():
+        assert torch.equal(sample(net, rnd.randn([6, 3, 8, 8]), None, rnd.randn_like), x)
     one = fid.generate_batch(net, seeds, "cpu", C.make_sampler(1, sigma_max=20.0))
     assert not torch.equal(one, together)
 
