@@ -229,7 +229,8 @@ def tune_parser():
                                 description="Easy Consistency Tuning of an EDM network through 07's training loop "
                                             "(torchrun too): snapshots that 08 generate --steps 1|2 samples.",
                                 epilog="Every other option is 07's (07_train_cifar10.py --help): --data (default: what "
-                                       "a 07 snapshot's run trained on), --batch, --batch-gpu, --precision, --tick, "
+                                       "a 07 snapshot's run trained on; an edm-*.pkl needs it, e.g. --data cifar10 "
+                                       "--no-cond), --batch, --batch-gpu, --precision, --tick, "
                                        "--snap, --resume, --stop-kimg, --seed, --device, ... ECT's CIFAR-10 values "
                                        "are the defaults: " + " ".join(ECT_FLAGS) + " (--P-mean/--P-std: ECT's t)")
     positive = common.number(float, low=1e-6)
