@@ -138,8 +138,9 @@ def make_sampler(num_steps=1, sigma_min=0.821, sigma_max=80.0, rho=7.0):
 def consistency_loss(net, x_t, t, x_r, r, c=0.0, labels=None, augment_labels=None):
     """d(f(x_t; t), f(x_r; r)) / (t - r) per example ([N, 1, ...]): d the L2 distance, sqrt(|.|^2 + c^2) - c
     (pseudo-Huber for c > 0), the weighting 1/(t - r) ECT's (the consistency condition as a derivative: the loss
-    stays O(1) as Delta t shrinks). The target f(x_r; r) is the network itself without gradient (ECT's choice;
-    Song et al. use an EMA of it) and sees the same dropout as f(x_t; t)."""
+    stays O(1) as Delta t shrinks; ECT's CIFAR-10 code -- its later ImageNet code weights by 1/t^2 + 1/sigma_data^2).
+    The target f(x_r; r) is the network itself without gradient (ECT's choice; Song et al. use an EMA of it) and
+    sees the same dropout as f(x_t; t)."""
     with torch.random.fork_rng(devices=[x_t.device] if x_t.device.type == "cuda" else []):
         f_t = net(x_t, t, labels, augment_labels=augment_labels)      # the random state is restored after it ...
     with torch.no_grad():
