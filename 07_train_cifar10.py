@@ -55,8 +55,11 @@ PRESETS = {
 }
 
 
-def train(args, device=torch.device("cpu")):
-    """Train as Sec. 5 and Table 7 describe, writing into the run folder --outdir. Returns the kimg done."""
+def train(args, device=torch.device("cpu"), start=None):
+    """Train as Sec. 5 and Table 7 describe, writing into the run folder --outdir. Returns the kimg done.
+    `start(args, data)` -> (network, loss, sampler of the previews) lets a later chapter (12) train its own network
+    instead of a fresh one of network_config with 05's loss; a loss with `schedule(cur_nimg)` hears, before every
+    step, how many images were seen (a schedule of training progress resumes exactly with them)."""
     rank, world_size = common.get_rank(), common.get_world_size()
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
 
@@ -66,15 +69,17 @@ def train(args, device=torch.device("cpu")):
     class_name, net_kwargs = network_config(args, data)
     ch11 = common.load("11_post_hoc_ema") if args.phema else None   # EDM2's power-function EMA: chapter 11's maths
 
-    # The network D (06 inside 05's preconditioning): the same initial weights on every rank, then
-    # per-rank random streams for noise levels, noise, dropout and augmentation.
+    # The network D (06 inside 05's preconditioning) and its loss (05: Table 1's p(sigma) and lambda(sigma)): the
+    # same initial weights on every rank, then per-rank random streams for noise levels, noise, dropout, augmentation.
     torch.manual_seed(args.seed)
-    net = ch06.from_official_config(class_name, net_kwargs).train().requires_grad_(True).to(device)
+    net, loss_fn, preview = start(args, data) if start else \
+        (ch06.from_official_config(class_name, net_kwargs), loss_function(args), ch04.make_sampler(18))
+    class_name, net_kwargs = net.init_config["class_name"], net.init_config["kwargs"]
+    net = net.train().requires_grad_(True).to(device)
     torch.manual_seed(derive_seed(args.seed, "rank", rank))
     net = net.to(memory_format=torch.channels_last) if args.channels_last else net
     ema = copy.deepcopy(net).eval().requires_grad_(False)                 # the averaged weights that get sampled
     phema = {sigma_rel: copy.deepcopy(ema) for sigma_rel in args.phema}   # --phema: a power-function EMA per width
-    loss_fn = loss_function(args)                                         # 05: Table 1's p(sigma) and lambda(sigma)
     augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
     augment_pipe = AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -84,7 +89,7 @@ def train(args, device=torch.device("cpu")):
     # What the machinery (training states, snapshots, ticks; below) reads and restores.
     run = types.SimpleNamespace(args=args, device=device, data=data, class_name=class_name, net_kwargs=net_kwargs,
                                 batch_gpu=batch_gpu, rounds=rounds, net=net, ema=ema, phema=phema, optimizer=optimizer,
-                                scaler=scaler, stream=stream, augment_generator=augment_generator)
+                                scaler=scaler, stream=stream, augment_generator=augment_generator, preview=preview)
     cur_nimg = restore(run, resume[0]) if resume else 0
     ddp, autocast = accelerate(net, args, device, world_size)
     if rank == 0:
@@ -93,7 +98,9 @@ def train(args, device=torch.device("cpu")):
     total_nimg = round(args.duration * 1e6)
     stop_nimg = min(total_nimg, round(args.stop_kimg * 1e3)) if args.stop_kimg else total_nimg
     progress = Progress(run, cur_nimg, total_nimg)
+    schedule = getattr(loss_fn, "schedule", lambda cur_nimg: None)
     while cur_nimg < stop_nimg:
+        schedule(cur_nimg)
         # One step on args.batch images: `rounds` micro-batches per rank, gradients averaged over ranks on the last.
         optimizer.zero_grad(set_to_none=True)
         for round_idx in range(rounds):
@@ -683,7 +690,8 @@ def save_snapshot(run, cur_nimg):
     if common.get_rank() == 0:
         kimg, run_dir = f"{cur_nimg // 1000:06d}", run.args.outdir
         ch06.save_network(run.ema, os.path.join(run_dir, f"network-snapshot-{kimg}.pt"))
-        save_preview(run.ema, os.path.join(run_dir, f"preview-{kimg}.png"), run.device, cur_nimg, run.data.class_names)
+        save_preview(run.ema, os.path.join(run_dir, f"preview-{kimg}.png"), run.device, cur_nimg, run.data.class_names,
+                     run.preview)
         for sigma_rel, average in run.phema.items():
             ch06.save_network(average, common.load("11_post_hoc_ema").phema_path(run_dir, sigma_rel, cur_nimg))
         write_state(dict(net=run.net.state_dict(), ema=run.ema.state_dict(), optimizer=run.optimizer.state_dict(),
@@ -806,14 +814,14 @@ def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512, column_lab
 
 
 @torch.no_grad()
-def save_preview(ema, path, device, cur_nimg, class_names):
-    """Seeds 0..63 (row r: class r mod label_dim) through 04's deterministic sampler (18 steps, 35 NFE),
-    as an enlarged, labelled 8x8 grid."""
+def save_preview(ema, path, device, cur_nimg, class_names, sample):
+    """Seeds 0..63 (row r: class r mod label_dim) through `sample` (train's: 04's deterministic sampler, 18 steps,
+    35 NFE), as an enlarged, labelled 8x8 grid."""
     rnd = common.StackedRandomGenerator(device, range(64))
     latents = rnd.randn([64, ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
     classes = torch.arange(64, device=device) // 8 % max(ema.label_dim, 1)
     labels = F.one_hot(classes, ema.label_dim).to(torch.float32) if ema.label_dim else None
-    images = ch04.make_sampler(18)(ema, latents, {"class_labels": labels}, rnd.randn_like)   # training RNGs untouched
+    images = sample(ema, latents, {"class_labels": labels}, rnd.randn_like)   # training RNGs untouched
     save_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
               [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
 
