@@ -70,6 +70,7 @@ BAD = {   # arguments -> a fragment of the one error line
     "negative label": (lambda p: ["--data", labelled_folder(p, [0, -1])], "class labels must be non-negative"),
     "dropout without classes": (lambda p: ["--label-dropout", "0.1", "--no-cond"], "--label-dropout needs --cond"),
     "resume from nowhere": (lambda p: ["--resume", str(p / "nowhere.pt")], "nowhere.pt': no such file"),
+    "preset without data": (lambda p: ["--preset", "imagenet64"], "--preset imagenet64 needs --data"),
 }
 
 

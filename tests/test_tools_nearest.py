@@ -107,6 +107,7 @@ def test_bad_input_is_one_error_line_and_overwrites_nothing(shapes, tmp_path, as
     with open(os.path.join(broken, "002.png"), "wb") as f:
         f.write(b"not a png")
     (tmp_path / "empty").mkdir()
+    one = write_folder(tmp_path / "one", shapes[0][:1])
     wide = str(tmp_path / "wide")
     os.makedirs(wide)
     for i in range(2):
@@ -120,10 +121,12 @@ def test_bad_input_is_one_error_line_and_overwrites_nothing(shapes, tmp_path, as
         ["--images", data, "--data", tmp_path / "empty"],
         ["--data", data],                                                # neither --network nor --images
         ["--images", wide, "--data", data],                             # 8x16 against 16x16 training images
+        ["--images", data, "--data", one],                              # one training image has no second nearest
     ], tmp_path, prefix=["--outdir", out])
     assert "--data" in texts[0] and "'002.png'" in texts[1] and "no images" in texts[2]
     assert "--network" in texts[3] and "(16, 16) (H, W) but the generated ones (8, 16)" in texts[4]
     assert "--data the network was trained on" in texts[4]
+    assert "holds 1 image; the check needs at least 2 training images" in texts[5]
     assert os.listdir(out) == ["nearest.png"] and (out / "nearest.png").read_bytes() == b"earlier result"
 
 
@@ -164,6 +167,17 @@ def test_greyscale_copies_of_the_training_images_are_near_copies(tool, shapes, t
     assert [r["d1"] for r in result["per_image"][:4]] == [0.0] * 4          # grey repeated to RGB: lossless
     out = capsys.readouterr().out
     assert out.count("note:") == 1 and "opaque alpha channel (all 255) of 1 image file(s)" in out
+
+
+def test_data_shapes_is_07s_built_in_set_redrawn(tool, load, tmp_path):
+    """--data shapes compares with the 4,096 shapes 07 trains on by default, drawn at the images' resolution:
+    copies of three of them are found, each at its index."""
+    train = load("07_train_cifar10").make_shapes_dataset(4096, 8)[0]
+    write_folder(tmp_path / "check", train[[5, 77, 4000]])
+    tool.main(["--images", str(tmp_path / "check"), "--data", "shapes", "--outdir", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "nearest.json").read_text())["per_image"]
+    assert [(r["nearest"][0], r["d1"], r["near_copy"]) for r in result] == [(5, 0.0, True), (77, 0.0, True),
+                                                                            (4000, 0.0, True)]
 
 
 def test_a_greyscale_training_set_is_compared_as_rgb_with_rgb_images(tool, shapes):
