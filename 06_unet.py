@@ -359,7 +359,10 @@ class UNetBlock(torch.nn.Module):
         # -> q, k, v each [n, heads, positions, channels per head], contiguous as the fused kernels want.
         q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
         a = F.scaled_dot_product_attention(q, k, v)
-        return a.transpose(2, 3).reshape(n, c, height, width)
+        # contiguous(): with one head the reshape is a view with channels_last strides, and every layer after
+        # the first attention would run channels_last on contiguous weights (a weight copy per conv and a
+        # slower backward on the CPU: issue 29's profile).
+        return a.transpose(2, 3).reshape(n, c, height, width).contiguous()
 
 
 # ----------------------------------------------------------------------------
