@@ -340,11 +340,13 @@ class UNetBlock(torch.nn.Module):
             scale, shift = params.chunk(2, dim=1)
             h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         else:
-            h = F.silu(self.norm1(h + params))
+            h = F.silu(self.norm1(h.add_(params)))
+        # The sums go in place (add_, mul_ on a conv's fresh output, which no backward needs): each
+        # out-of-place one would write a new full-size tensor (issue 29's profile).
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
-        x = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
+        x = h.add_(self.skip(x) if self.skip is not None else x).mul_(self.skip_scale)
         if self.num_heads:
-            x = (self.proj(self.attention(self.norm2(x))) + x) * self.skip_scale
+            x = self.proj(self.attention(self.norm2(x))).add_(x).mul_(self.skip_scale)
         return x
 
     def attention(self, x):
@@ -423,8 +425,8 @@ class Conv2d(torch.nn.Module):
                 x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if w is not None:
                 x = F.conv2d(x, w, padding=w_pad)
-        if self.bias is not None:
-            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        if self.bias is not None:   # in place: x is the conv's own output here
+            x = x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
         return x
 
 
