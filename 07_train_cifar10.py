@@ -353,7 +353,8 @@ def resample(images, G_inv):
 
 # ----------------------------------------------------------------------------
 # Data: images become a uint8 tensor [N, C, H, W] and integer class labels (or none): CIFAR-10, the built-in
-# shapes, or a folder/zip of images (08's ImageFolder, which 08's FID statistics read too).
+# shapes, or a folder/zip of images (08's ImageFolder, the one reader of image folders: 08's FID statistics and
+# tools/nearest.py read them the same way).
 
 DATA_DIR = os.path.join("out", "data")       # where CIFAR-10's tarball is looked for (07 and 08)
 
@@ -425,12 +426,14 @@ def load_dataset(args):
         (images, labels), names = make_shapes_dataset(4096, args.resolution or 16), SHAPES
         name = f"shapes{images.shape[2]}"
     else:
-        folder = common.load("08_evaluate_fid").ImageFolder(args.data, args.resolution if args.resize else None)
+        ch08 = common.load("08_evaluate_fid")
+        folder = ch08.ImageFolder(args.data, args.resolution if args.resize else None)
         images, labels, names = decode_once_per_node(folder, args.outdir), folder_labels(folder), None
         name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
         if folder.resized and common.get_rank() == 0:
             print(f"{len(folder.resized)} of {len(folder)} images center-cropped and resized to "
                   f"{args.resolution}x{args.resolution} (LANCZOS, as the official dataset_tool.py)")
+        ch08.note_alpha(folder)
     n, _, h, w = images.shape
     levels = len(args.cres or ([1, 2, 3, 4] if args.arch == "adm" else [2, 2, 2]))
     if h != w or h % 2 ** (levels - 1) or h != (args.resolution or h):

@@ -278,6 +278,7 @@ def cmd_ref(args):
     _, _, device = common.init_distributed(args.device)
     images = common.rank0_first(open_images, args.data, args.data_dir, args.resolution)   # one download per node
     detector = common.rank0_first(load_detector, args.detector, device)
+    note_alpha(images)
     print0(f"Computing statistics of {len(images)} images from {args.data}...")
     mu, sigma = image_stats(images, np.arange(len(images)), detector, args.batch, device)
     if common.get_rank() == 0:
@@ -288,7 +289,8 @@ def cmd_ref(args):
 
 def cmd_calc(args):
     _, _, device = common.init_distributed(args.device)
-    images = open_folder(args.images)
+    images = ImageFolder(args.images)
+    note_alpha(images)
     if len(images) < args.num:
         raise ValueError(f"found {len(images)} images in {args.images}, but --num is {args.num}; "
                          f"generate more or pass a smaller -n")
@@ -363,7 +365,7 @@ def check_outdir(outdir, seeds, subdirs, add):
 def save_folder_grid(outdir, count=64):
     """grid.png: the first `count` images (lowest seeds) in whole rows of 8, >= 512 pixels wide, pixels sharp."""
     import torchvision
-    folder = open_folder(outdir)
+    folder = ImageFolder(outdir)
     ncol = min(8, len(folder))
     images = folder.batch(range(min(count, len(folder)) // ncol * ncol)).float() / 255
     scale = max(1, -(-512 // (ncol * images.shape[-1])))
@@ -435,30 +437,38 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class ImageFolder:
-    """The images of a folder or .zip (recursive, sorted by relative name), decoded when read: `read(i)` is uint8
-    [C, H, W], C = 1 (greyscale) or 3 (RGB), and every image must have the first one's shape. With `resolution` R
-    each image is made R x R RGB as the official dataset_tool.py's center crop does (the central square, resized
-    with PIL's LANCZOS if it is not R x R; `resized` holds their indices). Images with an alpha channel are
-    refused, as by the official tool: what to composite them on is the user's decision. `files` lists everything
-    in it, `data(name)` reads a file's bytes (07 reads its labels so)."""
+    """The one reader of image folders (07 --data, ref, calc, tools/nearest.py): a folder or .zip (recursive,
+    sorted by relative name, without the grid.png `generate` writes), decoded when read: `read(i)` is uint8
+    [C, H, W]. Decided up front from the headers: C = 1 if every image is greyscale, else 3 (grey repeated); one
+    size for all, or with `resolution` R each made R x R by the official dataset_tool.py's center crop (`resized`:
+    their indices). An alpha channel 255 everywhere is dropped (`opaque_alpha`: those files); transparency is
+    refused (what to composite on is the user's call). `files`: everything in it; `data(name)`: a file's bytes."""
 
     def __init__(self, path, resolution=None):
-        self.path, self._zip, self.shape, self.resolution, self.resized = path, None, None, resolution, set()
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path!r}: no such folder or .zip of images")
-        if os.path.isdir(path):
-            files = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                     for root, _, names in os.walk(path) for f in names]
-        elif zipfile.is_zipfile(path):
-            self._zip = zipfile.ZipFile(path)
-            files = [n for n in self._zip.namelist() if not n.endswith("/")]
-        else:
-            raise ValueError(f"{path!r} is neither a folder nor a .zip file of images")
-        self.files = set(files)
-        self.names = sorted(n for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
+        self.path, self.resolution, self._zip = path, resolution, zipfile.is_zipfile(path) and zipfile.ZipFile(path)
+        if not (self._zip or os.path.isdir(path)):
+            raise ValueError(f"{path!r} is neither a folder nor a .zip file of images") if os.path.exists(path) \
+                else FileNotFoundError(f"{path!r}: no such folder or .zip of images")
+        self.files = set(self._zip.namelist() if self._zip else (os.path.relpath(os.path.join(root, f), path).replace(
+            os.sep, "/") for root, _, names in os.walk(path) for f in names))
+        self.names = sorted(n for n in self.files if n.lower().endswith(IMAGE_EXTENSIONS)
+                            and not (n == GRID and SETTINGS in self.files))
         if not self.names:
             raise ValueError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {path!r}")
-        self.shape = self.read(0).shape                 # every later image must match the first
+        def header(image):   # (size, greyscale?, the smallest alpha or 256 if none): only an alpha channel is decoded
+            alpha = image.mode in ("LA", "PA", "RGBA") or "transparency" in image.info
+            return (image.size, image.getbands() in (("1",), ("L",), ("L", "A"), ("I",), ("F",)),
+                    image.convert("RGBA").getextrema()[3][0] if alpha else 256)
+        sizes, grey, alpha = zip(*(self._open(name, header) for name in self.names))
+        if min(alpha) < 255:
+            raise ValueError(f"{next(n for n, a in zip(self.names, alpha) if a < 255)!r} in {path!r} is transparent "
+                             f"(alpha < 255); composite it on a background of your choice first")
+        self.opaque_alpha, self.channels = [n for n, a in zip(self.names, alpha) if a == 255], 1 if all(grey) else 3
+        odd = [i for i, s in enumerate(sizes) if s != sizes[0] and resolution is None]
+        if odd:
+            raise ValueError(f"{self.names[odd[0]]!r} is {'%dx%d' % sizes[odd[0]]} but {self.names[0]!r} is "
+                             f"{'%dx%d' % sizes[0]}; all images in {path!r} must have one size")
+        self.resized = {i for i, s in enumerate(sizes) if resolution and s != (resolution, resolution)}
 
     def __len__(self):
         return len(self.names)
@@ -466,40 +476,35 @@ class ImageFolder:
     def data(self, name):
         return self._zip.read(name) if self._zip else pathlib.Path(self.path, name).read_bytes()
 
-    def read(self, i):
-        """Image i as a uint8 numpy array [C, H, W]."""
-        name = self.names[i]
+    def _open(self, name, use):
+        """use(file `name` opened by PIL, which decodes nothing until asked); a damaged file is a ValueError."""
         try:
-            with PIL.Image.open(io.BytesIO(self.data(name))) as image:
-                alpha = "A" in image.getbands() or "transparency" in image.info
-                if not alpha:
-                    image = image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB")
-                    array = np.array(image if self.resolution is None else self._square(image.convert("RGB"), i))
+            with PIL.Image.open(io.BytesIO(self.data(name)) if self._zip else os.path.join(self.path, name)) as image:
+                return use(image)
         except Exception as error:   # a damaged file can raise many kinds
-            raise ValueError(f"cannot read image {name!r} in {self.path!r} ({type(error).__name__}: {error})")
-        if alpha:
-            raise ValueError(f"{name!r} in {self.path!r} has an alpha channel (transparency); convert it to RGB "
-                             f"first (e.g. composite it on a background of your choice)")
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        if self.shape is not None and array.shape != self.shape:
-            size = lambda s: f"{s[2]}x{s[1]} with {s[0]} channel(s)"
-            raise ValueError(f"{name!r} is {size(array.shape)} but {self.names[0]!r} is {size(self.shape)}; "
-                             f"all images in {self.path!r} must have one size and channel count")
-        return array
+            raise ValueError(f"cannot read image {name!r} in {self.path!r} ({type(error).__name__}: {error})") from None
 
-    def _square(self, image, i):
-        """The official center crop: the central min(W, H) square, resized (LANCZOS) to resolution^2 if needed."""
-        (w, h), r = image.size, self.resolution
-        side = min(w, h)
-        if (w, h) != (r, r):
-            self.resized.add(i)
-        image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
-        return image.resize((r, r), PIL.Image.Resampling.LANCZOS) if side != r else image
+    def read(self, i):
+        """Image i as a uint8 numpy array [C, H, W] in the folder's channels; with `resolution` R the official center
+        crop: the central min(W, H) square, resized (LANCZOS) to R x R (PIL leaves an R x R image as it is)."""
+        def decode(image):
+            (w, h), r, side = image.size, self.resolution, min(image.size)
+            image = image.convert("L" if self.channels == 1 else "RGB")
+            return np.array(image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)).resize(
+                (r, r), PIL.Image.Resampling.LANCZOS) if r else image)
+        array = self._open(self.names[i], decode)
+        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
     def batch(self, indices):
         """Images `indices` as a uint8 tensor [N, C, H, W]."""
         return torch.from_numpy(np.stack([self.read(int(i)) for i in indices]))
 
+
+def note_alpha(*image_sets):
+    """The run's one note on the image files whose alpha channel, 255 everywhere, was dropped."""
+    files = [os.path.join(s.path, n) for s in image_sets if isinstance(s, ImageFolder) for n in s.opaque_alpha]
+    if files:
+        print0(f"note: dropped the opaque alpha channel (all 255) of {len(files)} image file(s) (first: {files[0]})")
 
 
 def images_at(images, indices):
@@ -507,25 +512,16 @@ def images_at(images, indices):
     return images[torch.as_tensor(indices, dtype=torch.long)] if torch.is_tensor(images) else images.batch(indices)
 
 
-def open_folder(path):
-    """ImageFolder without the grid.png that `generate` writes beside its images (calc, ref: the images only)."""
-    folder = ImageFolder(path)
-    if GRID in folder.names and os.path.isfile(os.path.join(path, SETTINGS)):
-        folder.names.remove(GRID)
-    return folder
-
-
 def open_images(spec, data_dir, resolution=None):
     """ref's --data, what 07 trains on: cifar10 (in data_dir), shapes (07's, `resolution` pixels square, default 16)
-    or a folder/.zip of images (with `resolution`: checked to be that size, as 07 checks)."""
+    or a folder/.zip of images (with `resolution`: center-cropped and resized to it, as 07 trains on them)."""
     if spec == "shapes":     # drawn by 07's code, so the reference is the very training set of a 07 run
         return common.load("07_train_cifar10").make_shapes_dataset(4096, resolution or 16)[0]
-    images = common.load("07_train_cifar10").load_cifar10(data_dir)[0] if spec == "cifar10" else open_folder(spec)
-    size = images_at(images, [0]).shape[-1]
-    if resolution is not None and size != resolution:
-        raise ValueError(f"the images in {spec} are {size}x{size}, not --resolution {resolution} (for image "
-                         f"data --resolution is a check, as in 07); pass the resolution the network was trained at")
-    return images
+    if spec != "cifar10":
+        return ImageFolder(spec, resolution)
+    if resolution not in (None, 32):
+        raise ValueError(f"CIFAR-10's images are 32x32, not --resolution {resolution}")
+    return common.load("07_train_cifar10").load_cifar10(data_dir)[0]
 
 
 def random_subset(n_total, num, seed):
@@ -661,7 +657,7 @@ def build_parser():
     p = add("ref", cmd_ref, "Reference statistics (mu, sigma) of a data set, written to an .npz.", detector=True)
     p.add_argument("--data", required=True, help="what 07 trained on: cifar10, shapes or a folder/.zip of images")
     p.add_argument("--data-dir", help="where cifar-10-python.tar.gz is (default: 07's out/data)")
-    p.add_argument("--resolution", type=count(4), help="the shapes' size, as 07's (default: 16); else a check")
+    p.add_argument("--resolution", type=count(4), help="the shapes' size (default 16); folders resized to it as by 07")
     p.add_argument("--dest", required=True, help="output .npz")
     p = add("calc", cmd_calc, "FID of a folder/.zip of images against reference statistics.", detector=True)
     p.add_argument("--images", required=True, help="folder or .zip of images")

@@ -178,6 +178,22 @@ def test_demo_claims_edm_leads_on_images_except_at_4_steps_where_ve_does(ode, lo
     assert "EDM's coordinates give Euler\nthe smallest error at 2 of 3" in ode.lead_title("Images", img, "wrong")
 
 
+def test_an_exception_to_edms_lead_is_a_step_count_where_another_formulation_is_strictly_better(ode):
+    """The demo's claim 'EDM's coordinates put the fewest samples on another image at k of n step counts (not at
+    ...)': a tie with EDM is no exception (best_counts counts a tie as a lead for each), so the exceptions are
+    exactly the n - k step counts where EDM does not lead."""
+    steps = [4, 8, 16, 32]
+    err = {"VP": {"wrong": [5.0, 2.5, 0.0, 1.0]}, "VE": {"wrong": [1.5, 3.0, 0.0, 2.0]},
+           "EDM": {"wrong": [2.5, 2.5, 0.0, 0.5]}}                # 4: VE better; 8: tied with VP; 16: all tied
+    assert ode.lead_exceptions(steps, err, "wrong") == " (not at 4 steps: VP 5.0, VE 1.5, EDM 2.5 %)"
+    assert ode.best_counts(err, "wrong")["EDM"] == len(steps) - 1
+    tied = {name: {"wrong": [3.0, 0.0]} for name in err}
+    assert ode.lead_exceptions([4, 8], tied, "wrong") == "" and ode.best_counts(tied, "wrong")["EDM"] == 2
+    err["VP"]["wrong"][3] = 0.3                                   # and a second one, both listed in order
+    assert ode.lead_exceptions(steps, err, "wrong") == \
+        " (not at 4 steps: VP 5.0, VE 1.5, EDM 2.5 %; at 32 steps: VP 0.3, VE 2.0, EDM 0.5 %)"
+
+
 def test_bad_command_lines_give_one_error_line(tmp_path, assert_one_line_errors):
     bad = [["--samples", "0"], ["--max-steps", "1.5"], ["--samples", "many"], ["--bogus"], ["--max", "8"]]
     if not torch.cuda.is_available():

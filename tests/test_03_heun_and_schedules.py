@@ -304,3 +304,21 @@ def test_bad_command_lines_give_one_error_line(tmp_path, assert_one_line_errors)
     if not torch.cuda.is_available():
         bad.append(["--device", "cuda"])
     assert_one_line_errors("03_heun_and_schedules.py", bad, tmp_path)
+
+
+def test_unknown_solver_discretization_or_formulation_is_one_sentence(m, load):
+    """A misspelt name must not fall through to some default (an unknown solver run as Euler, say): each of the
+    ablation sampler's choices is refused by name where it is made."""
+    sigmas = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown solver 'rk4'; choose euler or heun"):
+        m.ablation_sampler(gaussian_denoiser, torch.zeros(1, 1, dtype=torch.float64), sigmas, solver="rk4")
+    with pytest.raises(ValueError, match="unknown discretization 'cosine'; choose from vp, ve, iddpm, edm"):
+        m.sigma_steps("cosine", 8)
+    with pytest.raises(ValueError, match="solver is euler or heun and its discretization one of vp, ve, iddpm, edm, "
+                                         "not rk4 and edm"):
+        m.make_sampler(8, solver="rk4")
+    with pytest.raises(ValueError, match="not heun and cosine"):
+        m.make_sampler(8, discretization="cosine")
+    for schedule, scaling in [("cosine", "none"), ("vp", "ve")]:
+        with pytest.raises(ValueError, match=f"unknown schedule '{schedule}' or scaling '{scaling}'"):
+            load("02_ode_sampler").formulation(schedule, scaling)

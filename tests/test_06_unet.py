@@ -19,7 +19,8 @@ import torch
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCES = ["ddpmpp_edm_cond_aug", "ncsnpp_ve_uncond_aug", "ddpmpp_vp_uncond", "ddpmpp_iddpm_cond_aug", "adm_edm_cond"]
+REFERENCES = ["ddpmpp_edm_cond_aug", "ncsnpp_ve_uncond_aug", "ddpmpp_vp_uncond", "ddpmpp_iddpm_cond_aug", "adm_edm_cond",
+              "ddpmpp_skip_edm_cond"]   # the last: SongUNet's skip encoder and decoder, which no paper config uses
 
 
 @pytest.fixture(scope="module")
@@ -391,6 +392,29 @@ def test_demo_claims_hold_at_reduced_size(ch06):
             assert shares["32x32"] > shares["64x64"], shares
         else:
             assert shares["32x32"] > 0.5, shares
+
+
+def test_flops_are_those_of_one_image(ch06):
+    """07's TFLOP/s and MFU are images/s x 3 x size_and_flops's count: it must be one image's, else MFU can pass
+    100 %. PyTorch's FlopCounterMode here counts a batch of 2 built by the test; per image is half of it
+    (convolutions, matmuls and attention all scale with the batch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def counted(class_name, kwargs, batch):
+        with torch.device("meta"):
+            net = ch06.from_official_config(class_name, kwargs).eval()
+            x, sigma = torch.zeros(batch, net.img_channels, net.img_resolution, net.img_resolution), torch.ones(batch)
+            labels = torch.zeros(batch, net.label_dim) if net.label_dim else None
+            augment = net.model.map_augment
+            extra = {} if augment is None else {"augment_labels": torch.zeros(batch, augment.in_features)}
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                net(x, sigma, labels, **extra)
+        return counter.get_total_flops()
+
+    class_name, kwargs = ch06.PAPER_CONFIGS["cifar10_ddpmpp_cond"]      # labels, augment labels, attention
+    kwargs = dict(kwargs, model_channels=16, channel_mult=[1, 2], num_blocks=1, img_resolution=16)
+    assert ch06.size_and_flops(class_name, kwargs)[1] == counted(class_name, kwargs, 2) / 2 > 0
 
 
 def bad_inputs(tmp_path):

@@ -1,6 +1,7 @@
 """Training on your own data (issue 21): EDM's data constants measured and settable, carried to sampling."""
 import json
 import os
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -128,13 +129,13 @@ def test_07_trains_mixed_sizes_at_resolution_and_no_resize_keeps_the_strict_chec
     assert "3 of 4 images center-cropped and resized to 8x8" in out and "4 images 8x8x3, 4 classes" in out
     data = T.load_dataset(T.parse_args(argv))
     assert torch.equal(data.images[1].permute(1, 2, 0), torch.from_numpy(official_center_crop(arrays["b/tall.png"], 8)))
-    with pytest.raises(ValueError, match="'b/tall.png' is 9x13 with 3 channel"):
+    with pytest.raises(ValueError, match="'b/tall.png' is 9x13 but 'a/same.png' is 8x8"):
         T.load_dataset(T.parse_args(argv + ["--no-resize"]))
 
 
-def test_alpha_is_refused_and_a_broken_file_named(tmp_path):
-    write_png(str(tmp_path / "rgba" / "a.png"), np.zeros((8, 8, 4), np.uint8), "RGBA")
-    with pytest.raises(ValueError, match="'a.png' .* has an alpha channel .* convert it to RGB"):
+def test_transparency_is_refused_and_a_broken_file_named(tmp_path):
+    write_png(str(tmp_path / "rgba" / "a.png"), np.zeros((8, 8, 4), np.uint8), "RGBA")       # alpha 0: clear
+    with pytest.raises(ValueError, match="'a.png' .* is transparent .* composite it on a background"):
         common.load("08_evaluate_fid").ImageFolder(str(tmp_path / "rgba"), resolution=8)
     write_png(str(tmp_path / "broken" / "a.png"), np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "broken" / "b.jpg").write_bytes(b"GIF89a but not really")
@@ -189,3 +190,77 @@ def test_an_image_only_cropped_counts_as_changed(tmp_path):
     f = common.load("08_evaluate_fid").ImageFolder(str(tmp_path / "crop"), resolution=8)
     assert np.array_equal(f.read(0).transpose(1, 2, 0), np.arange(8 * 12 * 3, dtype=np.uint8).reshape(12, 8, 3)[2:10])
     assert f.resized == {0}
+
+
+# ----------------------------------------------------------------------------
+# Images as users have them (issue 28): greyscale scans, a few saved as RGB or as RGBA with an alpha channel
+# that is 255 everywhere. 07 and 08's ref and calc read them with one reader, and say once per run how many
+# alpha channels they dropped.
+
+def scans(tmp_path, size=(12, 12), odd_size=(12, 12), colour=True):
+    """Eight greyscale scans; two more saved as RGB (a tint) if `colour`, and two as opaque alpha (RGBA if colour,
+    else LA) at `odd_size`. Returns the folder and {name: the image as RGB, HWC}."""
+    rng, want = np.random.default_rng(4), {}
+    for i in range(12 if colour else 10):
+        grey = rng.integers(0, 256, odd_size if i >= 8 else size, dtype=np.uint8)
+        rgb = np.dstack([grey, grey, grey // 2]) if colour and i in (8, 9) else np.repeat(grey[:, :, None], 3, 2)
+        array, mode = ((rgb, "RGB") if i < 10 else (rgba(rgb), "RGBA")) if colour and i >= 8 else \
+            ((grey, "L") if i < 8 else (np.dstack([grey, np.full_like(grey, 255)]), "LA"))
+        write_png(str(tmp_path / "scans" / f"{i:02d}.png"), array, mode)
+        want[f"{i:02d}.png"] = rgb
+    return str(tmp_path / "scans"), want
+
+
+def rgba(rgb):
+    return np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+
+
+def test_07_trains_on_grey_rgb_and_opaque_rgba_files_and_notes_the_dropped_alpha_once(T, tmp_path, capsys):
+    folder, want = scans(tmp_path, odd_size=(10, 14))
+    data = T.load_dataset(T.parse_args(["--data", folder, "--resolution", "8", "--cres", "1,2"]))
+    out = capsys.readouterr().out
+    assert out.count("note:") == 1 and "note: dropped the opaque alpha channel (all 255) of 2 image file(s)" in out
+    assert data.images.shape == (12, 3, 8, 8)           # a colour file among greyscale ones: all read as RGB
+    for i, name in enumerate(sorted(want)):
+        assert np.array_equal(data.images[i].permute(1, 2, 0).numpy(), official_center_crop(want[name], 8)), name
+
+
+def test_07_keeps_a_greyscale_folder_greyscale_at_any_resolution(T, tmp_path, capsys):
+    folder, want = scans(tmp_path, odd_size=(10, 14), colour=False)      # greyscale, two with an opaque alpha
+    data = T.load_dataset(T.parse_args(["--data", folder, "--resolution", "8", "--cres", "1,2"]))
+    assert data.images.shape == (10, 1, 8, 8) and data.channels == 1
+    for i, name in enumerate(sorted(want)):             # the official pixels, one channel
+        assert np.array_equal(data.images[i, 0].numpy(), official_center_crop(want[name], 8)[:, :, 0]), name
+    assert "of 2 image file(s)" in capsys.readouterr().out
+
+
+class PooledPixels(torch.nn.Module):
+    """A detector file for the test: 4x4-pooled pixels (48 features), called as NVIDIA's TorchScript."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_dim = 48
+
+    def forward(self, x, return_features: bool = False):
+        return torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)
+
+
+def test_08_ref_and_calc_read_such_a_folder_as_07_and_note_the_dropped_alpha_once(fid, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)     # "torch.jit is deprecated": 08 reads TorchScript detectors
+        torch.jit.save(torch.jit.script(PooledPixels()), str(tmp_path / "det.pt"))
+    folder, want = scans(tmp_path)
+    for name, rgb in want.items():                         # its all-RGB version
+        write_png(str(tmp_path / "rgb" / name), rgb)
+    common_args = ["--detector", str(tmp_path / "det.pt"), "--batch", "5", "--device", "cpu"]
+    fid.main(["ref", "--data", folder, "--dest", str(tmp_path / "ref.npz")] + common_args)
+    assert capsys.readouterr().out.count("note: dropped the opaque alpha channel (all 255) of 2 image file(s)") == 1
+    detector = fid.load_detector(str(tmp_path / "det.pt"), "cpu")
+    mu, sigma = fid.image_stats(fid.ImageFolder(str(tmp_path / "rgb")), np.arange(12), detector, 5, "cpu")
+    with np.load(tmp_path / "ref.npz") as ref:
+        np.testing.assert_array_equal(ref["mu"], mu)
+        np.testing.assert_array_equal(ref["sigma"], sigma)
+    fid.main(["calc", "--images", folder, "--ref", str(tmp_path / "ref.npz"), "-n", "12"] + common_args)
+    out = capsys.readouterr().out
+    assert out.count("note:") == 1 and "of 2 image file(s)" in out
+    assert abs(float(out.split("FID")[-1])) < 1e-6       # the very images of the reference

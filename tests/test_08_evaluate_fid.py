@@ -108,6 +108,28 @@ def test_batched_and_merged_stats_equal_one_shot(fid):
     np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-12)
 
 
+def test_all_reduce_merges_every_accumulator_of_two_ranks(fid, monkeypatch):
+    # FeatureStats.all_reduce with torch.distributed faked: rank 1's all_reduce calls record what it contributes;
+    # rank 0's calls, in the same order (collectives line up), add it. The merged statistics must be those of
+    # all images -- the image count summed too, or the mean of 2 ranks' images comes out twice too large.
+    rng = np.random.RandomState(7)
+    x = rng.randn(11, 3) * [1.0, 2.0, 0.5] + [3.0, -1.0, 0.25]
+    ranks = [fid.FeatureStats(3), fid.FeatureStats(3)]
+    ranks[0].update(torch.from_numpy(x[:6]))
+    ranks[1].update(torch.from_numpy(x[6:]))
+    contributed = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: contributed.append(t.clone()))
+    ranks[1].all_reduce()
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.add_(contributed.pop(0)))
+    ranks[0].all_reduce()
+    assert not contributed                        # as many collective calls on either rank
+    mu, sigma = ranks[0].mean_cov()
+    assert ranks[0].n.item() == 11
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-10)
+
+
 # ----------------------------------------------------------------------------
 # Ranks: each rank of a torchrun launch generates its share of the seeds. Here the ranks run one after the
 # other in this process (common.get_rank/get_world_size faked); tests/test_07_scale.py runs two real processes.
@@ -320,7 +342,7 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
     net = fid.load_net(tiny_network, "cpu")
     mu_g, sigma_g = fid.generated_stats(net, list(range(8)), detector, 3, "cpu", None,
                                         fid.common.load("04_stochastic_sampler").make_sampler(4, S_churn=10.0))
-    mu_c, sigma_c = fid.image_stats(fid.open_folder(pngs[8]), np.arange(8), detector, 5, "cpu")
+    mu_c, sigma_c = fid.image_stats(fid.ImageFolder(pngs[8]), np.arange(8), detector, 5, "cpu")
     np.testing.assert_allclose(mu_g, mu_c, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(sigma_g, sigma_c, rtol=1e-10, atol=1e-15)
     assert result["fid"][0] == pytest.approx(fid.frechet_distance(mu_c, sigma_c, *ref), rel=1e-10)
@@ -335,7 +357,7 @@ def test_fid_path_matches_calc_on_generated_pngs(fid, tiny_network, pngs, tmp_pa
     printed = float(capsys.readouterr().out.split("FID")[-1])
     subset = fid.random_subset(8, 5, 1)
     assert list(subset) != list(fid.random_subset(8, 5, 0))
-    mu_s, sigma_s = fid.image_stats(fid.open_folder(pngs[8]), subset, detector, 5, "cpu")
+    mu_s, sigma_s = fid.image_stats(fid.ImageFolder(pngs[8]), subset, detector, 5, "cpu")
     assert printed == pytest.approx(fid.frechet_distance(mu_s, sigma_s, *ref), rel=1e-5)
     with pytest.raises(SystemExit, match="found 8 images"):
         run(fid, "calc", "--images", pngs[8], "--ref", tmp_path / "ref.npz", "--num", 9)

@@ -84,7 +84,33 @@ def test_generate_refuses_a_used_folder_adds_with_add_and_records_every_setting(
     assert after["grid.png"] != before["grid.png"]              # now 16 images: two rows
 
     # calc and ref read the 16 generated images, not grid.png.
-    assert len(fid.open_folder(str(out))) == 16 and "grid.png" not in fid.open_folder(str(out)).names
+    assert len(fid.ImageFolder(str(out))) == 16 and "grid.png" not in fid.ImageFolder(str(out)).names
+
+
+def test_subdirs_put_seed_s_in_the_folder_of_s_minus_s_mod_1000(fid, tiny_network, tmp_path):
+    # The official generate.py's layout: one folder per 1000 seeds, named by the first of them.
+    out = tmp_path / "images"
+    run(fid, "generate", "--network", tiny_network, "--seeds", "999-1001", "--steps", 2, "--outdir", out, "--subdirs")
+    assert sorted(name for name in files(out) if name[:6].isdigit()) == [
+        os.path.join("000000", "000999.png"), os.path.join("001000", "001000.png"), os.path.join("001000", "001001.png")]
+    assert len(fid.ImageFolder(str(out))) == 3                    # calc and ref find them
+
+
+def test_add_with_subdirs_refuses_the_seeds_whose_images_are_in_the_subfolders(fid, tiny_network, tmp_path):
+    out = tmp_path / "images"
+    run(fid, "generate", "--network", tiny_network, "--seeds", "999-1001", "--steps", 2, "--outdir", out, "--subdirs")
+    before = files(out)
+    with pytest.raises(SystemExit) as excinfo:        # 1001's image is in 001000/: --add never replaces it
+        run(fid, "generate", "--network", tiny_network, "--seeds", "1001-1002", "--steps", 3, "--outdir", out,
+            "--subdirs", "--add")
+    assert f"{os.path.join('001000', '001001.png')} exists (1 of these seeds' images do)" in one_error_line(excinfo)
+    assert files(out) == before
+    run(fid, "generate", "--network", tiny_network, "--seeds", "1002", "--steps", 3, "--outdir", out, "--subdirs",
+        "--add")                                      # a new seed goes in beside them
+    after = files(out)
+    assert {name: after[name] for name in before if name[:6].isdigit()} == \
+        {name: data for name, data in before.items() if name[:6].isdigit()}
+    assert os.path.join("001000", "001002.png") in after
 
 
 def test_outdir_that_is_a_file_is_one_clear_line(fid, tiny_network, detector_file, tmp_path, monkeypatch):
@@ -123,10 +149,16 @@ def test_readme_recipe_default_run_ref_shapes_then_fid(fid, load, tiny_network, 
     with np.load(tmp_path / "fid-refs" / "shapes16.npz") as ref:
         np.testing.assert_allclose(ref["mu"], want[0], rtol=1e-12)
         np.testing.assert_allclose(ref["sigma"], want[1], rtol=1e-10, atol=1e-12)
-    # --resolution draws the shapes at another size; for image data it is a check.
+    # --resolution draws the shapes at another size and resizes a folder's images as 07 does when it trains on them
+    # (one reader, one rule); CIFAR-10 is 32x32 only.
     assert fid.open_images("shapes", None, 8).shape[1:] == (3, 8, 8)                 # a uint8 tensor, as 07 draws it
-    with pytest.raises(ValueError, match="are 16x16, not --resolution 32"):
-        fid.open_images(_pngs(tmp_path / "pngs"), None, 32)
+    folder = _pngs(tmp_path / "pngs")
+    trained = train.load_dataset(train.parse_args(["--data", folder, "--resolution", "32", "--no-cond",
+                                                   "--outdir", str(tmp_path / "run")])).images
+    ref = fid.open_images(folder, None, 32)
+    assert trained.shape == (2, 3, 32, 32) and torch.equal(images_of(ref), trained)
+    with pytest.raises(ValueError, match="CIFAR-10's images are 32x32, not --resolution 16"):
+        fid.open_images("cifar10", str(tmp_path), 16)
 
 
 def _pngs(folder):
@@ -134,6 +166,10 @@ def _pngs(folder):
     for i in range(2):
         PIL.Image.new("RGB", (16, 16), (i, 0, 0)).save(folder / f"{i}.png")
     return str(folder)
+
+
+def images_of(folder):
+    return folder.batch(range(len(folder)))
 
 
 @pytest.mark.parametrize("command", ["calc", "fid"])

@@ -341,3 +341,25 @@ def test_demo_claims_blurry_main_cfg_first_puts_samples_back_then_scatters_them(
     cfg = {w: off(m.guided(main, w)) for w in (1, 1.5, 3, 5)}
     assert cfg[1.5] < cfg[1] < cfg[5] and cfg[1.5] < cfg[3] < cfg[5], cfg
     assert off(m.guided(main, 3, guide_net=main.widened(m.GUIDE_WIDENING))) < cfg[1] / 3
+
+
+def test_the_guided_pair_answers_for_the_samplers_and_is_not_the_main_network(m):
+    """Samplers read the noise range, round_sigma and the image shape of what they are given: the guided pair
+    forwards exactly those to the main network. Anything else (its weights, init_config, training state) is not
+    the pair's: asking for it is an AttributeError, so no code mistakes the pair for the main network."""
+    class Net:
+        sigma_min, sigma_max, img_resolution, img_channels, label_dim = 0.002, 80.0, 8, 3, 2
+        init_config = {"class_name": "EDMPrecond"}
+
+        def round_sigma(self, sigma):
+            return sigma
+
+    main, guide = Net(), Net()
+    guide.sigma_max = 40.0
+    D = m.GuidedDenoiser(main, guide, 2.0)
+    assert {a: getattr(D, a) for a in m.GuidedDenoiser.SAMPLER_ATTRIBUTES if a != "round_sigma"} == dict(
+        sigma_min=0.002, sigma_max=80.0, img_resolution=8, img_channels=3, label_dim=2)
+    assert D.round_sigma.__self__ is main
+    for name in ("init_config", "state_dict", "model"):
+        with pytest.raises(AttributeError, match=f"'GuidedDenoiser' object has no attribute '{name}'"):
+            getattr(D, name)

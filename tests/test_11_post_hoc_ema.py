@@ -246,3 +246,29 @@ def test_demo_keeps_07s_report_in_its_log_and_its_claims_match_its_tables(T, P, 
     assert len(rows) == 18 and good, rows
     (gap,) = re.findall(r"differ by at most ([\d.]+) in W1", " ".join(out.split()))
     assert float(gap) == pytest.approx(max(good), abs=1e-9)
+
+
+def test_files_that_are_not_one_runs_snapshots_are_refused_or_passed_over(P, tmp_path):
+    """combine sums one run's snapshots only (a damaged file or another network: one sentence naming it, before
+    anything is written); find_snapshots takes 07's phema-<sigma_rel>-<kimg>.pt names only; an empty selection
+    has no coefficients."""
+    def save(name, **state):
+        torch.save({"format": "f", "state_dict": state}, tmp_path / name)
+        return str(tmp_path / name)
+    a, b = save("a.pt", w=torch.tensor([1.0, 2.0], dtype=torch.float32)), save("b.pt", w=torch.tensor([3.0, 6.0]))
+    mixed = P.combine([a, b], [0.75, 0.25])
+    assert mixed["format"] == "f" and torch.equal(mixed["state_dict"]["w"], torch.tensor([1.5, 3.0]))
+    other = save("other.pt", w=torch.zeros(3))
+    (tmp_path / "cut.pt").write_bytes(open(b, "rb").read()[:50])
+    with pytest.raises(ValueError, match=r"other\.pt holds another network than .*a\.pt: snapshots of one run only"):
+        P.combine([a, other], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"cannot read .*cut\.pt as a network snapshot"):
+        P.combine([a, str(tmp_path / "cut.pt")], [0.5, 0.5])
+    with pytest.raises(ValueError, match="no snapshots to reconstruct from"):
+        P.solve_coefficients([], (1000, P.phema_gamma(0.1)))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("phema-0.050-0.512.pt", "phema-notes.pt", "phema-0.050-final.pt", "phema-0.100-1.024.pt.tmp"):
+        (run_dir / name).write_bytes(b"")
+    assert [(os.path.basename(s.path), s.sigma_rel, s.nimg) for s in P.find_snapshots(str(run_dir))] == \
+        [("phema-0.050-0.512.pt", 0.05, 512)]

@@ -114,3 +114,109 @@ def test_number_list_is_the_one_list_parser():
                                   (floats, "0-1", "expected a number")]:   # ranges only where asked
         with pytest.raises(argparse.ArgumentTypeError, match=complaint.replace("[", r"\[")):
             parse(bad)
+
+
+def test_load_names_a_missing_chapter_and_leaves_no_half_imported_one(tmp_path, monkeypatch):
+    """A copier who forgot a file gets its name and the Copy table; a chapter whose import fails is not left in
+    sys.modules half-built (the next load retries it instead of handing out a module without its functions)."""
+    import sys
+    import pytest
+    monkeypatch.setattr(common, "ROOT", str(tmp_path))
+    with pytest.raises(ImportError, match=r"98_nowhere\.py is missing: copy it next to common\.py"):
+        common.load("98_nowhere")
+    (tmp_path / "98_broken.py").write_text("VALUE = 1\nraise RuntimeError('broken at import')\n")
+    with pytest.raises(RuntimeError, match="broken at import"):
+        common.load("98_broken")
+    assert "98_broken" not in sys.modules
+    (tmp_path / "98_broken.py").write_text("VALUE = 2\n")
+    try:
+        assert common.load("98_broken").VALUE == 2 and common.load("98_broken") is sys.modules["98_broken"]
+    finally:
+        sys.modules.pop("98_broken", None)
+
+
+def test_seed_generators_refuse_a_batch_of_another_size():
+    import pytest
+    rnd = common.StackedRandomGenerator("cpu", [1, 2])
+    assert rnd.randn([2, 3]).shape == (2, 3)
+    for rows in (1, 3):
+        with pytest.raises(ValueError, match=f"batch size {rows} does not match the 2 seeds"):
+            rnd.randn([rows, 3])
+
+
+def test_get_device_errors_are_one_sentence(monkeypatch):
+    import pytest
+    assert common.get_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'; use auto, cpu, cuda or cuda:N"):
+        common.get_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.get_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda:1 requested but CUDA is not available"):
+        common.get_device("cuda:1")
+
+
+def test_download_uses_the_cache_and_names_where_to_put_the_file_offline(tmp_path, monkeypatch):
+    """Offline (this machine, clusters without internet): one error naming the URL and the cache path to fill
+    by hand; once the file is there, nothing is downloaded."""
+    import os
+    import pytest
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    url = "http://127.0.0.1:9/weights/net.pkl"                 # port 9 (discard): refused at once
+    cached = os.path.join(str(tmp_path), "checkpoints", "net.pkl")
+    with pytest.raises(OSError, match=f"cannot download the network from {url} .*put it at {cached}"):
+        common.download(url, "the network")
+    assert not os.path.exists(cached)
+    with open(cached, "wb") as f:
+        f.write(b"weights")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded again"))
+    assert common.download(url, "the network") == cached
+def test_randn_like_draws_each_seeds_noise_in_the_inputs_dtype():
+    # The official StackedRandomGenerator.randn_like: row i is seed i's draw in the dtype of the input, so Algorithm
+    # 2's churn noise on the float64 state is the float64 draw (a float32 draw is another, coarser sequence).
+    seeds = [3, 1_000_003]
+    for dtype in (torch.float64, torch.float32):
+        noise = common.StackedRandomGenerator("cpu", seeds).randn_like(torch.zeros(2, 3, 4, 4, dtype=dtype))
+        assert noise.dtype == dtype and noise.shape == (2, 3, 4, 4)
+        for row, seed in zip(noise, seeds):
+            assert torch.equal(row, torch.randn([3, 4, 4], generator=torch.Generator().manual_seed(seed), dtype=dtype))
+
+    # Through 04's sampler: every churn step's noise is the seed's next float64 draw, row by row.
+    rnd, drawn = common.StackedRandomGenerator("cpu", seeds), []
+    latents = torch.ones(2, 3, 4, 4, dtype=torch.float64)
+
+    def randn_like(x):
+        drawn.append(rnd.randn_like(x))
+        return drawn[-1]
+    common.load("04_stochastic_sampler").make_sampler(num_steps=4, S_churn=10)(Labelled(), latents, None, randn_like)
+    assert len(drawn) == 4                  # one per step (S_min = 0, S_max = inf)
+    for i, seed in enumerate(seeds):
+        official = torch.Generator().manual_seed(seed)
+        for noise in drawn:
+            assert noise.dtype == torch.float64
+            assert torch.equal(noise[i], torch.randn([3, 4, 4], generator=official, dtype=torch.float64))
+
+
+def test_rank0_first_lets_the_first_process_of_every_node_go_first(monkeypatch):
+    # torchrun on two nodes of two processes: ranks 0 and 2 are their node's LOCAL_RANK 0. Each fills its node's
+    # cache (a download) while the node's other processes wait at a barrier; the barrier is then released by it.
+    # Faked in-process: no process group, barrier records when it is reached.
+    import torch.distributed as dist
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: calls.append("barrier"))
+    monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 4)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    for rank, local_rank, order in [(0, 0, ["fn", "barrier"]), (1, 1, ["barrier", "fn"]),
+                                    (2, 0, ["fn", "barrier"]), (3, 1, ["barrier", "fn"])]:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        monkeypatch.setattr(dist, "get_rank", lambda *args, rank=rank, **kwargs: rank)
+        calls.clear()
+        assert common.rank0_first(lambda a, b: calls.append("fn") or a + b, 2, 3) == 5
+        assert calls == order, (rank, local_rank)
+
+    # Plain python (no torchrun): just the call.
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    calls.clear()
+    assert common.rank0_first(lambda: calls.append("fn") or 7) == 7 and calls == ["fn"]

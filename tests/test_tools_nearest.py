@@ -60,6 +60,29 @@ def test_copies_are_flagged_and_held_out_images_are_not(tool, shapes, tmp_path, 
     assert not tool.near_copies(d).any()
 
 
+def test_the_grid_shows_the_most_copy_like_images_first(tool, load, shapes, tmp_path, monkeypatch):
+    # nearest.png's rows are the --rows images of smallest d1 / d2, most copy-like first: an exact copy (d1 = 0),
+    # planted last among held-out images, is the first row, beside the training image it copies.
+    train, held_out = shapes
+    data = write_folder(tmp_path / "train", train)
+    checked = write_folder(tmp_path / "generated", torch.cat([held_out[:5], train[[17]]]))
+    ch07, drawn = load("07_train_cifar10"), []
+    save_grid = ch07.save_grid
+    monkeypatch.setattr(ch07, "save_grid", lambda grid, *args, **kwargs: drawn.append((grid, kwargs["row_labels"]))
+                        or save_grid(grid, *args, **kwargs))
+    tool.main(["--images", checked, "--data", data, "--rows", "3", "--outdir", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "nearest.json") as f:
+        per_image = json.load(f)["per_image"]
+    (grid, labels), = drawn
+    assert grid.shape == (3 * 3, 3, 8, 8) and len(labels) == 3           # rows of (generated, 1st, 2nd nearest)
+    assert torch.equal(grid[0], train[17]) and torch.equal(grid[1], train[17]), labels
+    assert labels[0].startswith("005.png: 0.0 |") and labels[0].endswith(" copy")
+    ratio = {r["name"]: r["d1"] / r["d2"] for r in per_image}
+    shown = [label.split(":")[0] for label in labels]
+    assert shown == sorted(ratio, key=ratio.get)[:3], (shown, ratio)
+    assert PIL.Image.open(tmp_path / "out" / "nearest.png").size[0] > 200
+
+
 def test_nearest_generates_with_a_network(tool, fid, load, shapes, tmp_path, one_thread):
     torch.manual_seed(0)
     unet = load("06_unet")
@@ -84,10 +107,10 @@ def test_bad_input_is_one_error_line_and_overwrites_nothing(shapes, tmp_path, as
     with open(os.path.join(broken, "002.png"), "wb") as f:
         f.write(b"not a png")
     (tmp_path / "empty").mkdir()
-    grey = str(tmp_path / "grey")
-    os.makedirs(grey)
+    wide = str(tmp_path / "wide")
+    os.makedirs(wide)
     for i in range(2):
-        PIL.Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.path.join(grey, f"{i}.png"))
+        PIL.Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(os.path.join(wide, f"{i}.png"))
     out = tmp_path / "out"
     out.mkdir()
     (out / "nearest.png").write_bytes(b"earlier result")
@@ -96,13 +119,70 @@ def test_bad_input_is_one_error_line_and_overwrites_nothing(shapes, tmp_path, as
         ["--images", broken, "--data", data],
         ["--images", data, "--data", tmp_path / "empty"],
         ["--data", data],                                                # neither --network nor --images
-        ["--images", grey, "--data", data],                             # 1 channel against RGB training images
+        ["--images", wide, "--data", data],                             # 8x16 against 16x16 training images
     ], tmp_path, prefix=["--outdir", out])
     assert "--data" in texts[0] and "'002.png'" in texts[1] and "no images" in texts[2]
-    assert "--network" in texts[3] and "--data the network was trained on" in texts[4]
+    assert "--network" in texts[3] and "(16, 16) (H, W) but the generated ones (8, 16)" in texts[4]
+    assert "--data the network was trained on" in texts[4]
     assert os.listdir(out) == ["nearest.png"] and (out / "nearest.png").read_bytes() == b"earlier result"
 
 
 def test_near_copy_criterion_is_d1_below_a_third_of_d2(tool):
     d = torch.tensor([[1.0, 2.9], [1.0, 3.1], [1.0, 2.5], [0.0, 0.1]], dtype=torch.float64)
     assert tool.near_copies(d).tolist() == [False, True, False, True]      # d1 < d2 / 3 (Carlini et al. 2023)
+
+
+# ----------------------------------------------------------------------------
+# The folders read as 07 reads them (issue 28): 08's ImageFolder for --images and --data alike, greyscale
+# compared as RGB when the other side is RGB.
+
+def save(path, array, mode=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    PIL.Image.fromarray(array, mode).save(path)
+
+
+def test_greyscale_copies_of_the_training_images_are_near_copies(tool, shapes, tmp_path, capsys):
+    # The issue's case: greyscale scans, two saved as RGB, one as RGBA with an opaque alpha: 07 reads the folder
+    # as RGB. The user checks the check with greyscale copies of training images (1 channel) and held-out ones.
+    train, held_out = shapes
+    grey = [np.array(PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).convert("L")) for image in train[:24]]
+    for i, g in enumerate(grey):
+        rgb = np.repeat(g[:, :, None], 3, 2)
+        array, mode = (rgb, "RGB") if i in (5, 9) else (np.dstack([rgb, np.full_like(g, 255)]), "RGBA") if i == 11 \
+            else (g, "L")
+        save(str(tmp_path / "train" / f"{i:03d}.png"), array, mode)
+    copies = [3, 9, 11, 20]
+    for k, i in enumerate(copies):
+        save(str(tmp_path / "check" / f"{k}.png"), grey[i])
+    for k, image in enumerate(held_out[:4]):
+        save(str(tmp_path / "check" / f"{k + 4}.png"), np.array(PIL.Image.fromarray(image.permute(1, 2, 0).numpy())
+                                                               .convert("L")))
+    tool.main(["--images", str(tmp_path / "check"), "--data", str(tmp_path / "train"), "--outdir", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "nearest.json").read_text())
+    assert [r["near_copy"] for r in result["per_image"]] == [True] * 4 + [False] * 4
+    assert [r["nearest"][0] for r in result["per_image"][:4]] == copies
+    assert [r["d1"] for r in result["per_image"][:4]] == [0.0] * 4          # grey repeated to RGB: lossless
+    out = capsys.readouterr().out
+    assert out.count("note:") == 1 and "opaque alpha channel (all 255) of 1 image file(s)" in out
+
+
+def test_a_greyscale_training_set_is_compared_as_rgb_with_rgb_images(tool, shapes):
+    train, held_out = shapes
+    grey_train = train.float().mean(1, keepdim=True).round().to(torch.uint8)    # [64, 1, 8, 8]
+    images = torch.cat([grey_train[[7, 30]], held_out[:2].float().mean(1, keepdim=True).round().to(torch.uint8)])
+    d, idx = tool.nearest_two(images.expand(-1, 3, -1, -1), grey_train, chunk=10)   # RGB against greyscale
+    want_d, want_idx = tool.nearest_two(images, grey_train)
+    torch.testing.assert_close(d, want_d)                  # the same RMS distances: every channel is the grey one
+    assert torch.equal(idx, want_idx) and idx[:2, 0].tolist() == [7, 30] and d[:2, 0].tolist() == [0, 0]
+
+
+def test_images_written_by_generate_are_read_without_its_grid(tool, shapes, tmp_path):
+    # 08 generate's folder holds grid.png (larger) beside generation.json: the README's `--images
+    # out/08_evaluate_fid/images` reads the images only.
+    train, held_out = shapes
+    checked = write_folder(tmp_path / "images", held_out[:3])
+    save(os.path.join(checked, "grid.png"), np.zeros((40, 40, 3), np.uint8))
+    (tmp_path / "images" / "generation.json").write_text("[]")
+    tool.main(["--images", checked, "--data", write_folder(tmp_path / "train", train), "--outdir", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "nearest.json").read_text())
+    assert [r["name"] for r in result["per_image"]] == ["000.png", "001.png", "002.png"]

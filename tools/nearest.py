@@ -10,7 +10,9 @@ a plain image is close to many training images, a copy to one.
 
 writes nearest.png (the most copy-like images, each beside its two nearest) and nearest.json (every image) into
 out/nearest/. --data is what 07 trained on: a folder/.zip (center-cropped and resized to the generated images'
-size, as 07 --resolution does), cifar10 or shapes. Generation is 08's, seed for seed (04's Algorithm 2).
+size, as 07 --resolution does), cifar10 or shapes. Both folders are read by 08's ImageFolder, as 07 reads --data;
+a greyscale side is compared as RGB (repeated, lossless) when the other is RGB. Generation is 08's, seed for seed
+(04's Algorithm 2).
 """
 import argparse
 import os
@@ -26,14 +28,20 @@ ch08 = common.load("08_evaluate_fid")
 NEAR_COPY_RATIO = 3
 
 
+def same_channels(*image_sets):
+    """uint8 image sets [N, C, H, W] in one number of channels: a greyscale one (C = 1) repeated to the others' 3."""
+    c = max(images.shape[1] for images in image_sets)
+    return [images.expand(-1, c, -1, -1) for images in image_sets]
+
+
 def nearest_two(images, train, chunk=4096):
     """For uint8 images [N, C, H, W]: (d [N, 2], idx [N, 2]) -- the RMS pixel distance (0-255 scale) to their two
     nearest images in `train` (a uint8 tensor or an ImageFolder) and those images' indices, nearest first."""
-    x = images.flatten(1).to(torch.float64)
-    best_d, best_i = torch.zeros([len(x), 0], dtype=torch.float64), torch.zeros([len(x), 0], dtype=torch.long)
+    best_d, best_i = torch.zeros([len(images), 0], dtype=torch.float64), torch.zeros([len(images), 0], dtype=torch.long)
     for start in range(0, len(train), chunk):
         idx = torch.arange(start, min(start + chunk, len(train)))
-        d = torch.cdist(x, ch08.images_at(train, idx).flatten(1).to(torch.float64)) / x.shape[1] ** 0.5
+        x, t = (a.flatten(1).to(torch.float64) for a in same_channels(images, ch08.images_at(train, idx)))
+        d = torch.cdist(x, t) / x.shape[1] ** 0.5
         best_d, order = torch.cat([best_d, d], 1).topk(2, dim=1, largest=False)
         best_i = torch.cat([best_i, idx.expand(len(x), -1)], 1).gather(1, order)
     return best_d, best_i
@@ -59,8 +67,8 @@ def inputs(args):
         raise ValueError("nearest needs --data: the training images (a folder/.zip, cifar10 or shapes)")
     if (args.network is None) == (args.images is None):
         raise ValueError("nearest needs either --network SNAPSHOT (to generate --seeds) or --images DIR")
-    if args.images:
-        folder = ch08.ImageFolder(args.images)
+    folder = ch08.ImageFolder(args.images) if args.images else None
+    if folder:
         images, names = folder.batch(range(len(folder))), folder.names
     else:
         device = common.get_device(args.device)
@@ -73,9 +81,10 @@ def inputs(args):
     train = training_images(args.data, args.data_dir, images.shape[-1])
     if len(train) < 2:
         raise ValueError(f"{args.data!r} holds {len(train)} image; the check needs at least 2 training images")
-    if ch08.images_at(train, [0]).shape[1:] != images.shape[1:]:
-        raise ValueError(f"the training images are {tuple(ch08.images_at(train, [0]).shape[1:])} (C, H, W) but the "
-                         f"generated ones {tuple(images.shape[1:])}; pass the --data the network was trained on")
+    if ch08.images_at(train, [0]).shape[2:] != images.shape[2:]:
+        raise ValueError(f"the training images are {tuple(ch08.images_at(train, [0]).shape[2:])} (H, W) but the "
+                         f"generated ones {tuple(images.shape[2:])}; pass the --data the network was trained on")
+    ch08.note_alpha(train, folder)
     return names, images, train
 
 
@@ -86,8 +95,8 @@ def nearest(args):
     copies = near_copies(d)
     outdir = common.out_dir(__file__, args.outdir or os.path.join("out", "nearest"))
     shown = d[:, 0].div(d[:, 1]).argsort()[:args.rows]          # the most copy-like first
-    grid = torch.stack([images[shown], ch08.images_at(train, idx[shown, 0]), ch08.images_at(train, idx[shown, 1])],
-                       1).flatten(0, 1)
+    grid = torch.stack(same_channels(images[shown], ch08.images_at(train, idx[shown, 0]),
+                                     ch08.images_at(train, idx[shown, 1])), 1).flatten(0, 1)
     common.load("07_train_cifar10").save_grid(
         grid, os.path.join(outdir, "nearest.png"), f"near-copies (d1 < d2/{NEAR_COPY_RATIO}): {int(copies.sum())} "
         f"of {len(images)}", ncol=3, min_width=240, column_labels=["generated", "1st nearest", "2nd nearest"],
