@@ -11,7 +11,8 @@ are built from the same configuration and hold the same weights (the official ne
 state-dict keys are the same), are checked to give the same outputs, and are timed in PAIRS: each pair runs one
 step of each, alternating which goes first, and gives the ratio official time / our time (>= 1.00: ours is at
 least as fast). Reported: the median paired ratio and its range over the pairs, with the load average before and
-after. Pairs cancel what drifts slowly on a shared machine; the median drops the pairs a burst of load hit.
+after. Pairs cancel what drifts slowly on a shared machine; the median drops the pairs a burst of load hit; an
+even number of pairs (the defaults) lets each side go first equally often.
 Without --official: ours alone, img/s and TFLOP/s (06's FLOP count of the forward; a training step as 3x it).
 --compare OPTION pairs ours with the option against ours without it instead (07's --channels-last, --compile,
 --precision bf16): the ratio is then plain time / time with the option.
@@ -231,7 +232,7 @@ def bench(args):
                  if device.type == "cpu" else ""))
     for name in args.configs:
         a, b, kwargs, class_name = build_sides(name, args, device, official)
-        batch, pairs = len(a.images), args.pairs or (5 if name == "adm" and device.type == "cpu" else 7)
+        batch, pairs = len(a.images), args.pairs or (4 if name == "adm" and device.type == "cpu" else 8)
         flops = ch06.size_and_flops(class_name, kwargs)[1]
         width = f", model_channels {kwargs['model_channels']}" if name == "adm" and args.adm_channels else ""
         print(f"\n{NAMES[name]} ({class_name}, {flops / 1e9:.2f} GFLOPs per image forward{width}), batch {batch}, "
@@ -271,7 +272,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=common.number(int, low=1), default=None,
                         help="images per step (default: DDPM++/NCSN++ 8, ADM 2 on the CPU; 128 and 32 on a GPU)")
     parser.add_argument("--pairs", type=common.number(int, low=1), default=None,
-                        help="pairs (or timed steps) per step kind (default: 7; ADM 5 on the CPU)")
+                        help="pairs (or timed steps) per step kind; even: each side first in half of them "
+                             "(default: 8; ADM 4 on the CPU)")
     parser.add_argument("--adm-channels", type=common.number(int, low=64), default=None,
                         help="ADM's model_channels (default: the paper's 192; a multiple of 64)")
     parser.add_argument("--profile", type=common.number(int, low=1), default=None, metavar="ROWS",
