@@ -64,7 +64,7 @@ else
   TINY="--duration 0.004096 --tick 1.024 --snap 4.096"                                  # 128 steps of 32
   STOP=2.048; C10="--resolution 32 --batch 512 --batch-gpu ${BATCH_GPU:-128} --duration 0.01024 --tick 2.56 --snap 10.24"   # 20 steps
   SEEDS=0-1023; N=1024; SUITE=""; COMPILE="--compile"
-  BENCH=""                                                # DDPM++ batch 128, ADM batch 32; 7 pairs each
+  BENCH=""                                                # DDPM++ batch 128, ADM batch 32; 8 pairs each
 fi
 B="$PY tools/bench_official.py --device $D $BENCH"
 
