@@ -10,10 +10,14 @@ ideal denoiser D and Tweedie's identity grad log p(x; sigma) = (D(x; sigma) - x)
     VP   sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),  s(t) = 1 / sqrt(1 + sigma(t)^2)   (Table 1)
     VE   sigma(t) = sqrt(t),                                      s(t) = 1
     EDM  sigma(t) = t,                                            s(t) = 1   (as in DDIM)
+    RF   sigma(t) = t / (1 - t),                                  s(t) = 1 - t = 1 / (1 + sigma(t))
 
-The exact solutions agree in every coordinate system; only a solver's numerical error differs. EDM's makes
-Eq. 4 read dx/dt = (x - D(x; t)) / t: the tangent aims straight at the denoiser output, so where D changes
-slowly with sigma the trajectories are straight lines -- what a low-order solver wants. The demo measures
+RF is rectified flow / flow matching (Liu et al. 2023, Lipman et al. 2023, SD3): x = s (y + sigma n) =
+(1 - t) y + t n. The exact solutions agree in every coordinate system; only a solver's numerical error differs.
+EDM's and RF's both make Eq. 4 read dx/dt = (x - D) / t (RF's velocity v = (x - D) / t): the tangent aims
+straight at the denoiser output, so where D changes slowly with sigma the trajectories are straight lines --
+what a low-order solver wants. An Euler step in either is exact for a constant D and uses D once, linearly: the
+two are one step (DDIM's), x_RF = x_EDM / (1 + sigma) at every sigma_i. The demo measures
 Euler's error against the exact ODE solution in each formulation on the 1-D toy of chapter 01 and on a
 finite set of small images (`FiniteSetDenoiser`, exact too); chapter 03 adds Heun's method.
 
@@ -73,6 +77,11 @@ def linear_schedule():
     return (lambda t: t), (lambda t: torch.ones_like(t)), (lambda sigma: sigma)
 
 
+def rf_schedule():
+    """sigma(t) = t / (1 - t): rectified flow's time t in [0, 1) is sigma / (1 + sigma)."""
+    return (lambda t: t / (1 - t)), (lambda t: 1 / (1 - t) ** 2), (lambda sigma: sigma / (1 + sigma))
+
+
 def vp_scaling(sigma, sigma_deriv):
     """s(t) = 1 / sqrt(1 + sigma(t)^2): keeps Var[x] = s^2 (1 + sigma^2) = 1 for unit-variance data."""
     def s(t):
@@ -84,18 +93,31 @@ def vp_scaling(sigma, sigma_deriv):
     return s, s_deriv
 
 
+def rf_scaling(sigma, sigma_deriv):
+    """s(t) = 1 / (1 + sigma(t)): x = (y + sigma n) / (1 + sigma), a convex mix of data and noise (= 1 - t for RF)."""
+    def s(t):
+        return 1 / (1 + sigma(t))
+
+    def s_deriv(t):
+        return -sigma_deriv(t) * s(t) ** 2
+
+    return s, s_deriv
+
+
 def no_scaling():
     """s(t) = 1."""
     return (lambda t: torch.ones_like(t)), (lambda t: torch.zeros_like(t))
 
 
 def formulation(schedule, scaling, beta_d=19.9, beta_min=0.1):
-    """Combine a noise schedule ('vp' | 've' | 'linear') with a scaling ('vp' | 'none')."""
-    schedules = {"vp": lambda: vp_schedule(beta_d, beta_min), "ve": ve_schedule, "linear": linear_schedule}
-    if schedule not in schedules or scaling not in ("vp", "none"):
+    """Combine a noise schedule ('vp' | 've' | 'linear' | 'rf') with a scaling ('vp' | 'rf' | 'none')."""
+    schedules = {"vp": lambda: vp_schedule(beta_d, beta_min), "ve": ve_schedule, "linear": linear_schedule,
+                 "rf": rf_schedule}
+    scalings = {"vp": vp_scaling, "rf": rf_scaling, "none": lambda sigma, sigma_deriv: no_scaling()}
+    if schedule not in schedules or scaling not in scalings:
         raise ValueError(f"unknown schedule {schedule!r} or scaling {scaling!r}")
     sigma, sigma_deriv, sigma_inv = schedules[schedule]()
-    s, s_deriv = vp_scaling(sigma, sigma_deriv) if scaling == "vp" else no_scaling()
+    s, s_deriv = scalings[scaling](sigma, sigma_deriv)
     return Formulation(f"{schedule}/{scaling}", sigma, sigma_deriv, sigma_inv, s, s_deriv)
 
 
@@ -109,6 +131,10 @@ def VE():
 
 def EDM():
     return formulation("linear", "none")._replace(name="EDM")
+
+
+def RF():
+    return formulation("rf", "rf")._replace(name="RF")
 
 
 # ----------------------------------------------------------------------------
@@ -317,10 +343,10 @@ def plot_trajectories(mix, formulations, file, sigma_start=3.0, num_points=13):
         ax.set_xlim(0, float(t_end))
         ax.set_ylim(-3, 3)
         ax.set_xlabel(f"time t of {f.name} (sigma(t) = {sigma_start:g} at the right edge)")
-        ax.set_title(f"{f.name}: sigma(t), s(t) of Table 1")
+        ax.set_title(f"{f.name}: sigma(t), s(t) of " + ("rectified flow" if f.name == "RF" else "Table 1"))
     axes[0].set_ylabel("state x = s(t) x~  (data units)")
-    fig.suptitle("Same starting points, three formulations. Dashed: tangents extended to t = 0; "
-                 "red dots: the denoiser output there. Only EDM's tangents end on it (Sec. 3).", fontsize=10)
+    fig.suptitle(f"Same starting points, {len(formulations)} formulations. Dashed: tangents extended to t = 0; "
+                 "red dots: the denoiser output there. Only EDM's and RF's tangents end on it (Sec. 3).", fontsize=10)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
@@ -341,6 +367,9 @@ def lead_title(data, results, metric):
     return f"{data}: {name}'s coordinates give Euler\nthe smallest error at {counts[name]} of {n} step counts"
 
 
+STYLE = {None: dict(marker="o", ms=4, ls="-"), "RF": dict(marker="x", ms=7, ls=":", color="k")}   # RF lies on EDM
+
+
 def lead_exceptions(steps, results, metric, lead="EDM"):
     """The demo's exceptions to `lead`'s lead, ' (not at n steps: VP v, VE v, EDM v %; ...)': the step counts where
     another formulation's `metric` (a percentage) is strictly smaller than `lead`'s -- a tie is no exception --
@@ -355,13 +384,13 @@ def plot_errors(steps, toy_errors, image_errors, file):
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, err in toy_errors.items():
-        left.loglog(steps, err["mean"], "o-", ms=4, label=name)
+        left.loglog(steps, err["mean"], **STYLE.get(name, STYLE[None]), label=name)
     left.loglog(steps, [toy_errors["EDM"]["mean"][0] * steps[0] / n for n in steps], "k:", lw=1,
                 label="slope -1 (first order)")
     left.set_title(lead_title("1-D toy", toy_errors, "mean"), fontsize=10)
     left.set_ylabel("mean |error| of x(sigma = 0) vs exact ODE (data units)")
     for name, err in image_errors.items():
-        right.plot(steps[:len(err["wrong"])], err["wrong"], "o-", ms=4, label=name)
+        right.plot(steps[:len(err["wrong"])], err["wrong"], **STYLE.get(name, STYLE[None]), label=name)
     right.set_xscale("log")
     right.set_ylim(bottom=0)
     right.set_title(lead_title("Image set", image_errors, "wrong"), fontsize=10)
@@ -381,7 +410,7 @@ def plot_local_errors(sigmas, local, file, floor=1e-17):
     fig, axes = plt.subplots(1, len(local), figsize=(5.5 * len(local), 4.2), sharey=True)
     for ax, (title, curves) in zip(axes, local.items()):
         for name, errors in curves.items():
-            ax.loglog(sigmas[:len(errors)], [max(e, floor) for e in errors], "o-", ms=3, label=name)
+            ax.loglog(sigmas[:len(errors)], [max(e, floor) for e in errors], **STYLE.get(name, STYLE[None]), label=name)
         ax.set_xlabel("noise level sigma_i at the start of the step")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
@@ -418,7 +447,7 @@ def demo(args):
     torch.set_num_threads(1)  # toy and 16x16 image tensors: intra-op threads cost more than they gain
     ch01 = common.load("01_toy_1d")
     mix = ch01.default_mixture()
-    formulations = [VP(), VE(), EDM()]
+    formulations = [VP(), VE(), EDM(), RF()]
     names = [f.name for f in formulations]
     start = time.time()
 
@@ -430,7 +459,8 @@ def demo(args):
     truth = mix.sample(args.samples, g)
     steps = [n for n in (4, 8, 16, 32, 64, 128, 256, 512) if n <= args.max_steps]
     toy_err = euler_errors(mix, latents, steps, formulations,
-                           {"mean": mean_abs_error, "w1": lambda x, ref: ch01.wasserstein1(x.cpu(), truth)})
+                           {"mean": mean_abs_error, "w1": lambda x, ref: ch01.wasserstein1(x.cpu(), truth),
+                            "endpoint": lambda x, ref: x})
     reference = reference_solution(mix, latents)
     print("1-D toy: Euler through the same noise levels for every formulation "
           "(80 -> 0.002 by Eq. 5 with rho = 7, then 0)")
@@ -449,13 +479,17 @@ def demo(args):
     image_steps = [n for n in steps if n <= 128]
     wrong = lambda x, ref: 100 * float((image_net.nearest(x) != image_net.nearest(ref)).double().mean())  # noqa
     img_err = euler_errors(image_net, image_latents, image_steps, formulations,
-                           {"wrong": wrong})
+                           {"wrong": wrong, "endpoint": lambda x, ref: x})
     print(f"\nImages ({args.images} training images, {args.image_latents} latents): the same Euler runs")
     print("% of samples ending on another training image than the exact ODE solution")
     print(f"{'steps':>6} | " + "".join(f"{n:>10}" for n in names))
     for i, n in enumerate(image_steps):
         print(f"{n:>6} | " + "".join(f"{img_err[k]['wrong'][i]:>10.1f}" for k in names))
     plot_errors(steps, toy_err, img_err, f"{outdir}/euler_error.png")
+    same = {data: max(float((a - b).abs().max()) for a, b in zip(e["EDM"]["endpoint"], e["RF"]["endpoint"]))
+            / (80 * float(z.abs().max())) for data, e, z in (("toy", toy_err, latents), ("images", img_err, image_latents))}
+    print(f"RF = EDM: the largest difference of their Euler endpoints over all step counts, relative to the largest "
+          f"starting |x| = 80 |z|: {same['toy']:.0e} (toy), {same['images']:.0e} (images)")
 
     # (3) Why the two data sets disagree: curvature measured directly, as the error of one Euler step.
     sigmas = common.edm_sigma_steps(32).to(device)
@@ -482,11 +516,15 @@ def demo(args):
     exceptions = lead_exceptions(image_steps, img_err, "wrong")
     print(f"""
 What this shows (figures in {outdir}/, {time.time() - start:.0f} s)
-  trajectories.png  the same starting points in the VP, VE and EDM coordinates of Table 1: only with sigma(t) = t,
-                    s = 1 does every tangent end on the denoiser output, so one Euler step to t = 0 lands on D (Fig. 3).
+  trajectories.png  the same starting points in Table 1's VP, VE and EDM coordinates and in rectified flow's (RF):
+                    only where Eq. 4 reads dx/dt = (x - D) / t -- EDM's sigma = t, s = 1 and RF's sigma = t / (1 - t),
+                    s = 1 - t -- does every tangent end on the denoiser output, so one Euler step to t = 0 lands on D
+                    (Fig. 3).
   euler_error.png   Euler through the same sigma_i. Images: EDM's coordinates put the fewest samples on another
                     image at {img_best['EDM']} of {len(image_steps)} step counts{exceptions}.
-                    The 1-D toy: VP's give the smallest error at {toy_best['VP']} of {len(steps)}.
+                    The 1-D toy: VP's give the smallest error at {toy_best['VP']} of {len(steps)}. RF's columns are EDM's:
+                    their endpoints differ by {max(same.values()):.0e} (float64 rounding) -- one Euler step, DDIM's, in
+                    two coordinate systems, so flow-matching samplers are EDM's Euler sampler.
   local_error.png   why: once a latent has picked its image (sigma < 0.5) the EDM path is a straight line and its
                     Euler steps are exact ({worst['images', 'EDM'][2]:.0e}; VP {worst['images', 'VP'][2]:.0e}). The \
 toy's Gaussian modes keep

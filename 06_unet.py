@@ -503,7 +503,9 @@ def weight_init(shape, mode, fan_in, fan_out):
 # Building a preconditioned network from an official configuration.
 
 NETWORKS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
-DEFAULT_MODEL_TYPE = {"VPPrecond": "SongUNet", "VEPrecond": "SongUNet", "iDDPMPrecond": "DhariwalUNet", "EDMPrecond": "DhariwalUNet"}
+DEFAULT_MODEL_TYPE = {"VPPrecond": "SongUNet", "VEPrecond": "SongUNet", "iDDPMPrecond": "DhariwalUNet", "EDMPrecond": "DhariwalUNet",
+                      "FMPrecond": "SongUNet", "ConsistencyPrecond": "SongUNet"}   # (FM: not official; 05's row)
+LATER_PRECONDS = {"ConsistencyPrecond": "12_consistency_models"}   # later chapters' wrappers, loaded when a file names one
 
 # The paper's networks (Table 7), as the official train.py configures them for EDM training: 56M parameters
 # for CIFAR-10 (128 channels x [2, 2, 2], 4 blocks per rung), 296M for ImageNet-64's ADM (192 x [1, 2, 3, 4]).
@@ -529,7 +531,7 @@ def from_official_config(class_name, kwargs):
     The returned module remembers its configuration as `net.init_config` (used by save_network)."""
     if class_name not in DEFAULT_MODEL_TYPE:
         raise ValueError(f"unknown preconditioner {class_name!r}; expected one of {', '.join(DEFAULT_MODEL_TYPE)}")
-    wrapper = getattr(ch05, class_name)
+    wrapper = getattr(common.load(LATER_PRECONDS[class_name]) if class_name in LATER_PRECONDS else ch05, class_name)
     network_kwargs = dict(kwargs)
     model_type = network_kwargs.pop("model_type", DEFAULT_MODEL_TYPE[class_name])
     if model_type not in NETWORKS:

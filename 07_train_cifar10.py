@@ -43,7 +43,8 @@ ch06 = common.load("06_unet")
 DEFAULTS = dict(data=None, resolution=None, resize=True, cond=False, xflip=False, arch="ddpmpp", precond="edm",
                 cbase=None, cres=None, blocks=None, attn=None, dropout=0.13, augment=0.12, label_dropout=0,
                 duration=200, batch=512, batch_gpu=None, lr=1e-3, lr_rampup=10, ema=0.5, phema=[], precision="fp32",
-                tick=50, snap=2500, sigma_data=0.5, P_mean=-1.2, P_std=1.2)   # EDM data std; ln sigma ~ N(P_mean, P_std^2)
+                tick=50, snap=2500, sigma_data=0.5, P_mean=None, P_std=None,   # EDM data std; ln sigma ~ N(P_mean, P_std^2)
+                loss_weighting="fixed")
 PRESETS = {
     "cifar10": dict(data="cifar10"),
     "imagenet64": dict(cond=True, arch="adm", duration=2500, batch=4096, lr=1e-4, ema=50, dropout=0.10, augment=0,
@@ -54,8 +55,11 @@ PRESETS = {
 }
 
 
-def train(args, device=torch.device("cpu")):
-    """Train as Sec. 5 and Table 7 describe, writing into the run folder --outdir. Returns the kimg done."""
+def train(args, device=torch.device("cpu"), start=None):
+    """Train as Sec. 5 and Table 7 describe, writing into the run folder --outdir. Returns the kimg done.
+    `start(args, data)` -> (network, loss, sampler of the previews) lets a later chapter (12) train its own network
+    instead of a fresh one of network_config with 05's loss; a loss with `schedule(cur_nimg)` hears, before every
+    step, how many images were seen (a schedule of training progress resumes exactly with them)."""
     rank, world_size = common.get_rank(), common.get_world_size()
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
 
@@ -65,15 +69,17 @@ def train(args, device=torch.device("cpu")):
     class_name, net_kwargs = network_config(args, data)
     ch11 = common.load("11_post_hoc_ema") if args.phema else None   # EDM2's power-function EMA: chapter 11's maths
 
-    # The network D (06 inside 05's preconditioning): the same initial weights on every rank, then
-    # per-rank random streams for noise levels, noise, dropout and augmentation.
+    # The network D (06 inside 05's preconditioning) and its loss (05: Table 1's p(sigma) and lambda(sigma)): the
+    # same initial weights on every rank, then per-rank random streams for noise levels, noise, dropout, augmentation.
     torch.manual_seed(args.seed)
-    net = ch06.from_official_config(class_name, net_kwargs).train().requires_grad_(True).to(device)
+    net, loss_fn, preview = start(args, data) if start else \
+        (ch06.from_official_config(class_name, net_kwargs), loss_function(args), ch04.make_sampler(18))
+    class_name, net_kwargs = net.init_config["class_name"], net.init_config["kwargs"]
+    net = net.train().requires_grad_(True).to(device)
     torch.manual_seed(derive_seed(args.seed, "rank", rank))
     net = net.to(memory_format=torch.channels_last) if args.channels_last else net
     ema = copy.deepcopy(net).eval().requires_grad_(False)                 # the averaged weights that get sampled
     phema = {sigma_rel: copy.deepcopy(ema) for sigma_rel in args.phema}   # --phema: a power-function EMA per width
-    loss_fn = loss_function(args)                                         # 05: Table 1's p(sigma) and lambda(sigma)
     augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
     augment_pipe = AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -83,7 +89,7 @@ def train(args, device=torch.device("cpu")):
     # What the machinery (training states, snapshots, ticks; below) reads and restores.
     run = types.SimpleNamespace(args=args, device=device, data=data, class_name=class_name, net_kwargs=net_kwargs,
                                 batch_gpu=batch_gpu, rounds=rounds, net=net, ema=ema, phema=phema, optimizer=optimizer,
-                                scaler=scaler, stream=stream, augment_generator=augment_generator)
+                                scaler=scaler, stream=stream, augment_generator=augment_generator, preview=preview)
     cur_nimg = restore(run, resume[0]) if resume else 0
     ddp, autocast = accelerate(net, args, device, world_size)
     if rank == 0:
@@ -92,7 +98,9 @@ def train(args, device=torch.device("cpu")):
     total_nimg = round(args.duration * 1e6)
     stop_nimg = min(total_nimg, round(args.stop_kimg * 1e3)) if args.stop_kimg else total_nimg
     progress = Progress(run, cur_nimg, total_nimg)
+    schedule = getattr(loss_fn, "schedule", lambda cur_nimg: None)
     while cur_nimg < stop_nimg:
+        schedule(cur_nimg)
         # One step on args.batch images: `rounds` micro-batches per rank, gradients averaged over ranks on the last.
         optimizer.zero_grad(set_to_none=True)
         for round_idx in range(rounds):
@@ -147,7 +155,10 @@ ARCHS = {
                    channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
     "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
 }
-PRECONDS = {"vp": ("VPPrecond", "VPLoss"), "ve": ("VEPrecond", "VELoss"), "edm": ("EDMPrecond", "EDMLoss")}
+PRECONDS = {"vp": ("VPPrecond", "VPLoss"), "ve": ("VEPrecond", "VELoss"), "edm": ("EDMPrecond", "EDMLoss"),
+            "fm": ("FMPrecond", "FMLoss")}
+# The log-normal p_train of EDM (Table 1) and of flow matching (SD3's logit-normal t, 05's FMLoss): (P_mean, P_std).
+P_TRAIN = {"edm": (-1.2, 1.2), "fm": (0.0, 1.0)}
 
 
 def network_config(args, data):
@@ -162,13 +173,19 @@ def network_config(args, data):
         kwargs["label_dropout"] = args.label_dropout    # 06's drop_labels: a zero class vector with probability p
     if args.precond == "edm":
         kwargs["sigma_data"] = args.sigma_data          # in the snapshot's configuration: 08 samples with it too
+    if args.loss_weighting == "learned":
+        kwargs["logvar_channels"] = 128                 # EDM2's u(sigma), part of the network (05's Uncertainty)
     return PRECONDS[args.precond][0], kwargs
 
 
 def loss_function(args):
-    """05's loss of Table 1 for --precond; EDM's with this run's sigma_data, P_mean and P_std."""
+    """05's loss of Table 1 for --precond; EDM's and FM's with this run's P_mean and P_std (EDM's: sigma_data) and
+    --loss-weighting."""
+    learned = args.loss_weighting == "learned"
     if args.precond == "edm":
-        return ch05.EDMLoss(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
+        return ch05.EDMLoss(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data, learned=learned)
+    if args.precond == "fm":
+        return ch05.FMLoss(P_mean=args.P_mean, P_std=args.P_std, learned=learned)
     return getattr(ch05, PRECONDS[args.precond][1])()
 
 
@@ -673,7 +690,8 @@ def save_snapshot(run, cur_nimg):
     if common.get_rank() == 0:
         kimg, run_dir = f"{cur_nimg // 1000:06d}", run.args.outdir
         ch06.save_network(run.ema, os.path.join(run_dir, f"network-snapshot-{kimg}.pt"))
-        save_preview(run.ema, os.path.join(run_dir, f"preview-{kimg}.png"), run.device, cur_nimg, run.data.class_names)
+        save_preview(run.ema, os.path.join(run_dir, f"preview-{kimg}.png"), run.device, cur_nimg, run.data.class_names,
+                     run.preview)
         for sigma_rel, average in run.phema.items():
             ch06.save_network(average, common.load("11_post_hoc_ema").phema_path(run_dir, sigma_rel, cur_nimg))
         write_state(dict(net=run.net.state_dict(), ema=run.ema.state_dict(), optimizer=run.optimizer.state_dict(),
@@ -796,14 +814,14 @@ def save_grid(x, path, title, row_labels=None, ncol=8, min_width=512, column_lab
 
 
 @torch.no_grad()
-def save_preview(ema, path, device, cur_nimg, class_names):
-    """Seeds 0..63 (row r: class r mod label_dim) through 04's deterministic sampler (18 steps, 35 NFE),
-    as an enlarged, labelled 8x8 grid."""
+def save_preview(ema, path, device, cur_nimg, class_names, sample):
+    """Seeds 0..63 (row r: class r mod label_dim) through `sample` (train's: 04's deterministic sampler, 18 steps,
+    35 NFE), as an enlarged, labelled 8x8 grid."""
     rnd = common.StackedRandomGenerator(device, range(64))
     latents = rnd.randn([64, ema.img_channels, ema.img_resolution, ema.img_resolution], device=device)
     classes = torch.arange(64, device=device) // 8 % max(ema.label_dim, 1)
     labels = F.one_hot(classes, ema.label_dim).to(torch.float32) if ema.label_dim else None
-    images = ch04.make_sampler(18)(ema, latents, {"class_labels": labels}, rnd.randn_like)   # training RNGs untouched
+    images = sample(ema, latents, {"class_labels": labels}, rnd.randn_like)   # training RNGs untouched
     save_grid(images.to(torch.float32).cpu(), path, f"EMA samples after {cur_nimg / 1e3:g} kimg (seeds 0-63)",
               [class_names[c] for c in classes[::8].tolist()] if ema.label_dim else None)
 
@@ -846,7 +864,9 @@ def build_parser(preset):
     add("--cond", "class-conditional (labels from dataset.json or class sub-folders)", **flag)
     add("--xflip", "add an x-flipped copy of every image", **flag)
     add("--arch", "network of chapter 06", choices=["ddpmpp", "ncsnpp", "adm"])
-    add("--precond", "preconditioning and loss of chapter 05 (Table 1)", choices=["vp", "ve", "edm"])
+    add("--precond", "preconditioning and loss of chapter 05 (Table 1; fm: flow matching)", choices=sorted(PRECONDS))
+    add("--loss-weighting", "lambda(sigma) of Table 1, or EDM2's learned uncertainty weighting on top of it (edm, fm)",
+        choices=["fixed", "learned"])
     add("--cbase", "channel multiplier", "128; adm 192", type=positive)
     add("--cres", "channels per resolution, e.g. 2,2,2", "2,2,2; adm 1,2,3,4", type=common.number_list(int, low=1))
     add("--blocks", "residual blocks per resolution", "4; adm 3", type=positive)
@@ -864,8 +884,9 @@ def build_parser(preset):
     add("--ema", "EMA half-life, Mimg", type=common.number(float, low=0))
     add("--sigma-data", "EDM's data standard deviation (Table 1; 07 prints the measured one)",
         type=common.number(float, low=1e-6))
-    add("--P-mean", "EDM's training noise levels: ln sigma ~ N(P_mean, P_std^2)", type=common.number(float))
-    add("--P-std", "(see --P-mean)", type=common.number(float, low=1e-6))
+    add("--P-mean", "training noise levels of edm and fm: ln sigma ~ N(P_mean, P_std^2)", "-1.2; fm 0 (SD3)",
+        type=common.number(float))
+    add("--P-std", "(see --P-mean)", "1.2; fm 1", type=common.number(float, low=1e-6))
     add("--phema", "also keep EDM2's power-function EMAs of these relative widths sigma_rel, e.g. 0.05,0.10, "
         "snapshotted as phema-<sigma_rel>-<kimg>.pt every --snap; 11_post_hoc_ema.py turns them into any EMA length",
         type=common.number_list(float, low=1e-6, high=1 / math.sqrt(12), empty=True))   # 11's PHEMA_SIGMA_REL_MAX
@@ -902,8 +923,15 @@ def parse_args(argv=None):
     if args.label_dropout > 0 and not args.cond:
         parser.error("--label-dropout needs --cond: only class labels can be dropped")
     edm_constants = ("sigma_data", "P_mean", "P_std")
-    if args.precond != "edm" and any(getattr(args, k) != DEFAULTS[k] for k in edm_constants):
+    if args.precond not in P_TRAIN and any(getattr(args, k) != DEFAULTS[k] for k in edm_constants):
         parser.error(f"--sigma-data, --P-mean and --P-std are EDM's constants; --precond {args.precond} has its own")
+    if args.precond == "fm" and args.sigma_data != DEFAULTS["sigma_data"]:
+        parser.error("--sigma-data is EDM's constant; --precond fm's scalings have none (c_in = 1 / (1 + sigma))")
+    if args.loss_weighting == "learned" and args.precond not in P_TRAIN:
+        parser.error(f"--loss-weighting learned is EDM2's weighting of the EDM loss: --precond edm or fm, "
+                     f"not {args.precond}")
+    P_mean, P_std = P_TRAIN.get(args.precond, P_TRAIN["edm"])   # (VP, VE: recorded as before, unused)
+    args.P_mean, args.P_std = P_mean if args.P_mean is None else args.P_mean, P_std if args.P_std is None else args.P_std
     return args
 
 

@@ -550,9 +550,10 @@ def sampler_from_args(args):
     churn = {k: getattr(args, k) for k in CHURN_OPTIONS if getattr(args, k) is not None}
     if min(steps.values(), default=1) <= 0 or steps.get("sigma_min", 0) >= steps.get("sigma_max", float("inf")):
         raise ValueError(f"Eq. 5 needs 0 < --sigma-min < --sigma-max and --rho > 0, got {steps}")
-    solver, num_steps = args.solver or "heun", args.num_steps
-    if args.nfe is not None:
-        num_steps = common.load("09_fast_samplers").steps_for_nfe(solver, args.nfe)      # 09's NFE rule
+    solver = args.solver or "heun"
+    num_steps = args.num_steps if args.nfe is None else common.load("09_fast_samplers").steps_for_nfe(solver, args.nfe)
+    if num_steps == 1:
+        raise ValueError("--steps 1 is for a consistency model (chapter 12); an ODE sampler needs at least 2 steps")
     if args.discretization or args.schedule or args.scaling:
         if solver not in ("euler", "heun"):
             raise ValueError(f"--disc/--schedule/--scaling run chapter 03's ablation sampler, whose --solver is "
@@ -574,8 +575,8 @@ def start_generation(args, device):
     """What generate and fid run, checked before anything is written: (sample; the denoiser it calls, counted: NFE
     as the paper counts it; a common.CountingDenoiser on each network, the guide's evaluations too; the guidance
     settings). The denoiser is the network, or the network guided by chapter 10's guidance (--guidance ...)."""
-    sample = sampler_from_args(args)
     main = common.CountingDenoiser(common.rank0_first(load_net, args.network, device))
+    sample = getattr(main, "sampler_from_args", sampler_from_args)(args)   # a consistency model has its own (12)
     if args.class_idx is not None and not args.class_idx < main.label_dim:
         raise ValueError(f"--class {args.class_idx} but the network has {main.label_dim} classes")
     if args.guidance == 1 and args.guide_network is None and args.guidance_interval is None:
@@ -605,7 +606,7 @@ def add_generation_options(p):
     g.add_argument("--solver", choices=SOLVER_NAMES, help="heun: 04's Algorithm 2 (09's Heun with --sigma-steps); "
                    "the others: 09's solvers; with --disc/--schedule/--scaling: 03's ablation sampler, euler or heun")
     budget = g.add_mutually_exclusive_group()
-    budget.add_argument("--steps", dest="num_steps", metavar="N", type=common.number(int, 2), help="(default: 18)")
+    budget.add_argument("--steps", dest="num_steps", metavar="N", type=common.number(int, 1), help="(default: 18)")
     budget.add_argument("--nfe", metavar="N", type=common.number(int, 1), help="network evaluations per image instead")
     g.add_argument("--sigma-steps", choices=SIGMA_STEP_KINDS, help="09's step kinds (default: the solver's own)")
     for name in ("sigma_min", "sigma_max", "rho") + CHURN_OPTIONS:   # --sigma-min; --sigma_min as the official code

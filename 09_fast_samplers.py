@@ -380,9 +380,9 @@ def matching_snapshot(folder, options, nimg, resumable):
 
 
 def tiny_network(args, device, outdir):
-    """Case (c)'s default network: 07 --preset tiny after --train-kimg. Reuses 07's default run (or 09's own
-    earlier one) when it holds that snapshot with the same options; otherwise trains into outdir/tiny-run,
-    07's output going to tiny-run/log.txt."""
+    """Case (c)'s default network (and 12's teacher): 07 --preset tiny after --train-kimg. Reuses 07's default run
+    (or the demo's own earlier one) when it holds that snapshot with the same options; otherwise trains into
+    outdir/tiny-run, 07's output going to tiny-run/log.txt."""
     ch07 = common.load("07_train_cifar10")
     run_dir = os.path.join(outdir, "tiny-run")
     options = ch07.parse_args(["--preset", "tiny", "--duration", str(args.train_kimg / 1000), "--outdir", run_dir,
@@ -391,11 +391,11 @@ def tiny_network(args, device, outdir):
     for folder in (os.path.join("out", "07_train_cifar10"), run_dir):
         path = matching_snapshot(folder, options, nimg, ch07.RESUMABLE)
         if path:
-            print(f"\n(c) reusing {path}: 07 --preset tiny with 09's options, after {args.train_kimg:g} kimg "
+            print(f"\nreusing {path}: 07 --preset tiny with the demo's options, after {args.train_kimg:g} kimg "
                   f"({os.path.join(folder, 'training_options.json')})")
             return path
     log = os.path.join(run_dir, "log.txt")
-    print(f"\n(c) training a tiny network (07 --preset tiny) for {args.train_kimg:g} kimg into {run_dir}; "
+    print(f"\ntraining a tiny network (07 --preset tiny) for {args.train_kimg:g} kimg into {run_dir}; "
           f"07's log: {log} ...", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):

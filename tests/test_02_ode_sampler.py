@@ -25,23 +25,28 @@ def ode(load):
 
 
 def formulations(ode):
-    return [ode.VP(), ode.VE(), ode.EDM()]
+    return [ode.VP(), ode.VE(), ode.EDM(), ode.RF()]
 
 
 def test_table1_closed_forms(ode):
     t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
-    vp, ve, edm = formulations(ode)
+    vp, ve, edm, rf = formulations(ode)
     expected_vp = [math.sqrt(math.exp(0.5 * 19.9 * v ** 2 + 0.1 * v) - 1) for v in t.tolist()]
     assert torch.allclose(vp.sigma(t), torch.tensor(expected_vp, dtype=torch.float64), rtol=1e-12)
     assert torch.allclose(vp.s(t), 1 / (1 + vp.sigma(t) ** 2).sqrt(), rtol=1e-12)
     assert torch.allclose(ve.sigma(t), t.sqrt()) and torch.all(ve.s(t) == 1)
     assert torch.all(edm.sigma(t) == t) and torch.all(edm.s(t) == 1)
+    t_rf = t[:-1]                                                # rectified flow: t in [0, 1), x = (1 - t) y + t n
+    torch.testing.assert_close(rf.sigma(t_rf), t_rf / (1 - t_rf), rtol=1e-15, atol=0)
+    torch.testing.assert_close(rf.s(t_rf), 1 - t_rf, rtol=1e-15, atol=0)
+    torch.testing.assert_close(rf.s(t_rf) * rf.sigma(t_rf), t_rf, rtol=1e-15, atol=0)   # the noise's share of x is t
     for f in formulations(ode):
-        assert torch.allclose(f.sigma_inv(f.sigma(t)), t, rtol=1e-10)
+        ts = t_rf if f.name == "RF" else t
+        assert torch.allclose(f.sigma_inv(f.sigma(ts)), ts, rtol=1e-10)
 
 
 @pytest.mark.parametrize("schedule,scaling", [("vp", "vp"), ("ve", "none"), ("linear", "none"), ("linear", "vp"),
-                                              ("ve", "vp"), ("vp", "none")])
+                                              ("ve", "vp"), ("vp", "none"), ("rf", "rf"), ("linear", "rf")])
 def test_derivatives_match_autograd(ode, schedule, scaling):
     f = ode.formulation(schedule, scaling)
     t = torch.tensor([0.05, 0.3, 0.9], dtype=torch.float64, requires_grad=True)
@@ -65,6 +70,38 @@ def test_ode_derivative_is_the_exact_trajectory_slope(ode):
             assert torch.allclose(d, slope[k], rtol=1e-9), f.name
 
 
+def test_rf_velocity_is_x_minus_D_over_t(ode, load):
+    """Rectified flow's ODE is dx/dt = v = (x - D(x / s; sigma)) / t (Eq. 4 with sigma = t / (1 - t), s = 1 - t:
+    sigma_dot / sigma + s_dot / s = 1 / t = sigma_dot s / sigma), to float64 rounding, for the toy's D."""
+    mix, rf = load("01_toy_1d").default_mixture(), ode.RF()
+    x = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    for t in (0.01, 0.3, 0.75, 0.99):
+        t = torch.tensor(t, dtype=torch.float64)
+        v = (x - mix(x / rf.s(t), rf.sigma(t))) / t
+        torch.testing.assert_close(ode.ode_derivative(mix, x, t, rf), v, rtol=1e-13, atol=1e-13)
+
+
+def test_rf_euler_steps_are_edm_euler_steps(ode, load):
+    """One Euler step of rectified flow from x = s(t) x~ to t' is EDM's Euler step from x~ to sigma' times s(t'),
+    for any D (here the toy's, far from constant): both steps are exact for a constant D and use D once,
+    linearly (DDIM's step). Rounding only: a few ulps of the states, per step; whole samplers agree to N of them."""
+    mix, rf, edm = load("01_toy_1d").default_mixture(), ode.RF(), ode.EDM()
+    g = torch.Generator().manual_seed(0)
+    eps = torch.finfo(torch.float64).eps
+    for sigma, sigma_next in [(80.0, 40.0), (3.0, 0.5), (1.0, 0.9), (0.2, 0.0), (5.0, 0.0)]:
+        sigmas = torch.tensor([sigma, sigma_next], dtype=torch.float64)
+        x = sigma * torch.randn(256, 1, generator=g, dtype=torch.float64) + mix.sample(256, g)
+        t = rf.sigma_inv(sigmas)
+        step_rf = ode.euler(mix, x * rf.s(t[0]), t, rf) / rf.s(t[1])
+        step_edm = ode.euler(mix, x, sigmas, edm)
+        assert float((step_rf - step_edm).abs().max()) <= 16 * eps * float(x.abs().max()), (sigma, sigma_next)
+    z = torch.randn(512, 1, generator=g, dtype=torch.float64)
+    for n in (4, 32, 256):
+        sigmas = common.edm_sigma_steps(n)
+        a, b = ode.euler_sampler(mix, z * 80, sigmas, f=rf), ode.euler_sampler(mix, z * 80, sigmas, f=edm)
+        assert float((a - b).abs().max()) <= 16 * n * eps * 80 * float(z.abs().max()), n
+
+
 def test_euler_is_first_order(ode):
     """Halving the step roughly halves Euler's global error, for every formulation."""
     x0 = torch.linspace(-3, 3, 7, dtype=torch.float64)
@@ -85,9 +122,11 @@ def test_edm_tangent_points_at_the_denoiser(ode):
     x = torch.linspace(-2, 2, 9, dtype=torch.float64)
     sigma = torch.tensor(1.5, dtype=torch.float64)
     zero = torch.zeros(1, dtype=torch.float64)
-    edm, ve = ode.EDM(), ode.VE()
+    edm, ve, rf = ode.EDM(), ode.VE(), ode.RF()
     D = gaussian_denoiser(x, sigma)
     assert torch.allclose(ode.euler(gaussian_denoiser, x, torch.cat([sigma[None], zero]), edm), D, rtol=1e-12)
+    t = rf.sigma_inv(sigma)
+    assert torch.allclose(ode.euler(gaussian_denoiser, x * rf.s(t), torch.cat([t[None], zero]), rf), D, rtol=1e-12)
     x_ve = ode.euler(gaussian_denoiser, x, torch.cat([ve.sigma_inv(sigma)[None], zero]), ve)
     assert torch.allclose(x_ve, (x + D) / 2, rtol=1e-12)
 

@@ -200,6 +200,20 @@ def test_network_range_and_rounding_are_honoured(m):
     assert all(abs(s / grid - round(s / grid)) < 1e-9 for s in net.sigmas)
 
 
+def test_a_vp_schedule_is_refitted_to_the_networks_clamped_range(m, monkeypatch):
+    """The official ablation sampler fits sigma(t) to run from sigma(epsilon_s) = sigma_min to sigma(1) = sigma_max
+    after clamping both to the network's range, so t = 1 is the first step's noise level, not VP's default 152."""
+    used = []
+    original = m.ablation_sampler
+    monkeypatch.setattr(m, "ablation_sampler", lambda net, x, sigmas, extra_args, randn_like, f, *a, **k:
+                        used.append(f) or original(net, x, sigmas, extra_args, randn_like, f, *a, **k))
+    net = Counting(gaussian_denoiser, sigma_min=0.05, sigma_max=20.0)
+    m.make_sampler(num_steps=6, discretization="vp", schedule="vp", scaling="vp")(net, torch.zeros(2, dtype=torch.float64))
+    sigma = lambda t: float(used[0].sigma(torch.tensor(t, dtype=torch.float64)))
+    assert math.isclose(sigma(1e-3), 0.05, rel_tol=1e-9) and math.isclose(sigma(1.0), 20.0, rel_tol=1e-9)
+    assert math.isclose(max(net.sigmas), 20.0, rel_tol=1e-9)
+
+
 def test_ablation_sampler_lands_on_training_images(m):
     """The exact ODE of a finite set ends on training images; 18 Heun steps already get there."""
     g = torch.Generator().manual_seed(1)

@@ -58,3 +58,12 @@ def test_edm_loss_maps_z_to_log_normal_sigma(ch05, monkeypatch):
     got = drawn_sigmas(ch05, ch05.EDMLoss(P_mean=0.4, P_std=1.5), monkeypatch, draws)
     expected = [math.exp(0.4 + z * 1.5) for z in draws]
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_fm_loss_maps_z_to_log_normal_sigma_with_sd3s_defaults(ch05, monkeypatch):
+    """FM: logit t = P_mean + z P_std, i.e. sigma = e^(P_mean + z P_std); SD3's P_mean = 0, P_std = 1 by default."""
+    draws = [-1.0, 0.0, 0.5, 2.0]
+    for loss_fn, (m, s) in [(ch05.FMLoss(), (0.0, 1.0)), (ch05.FMLoss(P_mean=0.4, P_std=1.5), (0.4, 1.5))]:
+        got = drawn_sigmas(ch05, loss_fn, monkeypatch, draws)
+        expected = [math.exp(m + z * s) for z in draws]
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)

@@ -50,11 +50,14 @@ def table1(name, s, sd=0.5, u=None):
         return 1.0, -s, 1 / math.sqrt(s ** 2 + 1), 999 - j
     if name == "EDM":
         return sd ** 2 / (s ** 2 + sd ** 2), s * sd / math.sqrt(s ** 2 + sd ** 2), 1 / math.sqrt(s ** 2 + sd ** 2), math.log(s) / 4
+    if name == "FM":         # x_t = x / (1 + sigma) = (1 - t) y + t n, D = x_t - t F, t = sigma / (1 + sigma)
+        return 1 / (1 + s), -s / (1 + s), 1 / (1 + s), 1000 * s / (1 + s)
 
 
 def make(ch05, name, value, **kwargs):
     out = 6 if name == "iDDPM" else 3
-    cls = {"VP": ch05.VPPrecond, "VE": ch05.VEPrecond, "iDDPM": ch05.iDDPMPrecond, "EDM": ch05.EDMPrecond}[name]
+    cls = {"VP": ch05.VPPrecond, "VE": ch05.VEPrecond, "iDDPM": ch05.iDDPMPrecond, "EDM": ch05.EDMPrecond,
+           "FM": ch05.FMPrecond}[name]
     return cls(Probe(value, out), 8, 3, **kwargs)
 
 
@@ -103,7 +106,7 @@ def test_iddpm_u_table(ch05):
 # ----------------------------------------------------------------------------
 # Preconditioners.
 
-@pytest.mark.parametrize("name", ["VP", "VE", "iDDPM", "EDM"])
+@pytest.mark.parametrize("name", ["VP", "VE", "iDDPM", "EDM", "FM"])
 @pytest.mark.parametrize("value", [0.0, 1.0])
 def test_constant_network_gives_table1_denoiser(ch05, name, value):
     """F = 0 gives D = c_skip x; F = 1 gives c_skip x + c_out; F sees c_in x and c_noise (Table 1)."""
@@ -144,7 +147,7 @@ def test_scalar_sigma_toy_shape_labels_and_kwargs(ch05):
 
 
 def test_state_dict_keys_match_official_layout(ch05):
-    for name in ["VP", "VE", "EDM"]:
+    for name in ["VP", "VE", "EDM", "FM"]:
         assert list(make(ch05, name, 0).state_dict()) == ["model.weight"]
     assert sorted(make(ch05, "iDDPM", 0).state_dict()) == ["model.weight", "u"]
 
@@ -180,6 +183,8 @@ class Recorder:
 
 
 def lam(name, s, sd=0.5):
+    if name == "FM":
+        return ((1 + s) / s) ** 2
     return (s ** 2 + sd ** 2) / (s * sd) ** 2 if name == "EDM" else 1 / s ** 2
 
 
@@ -190,10 +195,11 @@ def ks_distance(samples, cdf):
     return max(np.max(np.arange(1, n + 1) / n - F), np.max(F - np.arange(n) / n))
 
 
-@pytest.mark.parametrize("name", ["VP", "VE", "iDDPM", "EDM"])
+@pytest.mark.parametrize("name", ["VP", "VE", "iDDPM", "EDM", "FM"])
 def test_loss_is_weighted_denoising_error_with_table1_sigmas(ch05, name):
     torch.manual_seed(0)
-    loss_fn = {"VP": ch05.VPLoss(), "VE": ch05.VELoss(), "iDDPM": ch05.iDDPMLoss(), "EDM": ch05.EDMLoss()}[name]
+    loss_fn = {"VP": ch05.VPLoss(), "VE": ch05.VELoss(), "iDDPM": ch05.iDDPMLoss(), "EDM": ch05.EDMLoss(),
+               "FM": ch05.FMLoss()}[name]
     rec = Recorder(make(ch05, "EDM", 1.0))
     y = torch.randn(20000, 3, 2, 2)
     loss = loss_fn(rec, y)
@@ -207,9 +213,12 @@ def test_loss_is_weighted_denoising_error_with_table1_sigmas(ch05, name):
 
     s = sigma.flatten().double().numpy()
     N = len(s)
+    erf = np.vectorize(math.erf)
     if name == "EDM":        # ln sigma ~ N(-1.2, 1.2^2)
-        erf = np.vectorize(math.erf)
         assert ks_distance(np.log(s), lambda v: 0.5 * (1 + erf((v + 1.2) / (1.2 * math.sqrt(2))))) < 2 / math.sqrt(N)
+    elif name == "FM":       # logit t ~ N(0, 1) (SD3), t = sigma / (1 + sigma)
+        t = s / (1 + s)
+        assert ks_distance(np.log(t / (1 - t)), lambda v: 0.5 * (1 + erf(v / math.sqrt(2)))) < 2 / math.sqrt(N)
     elif name == "VE":       # ln sigma ~ U(ln 0.02, ln 100)
         a, b = math.log(0.02), math.log(100)
         assert ks_distance(np.log(s), lambda v: (v - a) / (b - a)) < 2 / math.sqrt(N)
@@ -245,27 +254,32 @@ def test_demo_smoke(ch05, tmp_path, capsys):
         torch.set_num_threads(threads)
     assert {f.name for f in tmp_path.iterdir()} == {"scalings.png", "loss_per_sigma.png", "samples.png"}
     out = capsys.readouterr().out
-    for name in ["VP", "VE", "iDDPM", "EDM"]:
+    for name in ["VP", "VE", "iDDPM", "EDM", "FM", "EDM+u"]:
         assert f"  {name} " in out
     assert "What this shows" in out and all(f in out for f in ["scalings.png", "loss_per_sigma.png", "samples.png"])
 
 
 def test_demo_claims_hold_at_reduced_size(ch05, load, one_thread):
     """What this shows, with 400 training steps and one seed (the demo: 2000 steps, two seeds): EDM's denoiser is
-    the closest to D*, above sigma = 5 by far although VP trains there more; VP's samples owe more to its errors
-    at sigma <= 5 than to its large errors above."""
+    the closest to D* of the paper's four, EDM's and FM's above sigma = 5 by far although VP trains there more; FM
+    is closer than EDM above 5 and further below 0.05, where their p_train put their samples; VP's samples owe more
+    to its errors at sigma <= 5 than to its large errors above."""
     ch01 = load("01_toy_1d")
     mix = ch01.default_mixture()
     r, info = ch05.experiment(ch01, mix, 0.95, [0], train_steps=400, batch=256, samples=2000, num_steps=32,
                               log=lambda _: None)
-    high = info["sigmas"] > ch05.SPLIT
+    high, low = info["sigmas"] > ch05.SPLIT, info["sigmas"] < 0.05
     error = {name: np.mean(r["error"][name], axis=0) for name in ch05.NAMES}
-    assert min(ch05.NAMES, key=lambda n: error[n].mean()) == "EDM"
+    assert min(["VP", "VE", "iDDPM", "EDM"], key=lambda n: error[n].mean()) == "EDM"     # the paper's four
     assert any(ch05.lowest_elsewhere(error, info["sigmas"]).values())    # closest on average, not at every sigma
-    assert all(error["EDM"][high].mean() < error[n][high].mean() / 3 for n in ch05.NAMES if n != "EDM")
-    shares = {n: float((ch05.training_sigmas(loss_fn, 20000) > ch05.SPLIT).double().mean())
-              for n, (_, loss_fn) in ch05.make_setups(ch01, 0.95, 0).items()}
-    assert shares["VP"] > 0.3 > 0.05 > shares["EDM"]
+    for bounded in ("EDM", "FM"):                                        # |c_out| < 1: far closer above sigma = 5
+        assert all(error[bounded][high].mean() < error[n][high].mean() / 3 for n in ["VP", "VE", "iDDPM"])
+    # FM against EDM: closer above 5 and further below 0.05, as SD3's p_train against EDM's.
+    assert error["FM"][high].mean() < error["EDM"][high].mean() and error["FM"][low].mean() > error["EDM"][low].mean()
+    draws = {n: ch05.training_sigmas(loss_fn, 20000) for n, (_, loss_fn) in ch05.make_setups(ch01, 0.95, 0).items()}
+    shares = {n: float((s > ch05.SPLIT).double().mean()) for n, s in draws.items()}
+    assert shares["VP"] > 0.3 > shares["FM"] > 0.03 > shares["EDM"]
+    assert float((draws["FM"] < 0.05).double().mean()) < 0.01 < 0.05 < float((draws["EDM"] < 0.05).double().mean())
     assert r["W1 high"]["VP"][0] < r["W1 low"]["VP"][0]
 
 
@@ -313,3 +327,133 @@ def test_command_line_errors_are_one_line(tmp_path, assert_one_line_errors):
     """Each bad input: a non-zero exit, exactly one "error:" line, no traceback, nothing written."""
     assert_one_line_errors("05_preconditioning.py", bad_inputs(), tmp_path, outdir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------
+# Flow matching as a row of Table 1 (issue 31): every identity to float64 precision, derived independently here.
+# Rectified flow: x_t = (1 - t) y + t n, the network predicts the velocity v = dx_t/dt = n - y; EDM's noisy image is
+# x = x_t / (1 - t) = y + sigma n with sigma = t / (1 - t).
+
+def fm_velocity(mix, x_t, t):
+    """E[n - y | x_t] for the toy's mixture, computed in flow matching's own coordinates: given component k
+    (y ~ N(mu_k, s_k^2)), x_t ~ N((1 - t) mu_k, v_k), v_k = (1 - t)^2 s_k^2 + t^2, and (y, n) are jointly Gaussian
+    with x_t: E[y | x_t, k] = mu_k + (1 - t) s_k^2 / v_k (x_t - (1 - t) mu_k), E[n | x_t, k] = t / v_k (...)."""
+    mu, sd, w = mix.means, mix.stds, mix.weights
+    v = (1 - t) ** 2 * sd ** 2 + t ** 2
+    r = x_t[:, None] - (1 - t) * mu
+    log_post = torch.log(w) - 0.5 * torch.log(2 * math.pi * v) - r ** 2 / (2 * v)
+    post = torch.softmax(log_post, dim=1)
+    return (post * (t / v * r - (mu + (1 - t) * sd ** 2 / v * r))).sum(1)
+
+
+def test_hand_computed_fm_velocity_through_the_fm_preconditioning_is_the_exact_denoiser(ch05, load):
+    """D = c_skip x + c_out F(c_in x; c_noise) with F = the exact velocity: 01's closed-form D*, float64."""
+    mix = load("01_toy_1d").default_mixture()
+    net = make(ch05, "FM", 0)
+    x = torch.linspace(-4, 4, 41, dtype=torch.float64)
+    for sigma in (0.01, 0.2, 1.0, 3.0, 40.0):
+        s = torch.tensor(sigma, dtype=torch.float64)
+        c_skip, c_out, c_in, c_noise = net.scalings(s)
+        D = c_skip * x + c_out * fm_velocity(mix, c_in * x, c_noise / 1000)
+        torch.testing.assert_close(D, mix.denoise(x, s), rtol=1e-12, atol=1e-13)
+    # The same through forward (float32, as every network): F sees x_t = c_in x and c_noise = 1000 t.
+    net.model.forward = lambda x_in, noise_labels, class_labels=None, **kw: \
+        fm_velocity(mix, x_in.double().flatten(), noise_labels.double() / 1000).reshape(x_in.shape).float()
+    torch.testing.assert_close(net(x.reshape(-1, 1), 1.0).double().flatten(), mix.denoise(x, torch.tensor(1.0)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fm_loss_is_the_velocity_loss_on_the_same_samples(ch05):
+    """lambda |D - y|^2 with lambda = ((1 + sigma) / sigma)^2 equals |F - (n - y)|^2 for any F, float64."""
+    g = torch.Generator().manual_seed(0)
+    y, n = torch.randn(1000, generator=g, dtype=torch.float64), torch.randn(1000, generator=g, dtype=torch.float64)
+    sigma = torch.exp(torch.randn(1000, generator=g, dtype=torch.float64) * 2)     # 1e-4 ... 1e3
+    t = sigma / (1 + sigma)
+    F = lambda x_t, t: torch.sin(3 * x_t) * t - x_t ** 2           # any network  # noqa: E731
+    x_t = (1 - t) * y + t * n
+    velocity_loss = (F(x_t, t) - (n - y)) ** 2
+    c_skip, c_out, c_in, c_noise = make(ch05, "FM", 0).scalings(sigma)
+    x = y + sigma * n
+    D = c_skip * x + c_out * F(c_in * x, c_noise / 1000)
+    torch.testing.assert_close(ch05.FMLoss().weight(sigma) * (D - y) ** 2, velocity_loss, rtol=1e-11, atol=1e-14)
+    torch.testing.assert_close(ch05.FMLoss().weight(sigma), 1 / c_out ** 2, rtol=1e-14, atol=0)   # lambda c_out^2 = 1
+    torch.testing.assert_close((x_t - D) / t, F(x_t, t), rtol=1e-10, atol=1e-12)  # velocity = (x_t - D) / t
+
+
+def test_logit_normal_t_is_log_normal_sigma(ch05):
+    """SD3's t = sigmoid(m + s z) gives sigma = t / (1 - t) = e^(m + s z) sample by sample, and its density
+    1 / (s sqrt(2 pi) t (1 - t)) e^(-(logit t - m)^2 / (2 s^2)) times dt/dsigma = 1 / (1 + sigma)^2 is the
+    log-normal density of sigma: EDM's p_train with P_mean = m, P_std = s."""
+    z = torch.linspace(-5, 5, 2001, dtype=torch.float64)
+    for m, s in ((0.0, 1.0), (-1.2, 1.2), (0.5, 0.6)):
+        t = torch.sigmoid(m + s * z)
+        torch.testing.assert_close(t / (1 - t), torch.exp(m + s * z), rtol=5e-14, atol=0)
+        sigma = t / (1 - t)
+        logit_normal = torch.exp(-(torch.logit(t) - m) ** 2 / (2 * s * s)) / (s * math.sqrt(2 * math.pi) * t * (1 - t))
+        log_normal = torch.exp(-(sigma.log() - m) ** 2 / (2 * s * s)) / (s * math.sqrt(2 * math.pi) * sigma)
+        torch.testing.assert_close(logit_normal / (1 + sigma) ** 2, log_normal, rtol=1e-12, atol=0)
+    assert (ch05.FMLoss().P_mean, ch05.FMLoss().P_std) == (0.0, 1.0)                    # SD3's rf/lognorm(0.00, 1.00)
+
+
+# ----------------------------------------------------------------------------
+# EDM2's learned weighting: lambda / e^u |D - y|^2 + u, u = u(sigma) inside the network.
+
+def test_uncertainty_is_edm2s_fourier_features_and_a_unit_linear_layer(ch05):
+    torch.manual_seed(0)
+    net = ch05.EDMPrecond(Probe(1.0, 3), 8, 3, logvar_channels=16)
+    assert sorted(net.state_dict()) == ["model.weight", "uncertainty.freqs", "uncertainty.phases", "uncertainty.weight"]
+    sigma = torch.tensor([0.01, 0.5, 3.0, 70.0])
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        D, u = net(x, sigma, return_logvar=True)
+    assert torch.equal(D, net(x, sigma)) and u.shape == (4, 1, 1, 1)
+    f, phi, w = [net.uncertainty.state_dict()[k].double() for k in ("freqs", "phases", "weight")]
+    for i, s in enumerate(sigma.double()):
+        expected = (w / w.norm() * math.sqrt(2) * torch.cos(f * s.log() / 4 + phi)).sum()
+        assert float(u[i]) == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+    assert ch05.EDMPrecond(Probe(1.0, 3), 8, 3).uncertainty is None          # no learned weighting: no u
+
+
+def test_learned_weighting_optimum_is_the_weighted_error(ch05):
+    """For fixed D, the mean of lambda e^-u |D - y|^2 + u over samples at one sigma is smallest at
+    u* = ln mean(lambda |D - y|^2), and exceeds its minimum by exactly e^-delta + delta - 1 at u* + delta."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(4096, 1, generator=g, dtype=torch.float64)
+    sigma = torch.full([1, 1], 0.7, dtype=torch.float64)
+    loss_fn = ch05.EDMLoss(learned=True)
+    u = torch.zeros([], dtype=torch.float64, requires_grad=True)
+
+    def net(x, sigma, labels=None, augment_labels=None, return_logvar=False):
+        assert return_logvar
+        return 0.5 * x, u * torch.ones_like(sigma)                    # a poor denoiser, and the u under test
+    torch.manual_seed(1)
+    q = (loss_fn.weight(sigma) * (0.5 * (y + torch.randn_like(y) * sigma) - y) ** 2).mean()
+    u_star = float(q.log())
+
+    def mean_loss(value):
+        with torch.no_grad():
+            u.fill_(value)
+        torch.manual_seed(1)                                          # the same noise every time
+        return ch05.denoising_loss(net, y, None, None, sigma, loss_fn.weight(sigma), learned=True).mean()
+    loss = mean_loss(u_star)
+    grad, = torch.autograd.grad(loss, u)
+    assert abs(float(grad)) < 1e-12
+    for delta in (-0.5, 0.1, 1.0):
+        excess = float((mean_loss(u_star + delta) - loss).detach())
+        assert excess == pytest.approx(math.exp(-delta) + delta - 1, rel=1e-10)
+
+
+def test_learned_weighting_reaches_its_optimum_on_the_toy_within_the_derived_bound(ch05, load, one_thread):
+    """EDM+u trained on the toy (reduced budget): e^u(sigma) = lambda E|D - y|^2 measured, within weighting_check's
+    bound at every sigma inside p_train's central 95 %; the bound is tighter than ln 2 there, so a weighting that
+    misses its optimum by a factor 2 (e.g. `+ 2 u` in the loss) fails."""
+    ch01 = load("01_toy_1d")
+    mix = ch01.default_mixture()
+    net, loss_fn = ch05.make_setups(ch01, 0.95, 0)["EDM+u"]
+    ch01.train_toy(net, mix, loss_fn, 600, 512, 2e-3, 0)
+    sigmas = np.logspace(np.log10(0.002), np.log10(80), 25)
+    w = ch05.weighting_check(net, loss_fn, mix, sigmas, 4096, 512, torch.Generator().manual_seed(2))
+    inside = w["inside"]
+    assert inside.sum() >= 10 and w["bound"][inside].max() < math.log(2)
+    gap = np.abs(w["u"] - w["log_L"])
+    assert np.all(gap[inside] <= w["bound"][inside]), (gap[inside], w["bound"][inside])

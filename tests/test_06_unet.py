@@ -374,6 +374,27 @@ def test_load_errors_are_exceptions(ch06, tmp_path):
     assert issubclass(ch06.UnsafePickleError, ValueError)     # a refused pickle is a bad file like any other
 
 
+def test_unknown_names_in_a_configuration_or_a_file_are_refused_by_name(ch06, tmp_path):
+    """A misspelt option must not fall through to a default layer, init or network; a file that is a dict but
+    not one of ours, a persistent object other than a class, a numpy scalar that is not a number: refused."""
+    for option, value in [("embedding_type", "sinusoidal"), ("encoder_type", "dense"), ("decoder_type", "residual")]:
+        with pytest.raises(ValueError, match=f"{option} must be .* not '{value}'"):
+            ch06.SongUNet(8, 3, 3, **{option: value})
+    with pytest.raises(ValueError, match="unknown init mode 'he_normal'"):
+        ch06.weight_init([2, 2], "he_normal", 2, 2)
+    with pytest.raises(ValueError, match="unknown preconditioner 'FooPrecond'"):
+        ch06.from_official_config("FooPrecond", {})
+    with pytest.raises(ValueError, match="unknown model_type 'Transformer'; expected one of SongUNet, DhariwalUNet"):
+        ch06.from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3, model_type="Transformer"))
+    torch.save({"format": "something else", "state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt: not an EDM network file"):
+        ch06.load_network(str(tmp_path / "other.pt"))
+    with pytest.raises(ch06.UnsafePickleError, match="unsupported persistent object type 'function'"):
+        ch06.persistent_record({"type": "function"})
+    with pytest.raises(ch06.UnsafePickleError, match="refusing numpy scalar of dtype object"):
+        ch06.numpy_scalar(np.dtype(object), b"")
+
+
 def test_demo_claims_hold_at_reduced_size(ch06):
     """What this shows: most FLOPs at the two highest resolutions and in the decoder -- here on the paper's
     ladders with a quarter / a third of the channels (the shares hardly depend on the width). With equal

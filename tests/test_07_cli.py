@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import PIL.Image
@@ -35,6 +36,13 @@ def folder(tmp_path, name, sizes=(), garbage=False):
     return str(path)
 
 
+def labelled_folder(tmp_path, labels):
+    path = folder(tmp_path, "labelled", [(8, 8)] * len(labels))
+    (tmp_path / "labelled" / "dataset.json").write_text(json.dumps({"labels": [[f"{i}.png", c] for i, c in
+                                                                              enumerate(labels)]}))
+    return path
+
+
 def a_file(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     return str(tmp_path / "afile")
@@ -56,6 +64,12 @@ BAD = {   # arguments -> a fragment of the one error line
     "batch-gpu not dividing": (lambda p: ["--batch", "16", "--batch-gpu", "5"], "divisible"),
     "corrupt resume state": (lambda p: ["--resume", "auto"], "cannot read training state"),
     "outdir is a file": (lambda p: ["--outdir", a_file(p)], "is (or lies inside) a file, not a folder"),
+    "not the resolution": (lambda p: ["--data", folder(p, "odd", [(9, 9)]), "--no-cond", "--no-resize"],
+                           "the images are 9x9; the 2-level U-Net needs square images, a size divisible by 2^1 "
+                           "and equal to --resolution 8"),
+    "negative label": (lambda p: ["--data", labelled_folder(p, [0, -1])], "class labels must be non-negative"),
+    "dropout without classes": (lambda p: ["--label-dropout", "0.1", "--no-cond"], "--label-dropout needs --cond"),
+    "resume from nowhere": (lambda p: ["--resume", str(p / "nowhere.pt")], "nowhere.pt': no such file"),
 }
 
 
@@ -166,6 +180,39 @@ def test_label_dropout_drops_the_class_as_often_as_asked(T, tmp_path, monkeypatc
     seen.clear()
     T.main(SMALL + ["--duration", "0.00016", "--outdir", str(tmp_path / "run0")])           # the default: never
     assert len(seen) == 10 and not torch.cat(seen).any()
+
+
+def test_resume_takes_a_state_file_and_refuses_other_options(T, tmp_path):
+    """--resume PATH continues from that file; a state saved with other options (the model, the loss, the data)
+    is refused naming each one (only the length, the output schedule and the batch split may change)."""
+    args = T.parse_args(SMALL + ["--outdir", str(tmp_path / "new"), "--lr", "0.01"])
+    torch.save({"cur_nimg": 64, "args": dict(vars(args), lr=0.02, cbase=16, duration=5.0)}, tmp_path / "state.pt")
+    args.resume = str(tmp_path / "state.pt")
+    with pytest.raises(ValueError, match=r"cannot resume with different --cbase \(16 -> 8\), --lr \(0.02 -> 0.01\)$"):
+        T.find_resume(args)
+    torch.save({"cur_nimg": 64, "args": dict(vars(args), duration=5.0)}, tmp_path / "state.pt")
+    state, path = T.find_resume(args)
+    assert (state["cur_nimg"], path) == (64, str(tmp_path / "state.pt"))
+
+
+def test_ctrl_c_before_the_first_state_says_there_is_nothing_to_resume(T, tmp_path, monkeypatch, capsys):
+    def interrupt(args, device):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "train", interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(SMALL + ["--outdir", str(tmp_path / "run")])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted before the first training state was saved in "
+                                               f"{tmp_path / 'run'}; nothing to resume")
+
+
+def test_ranks_that_disagree_on_the_weights_stop_before_anything_is_saved(T, tmp_path, monkeypatch):
+    run = types.SimpleNamespace(net=torch.nn.Linear(2, 2), ema=torch.nn.Linear(2, 2), phema={},
+                                args=types.SimpleNamespace(outdir=str(tmp_path)))
+    monkeypatch.setattr(T.common, "gather", lambda digest: [digest, "another/digest"])
+    with pytest.raises(RuntimeError, match="ranks disagree on the weights at 640 images"):
+        T.save_snapshot(run, 640)
+    assert os.listdir(tmp_path) == []
 
 
 def test_ctrl_c_prints_one_line_with_the_saved_state_and_the_resume_command(tmp_path):

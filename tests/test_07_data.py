@@ -87,6 +87,9 @@ def test_flat_folder_has_no_labels_and_dataset_json_must_cover_every_image(tmp_p
     for i in range(2):
         write_png(str(tmp_path / f"{i}.png"), np.zeros((4, 4, 3), np.uint8))
     assert folder_labels(ImageFolder(str(tmp_path))) is None
+    for i in range(2):                                                # one sub-folder is one class: no labels either
+        write_png(str(tmp_path / "one" / "cats" / f"{i}.png"), np.zeros((4, 4, 3), np.uint8))
+    assert folder_labels(ImageFolder(str(tmp_path / "one"))) is None
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["0.png", 1]]}))
     with pytest.raises(ValueError, match="no label for '1.png'"):
         folder_labels(ImageFolder(str(tmp_path)))
@@ -223,6 +226,9 @@ def test_transparency_is_refused_up_front_naming_the_first_transparent_file(tmp_
     PIL.Image.fromarray(rgba(np.zeros((4, 4, 3), np.uint8), 0), "RGBA").save(tmp_path / "d.png")
     with pytest.raises(ValueError, match=r"'c.png' in .* is transparent \(alpha < 255\); composite it on a "
                                          r"background of your choice first"):
+        ImageFolder(str(tmp_path))
+    (tmp_path / "d.png").unlink()                                          # c.png's clear pixels alone still refuse
+    with pytest.raises(ValueError, match=r"'c.png' in .* is transparent"):
         ImageFolder(str(tmp_path))
 
 

@@ -59,7 +59,7 @@ def test_no_subcommand_means_the_demo(fid):
     (["generate", "--network", "n.pkl", "--seed", "3"], "unrecognized arguments: --seed 3"),   # not --seeds 3
     (["demo", "5"], "unrecognized arguments: 5"),
     (["calc", "--images", "x", "--ref", "r", "--nu", "8"], "unrecognized arguments: --nu"),
-    (["fid", "--network", "n", "--ref", "r", "--steps", "1"], "argument --steps: must be >= 2, got 1"),
+    (["fid", "--network", "n", "--ref", "r", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
     (["demo", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
 ])
 def test_typos_and_out_of_range_numbers_are_one_line_errors(fid, argv, complaint, capsys):

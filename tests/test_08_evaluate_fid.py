@@ -128,6 +128,23 @@ def test_all_reduce_merges_every_accumulator_of_two_ranks(fid, monkeypatch):
     assert ranks[0].n.item() == 11
     np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-10)
+    one = fid.FeatureStats(3)
+    one.update(torch.from_numpy(x[:1]))
+    with pytest.raises(ValueError, match="need at least 2 images for a covariance, got 1"):
+        one.mean_cov()
+
+
+def test_add_reads_generates_settings_and_refuses_a_settings_file_it_did_not_write(fid, tmp_path):
+    """--add keeps generation.json's list of earlier settings (an empty one if there is none); a file of that
+    name that is not such a list (damaged, or another tool's) is one error, not overwritten."""
+    (tmp_path / "000000.png").write_bytes(b"")
+    assert fid.check_outdir(str(tmp_path), [1], False, True) == []
+    (tmp_path / "generation.json").write_text('[{"seeds": "0"}]')
+    assert fid.check_outdir(str(tmp_path), [1], False, True) == [{"seeds": "0"}]
+    for text in ('{"seeds": "0"}', '[{"seeds": '):
+        (tmp_path / "generation.json").write_text(text)
+        with pytest.raises(FileExistsError, match="generation.json is not generate's list of settings"):
+            fid.check_outdir(str(tmp_path), [1], False, True)
 
 
 # ----------------------------------------------------------------------------
@@ -628,6 +645,9 @@ def test_rank_0_reports_nfe_per_image_of_its_own_share_on_any_number_of_ranks(fi
     (["--guidance", "2", "--network", "UNCOND"], "class-conditional"),
     (["--guidance", "2", "--guide-network", "UNCOND"], "same task"),
     (["--solver", "dpmpp2m", "--S_churn", "5"], "deterministic"),
+    (["--sigma-min", "1", "--sigma-max", "1"], "0 < --sigma-min < --sigma-max"),
+    (["--disc", "vp", "--sigma-steps", "logsnr"], "the ablation sampler's are --disc"),
+    (["--solver", "dpmpp2m", "--sigma-steps", "logsnr", "--rho", "5"], "logsnr steps are uniform in log sigma"),
 ])
 def test_bad_solver_and_guidance_options_are_one_error_line(fid, tiny_network, other_networks, options, complaint,
                                                             tmp_path, capsys):

@@ -206,6 +206,8 @@ def test_cfg_on_a_run_without_label_dropout_warns_once(fid, load, tiny_network, 
     run(fid, "generate", "--network", tiny_network, *quick, "--guidance", 2, "--guide-network", tiny_network,
         "--outdir", tmp_path / "auto")
     run(fid, "generate", "--network", tiny_network, *quick, "--outdir", tmp_path / "plain")
+    run(fid, "generate", "--network", tiny_network, *quick, "--guidance", 1, "--guidance-interval", "0.3,3",
+        "--outdir", tmp_path / "w1")                                 # w = 1 through 10's guidance(): unguided
     captured = capsys.readouterr()
     assert "warning:" not in captured.err and "guided call" not in captured.out.split("auto")[-1]
     # (07 records label_dropout in a snapshot's network configuration when it is > 0; 10 reads it there.)

@@ -164,7 +164,7 @@ def test_bad_settings_raise(m):
             m.GuidedDenoiser(mix, mix, w, interval)
     # --guidance-interval / --interval: common.number_list(float, 0) reads the numbers, 10's interval_of checks them.
     parse = lambda text: m.interval_of(common.number_list(float, 0)(text))
-    assert parse("0.3,2.9") == (0.3, 2.9)
+    assert parse("0.3,2.9") == (0.3, 2.9) and parse("0.5,0.5") == (0.5, 0.5)     # LO <= HI: LO = HI is allowed
     for text in ("0.3", "a,b", "2,1", "-1,1", "1,2,3"):
         with pytest.raises((ValueError, argparse.ArgumentTypeError)):
             parse(text)

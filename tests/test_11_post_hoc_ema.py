@@ -258,6 +258,11 @@ def test_files_that_are_not_one_runs_snapshots_are_refused_or_passed_over(P, tmp
     a, b = save("a.pt", w=torch.tensor([1.0, 2.0], dtype=torch.float32)), save("b.pt", w=torch.tensor([3.0, 6.0]))
     mixed = P.combine([a, b], [0.75, 0.25])
     assert mixed["format"] == "f" and torch.equal(mixed["state_dict"]["w"], torch.tensor([1.5, 3.0]))
+    halves = [save(f"h{i}.pt", w=torch.tensor([1.0 + i], dtype=torch.float16), v=torch.tensor([1 / 3 + i], dtype=torch.float64))
+              for i in range(2)]                                      # each tensor comes back in its file's dtype
+    mixed = P.combine(halves, [0.5, 0.5])["state_dict"]
+    assert (mixed["w"].dtype, mixed["v"].dtype) == (torch.float16, torch.float64)
+    assert mixed["w"].item() == 1.5 and mixed["v"].item() == 1 / 3 + 0.5
     other = save("other.pt", w=torch.zeros(3))
     (tmp_path / "cut.pt").write_bytes(open(b, "rb").read()[:50])
     with pytest.raises(ValueError, match=r"other\.pt holds another network than .*a\.pt: snapshots of one run only"):

@@ -114,6 +114,9 @@ def test_number_list_is_the_one_list_parser():
                                   (floats, "0-1", "expected a number")]:   # ranges only where asked
         with pytest.raises(argparse.ArgumentTypeError, match=complaint.replace("[", r"\[")):
             parse(bad)
+    for parse in (common.number(float), common.number(float, 0), common.number(float, None, 1)):
+        with pytest.raises(argparse.ArgumentTypeError, match="got nan"):   # NaN passes every comparison
+            parse("nan")
 
 
 def test_load_names_a_missing_chapter_and_leaves_no_half_imported_one(tmp_path, monkeypatch):

@@ -186,6 +186,31 @@ ROWS = {
         assert meta(torch.load("ema.pt", weights_only=True)) == meta(snapshot)   # the same format: 08 reads it
         assert sorted(name for name in sys.modules if name[:2].isdigit()) == ["11_post_hoc_ema"]
     """),
+    "consistency_models": (["12_consistency_models.py", "06_unet.py", "05_preconditioning.py"], """
+        m, ch06 = common.load("12_consistency_models"), common.load("06_unet")
+        torch.manual_seed(0)
+        D = ch06.from_official_config("EDMPrecond", dict(img_resolution=8, img_channels=3, label_dim=0,
+            model_type="SongUNet", model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[],
+            embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
+            resample_filter=[1, 1]))
+        f = m.from_diffusion(D)                                           # ECT's start: D's weights, the boundary
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(f(x, f.sigma_min), x)                      # f(x, sigma_min) = x, to the bit
+        ch06.save_network(f, "f.pt")
+        assert type(ch06.load_network("f.pt")).__name__ == "ConsistencyPrecond"   # 06 builds 12's class by name
+        loss = m.ECTLoss(f.sigma_min)(f.train(), torch.zeros(4, 3, 8, 8))
+        assert loss.shape == (4, 1, 1, 1) and torch.isfinite(loss).all()
+        class ExactFlow(Gaussian):   # N(0, s^2) data: the ODE keeps x / sqrt(s^2 + sigma^2), so f* is a rescaling
+            sigma_min = 0.002
+            def __call__(self, x, sigma, class_labels=None):
+                return x * math.sqrt(self.s ** 2 + self.sigma_min ** 2) / (self.s ** 2 + float(sigma) ** 2) ** 0.5
+        latents = torch.randn(4000, 1, dtype=torch.float64)
+        for steps in (1, 2, 3):                                           # Algorithm 1 with the exact f
+            check_std(m.make_sampler(steps)(ExactFlow(), latents))
+        assert sorted(name for name in sys.modules if name[:2].isdigit()) == ["05_preconditioning", "06_unet",
+                                                                             "12_consistency_models"]
+    """),
 }
 
 

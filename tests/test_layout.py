@@ -22,6 +22,7 @@ FIRST_CONCEPT = {
     "09_fast_samplers": "sample_euler",        # the solvers, baselines first
     "10_guidance": "GuidedDenoiser",           # D_w = D_guide + w (D_main - D_guide)
     "11_post_hoc_ema": "profile",              # the power-function EMA profile
+    "12_consistency_models": "ConsistencyPrecond",   # f(x; sigma) with the boundary condition f(x; sigma_min) = x
 }
 
 
