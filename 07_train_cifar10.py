@@ -82,8 +82,9 @@ def train(args, device=torch.device("cpu"), start=None):
     phema = {sigma_rel: copy.deepcopy(ema) for sigma_rel in args.phema}   # --phema: a power-function EMA per width
     augment_generator = torch.Generator(device).manual_seed(derive_seed(args.seed, "augment", rank))
     augment_pipe = AugmentPipe(args.augment, augment_generator) if args.augment > 0 else None
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                                 fused=device.type == "cuda" or None)   # one kernel for all tensors where supported
+    # fused: one kernel for all tensors, on GPUs and (torch >= 2.4) CPUs: on this project's 2-core CPU, 5x faster
+    # than the per-tensor loop for the 56M parameters of CIFAR-10 DDPM++ (issue 29).
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     stream = InfiniteSampler(len(data), args.seed, rank, world_size)
     # What the machinery (training states, snapshots, ticks; below) reads and restores.
@@ -772,8 +773,6 @@ def restore(run, state):
         module.load_state_dict(state[key])
     for average, saved in zip(run.phema.values(), state["phema"]):
         average.load_state_dict(saved)
-    for group in run.optimizer.param_groups:     # the saved run's choice may not exist here (fused Adam on a CPU)
-        group["fused"] = device.type == "cuda" or None
     run.stream.position = state["stream_position"]
     saved_on = "cuda" if state["rng"][0]["cuda"] is not None else "cpu"
     if len(state["rng"]) == world_size and saved_on == device.type:

@@ -409,7 +409,7 @@ def tiny_network(args, device, outdir):
 def network_case(args, device, outdir):
     """(c) A network trained by 07 --preset tiny (or --network); fixed random class labels if conditional."""
     path = args.network or tiny_network(args, device, outdir)
-    net = common.load("06_unet").load_network(path).to(device)
+    net = common.load("08_evaluate_fid").load_net(path, device)      # as 08 samples with it
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.net_latents, net.img_channels, net.img_resolution, net.img_resolution)
     latents = torch.randn(shape, generator=g, dtype=torch.float64).to(device)

@@ -491,8 +491,8 @@ def image_part(args, device, outdir):
 
 @torch.no_grad()
 def measure_images(args, path, snapshots, device):
-    ch06, ch09 = common.load("06_unet"), common.load("09_fast_samplers")
-    teacher = ch06.load_network(path).to(device)
+    ch08, ch09 = common.load("08_evaluate_fid"), common.load("09_fast_samplers")
+    teacher = ch08.load_net(path, device)
     g = torch.Generator().manual_seed(args.seed)
     latents = torch.randn(args.latents, teacher.img_channels, teacher.img_resolution, teacher.img_resolution,
                           generator=g, dtype=torch.float64).to(device)
@@ -516,7 +516,7 @@ def measure_images(args, path, snapshots, device):
     for solver, nfe in [("heun", 35), ("euler", 2), ("dpmpp2m", 2), ("ipndm", 2)]:
         rows[f"{SOLVERS[solver]}, {nfe} NFE"] = (nfe, ch09.make_sampler(solver, nfe)(D, latents))
     rows["teacher D as f, 1 step"] = (1, make_sampler(1)(teacher, latents, extra))
-    last = ch06.load_network(snapshots[-1][2]).to(device)
+    last = ch08.load_net(snapshots[-1][2], device)
     for k in (1, 2):
         samples = make_sampler(k)(last, latents, extra, noise())
         rows[f"ECT {snapshots[-1][0]:g} kimg, {k} step{'s' * (k > 1)}"] = (k, samples)
@@ -525,7 +525,7 @@ def measure_images(args, path, snapshots, device):
     cost = [(0.0, 0.0, common.rms(rows["teacher D as f, 1 step"][1], ode),
              common.rms(make_sampler(2)(from_diffusion(teacher).to(device), latents, extra, noise()), two_step))]
     for kimg, seconds, snapshot in snapshots:
-        f = ch06.load_network(snapshot).to(device)
+        f = ch08.load_net(snapshot, device)
         cost.append((kimg, seconds, common.rms(make_sampler(1)(f, latents, extra), ode),
                      common.rms(make_sampler(2)(f, latents, extra, noise()), two_step)))
 

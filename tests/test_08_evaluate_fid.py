@@ -551,6 +551,26 @@ def test_default_generation_is_algorithm_2_with_18_steps(fid, tiny_network, tmp_
                                  seeds="0-2"), default)
 
 
+def test_sampling_networks_run_channels_last_on_the_cpu_with_the_same_outputs(fid, tiny_network):
+    """What 08 samples with (load_net = for_sampling of the loaded network): eval mode, no gradients and, on the CPU,
+    every convolution weight in the channels_last layout (issue 29: faster there); D(x; sigma) then differs from
+    the standard layout's by float rounding only."""
+    net = fid.load_net(tiny_network, "cpu")
+    plain = fid.common.load("06_unet").load_network(tiny_network).eval()
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    weights = [p for p in net.parameters() if p.ndim == 4]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert not all(w.is_contiguous() for w in weights)                  # 3x3 kernels: truly another layout
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn([4, 3, 16, 16], generator=g, dtype=torch.float64)
+    labels = torch.eye(4)
+    for sigma in (0.002, 1.0, 80.0):
+        with torch.no_grad():
+            want = fid.common.denoise(plain, x * sigma, torch.tensor(sigma), {"class_labels": labels})
+            got = fid.common.denoise(net, x * sigma, torch.tensor(sigma), {"class_labels": labels})
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+
+
 def test_guidance_is_seed_only_and_exactly_unguided_where_it_must_be(fid, tiny_network, other_networks, tmp_path):
     guide, _ = other_networks
     quick = ("--nfe", 7)

@@ -4,7 +4,8 @@ Two steps are timed, as the two programs run them:
   train   one training step: 05's EDMLoss (official: training.loss.EDMLoss) forward on a batch, backward of
           loss.sum() / batch, one Adam step (07's settings; official: torch.optim.Adam as its train.py builds it);
   sample  one sampling forward: eval mode, no grad, float64 images and ONE 0-d sigma as a sampler passes them
-          (ours through common.denoise, official as its generate.py calls net(x, t_hat, class_labels)).
+          (ours: the network as 08's for_sampling prepares it, called through common.denoise; official: as its
+          generate.py calls net(x, t_hat, class_labels)).
 
 With --official PATH (a clone of https://github.com/NVlabs/edm; read from there, never copied here) both networks
 are built from the same configuration and hold the same weights (the official network gets a copy of ours: the
@@ -23,6 +24,7 @@ Without --official: ours alone, img/s and TFLOP/s (06's FLOP count of the forwar
   python tools/bench_official.py --device cuda --official /path/to/edm   # the same on a GPU
 """
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -36,6 +38,7 @@ import common  # noqa: E402
 
 ch05 = common.load("05_preconditioning")
 ch06 = common.load("06_unet")
+ch08 = common.load("08_evaluate_fid")
 
 NAMES = {"ddpmpp": "cifar10_ddpmpp_cond", "ncsnpp": "cifar10_ncsnpp_uncond", "adm": "imagenet64_adm_cond"}
 BATCH = {"cpu": {"ddpmpp": 8, "ncsnpp": 8, "adm": 2}, "cuda": {"ddpmpp": 128, "ncsnpp": 128, "adm": 32}}
@@ -71,6 +74,10 @@ class Side:
     def __init__(self, kind, net, loss_fn, optimizer, option, batch, device):
         self.kind, self.net, self.loss_fn, self.optimizer, self.option = kind, net, loss_fn, optimizer, option
         self.run = torch.compile(net) if option == "compile" else net
+        # What each program samples with: ours a copy prepared by 08 (on a CPU in channels_last), the official
+        # network itself in eval mode.
+        self.sampler = net if kind == "official" else ch08.for_sampling(copy.deepcopy(net), device)
+        self.sampler = torch.compile(self.sampler) if option == "compile" else self.sampler
         dtype = torch.bfloat16 if option == "bf16" else torch.float32
         self.autocast = lambda: torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
         self.memory_format = torch.channels_last if option == "channels-last" else torch.contiguous_format
@@ -94,12 +101,12 @@ class Side:
         self.optimizer.step()
 
     def sample(self):
-        self.net.eval()
+        self.sampler.eval()
         with torch.no_grad(), self.autocast():
             if self.kind == "official":   # the official generate.py: net(x_hat, t_hat, class_labels).to(float64)
-                return self.run(self.x, self.sigma, self.labels).to(torch.float64)
+                return self.sampler(self.x, self.sigma, self.labels).to(torch.float64)
             x = self.x.contiguous(memory_format=self.memory_format)
-            return common.denoise(self.run, x, self.sigma, dict(class_labels=self.labels))
+            return common.denoise(self.sampler, x, self.sigma, dict(class_labels=self.labels))
 
 
 def build_sides(name, args, device, official):
@@ -123,9 +130,8 @@ def build_sides(name, args, device, official):
     if args.compare == "channels-last":
         ours = ours.to(memory_format=torch.channels_last)
 
-    def adam(net):   # 07's optimizer: fused kernels where PyTorch has them
-        return torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
-                                fused=device.type == "cuda" or None)
+    def adam(net):   # 07's optimizer: fused
+        return torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
     a = Side("ours", ours, ch05.EDMLoss(), adam(ours), args.compare, batch, device)
     b = Side(b_kind, other, b_loss, b_opt if official else adam(other), None, batch, device)
