@@ -603,6 +603,15 @@ def load_network(path):
         raise ValueError(f"{path}: the network in the file is inconsistent ({message})") from e
 
 
+def for_sampling(net, device):
+    """net in eval mode, without gradients, on `device`; on a CPU in the channels_last layout, which oneDNN's
+    convolutions run natively (in the standard one each reorders its input and output): a sampling forward of
+    CIFAR-10 DDPM++ ~1.1x faster on this project's CPU, the same numbers to float rounding (issue 29). Training
+    stays in the standard layout (slower in channels_last here), and so do GPUs (not measured there)."""
+    net = net.eval().requires_grad_(False).to(device)
+    return net.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else net
+
+
 def load_weights(net, state_dict):
     """net.load_state_dict(state_dict), refusing any missing, extra or misshapen tensor in one line.
 

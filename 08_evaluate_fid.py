@@ -56,17 +56,10 @@ def generate_batch(net, seeds, device, sample=None, class_idx=None):
 
 
 def load_net(path, device):
-    """06's load_network (an official pickle, path or URL, or a 07 snapshot; its errors name the file), for_sampling."""
-    return for_sampling(common.load("06_unet").load_network(path), device)
-
-
-def for_sampling(net, device):
-    """net in eval mode, without gradients, on `device`; on a CPU in the channels_last layout, which oneDNN's
-    convolutions run in natively (in the standard one each reorders its input and output): a sampling forward of
-    CIFAR-10 DDPM++ ~1.1x faster on this project's CPU, the same numbers to float rounding (issue 29). GPUs keep
-    the standard layout: not measured there."""
-    net = net.eval().requires_grad_(False).to(device)
-    return net.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else net
+    """06's load_network (an official pickle, path or URL, or a 07 snapshot; its errors name the file) on `device`,
+    as 06's for_sampling prepares networks to sample with."""
+    ch06 = common.load("06_unet")
+    return ch06.for_sampling(ch06.load_network(path), device)
 
 
 def rank_batches(items, batch_size):

@@ -552,7 +552,7 @@ def test_default_generation_is_algorithm_2_with_18_steps(fid, tiny_network, tmp_
 
 
 def test_sampling_networks_run_channels_last_on_the_cpu_with_the_same_outputs(fid, tiny_network):
-    """What 08 samples with (load_net = for_sampling of the loaded network): eval mode, no gradients and, on the CPU,
+    """What 08 samples with (load_net: 06's for_sampling of the loaded network): eval mode, no gradients and, on the CPU,
     every convolution weight in the channels_last layout (issue 29: faster there); D(x; sigma) then differs from
     the standard layout's by float rounding only."""
     net = fid.load_net(tiny_network, "cpu")

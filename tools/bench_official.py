@@ -4,7 +4,7 @@ Two steps are timed, as the two programs run them:
   train   one training step: 05's EDMLoss (official: training.loss.EDMLoss) forward on a batch, backward of
           loss.sum() / batch, one Adam step (07's settings; official: torch.optim.Adam as its train.py builds it);
   sample  one sampling forward: eval mode, no grad, float64 images and ONE 0-d sigma as a sampler passes them
-          (ours: the network as 08's for_sampling prepares it, called through common.denoise; official: as its
+          (ours: the network as 06's for_sampling prepares it, called through common.denoise; official: as its
           generate.py calls net(x, t_hat, class_labels)).
 
 With --official PATH (a clone of https://github.com/NVlabs/edm; read from there, never copied here) both networks
@@ -38,7 +38,6 @@ import common  # noqa: E402
 
 ch05 = common.load("05_preconditioning")
 ch06 = common.load("06_unet")
-ch08 = common.load("08_evaluate_fid")
 
 NAMES = {"ddpmpp": "cifar10_ddpmpp_cond", "ncsnpp": "cifar10_ncsnpp_uncond", "adm": "imagenet64_adm_cond"}
 BATCH = {"cpu": {"ddpmpp": 8, "ncsnpp": 8, "adm": 2}, "cuda": {"ddpmpp": 128, "ncsnpp": 128, "adm": 32}}
@@ -74,9 +73,9 @@ class Side:
     def __init__(self, kind, net, loss_fn, optimizer, option, batch, device):
         self.kind, self.net, self.loss_fn, self.optimizer, self.option = kind, net, loss_fn, optimizer, option
         self.run = torch.compile(net) if option == "compile" else net
-        # What each program samples with: ours a copy prepared by 08 (on a CPU in channels_last), the official
+        # What each program samples with: ours a copy prepared as 08 loads networks (on a CPU in channels_last), the official
         # network itself in eval mode.
-        self.sampler = net if kind == "official" else ch08.for_sampling(copy.deepcopy(net), device)
+        self.sampler = net if kind == "official" else ch06.for_sampling(copy.deepcopy(net), device)
         self.sampler = torch.compile(self.sampler) if option == "compile" else self.sampler
         dtype = torch.bfloat16 if option == "bf16" else torch.float32
         self.autocast = lambda: torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
