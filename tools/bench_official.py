@@ -11,9 +11,10 @@ With --official PATH (a clone of https://github.com/NVlabs/edm; read from there,
 are built from the same configuration and hold the same weights (the official network gets a copy of ours: the
 state-dict keys are the same), are checked to give the same outputs, and are timed in PAIRS: each pair runs one
 step of each, alternating which goes first, and gives the ratio official time / our time (>= 1.00: ours is at
-least as fast). Reported: the median paired ratio and its range over the pairs, with the load average before and
-after. Pairs cancel what drifts slowly on a shared machine; the median drops the pairs a burst of load hit; an
-even number of pairs (the defaults) lets each side go first equally often.
+least as fast). Reported: the median paired ratio, its range over the pairs and the median's 95 % confidence
+interval (an interval that holds 1.00 means: no difference shown), with the load average before and after. Pairs
+cancel what drifts slowly on a shared machine; the median drops the pairs a burst of load hit; an even number of
+pairs (the defaults) lets each side go first equally often.
 Without --official: ours alone, img/s and TFLOP/s (06's FLOP count of the forward; a training step as 3x it).
 --compare OPTION pairs ours with the option against ours without it instead (07's --channels-last, --compile,
 --precision bf16): the ratio is then plain time / time with the option.
@@ -25,6 +26,7 @@ Without --official: ours alone, img/s and TFLOP/s (06's FLOP count of the forwar
 """
 import argparse
 import copy
+import math
 import os
 import statistics
 import sys
@@ -187,6 +189,16 @@ def spread(values):
     return f"{statistics.median(values):.3f} [{values[0]:.3f} - {values[-1]:.3f}]"
 
 
+def median_interval(values, level=0.95):
+    """A confidence interval of the median, free of any assumption on the distribution: the k-th smallest and k-th
+    largest values, for the largest k at which fewer than k of n values fall below (or above) the true median with
+    probability at most (1 - level) / 2 -- a Binomial(n, 1/2) tail. With few values (n < 6 at 95 %): the range."""
+    values, n = sorted(values), len(values)
+    tail = lambda k: sum(math.comb(n, i) for i in range(k)) / 2 ** n         # P(Binomial(n, 1/2) < k)
+    k = max([k for k in range(1, n // 2 + 1) if tail(k) <= (1 - level) / 2], default=1)
+    return values[k - 1], values[n - k]
+
+
 def profile_table(a, b, step, device, rows):
     """torch.profiler's self time per op of one step of each side, side by side, in ms: each side profiled twice
     (A B B A, after a warm-up), each op's smaller time kept (one profile alone carries the machine's noise)."""
@@ -251,7 +263,9 @@ def bench(args):
                 times = paired(a, b, step, pairs, device)
                 ta, tb = (statistics.median(t[i][0] for t in times) for i in (0, 1))
                 cpu = f"   CPU-time ratio {spread(o[1] / u[1] for u, o in times)}" if device.type == "cpu" else ""
-                print(f"  {name} {step:<7}ratio {spread(o[0] / u[0] for u, o in times)}{cpu}   ours {batch / ta:.3g} "
+                low, high = median_interval([o[0] / u[0] for u, o in times])
+                print(f"  {name} {step:<7}ratio {spread(o[0] / u[0] for u, o in times)} (median's 95 % interval "
+                      f"{low:.3f} - {high:.3f}){cpu}   ours {batch / ta:.3g} "
                       f"img/s, {b.kind} {batch / tb:.3g} img/s (medians)   load {load_before} -> {load_average()}")
             else:
                 t = statistics.median(alone(a, step, pairs, device))
