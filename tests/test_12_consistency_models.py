@@ -119,6 +119,69 @@ def test_ect_pairs_share_the_noise_and_follow_the_stage(C):
     assert (r == 0.002).float().mean() < 0.1 and (t.log().mean() + 1.1).abs() < 0.1   # stage 3: few at the boundary
 
 
+class Affine(torch.nn.Module):
+    """f(x; sigma) = x / (1 + sigma) + sigma w x (w per channel, float64): a closed form with a parameter, whose
+    derivatives are 1 / (1 + sigma) + sigma w in x and sigma x in w."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64).view(3, 1, 1))
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        return x / (1 + sigma) + sigma * self.w * x
+
+
+@pytest.mark.parametrize("c", [0.0, 0.03, 1.0, 50.0])
+def test_pseudo_huber_distance_on_images_by_hand(C, c):
+    """ECT's distance (locuslab/ect's ECMLoss, CIFAR-10): the sum of squares over all C x H x W values of an image,
+    sqrt(that + c^2) - c (c = 0: the L2 norm itself, not squared, not per value), over t - r; f(x_r; r) a target
+    without gradient."""
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+    x_r = (x_t.detach() + 0.3 * torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)).requires_grad_(True)
+    t = torch.tensor([80.0, 2.0, 0.5, 0.01], dtype=torch.float64).view(-1, 1, 1, 1)
+    r = t * torch.tensor([0.5, 0.9, 0.1, 0.2], dtype=torch.float64).view(-1, 1, 1, 1)
+    net = Affine()
+    loss = C.consistency_loss(net, x_t, t, x_r, r, c=c)
+    w, xt, xr = net.w.detach(), x_t.detach(), x_r.detach()
+    diff = (xt / (1 + t) + t * w * xt) - (xr / (1 + r) + r * w * xr)       # f(x_t; t) - f(x_r; r) by hand
+    root = (sum(diff[:, k, i, j] ** 2 for k in range(3) for i in range(8) for j in range(8)) + c ** 2).sqrt()
+    expected = (root - c) / (t - r).flatten()                              # 192 values per image, summed
+    assert loss.shape == (4, 1, 1, 1)
+    assert torch.allclose(loss.flatten(), expected, rtol=1e-12, atol=0), (loss.flatten(), expected)
+    loss.sum().backward()
+    u = diff / (root * (t - r).flatten()).view(-1, 1, 1, 1)                 # d loss / d f(x_t; t)
+    assert x_r.grad is None                                                 # the target is a constant
+    assert torch.allclose(x_t.grad, u * (1 / (1 + t) + t * w), rtol=1e-10, atol=0)
+    assert torch.allclose(net.w.grad, (u * t * xt).sum((0, 2, 3)).view(3, 1, 1), rtol=1e-10, atol=0)
+
+
+def test_ect_pairs_see_one_augmentation_and_its_labels(C):
+    """With an augment pipe, f(x_t; t) and f(x_r; r) both see the one augmented y (x_t = y + t n, x_r = y + r n)
+    and its augment labels. The stub pipe augments differently at every call: a second call would show."""
+    calls, seen = [], []
+
+    def pipe(images):
+        k = len(calls) + 1
+        calls.append((images.flip(3) + k, torch.full([len(images), 9], float(k), dtype=images.dtype)))
+        return calls[-1]
+
+    def net(x, sigma, labels=None, augment_labels=None):
+        seen.append((x, sigma, labels, augment_labels))
+        return x
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 3, 4, 4, generator=g, dtype=torch.float64)
+    classes = torch.nn.functional.one_hot(torch.randint(4, [64], generator=g), 4).double()
+    C.ECTLoss(0.002)(net, images, classes, augment_pipe=pipe)
+    assert len(calls) == 1, f"the pipe was called {len(calls)} times for one batch"
+    ((y, augment_labels),) = calls
+    (x_t, t, labels_t, augment_t), (x_r, r, labels_r, augment_r) = seen
+    assert labels_t is classes and labels_r is classes
+    assert augment_t is not None and torch.equal(augment_t, augment_labels)
+    assert augment_r is not None and torch.equal(augment_r, augment_labels)
+    assert (r < t).all() and torch.allclose((r * x_t - t * x_r) / (r - t), y, rtol=0, atol=1e-9)   # the y of both
+
+
 # ----------------------------------------------------------------------------
 # Algorithm 1.
 
@@ -226,6 +289,27 @@ def test_tune_runs_through_07_and_resumes_bit_for_bit(C, load, tiny_network, tun
         assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match="cannot resume with different --q"):
         tune(C, tiny_network, tmp_path / "b", "--resume", "auto", "--q", 4)
+
+
+def test_tune_with_augment_feeds_the_pipe_and_its_labels_to_the_network(C, load, tiny_network, tmp_path,
+                                                                         monkeypatch, one_thread):
+    """--augment > 0 through 07's loop: 07's AugmentPipe is called once per micro-batch and its labels reach the
+    network: map_augment (no bias) gets a gradient only from non-zero augment labels, so its weights move only
+    then. The teacher: the tiny 07 network's weights in the same U-Net with augment labels (map_augment fresh)."""
+    ch06, ch07 = load("06_unet"), load("07_train_cifar10")
+    tiny = ch06.load_network(tiny_network)
+    torch.manual_seed(0)
+    teacher = ch06.from_official_config("EDMPrecond", dict(tiny.init_config["kwargs"], augment_dim=9))
+    assert teacher.load_state_dict(tiny.state_dict(), strict=False).missing_keys == ["model.map_augment.weight"]
+    ch06.save_network(teacher, str(tmp_path / "aug.pt"))                     # no run folder: --data, --cond
+    calls, pipe = [], ch07.AugmentPipe.__call__
+    monkeypatch.setattr(ch07.AugmentPipe, "__call__", lambda self, x: calls.append(len(x)) or pipe(self, x))
+    tune(C, str(tmp_path / "aug.pt"), tmp_path / "o", "--data", "shapes", "--cond", "--augment", 0.5,
+         "--kimg", 0.048)                                                   # 3 steps of 2 micro-batches of 8
+    assert calls == [8] * 6
+    tuned = state(tmp_path / "o" / "training-state.pt")["net"]["model.map_augment.weight"]
+    before = teacher.state_dict()["model.map_augment.weight"]
+    assert (tuned != before).all() and (tuned - before).abs().mean() > 1e-4, tuned - before   # Adam: ~lr = 5e-4
 
 
 def test_tune_refuses_what_it_cannot_tune_in_one_line(C, load, tiny_network, tmp_path, assert_one_line_errors):
