@@ -168,6 +168,8 @@ class DistillationLoss:
         self.levels = common.edm_sigma_steps(N, sigma_min, sigma_max, rho)[:-1].flip(0)   # t_1 = sigma_min < ... < t_N
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
+        if augment_pipe is not None:   # the teacher's Heun step would need the same augment labels: not built
+            raise ValueError("consistency distillation here takes no augmentation: pass augment_pipe=None")
         column = lambda v: v.to(images.device, images.dtype).reshape(-1, *[1] * (images.ndim - 1))
         n = torch.randint(1, len(self.levels), [len(images)])
         t, r = column(self.levels[n]), column(self.levels[n - 1])

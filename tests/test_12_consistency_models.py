@@ -238,6 +238,14 @@ def test_distillation_stays_under_its_derived_bound(C, load, one_thread):
     assert 0.01 < bound[80.0][1] < 0.05                                 # Heun's 17 steps are not exact, nor far off
 
 
+def test_distillation_refuses_an_augment_pipe_it_cannot_give_the_teacher(C, load):
+    """The teacher's Heun step takes no augment labels: an augment_pipe is refused, not silently dropped."""
+    mix = load("01_toy_1d").default_mixture()
+    f = C.ConsistencyPrecond(load("01_toy_1d").ToyMLP(), 1, 1, sigma_data=0.95)
+    with pytest.raises(ValueError, match="takes no augmentation"):
+        C.DistillationLoss(mix)(f, torch.zeros(4, 1), augment_pipe=lambda images: (images, None))
+
+
 # ----------------------------------------------------------------------------
 # ECT through 07's loop: a tiny 07 snapshot (conftest's tiny_network, 16x16 shapes), tuned for 8 steps.
 
