@@ -12,9 +12,9 @@ are built from the same configuration and hold the same weights (the official ne
 state-dict keys are the same), are checked to give the same outputs, and are timed in PAIRS: each pair runs one
 step of each, alternating which goes first, and gives the ratio official time / our time (>= 1.00: ours is at
 least as fast). Reported: the median paired ratio, its range over the pairs and the median's 95 % confidence
-interval (an interval that holds 1.00 means: no difference shown), with the load average before and after. Pairs
-cancel what drifts slowly on a shared machine; the median drops the pairs a burst of load hit; an even number of
-pairs (the defaults) lets each side go first equally often.
+interval (an interval that holds 1.00 means: no difference shown; on a 2-core CPU deciding 1 % took 64 pairs),
+with the load average before and after. Pairs cancel what drifts slowly on a shared machine; the median drops the
+pairs a burst of load hit; an even number of pairs (the defaults) lets each side go first equally often.
 Without --official: ours alone, img/s and TFLOP/s (06's FLOP count of the forward; a training step as 3x it).
 --compare OPTION pairs ours with the option against ours without it instead (07's --channels-last, --compile,
 --precision bf16): the ratio is then plain time / time with the option.
