@@ -75,8 +75,8 @@ class Side:
     def __init__(self, kind, net, loss_fn, optimizer, option, batch, device):
         self.kind, self.net, self.loss_fn, self.optimizer, self.option = kind, net, loss_fn, optimizer, option
         self.run = torch.compile(net) if option == "compile" else net
-        # What each program samples with: ours a copy prepared as 08 loads networks (on a CPU in channels_last), the official
-        # network itself in eval mode.
+        # What each program samples with: ours a copy prepared as 08 loads networks (06's for_sampling: channels_last
+        # on a CPU), the official network itself in eval mode.
         self.sampler = net if kind == "official" else ch06.for_sampling(copy.deepcopy(net), device)
         self.sampler = torch.compile(self.sampler) if option == "compile" else self.sampler
         dtype = torch.bfloat16 if option == "bf16" else torch.float32
@@ -263,8 +263,9 @@ def bench(args):
                 times = paired(a, b, step, pairs, device)
                 ta, tb = (statistics.median(t[i][0] for t in times) for i in (0, 1))
                 cpu = f"   CPU-time ratio {spread(o[1] / u[1] for u, o in times)}" if device.type == "cpu" else ""
-                low, high = median_interval([o[0] / u[0] for u, o in times])
-                print(f"  {name} {step:<7}ratio {spread(o[0] / u[0] for u, o in times)} (median's 95 % interval "
+                ratios = [o[0] / u[0] for u, o in times]
+                low, high = median_interval(ratios)
+                print(f"  {name} {step:<7}ratio {spread(ratios)} (median's 95 % interval "
                       f"{low:.3f} - {high:.3f}){cpu}   ours {batch / ta:.3g} "
                       f"img/s, {b.kind} {batch / tb:.3g} img/s (medians)   load {load_before} -> {load_average()}")
             else:
